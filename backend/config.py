@@ -1,0 +1,260 @@
+"""Worker configuration, read from the environment once, at boot.
+
+Every tunable is listed in ``TUNABLES`` with its default; ``docs/RAILWAY_WORKER_CONFIG.md``
+documents the same list and a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from backend import __version__
+from backend.errors import ConfigError
+
+Mode = Literal["dev", "prod"]
+
+DEFAULT_DRAIN_TIMEOUT_S = 25.0
+TRANSACTION_POOLER_PORT = 6543
+_WEAK_SSLMODES = frozenset({"disable", "allow", "prefer"})
+_LOCAL_HOSTS = frozenset({"", "localhost", "127.0.0.1", "::1"})
+RAILWAY_VARIABLES = (
+    "RAILWAY_GIT_COMMIT_SHA",
+    "RAILWAY_SERVICE_NAME",
+    "RAILWAY_REPLICA_ID",
+    "RAILWAY_DEPLOYMENT_ID",
+    "RAILWAY_SERVICE_ID",
+    "RAILWAY_ENVIRONMENT_NAME",
+    "RAILWAY_PROJECT_ID",
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Tunable:
+    """One numeric or text setting: its variable, default and parser."""
+
+    variable: str
+    default: Any
+    parse: Callable[[str], Any]
+    help: str
+    minimum: float | None = None
+
+
+TUNABLES: tuple[Tunable, ...] = (
+    Tunable(variable="WORKER_HEARTBEAT_INTERVAL_S", default=30.0, parse=float, minimum=0.01,
+            help="seconds between heartbeat upserts"),
+    Tunable(variable="WORKER_VISIBILITY_TIMEOUT_S", default=30, parse=int, minimum=1,
+            help="message lease in seconds; leases of running jobs are extended"),
+    Tunable(variable="WORKER_BATCH_SIZE", default=100, parse=int, minimum=1,
+            help="messages read per round trip"),
+    Tunable(variable="WORKER_MAX_ATTEMPTS", default=5, parse=int, minimum=1,
+            help="attempts before a job is dead-lettered"),
+    Tunable(variable="WORKER_RETRY_BASE_S", default=1.0, parse=float, minimum=0,
+            help="first retry delay; doubles per attempt, with jitter"),
+    Tunable(variable="WORKER_RETRY_MAX_S", default=300.0, parse=float, minimum=0,
+            help="cap of the retry delay"),
+    Tunable(variable="WORKER_DRAIN_TIMEOUT_S", default=DEFAULT_DRAIN_TIMEOUT_S, parse=float,
+            minimum=0, help="how long SIGTERM waits for in-flight work"),
+    Tunable(variable="WORKER_BOOT_TIMEOUT_S", default=30.0, parse=float, minimum=0,
+            help="how long boot retries the database before giving up"),
+    Tunable(variable="WORKER_POLL_INTERVAL_S", default=0.1, parse=float, minimum=0.001,
+            help="polling interval when insert notifications are unavailable"),
+    Tunable(variable="WORKER_NOTIFY_WAIT_S", default=1.0, parse=float, minimum=0.01,
+            help="with notifications, the longest idle wait before the queue is read again"),
+    Tunable(variable="WORKER_NOTIFICATIONS", default="auto", parse=str,
+            help="auto (LISTEN when the server and connection allow it) or off (poll)"),
+    Tunable(variable="WORKER_MEMORY_LIMIT_MB", default=None, parse=float, minimum=1e-6,
+            help="memory limit; default the cgroup's memory.max (none when unlimited)"),
+    Tunable(variable="WORKER_MEMORY_SOFT_LIMIT_PCT", default=90.0, parse=float, minimum=1,
+            help="percentage of the limit above which the worker drains and exits 1"),
+    Tunable(variable="WORKER_MEMORY_CHECK_INTERVAL_S", default=1.0, parse=float, minimum=0.01,
+            help="seconds between RSS samples"),
+    Tunable(variable="WORKER_MAX_PAYLOAD_BYTES", default=262144, parse=int, minimum=1,
+            help="largest accepted message body; larger ones are dead-lettered"),
+    Tunable(variable="WORKER_LEDGER_RETENTION_DAYS", default=7.0, parse=float, minimum=0,
+            help="age after which completed ledger rows are pruned"),
+    Tunable(variable="WORKER_HEARTBEAT_RETENTION_DAYS", default=7.0, parse=float, minimum=0,
+            help="age after which stopped or crashed heartbeat rows are pruned"),
+    Tunable(variable="WORKER_PRUNE_INTERVAL_S", default=600.0, parse=float, minimum=0.01,
+            help="seconds between retention passes"),
+    Tunable(variable="WORKER_LOG_LEVEL", default="INFO", parse=str,
+            help="DEBUG, INFO, WARNING or ERROR"),
+)
+_TUNABLE_FIELDS = {t.variable: t.variable.removeprefix("WORKER_").lower() for t in TUNABLES}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Validated worker settings; built by ``load_settings`` from the environment."""
+
+    mode: Mode
+    db_url: str | None
+    version: str
+    git_sha: str | None
+    hostname: str
+    railway: Mapping[str, str] = field(default_factory=dict)
+    heartbeat_interval_s: float = 30.0
+    visibility_timeout_s: int = 30
+    batch_size: int = 100
+    max_attempts: int = 5
+    retry_base_s: float = 1.0
+    retry_max_s: float = 300.0
+    drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
+    boot_timeout_s: float = 30.0
+    poll_interval_s: float = 0.1
+    notify_wait_s: float = 1.0
+    notifications: str = "auto"
+    memory_limit_mb: float | None = None
+    memory_soft_limit_pct: float = 90.0
+    memory_check_interval_s: float = 1.0
+    max_payload_bytes: int = 262144
+    ledger_retention_days: float = 7.0
+    heartbeat_retention_days: float = 7.0
+    prune_interval_s: float = 600.0
+    log_level: str = "INFO"
+
+    @property
+    def memory_limit_bytes(self) -> int | None:
+        if self.memory_limit_mb is not None:
+            return int(self.memory_limit_mb * 1024 * 1024)
+        return cgroup_memory_max()
+
+    @property
+    def safe_db_url(self) -> str | None:
+        return redact_url(self.db_url) if self.db_url else None
+
+    @property
+    def uses_transaction_pooler(self) -> bool:
+        return bool(self.db_url) and is_transaction_pooler(self.db_url or "")
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read and validate the environment; raise ``ConfigError`` naming the variable."""
+    env = os.environ if environ is None else environ
+    db_url = env.get("SUPABASE_DB_URL") or None
+    mode = _mode(env, db_url)
+    if mode == "prod" and not db_url:
+        raise ConfigError("SUPABASE_DB_URL", "required when SUPABASE_MODE=prod; "
+                          "set it to the Supabase session pooler URL")
+    if db_url:
+        db_url = _checked_url(db_url, mode)
+    values: dict[str, Any] = {}
+    for tunable in TUNABLES:
+        values[_TUNABLE_FIELDS[tunable.variable]] = _tunable(env, tunable)
+    level = str(values["log_level"]).upper()
+    if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise ConfigError("WORKER_LOG_LEVEL", f"unknown level {values['log_level']!r}; "
+                          "use DEBUG, INFO, WARNING or ERROR")
+    values["log_level"] = level
+    if values["notifications"] not in {"auto", "off"}:
+        raise ConfigError("WORKER_NOTIFICATIONS", "use auto or off")
+    if values["retry_max_s"] < values["retry_base_s"]:
+        raise ConfigError("WORKER_RETRY_MAX_S", "must be at least WORKER_RETRY_BASE_S")
+    railway = {name: env[name] for name in RAILWAY_VARIABLES if env.get(name)}
+    return Settings(
+        mode=mode,
+        db_url=db_url,
+        version=env.get("WORKER_VERSION") or __version__,
+        git_sha=env.get("RAILWAY_GIT_COMMIT_SHA") or None,
+        hostname=socket.gethostname(),
+        railway=railway,
+        **values,
+    )
+
+
+def _mode(env: Mapping[str, str], db_url: str | None) -> Mode:
+    raw = env.get("SUPABASE_MODE", "").strip().lower()
+    if raw in ("dev", "prod"):
+        return raw  # type: ignore[return-value]
+    if raw:
+        raise ConfigError("SUPABASE_MODE", f"unknown mode {raw!r}; use dev or prod")
+    on_railway = any(k.startswith("RAILWAY_") and k.endswith("_ID") for k in env)
+    if db_url or on_railway:
+        raise ConfigError("SUPABASE_MODE", "required when SUPABASE_DB_URL is set or on Railway; "
+                          "set it to dev or prod")
+    return "dev"
+
+
+def _tunable(env: Mapping[str, str], tunable: Tunable) -> Any:
+    raw = env.get(tunable.variable)
+    if raw is None or raw.strip() == "":
+        return tunable.default
+    try:
+        value = tunable.parse(raw.strip())
+    except ValueError:
+        kind = "a whole number" if tunable.parse is int else "a number"
+        raise ConfigError(tunable.variable, f"{raw!r} is not {kind}") from None
+    if tunable.minimum is not None and value < tunable.minimum:
+        raise ConfigError(tunable.variable, f"{raw!r} is below the minimum {tunable.minimum:g}")
+    return value
+
+
+def _checked_url(url: str, mode: Mode) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgres", "postgresql"):
+        raise ConfigError("SUPABASE_DB_URL", "must be a postgresql:// URL")
+    query = dict(parse_qsl(parts.query, keep_blank_values=True))
+    host = parts.hostname or query.get("host", "")
+    local = host in _LOCAL_HOSTS or host.startswith("/")
+    if mode == "prod" and not local:
+        sslmode = query.get("sslmode")
+        if sslmode is None:
+            query["sslmode"] = "require"
+            return urlunsplit(parts._replace(query=urlencode(query)))
+        if sslmode in _WEAK_SSLMODES:
+            raise ConfigError("SUPABASE_DB_URL", f"sslmode={sslmode} is not allowed in prod; "
+                              "use require, verify-ca or verify-full")
+    return url
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def url_password(url: str | None) -> str | None:
+    if not url:
+        return None
+    return urlsplit(url).password or None
+
+
+def is_transaction_pooler(url: str) -> bool:
+    """Supabase's transaction pooler (port 6543) breaks prepared statements and LISTEN."""
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return port == TRANSACTION_POOLER_PORT or query.get("pgbouncer") == "true"
+
+
+def cgroup_memory_max(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """The cgroup v2 (or v1) memory limit of this process, or None when unlimited."""
+    for candidate in (root / "memory.max", root / "memory" / "memory.limit_in_bytes"):
+        try:
+            text = candidate.read_text().strip()
+        except OSError:
+            continue
+        if text == "max":
+            return None
+        try:
+            value = int(text)
+        except ValueError:
+            continue
+        return None if value >= 1 << 60 else value
+    return None
+
+
+# The workers and their queues (SPEC 1): python -m backend.workers.<name> consumes q_<name>.
+WORKER_NAMES = ("collectability", "escalation", "outbox_processor")
+QUEUES = tuple(f"q_{name}" for name in WORKER_NAMES)

@@ -1,0 +1,1 @@
+"""Database layer: connections, the embedded server, migrations and every runtime query."""

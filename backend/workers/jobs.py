@@ -1,0 +1,97 @@
+"""The job envelope (SPEC 6), its validation, and the handler protocols."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import psycopg
+
+from backend.errors import InvalidEnvelope
+
+REQUIRED_TEXT_FIELDS = ("idempotency_key", "entity_type", "entity_id", "org_id")
+OPTIONAL_TEXT_FIELDS = ("trace_id", "created_at")
+MAX_KEY_LENGTH = 512
+
+
+@dataclass(frozen=True, kw_only=True)
+class Job:
+    """One validated message: the envelope's fields plus delivery facts."""
+
+    msg_id: int
+    queue_name: str
+    idempotency_key: str
+    entity_type: str
+    entity_id: str
+    org_id: str
+    payload: Mapping[str, Any]
+    trace_id: str | None = None
+    created_at: str | None = None
+    attempt: int = 1
+
+
+def validate_envelope(body: Any, *, max_bytes: int) -> dict[str, Any]:
+    """Return the envelope as a dict, or raise ``InvalidEnvelope`` saying what is wrong."""
+    if not isinstance(body, dict):
+        raise InvalidEnvelope(f"envelope must be a JSON object, got {_json_type(body)}")
+    size = len(json.dumps(body, separators=(",", ":")).encode())
+    if size > max_bytes:
+        raise InvalidEnvelope(f"envelope is {size} bytes, over the limit of {max_bytes}")
+    missing = [name for name in (*REQUIRED_TEXT_FIELDS, "payload") if name not in body]
+    if missing:
+        raise InvalidEnvelope(f"missing field(s): {', '.join(missing)}")
+    for name in REQUIRED_TEXT_FIELDS:
+        value = body[name]
+        if not isinstance(value, str) or not value.strip():
+            raise InvalidEnvelope(f"{name} must be a non-empty string, got {_json_type(value)}")
+    if len(body["idempotency_key"]) > MAX_KEY_LENGTH:
+        raise InvalidEnvelope(f"idempotency_key is longer than {MAX_KEY_LENGTH} characters")
+    if not isinstance(body["payload"], dict):
+        raise InvalidEnvelope(f"payload must be a JSON object, got {_json_type(body['payload'])}")
+    for name in OPTIONAL_TEXT_FIELDS:
+        if body.get(name) is not None and not isinstance(body[name], str):
+            raise InvalidEnvelope(f"{name} must be a string, got {_json_type(body[name])}")
+    return body
+
+
+def job_from_envelope(envelope: Mapping[str, Any], *, msg_id: int, queue_name: str,
+                      attempt: int = 1) -> Job:
+    return Job(
+        msg_id=msg_id,
+        queue_name=queue_name,
+        idempotency_key=envelope["idempotency_key"],
+        entity_type=envelope["entity_type"],
+        entity_id=envelope["entity_id"],
+        org_id=envelope["org_id"],
+        payload=envelope["payload"],
+        trace_id=envelope.get("trace_id"),
+        created_at=envelope.get("created_at"),
+        attempt=attempt,
+    )
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {dict: "object", list: "array", str: "string", bool: "boolean",
+            int: "number", float: "number"}.get(type(value), type(value).__name__)
+
+
+class TransactionalHandler(Protocol):
+    """Database-only effects, run on the worker's connection inside the claim's transaction.
+
+    ``handle_batch`` receives every job of a batch at once (set-based SQL); when it raises,
+    the runtime rolls back and runs the jobs one by one through ``handle``.
+    """
+
+    def handle(self, conn: psycopg.Connection[Any], job: Job) -> None: ...
+
+    def handle_batch(self, conn: psycopg.Connection[Any], jobs: list[Job]) -> None: ...
+
+
+class ExternalHandler(Protocol):
+    """Effects outside the database (HTTP, email); receivers deduplicate by the job's key."""
+
+    def handle(self, job: Job) -> None: ...
