@@ -1,0 +1,1 @@
+"""Dragonfly's business logic, apart from the queue plumbing."""

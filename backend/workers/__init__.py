@@ -1,0 +1,1 @@
+"""The worker runtime and the three Dragonfly workers."""
