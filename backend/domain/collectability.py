@@ -1,0 +1,206 @@
+"""Collectability scoring of judgments: one rules table, a pure scorer, a set-based store.
+
+The rules (``SCORING_RULES``) are data, stated identically in ``docs/DOMAIN_RULES.md``:
+the first ``base`` row whose condition holds picks the rule and tier, then every
+``adjust`` row of that rule whose condition holds adds its points; the sum is clamped
+to 0-100.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import date
+from decimal import Decimal
+from typing import Any, Literal, cast, get_args
+
+import psycopg
+from psycopg.rows import dict_row
+
+from backend.errors import PermanentJobError
+
+Tier = Literal["A", "B", "C"]
+Step = Literal["base", "adjust"]
+Op = Literal[">=", "<", "in"]
+TIERS: tuple[Tier, ...] = get_args(Tier)
+_OPS: tuple[Op, ...] = get_args(Op)
+_MAX_BIGINT = 2**63 - 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class Condition:
+    """``fact op value``; a missing (None) fact never satisfies a condition."""
+
+    fact: str
+    op: Op
+    value: Decimal | tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if (self.op == "in") != isinstance(self.value, tuple):
+            raise ValueError(f"operator {self.op!r} does not take {self.value!r}")
+
+    def holds(self, facts: Mapping[str, Any]) -> bool:
+        actual = facts[self.fact]
+        if actual is None:
+            return False
+        if isinstance(self.value, tuple):
+            return actual in self.value
+        if self.op == ">=":
+            return bool(actual >= self.value)
+        return bool(actual < self.value)
+
+    def __str__(self) -> str:
+        value = ",".join(self.value) if isinstance(self.value, tuple) else str(self.value)
+        return f"{self.fact} {self.op} {value}"
+
+
+def parse_when(text: str, facts: Sequence[str]) -> tuple[Condition, ...]:
+    """Parse ``"fact op value and ..."`` (or ``"always"``), checking fact names against ``facts``."""
+    if text.strip() == "always":
+        return ()
+    conditions = []
+    for part in text.split(" and "):
+        words = part.split()
+        if len(words) != 3 or words[0] not in facts or words[1] not in _OPS:
+            raise ValueError(f"bad condition {part!r}: facts are {facts}, operators {_OPS}")
+        fact, op, value = words
+        try:
+            parsed = tuple(value.split(",")) if op == "in" else Decimal(value)
+        except ArithmeticError as exc:
+            raise ValueError(f"bad condition {part!r}: {value!r} is not a number") from exc
+        conditions.append(Condition(fact=fact, op=cast(Op, op), value=parsed))
+    return tuple(conditions)
+
+
+def render_when(conditions: Sequence[Condition]) -> str:
+    """The inverse of ``parse_when``: the text the rules table and the docs show."""
+    return " and ".join(str(c) for c in conditions) or "always"
+
+
+SCORING_FACTS = ("amount", "age_years")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScoringRule:
+    """One row of the scoring table."""
+
+    rule: str
+    tier: Tier
+    step: Step
+    when: tuple[Condition, ...]
+    points: int
+
+
+def _row(rule: str, tier: Tier, step: Step, when: str, points: int) -> ScoringRule:
+    return ScoringRule(rule=rule, tier=tier, step=step, when=parse_when(when, SCORING_FACTS),
+                       points=points)
+
+
+# age_years is the number of full years since the judgment date (anniversary reached).
+SCORING_RULES: tuple[ScoringRule, ...] = (
+    _row("A", "A", "base", "amount >= 10000 and age_years < 5", 85),
+    _row("A", "A", "adjust", "amount >= 25000", 5),
+    _row("A", "A", "adjust", "amount >= 50000", 5),
+    _row("A", "A", "adjust", "age_years < 2", 5),
+    _row("A", "A", "adjust", "age_years < 1", 5),
+    _row("B-large", "B", "base", "amount >= 5000", 65),
+    _row("B-large", "B", "adjust", "amount >= 7500", 5),
+    _row("B-large", "B", "adjust", "age_years < 3", 5),
+    _row("B-large", "B", "adjust", "age_years < 1", 4),
+    _row("B-recent", "B", "base", "amount >= 2000 and age_years < 3", 55),
+    _row("C", "C", "base", "always", 30),
+    _row("C", "C", "adjust", "age_years >= 7", -10),
+    _row("C", "C", "adjust", "age_years >= 10", -10),
+)
+
+
+def _check_rules(rules: Sequence[ScoringRule]) -> None:
+    bases = {r.rule: r.tier for r in rules if r.step == "base"}
+    for r in rules:
+        if bases.get(r.rule) != r.tier:
+            raise ValueError(f"scoring rule {r.rule!r}: adjust row without a matching base row")
+    if not any(r.step == "base" and not r.when for r in rules):
+        raise ValueError("the scoring table needs a base row that always applies")
+
+
+_check_rules(SCORING_RULES)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Score:
+    """A judgment's collectability: 0-100, its tier and how it was reached."""
+
+    score: int
+    tier: Tier
+    reason: str
+
+
+def age_in_years(start: date, today: date) -> int:
+    """Full years from ``start`` to ``today`` (the anniversary day counts as a full year)."""
+    return today.year - start.year - ((today.month, today.day) < (start.month, start.day))
+
+
+def score_judgment(amount: Decimal, judgment_date: date, today: date,
+                   rules: Sequence[ScoringRule] = SCORING_RULES) -> Score:
+    """Score one judgment by the rules table; ValueError on a non-positive amount or future date."""
+    if amount <= 0:
+        raise ValueError(f"amount must be positive, got {amount}")
+    if judgment_date > today:
+        raise ValueError(f"judgment date {judgment_date} is after {today}")
+    age = age_in_years(judgment_date, today)
+    facts = {"amount": amount, "age_years": age}
+    base = next(r for r in rules if r.step == "base" and all(c.holds(facts) for c in r.when))
+    total = base.points
+    steps = [f"rule {base.rule} ({render_when(base.when)}) base {base.points}"]
+    for row in rules:
+        if row.step == "adjust" and row.rule == base.rule and all(c.holds(facts) for c in row.when):
+            total += row.points
+            steps.append(f"{row.points:+d} {render_when(row.when)}")
+    score = min(100, max(0, total))
+    reason = f"amount ${amount:,.2f}, {age} full years old; {'; '.join(steps)}; score {score}"
+    return Score(score=score, tier=base.tier, reason=reason)
+
+
+_SELECT_JUDGMENTS = "SELECT id, amount, judgment_date FROM dragonfly.judgments WHERE id = ANY(%s)"
+_UPSERT_SCORES = """
+INSERT INTO dragonfly.collectability_scores (judgment_id, score, tier, reason, job_key)
+SELECT * FROM unnest(%s::bigint[], %s::smallint[], %s::text[], %s::text[], %s::text[])
+ON CONFLICT (judgment_id) DO UPDATE
+SET score = EXCLUDED.score, tier = EXCLUDED.tier, reason = EXCLUDED.reason,
+    job_key = EXCLUDED.job_key, scored_at = EXCLUDED.scored_at
+"""
+
+
+def score_and_store(conn: psycopg.Connection[Any], judgment_ids: Sequence[int],
+                    job_keys: Sequence[str], today: date) -> list[Score]:
+    """Score and upsert the judgments' current scores in two statements; scores in input order.
+
+    Raises ``PermanentJobError`` when a judgment does not exist or cannot be scored, so that
+    a batch caller can fall back to scoring its jobs one by one. A judgment listed twice
+    is stored once, with the last of its job keys.
+    """
+    if len(judgment_ids) != len(job_keys):
+        raise ValueError(f"{len(judgment_ids)} judgment ids but {len(job_keys)} job keys")
+    if not judgment_ids:
+        return []
+    out_of_range = sorted({i for i in judgment_ids if not 0 < i <= _MAX_BIGINT})
+    if out_of_range:
+        raise PermanentJobError(f"judgment(s) not found: {out_of_range}")
+    key_by_id = dict(zip(judgment_ids, job_keys, strict=True))
+    with conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(_SELECT_JUDGMENTS, (list(key_by_id),)).fetchall()
+        missing = sorted(key_by_id.keys() - {row["id"] for row in rows})
+        if missing:
+            raise PermanentJobError(f"judgment(s) not found: {missing}")
+        scores: dict[int, Score] = {}
+        for row in rows:
+            try:
+                scores[row["id"]] = score_judgment(row["amount"], row["judgment_date"], today)
+            except ValueError as exc:
+                raise PermanentJobError(f"judgment {row['id']} cannot be scored: {exc}") from exc
+        ids = list(key_by_id)
+        cur.execute(_UPSERT_SCORES, (
+            ids, [scores[i].score for i in ids], [scores[i].tier for i in ids],
+            [scores[i].reason for i in ids], [key_by_id[i] for i in ids],
+        ))
+    return [scores[i] for i in judgment_ids]
