@@ -3,6 +3,7 @@ state reset per test."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,29 +16,51 @@ from psycopg.rows import dict_row
 from backend.config import QUEUES
 from backend.db.embedded import PROJECT_ROOT, EmbeddedPostgres
 from backend.db.migrate import apply_migrations
+from tests.workers.probe import SCHEMA_SQL as PROBE_SCHEMA
 
 TEST_DATA = PROJECT_ROOT / ".data" / "test"
-RESET_SCHEMAS = ("workers", "dragonfly")
+RESET_SCHEMAS = ("workers", "dragonfly", "probe")
+
+
+def _remove_stale_servers() -> None:
+    """Servers left by test sessions that died (their pid is gone) are stopped and deleted."""
+    for folder in TEST_DATA.glob("pg-*"):
+        pid = int(folder.name.removeprefix("pg-")) if folder.name[3:].isdigit() else 0
+        if pid and _alive(pid):
+            continue
+        EmbeddedPostgres(folder).stop("immediate")
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[EmbeddedPostgres]:
-    pgdata = TEST_DATA / "pgdata"
-    server = EmbeddedPostgres(pgdata)
-    server.stop("immediate")
-    if pgdata.exists():
-        shutil.rmtree(pgdata)
+    """A fresh server for this test session only (sessions may run side by side)."""
     TEST_DATA.mkdir(parents=True, exist_ok=True)
+    _remove_stale_servers()
+    pgdata = TEST_DATA / f"pg-{os.getpid()}"
+    server = EmbeddedPostgres(pgdata)
     server.start()
     yield server
     server.stop("immediate")
+    shutil.rmtree(pgdata, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
 def db_url(pg_server: EmbeddedPostgres) -> str:
     url = pg_server.start()
     with psycopg.connect(url, autocommit=True) as conn:
-        apply_migrations(conn)
+        apply_migrations(conn, queues=(*QUEUES, "q_probe"))
+        conn.execute(PROBE_SCHEMA)
     return url
 
 
@@ -51,9 +74,9 @@ def reset_database(url: str) -> None:
         ).fetchall()
         if tables:
             conn.execute(f"TRUNCATE {', '.join(t[0] for t in tables)} RESTART IDENTITY CASCADE")
-        for queue in QUEUES:
+        for (queue,) in conn.execute("SELECT queue_name FROM pgmq.list_queues()").fetchall():
             conn.execute("SELECT pgmq.purge_queue(%s)", (queue,))
-            conn.execute(f"TRUNCATE pgmq.a_{queue}")
+            conn.execute(f'TRUNCATE pgmq."a_{queue}"')
 
 
 @pytest.fixture
