@@ -16,6 +16,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from backend.domain.collectability import Condition, Tier, age_in_years, parse_when
+from backend.domain.outbox import CHANNELS, Channel
 from backend.enqueue import build_envelope, enqueue
 from backend.errors import PermanentJobError
 
@@ -27,8 +28,6 @@ ATTEMPT_EVENT_TYPES = ("garnishment", "levy")
 ACTIVITY_EVENT_TYPES = (*ACTIONS, "payment")
 ATTEMPT_WINDOW_DAYS = 30
 OUTBOX_QUEUE = "q_outbox_processor"
-NOTIFY_CHANNELS = ("webhook", "email")
-DEFAULT_NOTIFY_CHANNEL = "webhook"
 _MAX_BIGINT = 2**63 - 1
 
 
@@ -156,13 +155,29 @@ def load_case_facts(conn: psycopg.Connection[Any], case_id: int, *,
     )
 
 
-def notify_channel(payload: Mapping[str, Any]) -> str:
-    """The job payload's ``notify_channel`` (default webhook); PermanentJobError if unknown."""
-    channel = payload.get("notify_channel", DEFAULT_NOTIFY_CHANNEL)
-    if channel not in NOTIFY_CHANNELS:
-        raise PermanentJobError(f"notify_channel must be one of {', '.join(NOTIFY_CHANNELS)},"
-                                f" got {channel!r}")
-    return str(channel)
+@dataclass(frozen=True, kw_only=True)
+class NotifyRoute:
+    """Where a recommendation's notification goes: an outbox channel, and ``to`` for email."""
+
+    channel: Channel = "webhook"
+    to: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.channel not in CHANNELS:
+            raise PermanentJobError(f"notify_channel must be one of {', '.join(CHANNELS)},"
+                                    f" got {self.channel!r}")
+        if (self.channel == "email") != (self.to is not None):
+            raise PermanentJobError("notify_to (one email address) is required with the email"
+                                    " channel and refused with the others")
+        if self.to is not None and (not isinstance(self.to, str) or "@" not in self.to
+                                    or any(c.isspace() for c in self.to)):
+            raise PermanentJobError(f"notify_to must be one email address, got {self.to!r}")
+
+
+def notify_route(payload: Mapping[str, Any]) -> NotifyRoute:
+    """The escalation job payload's ``notify_channel`` (default webhook) and ``notify_to``."""
+    return NotifyRoute(channel=payload.get("notify_channel", "webhook"),
+                       to=payload.get("notify_to"))
 
 
 _INSERT_EVENT = """
@@ -182,14 +197,12 @@ FROM c LEFT JOIN ins ON true
 
 
 def record_recommendation(conn: psycopg.Connection[Any], case_id: int, rec: Recommendation,
-                          job_key: str, *, channel: str = DEFAULT_NOTIFY_CHANNEL) -> int:
+                          job_key: str, *, route: NotifyRoute = NotifyRoute()) -> int:
     """Insert the recommendation event and enqueue its notification, in the caller's transaction.
 
     Returns the event id. A job key already recorded returns that event's id and enqueues
     nothing more: its notification went out with the transaction that inserted it.
     """
-    if channel not in NOTIFY_CHANNELS:
-        raise PermanentJobError(f"unknown notification channel {channel!r}")
     details = {"action": rec.action, "confidence": rec.confidence,
                "reasons": list(rec.reasons), "rule": rec.rule}
     with conn.cursor(row_factory=dict_row) as cur:
@@ -206,12 +219,14 @@ def record_recommendation(conn: psycopg.Connection[Any], case_id: int, rec: Reco
     event = {"id": event_id, "type": "recommendation", "case_id": case_id,
              "judgment_id": row["judgment_id"], "org_id": row["org_id"],
              "created_at": row["created_at"].isoformat(), "job_key": job_key, **details}
-    envelope = build_envelope(
-        entity_type="notification", entity_id=str(event_id), org_id=row["org_id"],
-        idempotency_key=f"{job_key}:notify",
-        payload={"channel": channel, "subject": _subject(case_id, rec),
-                 "body": _body(case_id, row["judgment_id"], rec), "event": event},
-    )
+    payload: dict[str, Any] = {"channel": route.channel, "subject": _subject(case_id, rec),
+                               "body": _body(case_id, row["judgment_id"], rec),
+                               "data": {"event": event}}
+    if route.to is not None:
+        payload["to"] = route.to
+    envelope = build_envelope(entity_type="notification", entity_id=str(event_id),
+                              org_id=row["org_id"], idempotency_key=f"{job_key}:notify",
+                              payload=payload)
     enqueue(conn, OUTBOX_QUEUE, envelope)
     return event_id
 

@@ -16,11 +16,13 @@ from backend.domain.collectability import score_and_store, score_judgment
 from backend.domain.escalation import (
     ACTIONS,
     CaseFacts,
+    NotifyRoute,
     Recommendation,
     load_case_facts,
     recommend,
     record_recommendation,
 )
+from backend.domain.outbox import parse_message
 from backend.domain.seed import seed_demo
 from backend.errors import PermanentJobError
 
@@ -225,24 +227,27 @@ def test_the_event_and_its_notification_commit_together(tx: psycopg.Connection[A
     assert {k: message[k] for k in ("idempotency_key", "entity_type", "entity_id", "org_id")} == {
         "idempotency_key": "esc-1:notify", "entity_type": "notification",
         "entity_id": str(event_id), "org_id": ORG}
-    payload = message["payload"]
-    assert payload["channel"] == "webhook"
-    assert payload["subject"] == f"Case {case}: recommended levy (85% confidence)"
-    assert "levy" in payload["body"] and REC.reasons[1] in payload["body"]
-    assert payload["event"]["id"] == event_id
-    assert {k: payload["event"][k] for k in ("type", "case_id", "action", "rule", "job_key")} == {
-        "type": "recommendation", "case_id": case, "action": "levy", "rule": "strong_levy",
-        "job_key": "esc-1"}
+    notification = parse_message(message["payload"])  # what the outbox worker will accept
+    assert notification.channel == "webhook" and notification.to is None
+    assert notification.subject == f"Case {case}: recommended levy (85% confidence)"
+    assert "levy" in notification.body and REC.reasons[1] in notification.body
+    assert notification.data is not None
+    event = notification.data["event"]
+    assert {k: event[k] for k in ("id", "type", "case_id", "action", "rule", "job_key")} == {
+        "id": event_id, "type": "recommendation", "case_id": case, "action": "levy",
+        "rule": "strong_levy", "job_key": "esc-1"}
 
 
 def test_a_job_key_records_one_event_and_one_notification(db: psycopg.Connection[Any]) -> None:
     case = add_case(db, add_judgment(db, "20000.00", date(2023, 6, 1)))
-    first = record_recommendation(db, case, REC, "esc-1", channel="email")
-    second = record_recommendation(db, case, REC, "esc-1", channel="email")
+    route = NotifyRoute(channel="email", to="ops@example.com")
+    first = record_recommendation(db, case, REC, "esc-1", route=route)
+    second = record_recommendation(db, case, REC, "esc-1", route=route)
     assert first == second
     assert db.execute("SELECT count(*) AS n FROM dragonfly.enforcement_events").fetchone() == {"n": 1}
     [message] = outbox(db)
-    assert message["payload"]["channel"] == "email"
+    notification = parse_message(message["payload"])
+    assert (notification.channel, notification.to) == ("email", "ops@example.com")
 
 
 def test_a_rolled_back_transaction_leaves_no_event_and_no_notification(
@@ -258,12 +263,9 @@ def test_a_rolled_back_transaction_leaves_no_event_and_no_notification(
     assert outbox(tx) == []
 
 
-def test_recording_for_a_missing_case_or_channel_is_permanent(db: psycopg.Connection[Any]) -> None:
+def test_recording_for_a_missing_case_is_permanent(db: psycopg.Connection[Any]) -> None:
     with pytest.raises(PermanentJobError, match="not found"):
         record_recommendation(db, 10**9, REC, "esc-1")
-    case = add_case(db, add_judgment(db, "20000.00", date(2023, 6, 1)))
-    with pytest.raises(PermanentJobError, match="channel"):
-        record_recommendation(db, case, REC, "esc-1", channel="pager")
     assert outbox(db) == []
 
 

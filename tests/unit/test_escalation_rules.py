@@ -12,7 +12,8 @@ from backend.domain.escalation import (
     ESCALATION_RULES,
     CaseFacts,
     EscalationRule,
-    notify_channel,
+    NotifyRoute,
+    notify_route,
     recommend,
 )
 from backend.errors import PermanentJobError
@@ -91,16 +92,28 @@ def test_a_custom_table_is_used() -> None:
     assert recommend(BASE, always_levy).action == "levy"
 
 
-@pytest.mark.parametrize(("payload", "channel"), [
-    ({}, "webhook"),
-    ({"notify_channel": "webhook"}, "webhook"),
-    ({"notify_channel": "email"}, "email"),
+@pytest.mark.parametrize(("payload", "route"), [
+    ({}, NotifyRoute(channel="webhook")),
+    ({"notify_channel": "webhook"}, NotifyRoute(channel="webhook")),
+    ({"notify_channel": "slack"}, NotifyRoute(channel="slack")),
+    ({"notify_channel": "discord"}, NotifyRoute(channel="discord")),
+    ({"notify_channel": "email", "notify_to": "ops@example.com"},
+     NotifyRoute(channel="email", to="ops@example.com")),
 ])
-def test_notify_channel_defaults_to_webhook(payload: dict[str, Any], channel: str) -> None:
-    assert notify_channel(payload) == channel
+def test_notify_route_defaults_to_webhook(payload: dict[str, Any], route: NotifyRoute) -> None:
+    assert notify_route(payload) == route
 
 
-@pytest.mark.parametrize("value", ["pager", "", None, 3, ["email"]])
-def test_unknown_notify_channel_is_permanent(value: Any) -> None:
-    with pytest.raises(PermanentJobError, match="notify_channel"):
-        notify_channel({"notify_channel": value})
+@pytest.mark.parametrize(("payload", "error"), [
+    ({"notify_channel": "pager"}, "notify_channel"),
+    ({"notify_channel": ""}, "notify_channel"),
+    ({"notify_channel": None}, "notify_channel"),
+    ({"notify_channel": ["email"]}, "notify_channel"),
+    ({"notify_channel": "email"}, "notify_to"),
+    ({"notify_to": "ops@example.com"}, "notify_to"),
+    ({"notify_channel": "email", "notify_to": "not an address"}, "notify_to"),
+    ({"notify_channel": "email", "notify_to": 7}, "notify_to"),
+])
+def test_unusable_notify_options_are_permanent(payload: dict[str, Any], error: str) -> None:
+    with pytest.raises(PermanentJobError, match=error):
+        notify_route(payload)
