@@ -1,0 +1,215 @@
+"""Processing semantics on a real PostgreSQL, with the processor driven in-process."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.types.json import Jsonb
+
+from backend.db import queries as q
+from backend.enqueue import build_envelope, enqueue
+from backend.errors import PermanentJobError
+from backend.workers.jobs import Job
+from backend.workers.processing import HandlerKind, ProcessingOptions, Processor
+
+Conn = psycopg.Connection[Any]
+QUEUE = "q_probe"
+
+
+class Recorder:
+    """A handler that writes one row per run on the job's connection, and can be told to fail."""
+
+    def __init__(self, fail: dict[str, int] | None = None) -> None:
+        self.fail = fail or {}
+        self.calls: list[tuple[str, int, float]] = []
+
+    def handle(self, conn: Conn, job: Job) -> None:
+        self.calls.append((job.idempotency_key, job.attempt, time.monotonic()))
+        conn.execute("INSERT INTO probe.effects (job_key, worker_id, attempt) VALUES (%s, 'w', %s)",
+                     (job.idempotency_key, job.attempt))
+        if self.fail.get(job.idempotency_key, 0) >= job.attempt:
+            raise RuntimeError(f"planned failure of {job.idempotency_key}")
+        if self.fail.get(job.idempotency_key) == -1:
+            raise PermanentJobError("never possible")
+
+    def handle_batch(self, conn: Conn, jobs: list[Job]) -> None:
+        for job in jobs:
+            self.handle(conn, job)
+
+
+def processor(conn_url: str, handler: Any, kind: HandlerKind = "transactional", **opts: Any
+              ) -> Processor:
+    options = ProcessingOptions(**{"visibility_timeout_s": 5, "retry_base_s": 1.0, **opts})
+    return Processor(queue=QUEUE, worker_id="test-worker", kind=kind, handler=handler,
+                     options=options, rng=random.Random(7))
+
+
+def send(db: Conn, key: str, **payload: Any) -> int:
+    return enqueue(db, QUEUE, build_envelope(entity_type="probe", entity_id=key, org_id="o",
+                                             idempotency_key=key, payload=payload))
+
+
+def effects(db: Conn, key: str | None = None) -> int:
+    if key is None:
+        return int(db.execute("SELECT count(*) AS n FROM probe.effects").fetchone()["n"])
+    return int(db.execute("SELECT count(*) AS n FROM probe.effects WHERE job_key = %s",
+                          (key,)).fetchone()["n"])
+
+
+def ledger(db: Conn, key: str) -> dict[str, Any]:
+    row: dict[str, Any] = db.execute("SELECT * FROM workers.processed_jobs WHERE job_key = %s",
+                                     (key,)).fetchone()
+    return row
+
+
+def queue_depth(db: Conn) -> int:
+    return int(db.execute("SELECT count(*) AS n FROM pgmq.q_q_probe").fetchone()["n"])
+
+
+def run_until(proc: Processor, conn: Conn, done: Any, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, "processing did not finish in time"
+        if proc.process_batch(conn) == 0:
+            time.sleep(0.05)
+
+
+@pytest.fixture
+def work_conn(clean_db: str) -> Any:
+    with psycopg.connect(clean_db, autocommit=True, row_factory=psycopg.rows.dict_row) as conn:
+        yield conn
+
+
+def test_a_batch_completes_every_job_once(db: Conn, work_conn: Conn, clean_db: str) -> None:
+    for i in range(250):
+        send(db, f"k{i}")
+    proc = processor(clean_db, Recorder())
+    run_until(proc, work_conn, lambda: queue_depth(db) == 0)
+    assert effects(db) == 250
+    assert db.execute("SELECT count(*) AS n FROM workers.processed_jobs WHERE status = 'completed'"
+                      " AND attempts = 1").fetchone()["n"] == 250
+    assert proc.counters.processed == 250
+
+
+@pytest.mark.parametrize(("body", "reason"), [
+    ("just a string", "must be a JSON object, got string"),
+    ([1, 2, 3], "must be a JSON object, got array"),
+    ({"entity_type": "x", "entity_id": "1", "org_id": "o", "payload": {}}, "missing field(s): idempotency_key"),
+    ({"idempotency_key": 7, "entity_type": "x", "entity_id": "1", "org_id": "o", "payload": {}},
+     "idempotency_key must be a non-empty string, got number"),
+    ({"idempotency_key": "k", "entity_type": "x", "entity_id": "1", "org_id": "o", "payload": []},
+     "payload must be a JSON object, got array"),
+    ({"idempotency_key": "k", "entity_type": "x", "entity_id": "1", "org_id": "o",
+      "payload": {"blob": "x" * 300_000}}, "over the limit of 262144"),
+])
+def test_malformed_messages_are_dead_lettered_with_their_reason(
+        db: Conn, work_conn: Conn, clean_db: str, body: Any, reason: str) -> None:
+    db.execute("SELECT pgmq.send(%s, %s)", (QUEUE, Jsonb(body)))
+    send(db, "good")
+    proc = processor(clean_db, Recorder())
+    run_until(proc, work_conn, lambda: queue_depth(db) == 0)
+    letters = db.execute("SELECT * FROM workers.dead_letters").fetchall()
+    assert len(letters) == 1
+    assert reason in letters[0]["error"] and letters[0]["error_type"] == "InvalidEnvelope"
+    assert letters[0]["message"] == body and letters[0]["job_key"] is None
+    assert effects(db, "good") == 1 and ledger(db, "good")["status"] == "completed"
+    assert db.execute("SELECT count(*) AS n FROM pgmq.a_q_probe").fetchone()["n"] == 0
+
+
+def test_same_key_enqueued_twice_has_one_effect(db: Conn, work_conn: Conn, clean_db: str) -> None:
+    send(db, "twice")
+    send(db, "twice")
+    proc = processor(clean_db, Recorder())
+    run_until(proc, work_conn, lambda: queue_depth(db) == 0)
+    send(db, "twice")  # a later redelivery of a completed key
+    run_until(proc, work_conn, lambda: queue_depth(db) == 0)
+    assert effects(db, "twice") == 1
+    assert ledger(db, "twice")["attempts"] == 1
+
+
+def test_failures_retry_with_backoff_then_complete(
+        db: Conn, work_conn: Conn, clean_db: str, caplog: pytest.LogCaptureFixture) -> None:
+    handler = Recorder(fail={"flaky": 2})
+    send(db, "flaky")
+    for i in range(5):
+        send(db, f"other{i}")
+    proc = processor(clean_db, handler)
+    with caplog.at_level(logging.INFO, logger="dragonfly.events"):
+        run_until(proc, work_conn, lambda: queue_depth(db) == 0, timeout=30)
+    row = ledger(db, "flaky")
+    assert row["status"] == "completed" and row["attempts"] == 3
+    assert effects(db, "flaky") == 1, "the failed attempts' writes were rolled back"
+    # A batch runs optimistically first, so attempt 1 may run twice (the first rolled back).
+    runs = sorted({a: t for key, a, t in handler.calls if key == "flaky"}.values())
+    delays = [r.data["retry_in_s"] for r in caplog.records  # type: ignore[attr-defined]
+              if getattr(r, "event", "") == "JOB_FAILED"]
+    assert len(runs) == 3 and len(delays) == 2
+    for (before, after), delay in zip(zip(runs, runs[1:], strict=False), delays, strict=True):
+        assert after - before >= delay - 0.05
+    assert all(effects(db, f"other{i}") == 1 for i in range(5))
+
+
+def test_always_failing_job_is_dead_lettered_and_replay_completes_it_once(
+        db: Conn, work_conn: Conn, clean_db: str) -> None:
+    handler = Recorder(fail={"doomed": 99})
+    send(db, "doomed")
+    proc = processor(clean_db, handler, max_attempts=3)
+    run_until(proc, work_conn, lambda: queue_depth(db) == 0, timeout=30)
+    send(db, "after")
+    run_until(proc, work_conn, lambda: queue_depth(db) == 0)
+    assert effects(db, "after") == 1, "the worker keeps processing other jobs"
+    row = ledger(db, "doomed")
+    assert row["status"] == "dead" and row["attempts"] == 3
+    letter = db.execute("SELECT * FROM workers.dead_letters WHERE job_key = 'doomed'").fetchone()
+    assert letter["attempts"] == 3 and "planned failure" in letter["error"]
+    assert letter["message"]["idempotency_key"] == "doomed"
+
+    from tools.worker_inspector.queries import replay_dead_letter
+
+    handler.fail.clear()
+    assert replay_dead_letter(db, letter["id"]) is not None
+    assert replay_dead_letter(db, letter["id"]) is None, "a dead letter replays once"
+    run_until(proc, work_conn, lambda: queue_depth(db) == 0)
+    assert ledger(db, "doomed")["status"] == "completed"
+    assert effects(db, "doomed") == 1
+
+
+def test_permanent_error_is_dead_lettered_without_retry(db: Conn, work_conn: Conn, clean_db: str) -> None:
+    send(db, "never")
+    proc = processor(clean_db, Recorder(fail={"never": -1}))
+    run_until(proc, work_conn, lambda: queue_depth(db) == 0)
+    assert ledger(db, "never")["attempts"] == 1 and ledger(db, "never")["status"] == "dead"
+
+
+class External:
+    def __init__(self) -> None:
+        self.keys: list[tuple[str, int]] = []
+
+    def handle(self, job: Job) -> None:
+        self.keys.append((job.idempotency_key, job.attempt))
+
+
+def test_an_expired_claim_is_visible_as_stuck_then_taken_over(
+        db: Conn, work_conn: Conn, clean_db: str) -> None:
+    msg_id = send(db, "orphan")
+    # A worker that died after committing its claim: the message and the claim stay leased.
+    q.read_messages(db, QUEUE, 1, 1)
+    q.claim(db, queue=QUEUE, worker_id="dead-worker", keys=["orphan"], msg_ids=[msg_id], lease_s=1)
+    stuck = ("SELECT job_key FROM workers.processed_jobs WHERE status = 'processing'"
+             " AND lease_expires_at < clock_timestamp()")
+    assert db.execute(stuck).fetchall() == []
+    handler = External()
+    proc = processor(clean_db, handler, kind="external")
+    assert proc.process_batch(work_conn) == 0, "a live claim is never stolen"
+    time.sleep(1.1)
+    assert [r["job_key"] for r in db.execute(stuck)] == ["orphan"]
+    run_until(proc, work_conn, lambda: queue_depth(db) == 0)
+    assert handler.keys == [("orphan", 2)]
+    row = ledger(db, "orphan")
+    assert row["status"] == "completed" and row["attempts"] == 2 and row["worker_id"] == "test-worker"
+    assert db.execute(stuck).fetchall() == []
