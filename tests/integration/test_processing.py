@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import time
@@ -99,7 +100,8 @@ def test_a_batch_completes_every_job_once(db: Conn, work_conn: Conn, clean_db: s
 @pytest.mark.parametrize(("body", "reason"), [
     ("just a string", "must be a JSON object, got string"),
     ([1, 2, 3], "must be a JSON object, got array"),
-    ({"entity_type": "x", "entity_id": "1", "org_id": "o", "payload": {}}, "missing field(s): idempotency_key"),
+    ({"entity_type": "x", "entity_id": "1", "org_id": "o", "payload": {}},
+     "missing field(s): idempotency_key"),
     ({"idempotency_key": 7, "entity_type": "x", "entity_id": "1", "org_id": "o", "payload": {}},
      "idempotency_key must be a non-empty string, got number"),
     ({"idempotency_key": "k", "entity_type": "x", "entity_id": "1", "org_id": "o", "payload": []},
@@ -149,7 +151,7 @@ def test_failures_retry_with_backoff_then_complete(
     delays = [r.data["retry_in_s"] for r in caplog.records  # type: ignore[attr-defined]
               if getattr(r, "event", "") == "JOB_FAILED"]
     assert len(runs) == 3 and len(delays) == 2
-    for (before, after), delay in zip(zip(runs, runs[1:], strict=False), delays, strict=True):
+    for (before, after), delay in zip(itertools.pairwise(runs), delays, strict=True):
         assert after - before >= delay - 0.05
     assert all(effects(db, f"other{i}") == 1 for i in range(5))
 
