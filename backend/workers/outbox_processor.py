@@ -1,0 +1,42 @@
+"""``python -m backend.workers.outbox_processor``: delivers outbound messages
+(queue ``q_outbox_processor``).
+
+External: the claim commits first, the message is sent with the job's idempotency key
+(``Idempotency-Key`` header; a Message-ID derived from it for email), and only an accepted
+delivery completes the job. 4xx answers and unconfigured channels are dead-lettered;
+5xx answers, timeouts and connection errors are retried.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import ClassVar
+
+from backend.domain.outbox import OutboxConfig, deliver_job
+from backend.logs import log_event
+from backend.workers.base import ExternalWorker, run_worker
+from backend.workers.jobs import Job
+
+
+class OutboxWorker(ExternalWorker):
+    """Sends webhook, Slack, Discord and email notifications for real."""
+
+    name: ClassVar[str] = "outbox_processor"
+    config: OutboxConfig
+
+    def setup(self) -> None:
+        self.config = OutboxConfig.from_env(os.environ)
+        log_event("OUTBOX_CHANNELS", {"worker_id": self.worker_id, **self.config.describe()},
+                  logging.INFO if self.config.channels else logging.WARNING)
+
+    def handle(self, job: Job) -> None:
+        receipt = deliver_job(job, config=self.config)
+        log_event("OUTBOX_DELIVERED", {"job_key": job.idempotency_key, "msg_id": job.msg_id,
+                                       "channel": receipt.channel, "destination": receipt.destination,
+                                       "status": receipt.status, "message_id": receipt.message_id,
+                                       "attempt": job.attempt})
+
+
+if __name__ == "__main__":
+    run_worker(OutboxWorker)
