@@ -1,0 +1,264 @@
+"""Command line: the report (default), ``dead-letters list`` and ``dead-letters replay``.
+
+Exit codes: 0 healthy (or the command did what was asked), 1 unhealthy (or a replay
+failed), 2 bad usage, bad configuration, or the database cannot be reached or read. Every
+failure is one line on stderr, without the password and without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+from psycopg import errors as pg_errors
+
+from backend.config import Settings, load_settings, redact_url, url_password
+from backend.db.connect import connect, resolve_db_url
+from backend.errors import ConfigError
+from tools.worker_inspector import queries
+from tools.worker_inspector.render import render_dead_letters, render_report, timestamp
+from tools.worker_inspector.report import Options, build_report, jsonable
+
+PROG = "python -m tools.worker_inspector"
+APP_NAME = "dragonfly-inspector"
+EXIT_HEALTHY, EXIT_UNHEALTHY, EXIT_UNUSABLE = 0, 1, 2
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_MISSING_SCHEMA = (pg_errors.UndefinedTable, pg_errors.UndefinedFunction,
+                   pg_errors.InvalidSchemaName, pg_errors.UndefinedColumn)
+
+
+class Unusable(Exception):
+    """The inspector cannot do its job; the message is the one line the operator sees."""
+
+
+def duration_arg(text: str) -> float:
+    """``90``, ``90s``, ``15m``, ``24h`` or ``7d`` as seconds (> 0)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text.lower())
+    if not match or float(match[1]) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 90s, 15m, 24h or 7d")
+    return float(match[1]) * _UNITS[match[2] or "s"]
+
+
+def count_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
+    return value
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The parser, and its sub-parsers by name (to report their usage errors)."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Health of the workers, queues, claims and dead letters of a database "
+                    "(SUPABASE_DB_URL; the embedded dev server when unset). Read-only, "
+                    "except dead-letters replay.",
+        epilog="exit codes: 0 healthy, 1 unhealthy, 2 bad usage or cannot connect. "
+               "See docs/WORKER_INSPECTOR.md.",
+    )
+    parser.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    parser.add_argument("--stale-after", type=duration_arg, metavar="DURATION",
+                        help="heartbeat age that makes a worker stale "
+                             "(default 2 x WORKER_HEARTBEAT_INTERVAL_S = 60s)")
+    parser.add_argument("--dead-after", type=duration_arg, metavar="DURATION",
+                        help="heartbeat age that makes a worker dead "
+                             "(default 3 x --stale-after = 180s)")
+    parser.add_argument("--since", type=duration_arg, metavar="DURATION", default=86400.0,
+                        help="window of interest: stopped, crashed or dead workers last seen "
+                             "before it are hidden (counted) and do not affect the verdict "
+                             "(default 24h)")
+    parser.add_argument("--max-age", type=duration_arg, metavar="DURATION", default=600.0,
+                        help="a queue whose oldest message is older is unhealthy (default 10m)")
+    parser.add_argument("--all", action="store_true", dest="show_all",
+                        help="show every worker row, also the hidden history")
+    parser.add_argument("--stuck-limit", type=count_arg, metavar="N", default=20,
+                        help="stuck claims listed (all are counted; default 20)")
+    parser.add_argument("--timeout", type=duration_arg, metavar="DURATION", default=10.0,
+                        help="statement timeout of each query (default 10s)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    letters = commands.add_parser("dead-letters", help="list or replay dead letters")
+    actions = letters.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    listing = actions.add_parser("list", help="list dead letters, newest first")
+    listing.add_argument("--queue", metavar="Q", help="only this queue")
+    listing.add_argument("--limit", type=count_arg, metavar="N", default=50,
+                         help="letters listed (default 50)")
+    listing.add_argument("--include-replayed", action="store_true",
+                         help="also letters already replayed")
+    listing.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                         help="one JSON document, with each letter's message")
+
+    replay = actions.add_parser(
+        "replay", help="re-send dead letters to their queue with a fresh attempt budget")
+    which = replay.add_mutually_exclusive_group(required=True)
+    which.add_argument("--id", type=int, dest="letter_id", metavar="ID", help="one letter")
+    which.add_argument("--queue", metavar="Q", help="with --all: every unreplayed letter of Q")
+    replay.add_argument("--all", action="store_true", dest="replay_all",
+                        help="required with --queue")
+    replay.add_argument("--dry-run", action="store_true", help="say what would be replayed")
+    replay.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="one JSON document")
+    return parser, {"dead-letters": letters, "list": listing, "replay": replay}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse and cross-check the options; usage errors exit 2 with the usage."""
+    parser, subs = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "dead-letters" and args.action == "replay":
+        if args.queue is not None and not args.replay_all:
+            subs["replay"].error("--queue replays every unreplayed letter of the queue: "
+                                 "add --all to confirm")
+        if args.letter_id is not None and args.replay_all:
+            subs["replay"].error("--all goes with --queue, not --id")
+    if (args.stale_after is not None and args.dead_after is not None
+            and args.dead_after <= args.stale_after):
+        parser.error("--dead-after must be longer than --stale-after")
+    return args
+
+
+def report_options(args: argparse.Namespace, settings: Settings) -> Options:
+    stale = args.stale_after or 2 * settings.heartbeat_interval_s
+    dead = args.dead_after or 3 * stale
+    if dead <= stale:
+        raise Unusable(f"--dead-after ({dead:g}s) must be longer than --stale-after ({stale:g}s)")
+    return Options(stale_after_s=stale, dead_after_s=dead, since_s=args.since,
+                   max_age_s=args.max_age, show_all=args.show_all,
+                   stuck_limit=args.stuck_limit, statement_timeout_s=args.timeout)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return _run(args)
+    except Unusable as exc:
+        print(f"worker_inspector: {exc}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    except KeyboardInterrupt:
+        print("worker_inspector: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader (head, less) went away: nothing left to tell anyone.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_UNHEALTHY
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        raise Unusable(f"configuration error: {exc}") from None
+    options = report_options(args, settings)
+    try:
+        url = resolve_db_url(settings)
+    except (OSError, RuntimeError, subprocess.SubprocessError, psycopg.Error) as exc:
+        raise Unusable(f"cannot start the embedded PostgreSQL: {one_line(exc)}") from None
+    safe = redact_url(url)
+    secret = url_password(url)
+    try:
+        conn = connect(url, APP_NAME)
+    except psycopg.Error as exc:
+        raise Unusable(f"cannot connect to {safe}: {one_line(exc, secret)}") from None
+    with conn:
+        try:
+            if args.command is None:
+                report = build_report(conn, options, database=safe)
+                _emit(args, report.to_json(), render_report(report))
+                return EXIT_HEALTHY if report.healthy else EXIT_UNHEALTHY
+            if args.action == "list":
+                return _list(conn, args)
+            return _replay(conn, args)
+        except _MISSING_SCHEMA as exc:
+            raise Unusable(f"{safe} lacks the workers schema or pgmq ({one_line(exc, secret)}); "
+                           "run python -m backend.db.migrate") from None
+        except psycopg.Error as exc:
+            raise Unusable(f"query failed on {safe}: {one_line(exc, secret)}") from None
+
+
+def _emit(args: argparse.Namespace, document: Any, text: str) -> None:
+    if getattr(args, "json", False):
+        sys.stdout.write(json.dumps(document, indent=2) + "\n")
+    else:
+        sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _list(conn: queries.Conn, args: argparse.Namespace) -> int:
+    total, rows = queries.list_dead_letters(conn, queue=args.queue, limit=args.limit,
+                                            include_replayed=args.include_replayed)
+    document = {"count": total, "items": [jsonable(r) for r in rows]}
+    _emit(args, document, render_dead_letters(total, rows))
+    return EXIT_HEALTHY
+
+
+def _replay(conn: queries.Conn, args: argparse.Namespace) -> int:
+    ids = [args.letter_id] if args.letter_id is not None else queries.unreplayed_ids(conn, args.queue)
+    done: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
+    lines: list[str] = []
+    for letter_id in ids:
+        if args.dry_run:
+            letter = queries.dead_letter(conn, letter_id)
+            if letter is not None and letter["replayed_at"] is None:
+                done.append(jsonable(letter))
+                lines.append(f"would replay dead letter {letter_id} "
+                             f"(queue {letter['queue_name']}, {_job(letter['job_key'])})")
+                continue
+        else:
+            try:
+                replayed = queries.replay(conn, letter_id)
+            except psycopg.OperationalError:
+                raise
+            except psycopg.DatabaseError as exc:
+                failed.append({"id": letter_id, "error": one_line(exc)})
+                lines.append(f"FAILED dead letter {letter_id}: {one_line(exc)}")
+                continue
+            if replayed is not None:
+                done.append(vars(replayed))
+                lines.append(
+                    f"replayed dead letter {letter_id} (queue {replayed.queue_name}, "
+                    f"{_job(replayed.job_key)}) as msg_id {replayed.msg_id}"
+                    + ("; ledger reset to failed with 0 attempts" if replayed.ledger_reset else ""))
+                continue
+        letter = queries.dead_letter(conn, letter_id)
+        if letter is None:
+            failed.append({"id": letter_id, "error": "no such dead letter"})
+            lines.append(f"FAILED dead letter {letter_id}: no such dead letter")
+        else:
+            when = timestamp(letter["replayed_at"])
+            skipped.append({"id": letter_id, "reason": "already replayed",
+                            "replayed_at": jsonable(letter)["replayed_at"]})
+            lines.append(f"skipped dead letter {letter_id}: already replayed at {when}")
+    if not ids:
+        lines.append(f"no unreplayed dead letters in queue {args.queue}")
+    verb = "would replay" if args.dry_run else "replayed"
+    lines.append(f"{verb} {len(done)}, skipped {len(skipped)}, failed {len(failed)}")
+    document = {"dry_run": args.dry_run, "replayed": done, "skipped": skipped, "failed": failed}
+    _emit(args, document, "\n".join(lines) + "\n")
+    return EXIT_UNHEALTHY if failed else EXIT_HEALTHY
+
+
+def _job(job_key: str | None) -> str:
+    return f"job {job_key}" if job_key else "no job key"
+
+
+def one_line(exc: BaseException, secret: str | None = None) -> str:
+    """The gist of a database error on one line: libpq's 'connection to server at ...
+    failed:' preamble and its hints dropped, the password masked."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    text = re.sub(r"^connection (failed|is bad):\s*", "", text)
+    text = re.sub(r"^connection to server (at|on) .*? failed:\s*", "", text)
+    text = " ".join(text.split()) or type(exc).__name__
+    return text.replace(secret, "***") if secret else text

@@ -1,0 +1,237 @@
+"""Every SQL statement of the inspector, as thin named functions.
+
+The report reads one section per query inside a single read-only snapshot (see
+``report.build_report``), so every age is measured against the same ``now()``: the
+database's clock, never the operator's laptop. pgmq is read only through what 1.4.4 has
+(``list_queues`` and the ``pgmq.q_<queue>`` tables), by column name.
+
+``replay`` / ``replay_dead_letter`` are the only statements that write.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+Conn = psycopg.Connection[Any]
+Row = dict[str, Any]
+
+# Verdicts, problems first: the order of the workers table.
+VERDICTS = ("dead", "stale", "alive", "crashed", "stopped")
+
+# Every heartbeat row with its verdict and whether it is history (not alive, and last
+# seen before the --since window). Parameters: stale, dead (seconds), since (seconds).
+_CLASSIFIED = """
+WITH aged AS (
+    SELECT h.*, greatest(0, extract(epoch FROM now() - h.last_heartbeat_at))::float8 AS age_s
+    FROM workers.heartbeats h
+), classified AS (
+    SELECT aged.*,
+           CASE WHEN status = 'STOPPED' THEN 'stopped'
+                WHEN status = 'CRASHED' THEN 'crashed'
+                WHEN age_s > %(dead)s THEN 'dead'
+                WHEN age_s > %(stale)s THEN 'stale'
+                ELSE 'alive' END AS verdict
+    FROM aged
+), judged AS (
+    SELECT classified.*,
+           (verdict IN ('stopped', 'crashed', 'dead')
+            AND coalesce(stopped_at, last_heartbeat_at)
+                < now() - make_interval(secs => %(since)s)) AS historic
+    FROM classified
+)
+"""
+
+
+def snapshot_start(conn: Conn, statement_timeout_s: float) -> Any:
+    """Bound every statement of the current transaction; return its ``now()``."""
+    row = conn.execute(
+        "SELECT now() AS now, set_config('statement_timeout', %s, true) AS timeout",
+        (f"{int(statement_timeout_s * 1000)}ms",),
+    ).fetchone()
+    assert row is not None
+    return row["now"]
+
+
+def worker_rows(conn: Conn, *, stale_s: float, dead_s: float, since_s: float,
+                include_historic: bool) -> list[Row]:
+    """Heartbeat rows with ``verdict``, ``age_s`` and ``historic``; history only on demand."""
+    query = _CLASSIFIED + """
+    SELECT worker_id, worker_name, queue_name, status, verdict, age_s, historic, hostname, pid,
+           version, git_sha, started_at, last_heartbeat_at, stopped_at, jobs_processed,
+           jobs_failed, rss_bytes, metadata ->> 'RAILWAY_REPLICA_ID' AS replica_id
+    FROM judged
+    WHERE %(include_historic)s OR NOT historic
+    ORDER BY array_position(ARRAY['dead', 'stale', 'alive', 'crashed', 'stopped'], verdict),
+             worker_name, last_heartbeat_at DESC
+    """
+    params = {"stale": stale_s, "dead": dead_s, "since": since_s,
+              "include_historic": include_historic}
+    return conn.execute(query, params).fetchall()
+
+
+def worker_counts(conn: Conn, *, stale_s: float, dead_s: float, since_s: float) -> list[Row]:
+    """Counts of heartbeat rows per (queue_name, verdict, historic), over every row."""
+    query = _CLASSIFIED + """
+    SELECT queue_name, verdict, historic, count(*) AS count
+    FROM judged GROUP BY queue_name, verdict, historic
+    """
+    return conn.execute(query, {"stale": stale_s, "dead": dead_s, "since": since_s}).fetchall()
+
+
+def queue_names(conn: Conn) -> list[str]:
+    """Every pgmq queue, by name."""
+    rows = conn.execute("SELECT queue_name FROM pgmq.list_queues() ORDER BY queue_name")
+    return [r["queue_name"] for r in rows.fetchall()]
+
+
+def queue_stats(conn: Conn, names: Sequence[str]) -> list[Row]:
+    """Depth, visible, in-flight (read, invisible), delayed (never read, invisible) and the
+    oldest message of each queue, in one statement over the queue tables."""
+    if not names:
+        return []
+    part = sql.SQL(
+        "SELECT {name}::text AS queue_name, count(*) AS depth,"
+        " count(*) FILTER (WHERE vt <= now()) AS visible,"
+        " count(*) FILTER (WHERE vt > now() AND read_ct > 0) AS in_flight,"
+        " count(*) FILTER (WHERE vt > now() AND read_ct = 0) AS delayed,"
+        " min(enqueued_at) AS oldest_enqueued_at,"
+        " extract(epoch FROM now() - min(enqueued_at))::float8 AS oldest_age_s"
+        " FROM {table}"
+    )
+    query = sql.SQL(" UNION ALL ").join(
+        part.format(name=sql.Literal(name), table=sql.Identifier("pgmq", f"q_{name}"))
+        for name in names
+    )
+    return conn.execute(query).fetchall()
+
+
+def stuck_claims(conn: Conn, limit: int) -> tuple[int, list[Row]]:
+    """Count every ``processing`` claim whose lease expired (or was never set); list the
+    ``limit`` longest stuck."""
+    rows = conn.execute(
+        """
+        WITH stuck AS (
+            SELECT job_key, queue_name, msg_id, worker_id, attempts, lease_expires_at,
+                   extract(epoch FROM now() - lease_expires_at)::float8 AS age_s
+            FROM workers.processed_jobs
+            WHERE status = 'processing' AND (lease_expires_at < now() OR lease_expires_at IS NULL)
+        )
+        SELECT c.total, s.*
+        FROM (SELECT count(*) AS total FROM stuck) c
+        LEFT JOIN LATERAL (
+            SELECT * FROM stuck ORDER BY lease_expires_at NULLS FIRST, job_key LIMIT %s
+        ) s ON true
+        """,
+        (limit,),
+    ).fetchall()
+    total = int(rows[0]["total"]) if rows else 0
+    items = [r for r in rows if r["job_key"] is not None]
+    for item in items:
+        del item["total"]
+    return total, items
+
+
+def dead_letter_counts(conn: Conn) -> list[Row]:
+    """Unreplayed dead letters per queue, with the oldest and newest."""
+    return conn.execute(
+        "SELECT queue_name, count(*) AS count, min(dead_at) AS oldest_dead_at,"
+        " max(dead_at) AS newest_dead_at"
+        " FROM workers.dead_letters WHERE replayed_at IS NULL"
+        " GROUP BY queue_name ORDER BY queue_name"
+    ).fetchall()
+
+
+def list_dead_letters(conn: Conn, *, queue: str | None, limit: int,
+                      include_replayed: bool) -> tuple[int, list[Row]]:
+    """The newest dead letters (unreplayed unless asked), and how many match in all."""
+    where = (" WHERE (%(queue)s::text IS NULL OR queue_name = %(queue)s)"
+             " AND (%(replayed)s OR replayed_at IS NULL)")
+    params = {"queue": queue, "replayed": include_replayed, "limit": limit}
+    total = conn.execute("SELECT count(*) AS total FROM workers.dead_letters" + where,
+                         params).fetchone()
+    rows = conn.execute(
+        "SELECT id, queue_name, msg_id, job_key, error, error_type, attempts, worker_id,"
+        " dead_at, replayed_at, message FROM workers.dead_letters" + where
+        + " ORDER BY id DESC LIMIT %(limit)s",
+        params,
+    ).fetchall()
+    return int(total["total"]) if total else 0, rows
+
+
+def unreplayed_ids(conn: Conn, queue: str) -> list[int]:
+    """Ids of the queue's dead letters not yet replayed, oldest first."""
+    rows = conn.execute(
+        "SELECT id FROM workers.dead_letters WHERE queue_name = %s AND replayed_at IS NULL"
+        " ORDER BY id", (queue,)
+    ).fetchall()
+    return [int(r["id"]) for r in rows]
+
+
+def dead_letter(conn: Conn, dead_letter_id: int) -> Row | None:
+    """One dead letter's identity and replay state, or None when there is no such id."""
+    return conn.execute(
+        "SELECT id, queue_name, job_key, replayed_at FROM workers.dead_letters WHERE id = %s",
+        (dead_letter_id,),
+    ).fetchone()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Replay:
+    """What replaying one dead letter did."""
+
+    dead_letter_id: int
+    queue_name: str
+    job_key: str | None
+    msg_id: int
+    ledger_reset: bool
+
+
+def replay(conn: Conn, dead_letter_id: int) -> Replay | None:
+    """Re-send a dead letter's original body to its queue, in one transaction with marking
+    it replayed and giving its job a fresh attempt budget.
+
+    Returns None when the letter does not exist or was already replayed (so a second
+    replay does nothing). The row lock makes two concurrent replays send once. The ledger
+    is reset only from ``dead`` or ``failed``: a ``completed`` key must stay completed (the
+    worker then deletes the message without running it again) and a ``processing`` claim
+    belongs to a live delivery. ``conn`` must be in autocommit mode.
+    """
+    with conn.transaction():
+        letter = conn.execute(
+            "SELECT id, queue_name, job_key FROM workers.dead_letters"
+            " WHERE id = %s AND replayed_at IS NULL FOR UPDATE",
+            (dead_letter_id,),
+        ).fetchone()
+        if letter is None:
+            return None
+        sent = conn.execute(
+            "SELECT pgmq.send(queue_name, coalesce(message, 'null'::jsonb), 0::integer) AS msg_id"
+            " FROM workers.dead_letters WHERE id = %s",
+            (dead_letter_id,),
+        ).fetchone()
+        assert sent is not None
+        conn.execute(
+            "UPDATE workers.dead_letters SET replayed_at = clock_timestamp() WHERE id = %s",
+            (dead_letter_id,),
+        )
+        reset = 0
+        if letter["job_key"] is not None:
+            reset = conn.execute(
+                "UPDATE workers.processed_jobs SET status = 'failed', attempts = 0,"
+                " lease_expires_at = NULL, updated_at = clock_timestamp()"
+                " WHERE job_key = %s AND status IN ('dead', 'failed')",
+                (letter["job_key"],),
+            ).rowcount
+    return Replay(dead_letter_id=dead_letter_id, queue_name=letter["queue_name"],
+                  job_key=letter["job_key"], msg_id=int(sent["msg_id"]), ledger_reset=reset > 0)
+
+
+def replay_dead_letter(conn: Conn, dead_letter_id: int) -> int | None:
+    """Replay one dead letter (see ``replay``); the new pgmq msg_id, or None if skipped."""
+    done = replay(conn, dead_letter_id)
+    return done.msg_id if done else None

@@ -1,0 +1,317 @@
+"""The health report: what the queries say, judged against the thresholds.
+
+``build_report`` reads every section in one read-only, repeatable-read transaction, so the
+sections agree with each other and every age is measured against the same ``now()``.
+``Report.to_json`` is the documented machine shape (docs/WORKER_INSPECTOR.md).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from psycopg import IsolationLevel
+
+from backend.config import QUEUES
+from tools.worker_inspector import queries
+from tools.worker_inspector.queries import VERDICTS, Conn, Row
+
+KILLED_NOTE = "killed without shutting down (OOM kill or SIGKILL)"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Options:
+    """Thresholds and display choices of one report."""
+
+    stale_after_s: float = 60.0
+    dead_after_s: float = 180.0
+    since_s: float = 86400.0
+    max_age_s: float = 600.0
+    show_all: bool = False
+    stuck_limit: int = 20
+    statement_timeout_s: float = 10.0
+    expected_queues: tuple[str, ...] = QUEUES
+
+
+@dataclass(frozen=True, kw_only=True)
+class Finding:
+    """One reason for an unhealthy verdict, or one warning; ``code`` is stable."""
+
+    code: str
+    subject: str | None
+    message: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Worker:
+    """One heartbeat row and its verdict."""
+
+    worker_id: str
+    worker_name: str
+    queue_name: str
+    status: str
+    verdict: str
+    historic: bool
+    heartbeat_age_s: float
+    last_heartbeat_at: datetime
+    started_at: datetime
+    stopped_at: datetime | None
+    jobs_processed: int
+    jobs_failed: int
+    rss_mb: float | None
+    version: str
+    git_sha: str | None
+    replica_id: str | None
+    hostname: str
+    pid: int
+    note: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Queue:
+    """One pgmq queue: its messages, dead letters and live workers."""
+
+    queue_name: str
+    depth: int
+    visible: int
+    in_flight: int
+    delayed: int
+    oldest_age_s: float | None
+    oldest_enqueued_at: datetime | None
+    dead_letters: int
+    workers_alive: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class StuckClaim:
+    """A ``processing`` ledger row whose lease expired: its worker is gone."""
+
+    job_key: str
+    queue_name: str
+    msg_id: int
+    worker_id: str | None
+    attempts: int
+    lease_expires_at: datetime | None
+    age_s: float | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeadLetterGroup:
+    """The unreplayed dead letters of one queue."""
+
+    queue_name: str
+    count: int
+    oldest_dead_at: datetime
+    newest_dead_at: datetime
+
+
+@dataclass(frozen=True, kw_only=True)
+class Report:
+    """Everything the inspector shows, and the verdict."""
+
+    generated_at: datetime
+    database: str
+    options: Options
+    workers: list[Worker]
+    verdict_counts: dict[str, int]
+    hidden_workers: int
+    queues: list[Queue]
+    stuck_total: int
+    stuck_items: list[StuckClaim]
+    dead_letters: list[DeadLetterGroup]
+    reasons: list[Finding] = field(default_factory=list)
+    warnings: list[Finding] = field(default_factory=list)
+
+    @property
+    def healthy(self) -> bool:
+        return not self.reasons
+
+    @property
+    def verdict(self) -> str:
+        return "healthy" if self.healthy else "unhealthy"
+
+    @property
+    def dead_letter_total(self) -> int:
+        return sum(g.count for g in self.dead_letters)
+
+    def to_json(self) -> dict[str, Any]:
+        """The stable JSON document (see docs/WORKER_INSPECTOR.md)."""
+        o = self.options
+        return {
+            "verdict": self.verdict,
+            "reasons": [_plain(f) for f in self.reasons],
+            "warnings": [_plain(f) for f in self.warnings],
+            "generated_at": _iso(self.generated_at),
+            "database": self.database,
+            "thresholds": {"stale_after_s": o.stale_after_s, "dead_after_s": o.dead_after_s,
+                           "since_s": o.since_s, "max_age_s": o.max_age_s},
+            "workers": [_plain(w) for w in self.workers],
+            "worker_summary": {"total": sum(self.verdict_counts.values()),
+                               "shown": len(self.workers), "hidden": self.hidden_workers,
+                               "by_verdict": self.verdict_counts},
+            "queues": [_plain(q) for q in self.queues],
+            "stuck_claims": {"count": self.stuck_total,
+                             "items": [_plain(s) for s in self.stuck_items]},
+            "dead_letters": {"count": self.dead_letter_total,
+                             "queues": [_plain(g) for g in self.dead_letters]},
+        }
+
+
+def build_report(conn: Conn, options: Options, *, database: str = "") -> Report:
+    """Read every section in one read-only snapshot and judge it."""
+    o = options
+    thresholds = {"stale_s": o.stale_after_s, "dead_s": o.dead_after_s, "since_s": o.since_s}
+    saved = conn.read_only, conn.isolation_level
+    conn.read_only, conn.isolation_level = True, IsolationLevel.REPEATABLE_READ
+    try:
+        with conn.transaction():
+            now = queries.snapshot_start(conn, o.statement_timeout_s)
+            worker_rows = queries.worker_rows(conn, include_historic=o.show_all, **thresholds)
+            counts = queries.worker_counts(conn, **thresholds)
+            names = queries.queue_names(conn)
+            queue_rows = queries.queue_stats(conn, names)
+            stuck_total, stuck_rows = queries.stuck_claims(conn, o.stuck_limit)
+            letter_rows = queries.dead_letter_counts(conn)
+    finally:
+        conn.read_only, conn.isolation_level = saved
+
+    verdict_counts = Counter({v: 0 for v in VERDICTS})
+    alive: Counter[str] = Counter()
+    hidden_dead = hidden = 0
+    for c in counts:
+        verdict_counts[c["verdict"]] += c["count"]
+        if c["verdict"] == "alive":
+            alive[c["queue_name"]] += c["count"]
+        if c["historic"]:
+            hidden += c["count"]
+            hidden_dead += c["count"] if c["verdict"] == "dead" else 0
+    letters = [DeadLetterGroup(**r) for r in letter_rows]
+    per_queue_letters = {g.queue_name: g.count for g in letters}
+    report = Report(
+        generated_at=now,
+        database=database,
+        options=o,
+        workers=[_worker(r) for r in worker_rows],
+        verdict_counts=dict(verdict_counts),
+        hidden_workers=0 if o.show_all else hidden,
+        queues=[Queue(**_rounded(r, "oldest_age_s"),
+                      dead_letters=per_queue_letters.get(r["queue_name"], 0),
+                      workers_alive=alive[r["queue_name"]]) for r in queue_rows],
+        stuck_total=stuck_total,
+        stuck_items=[StuckClaim(**_rounded(r, "age_s")) for r in stuck_rows],
+        dead_letters=letters,
+    )
+    report.reasons.extend(_reasons(report, names))
+    report.warnings.extend(_warnings(report, hidden_dead))
+    return report
+
+
+def _rounded(row: Row, key: str) -> Row:
+    value = row[key]
+    return {**row, key: None if value is None else round(value, 3)}
+
+
+def _worker(row: Row) -> Worker:
+    # Only a process that never got to write STOPPED or CRASHED leaves a dead heartbeat.
+    note = KILLED_NOTE if row["verdict"] == "dead" else None
+    rss = row["rss_bytes"]
+    return Worker(
+        worker_id=row["worker_id"], worker_name=row["worker_name"],
+        queue_name=row["queue_name"], status=row["status"], verdict=row["verdict"],
+        historic=row["historic"], heartbeat_age_s=round(row["age_s"], 3),
+        last_heartbeat_at=row["last_heartbeat_at"], started_at=row["started_at"],
+        stopped_at=row["stopped_at"], jobs_processed=row["jobs_processed"],
+        jobs_failed=row["jobs_failed"],
+        rss_mb=None if rss is None else round(rss / 1048576, 1),
+        version=row["version"], git_sha=row["git_sha"][:7] if row["git_sha"] else None,
+        replica_id=row["replica_id"], hostname=row["hostname"], pid=row["pid"], note=note,
+    )
+
+
+def _reasons(report: Report, queue_names: list[str]) -> list[Finding]:
+    o = report.options
+    found: list[Finding] = []
+    for w in report.workers:
+        if w.verdict == "dead" and not w.historic:
+            found.append(Finding(
+                code="dead_worker", subject=w.worker_id,
+                message=f"worker {w.worker_name} {w.worker_id} is dead: still {w.status} but "
+                        f"no heartbeat for {duration(w.heartbeat_age_s)}; {KILLED_NOTE}"))
+    for name in o.expected_queues:
+        if name not in queue_names:
+            found.append(Finding(code="queue_missing", subject=name,
+                                 message=f"queue {name} does not exist; "
+                                         "run python -m backend.db.migrate"))
+    for q in report.queues:
+        if q.depth and not q.workers_alive:
+            found.append(Finding(code="queue_unserved", subject=q.queue_name,
+                                 message=f"queue {q.queue_name} has {q.depth} message(s) "
+                                         "but no alive worker"))
+        if q.oldest_age_s is not None and q.oldest_age_s > o.max_age_s:
+            found.append(Finding(code="queue_backlog_old", subject=q.queue_name,
+                                 message=f"queue {q.queue_name}: oldest message is "
+                                         f"{duration(q.oldest_age_s)} old "
+                                         f"(over --max-age {duration(o.max_age_s)})"))
+    if report.stuck_total:
+        found.append(Finding(code="stuck_claims", subject=None,
+                             message=f"{report.stuck_total} stuck claim(s): processing "
+                                     "with an expired lease"))
+    for g in report.dead_letters:
+        found.append(Finding(code="dead_letters", subject=g.queue_name,
+                             message=f"queue {g.queue_name} has {g.count} unreplayed "
+                                     "dead letter(s)"))
+    return found
+
+
+def _warnings(report: Report, hidden_dead: int) -> list[Finding]:
+    found: list[Finding] = []
+    crashed: dict[str, list[Worker]] = {}
+    for w in report.workers:
+        if w.verdict == "stale":
+            found.append(Finding(code="stale_worker", subject=w.worker_id,
+                                 message=f"worker {w.worker_name} {w.worker_id}: no heartbeat "
+                                         f"for {duration(w.heartbeat_age_s)}"))
+        elif w.verdict == "crashed" and not w.historic:
+            crashed.setdefault(w.queue_name, []).append(w)
+    # Crashes are one line per queue: a crash loop would otherwise flood the list.
+    for queue, workers in sorted(crashed.items()):
+        latest = min(w.heartbeat_age_s for w in workers)
+        found.append(Finding(code="crashed_workers", subject=queue,
+                             message=f"queue {queue}: {len(workers)} worker(s) crashed in the "
+                                     f"last {duration(report.options.since_s)}, the latest "
+                                     f"{duration(latest)} ago"))
+    if hidden_dead:
+        found.append(Finding(code="old_dead_workers", subject=None,
+                             message=f"{hidden_dead} worker(s) died before the --since "
+                                     "window and are still marked running (--all shows them)"))
+    return found
+
+
+def duration(seconds: float) -> str:
+    """A short human duration: 45s, 2m05s, 10m, 3h12m, 24h, 2d04h."""
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        big, small, units = s // 60, s % 60, "ms"
+    elif s <= 86400:
+        big, small, units = s // 3600, s % 3600 // 60, "hm"
+    else:
+        big, small, units = s // 86400, s % 86400 // 3600, "dh"
+    return f"{big}{units[0]}" + (f"{small:02d}{units[1]}" if small else "")
+
+
+def _iso(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat()
+
+
+def _plain(obj: Any) -> dict[str, Any]:
+    """A dataclass as a JSON-ready dict: datetimes as ISO-8601 strings."""
+    return jsonable(vars(obj))
+
+
+def jsonable(row: dict[str, Any]) -> dict[str, Any]:
+    """A row with its datetimes as UTC ISO-8601 strings."""
+    return {k: _iso(v) if isinstance(v, datetime) else v for k, v in row.items()}
