@@ -1,0 +1,170 @@
+"""The main job, end to end, on the embedded default.
+
+Seeds judgments and enforcement cases, enqueues work for all three workers, runs them as
+real processes (the outbox delivering to a local webhook receiver started here) until the
+queues are empty, stops them with SIGTERM and shows what happened.
+
+    python scripts/demo.py [--judgments 60] [--cases 20] [--timeout 90]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import psycopg  # noqa: E402
+from psycopg.rows import dict_row  # noqa: E402
+
+from backend.config import QUEUES, WORKER_NAMES, load_settings  # noqa: E402
+from backend.db.connect import resolve_db_url  # noqa: E402
+from backend.db.migrate import apply_migrations  # noqa: E402
+from backend.domain.seed import seed_demo  # noqa: E402
+from backend.enqueue import build_envelope, enqueue_many  # noqa: E402
+
+
+class Receiver(BaseHTTPRequestHandler):
+    """A local webhook endpoint: records each delivery's Idempotency-Key, answers 200."""
+
+    received: Counter[str] = Counter()
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        Receiver.received[self.headers.get("Idempotency-Key") or "?"] += 1
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def start_receiver() -> ThreadingHTTPServer:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def depth(conn: psycopg.Connection[Any]) -> dict[str, int]:
+    return {q: conn.execute(f"SELECT count(*) AS n FROM pgmq.q_{q}").fetchone()["n"] for q in QUEUES}
+
+
+def start_workers(env: dict[str, str], logs: Path) -> dict[str, subprocess.Popen[bytes]]:
+    logs.mkdir(parents=True, exist_ok=True)
+    procs = {}
+    for name in WORKER_NAMES:
+        out = (logs / f"{name}.log").open("wb")
+        procs[name] = subprocess.Popen([sys.executable, "-m", f"backend.workers.{name}"],
+                                       cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    return procs
+
+
+def events(log: Path, name: str) -> list[dict[str, Any]]:
+    found = []
+    for line in log.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("event") == name:
+            found.append(record["data"])
+    return found
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--judgments", type=int, default=60)
+    parser.add_argument("--cases", type=int, default=20)
+    parser.add_argument("--timeout", type=float, default=90.0)
+    args = parser.parse_args()
+
+    settings = load_settings()
+    print(f"mode {settings.mode}; database: {settings.safe_db_url or 'embedded (.data/pgdata)'}")
+    url = resolve_db_url(settings)
+    receiver = start_receiver()
+    webhook = f"http://127.0.0.1:{receiver.server_address[1]}/dragonfly"
+    with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+        apply_migrations(conn)
+        seeded = seed_demo(conn, judgments=args.judgments, cases=args.cases, seed=int(time.time()))
+        run = f"demo-{int(time.time())}"
+        org = seeded["org_id"]
+        enqueue_many(conn, "q_collectability", [
+            build_envelope(entity_type="judgment", entity_id=str(j), org_id=org,
+                           idempotency_key=f"{run}:score:{j}") for j in seeded["judgment_ids"]])
+        enqueue_many(conn, "q_escalation", [
+            build_envelope(entity_type="enforcement_case", entity_id=str(c), org_id=org,
+                           idempotency_key=f"{run}:escalate:{c}") for c in seeded["case_ids"]])
+        enqueue_many(conn, "q_outbox_processor", [
+            build_envelope(entity_type="notification", entity_id="welcome", org_id=org,
+                           idempotency_key=f"{run}:welcome",
+                           payload={"channel": "webhook", "subject": "Demo started",
+                                    "body": f"{len(seeded['judgment_ids'])} judgments seeded"})])
+        print(f"seeded {len(seeded['judgment_ids'])} judgments and {len(seeded['case_ids'])} cases;"
+              f" queued {depth(conn)}")
+
+        env = {**os.environ, "SUPABASE_MODE": settings.mode, "OUTBOX_WEBHOOK_URL": webhook,
+               "PYTHONUNBUFFERED": "1"}
+        logs = ROOT / ".data" / "demo-logs" / run
+        procs = start_workers(env, logs)
+        started = time.monotonic()
+        while any(depth(conn).values()):
+            if time.monotonic() - started > args.timeout:
+                print(f"queues not empty after {args.timeout:.0f} s: {depth(conn)}")
+                break
+            if any(p.poll() is not None for p in procs.values()):
+                print("a worker exited early; see its log in", logs)
+                break
+            time.sleep(0.2)
+        took = time.monotonic() - started
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        codes = {name: proc.wait(timeout=30) for name, proc in procs.items()}
+
+        print(f"\nqueues empty after {took:.1f} s; workers stopped with SIGTERM\n")
+        print(f"{'worker':<18} {'exit':>4} {'jobs done':>9} {'failed':>6}  log")
+        for name in WORKER_NAMES:
+            shutdown = events(logs / f"{name}.log", "WORKER_SHUTDOWN")
+            done = shutdown[-1]["jobs_processed"] if shutdown else "?"
+            failed = shutdown[-1]["jobs_failed"] if shutdown else "?"
+            print(f"{name:<18} {codes[name]:>4} {done:>9} {failed:>6}  {logs / (name + '.log')}")
+        tiers = conn.execute("SELECT tier, count(*) AS n, round(avg(score)) AS avg FROM"
+                             " dragonfly.collectability_scores WHERE job_key LIKE %s GROUP BY tier"
+                             " ORDER BY tier", (f"{run}:%",)).fetchall()
+        print("\ncollectability: " + ", ".join(f"tier {t['tier']}: {t['n']} (avg {t['avg']})"
+                                               for t in tiers))
+        actions = conn.execute("SELECT details->>'action' AS action, count(*) AS n FROM"
+                               " dragonfly.enforcement_events WHERE job_key LIKE %s"
+                               " GROUP BY 1 ORDER BY 2 DESC", (f"{run}:%",)).fetchall()
+        print("escalation: " + ", ".join(f"{a['action']}: {a['n']}" for a in actions))
+        delivered = {k: n for k, n in Receiver.received.items() if k.startswith(run)}
+        print(f"outbox: {len(delivered)} webhook deliveries received at {webhook}"
+              f" ({sum(delivered.values())} calls)")
+        ledger = conn.execute("SELECT status, count(*) AS n FROM workers.processed_jobs WHERE"
+                              " job_key LIKE %s GROUP BY 1 ORDER BY 1", (f"{run}:%",)).fetchall()
+        print("ledger: " + ", ".join(f"{r['status']}: {r['n']}" for r in ledger))
+        dead = conn.execute("SELECT count(*) AS n FROM workers.dead_letters WHERE job_key LIKE %s",
+                            (f"{run}:%",)).fetchone()["n"]
+        print(f"dead letters: {dead}")
+    receiver.shutdown()
+    ok = all(code == 0 for code in codes.values()) and took <= args.timeout
+    print("\nhealth: python -m tools.worker_inspector   data: .data/pgdata   reset: "
+          "python -m backend.db.embedded reset")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
