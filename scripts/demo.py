@@ -20,7 +20,7 @@ import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -38,7 +38,7 @@ from backend.enqueue import build_envelope, enqueue_many  # noqa: E402
 class Receiver(BaseHTTPRequestHandler):
     """A local webhook endpoint: records each delivery's Idempotency-Key, answers 200."""
 
-    received: Counter[str] = Counter()
+    received: ClassVar[Counter[str]] = Counter()
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -85,7 +85,8 @@ def events(log: Path, name: str) -> list[dict[str, Any]]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--judgments", type=int, default=60)
     parser.add_argument("--cases", type=int, default=20)
     parser.add_argument("--timeout", type=float, default=90.0)

@@ -135,7 +135,8 @@ class BaseWorker:
 
     def on_signal(self, sig: signal.Signals, count: int) -> None:
         """First SIGTERM/SIGINT drains; a second one abandons in-flight work (exit 143)."""
-        if count == 1 and not self.stop_requested.is_set():
+        if count == 1:
+            # Already draining (the memory soft limit): the first signal changes nothing.
             self.request_stop(SIGNAL_REASONS.get(sig, sig.name))
         else:
             self.abandon(f"second signal ({sig.name}) while draining")
@@ -300,6 +301,8 @@ class BaseWorker:
                     outage_since = None
                 if read == 0:
                     self._idle(conn)
+                elif self.notifications:
+                    self._forget_notifications(conn)
             except DB_ERRORS as exc:
                 if outage_since is None:
                     outage_since = time.monotonic()
@@ -337,6 +340,12 @@ class BaseWorker:
         except (RetryError, *DB_ERRORS):  # type: ignore[misc]
             pass
         return None
+
+    @staticmethod
+    def _forget_notifications(conn: psycopg.Connection[Any]) -> None:
+        """While busy, notifications pile up unread; the queue is read anyway."""
+        for _ in conn.notifies(timeout=0):
+            pass
 
     def _idle(self, conn: psycopg.Connection[Any]) -> None:
         """Wait for new messages: an insert notification, the poll interval, or a stop."""
