@@ -237,6 +237,7 @@ class BaseWorker:
         except Exception as exc:
             return self._boot_failed(exc)
         booted = self.lifecycle.booted(db_status="ok", notifications=self.notifications,
+                                       railway=dict(self.settings.railway),
                                        boot_s=self._uptime(), queue=self.queue,
                                        db_url=self.settings.safe_db_url or "embedded")
         if not booted and self.lifecycle.state is not State.DRAINING:

@@ -176,3 +176,30 @@ def test_memory_soft_limit_drains_then_crashes_with_memory_error(spawn: Spawn) -
     crash = worker.wait_for("WORKER_CRASH")
     assert crash["error_type"] == "MemoryError" and crash["exit_code"] == 1
     assert crash["soft_limit_mb"] == pytest.approx(7.2) and crash["rss_mb"] > 7.2
+
+
+def test_sigterm_during_an_outage_still_drains_and_exits_zero(
+        spawn: Spawn, db: psycopg.Connection[Any], pg_server: EmbeddedPostgres) -> None:
+    worker = spawn(WORKER_DRAIN_TIMEOUT_S=10)
+    worker.wait_for("WORKER_BOOT")
+    db.close()
+    pg_server.stop("fast")
+    try:
+        worker.wait_for("DB_OUTAGE", timeout=10)
+        worker.send(signal.SIGTERM)
+        assert worker.wait_exit() == 0
+        assert worker.wait_for("WORKER_SHUTDOWN")["drained"] is True
+    finally:
+        pg_server.start()
+
+
+def test_railway_ids_are_recorded_in_the_boot_event_and_the_heartbeat(
+        spawn: Spawn, db: psycopg.Connection[Any]) -> None:
+    worker = spawn(RAILWAY_REPLICA_ID="replica-7", RAILWAY_SERVICE_NAME="collectability",
+                   RAILWAY_GIT_COMMIT_SHA="abc123")
+    boot = worker.wait_for("WORKER_BOOT")
+    assert boot["railway"]["RAILWAY_REPLICA_ID"] == "replica-7" and boot["git_sha"] == "abc123"
+    row = wait_until(lambda: heartbeat(db, boot["worker_id"]))
+    assert row["metadata"]["RAILWAY_SERVICE_NAME"] == "collectability" and row["git_sha"] == "abc123"
+    worker.send(signal.SIGTERM)
+    assert worker.wait_exit() == 0

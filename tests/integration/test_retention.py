@@ -1,0 +1,44 @@
+"""Retention: old completed ledger rows and old stopped heartbeats are pruned, nothing else."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+
+from backend.db import queries as q
+
+Conn = psycopg.Connection[Any]
+
+
+def test_prune_deletes_only_old_completed_rows_and_old_stopped_heartbeats(db: Conn) -> None:
+    db.execute(
+        "INSERT INTO workers.processed_jobs (job_key, queue_name, msg_id, status, attempts,"
+        " completed_at) VALUES"
+        " ('old-done', 'q', 1, 'completed', 1, now() - interval '10 days'),"
+        " ('new-done', 'q', 2, 'completed', 1, now() - interval '1 day'),"
+        " ('old-dead', 'q', 3, 'dead', 5, NULL),"
+        " ('old-claim', 'q', 4, 'processing', 1, NULL)")
+    db.execute("UPDATE workers.processed_jobs SET updated_at = now() - interval '10 days'")
+    row = ("INSERT INTO workers.heartbeats (worker_id, worker_name, queue_name, status, hostname,"
+           " pid, version, started_at, last_heartbeat_at, stopped_at) VALUES"
+           " (%s, 'q', 'q', %s, 'h', 1, 'v', now(), now() - %s::interval, %s)")
+    db.execute(row, ("stopped-old", "STOPPED", "10 days", "-infinity"))
+    db.execute("UPDATE workers.heartbeats SET stopped_at = now() - interval '10 days'")
+    db.execute(row, ("stopped-new", "STOPPED", "1 hour", None))
+    db.execute("UPDATE workers.heartbeats SET stopped_at = now() - interval '1 hour'"
+               " WHERE worker_id = 'stopped-new'")
+    db.execute(row, ("running-silent", "RUNNING", "10 days", None))
+
+    assert q.prune(db, ledger_days=7, heartbeat_days=7) == (1, 1)
+    keys = {r["job_key"] for r in db.execute("SELECT job_key FROM workers.processed_jobs")}
+    assert keys == {"new-done", "old-dead", "old-claim"}
+    workers = {r["worker_id"] for r in db.execute("SELECT worker_id FROM workers.heartbeats")}
+    assert workers == {"stopped-new", "running-silent"}
+    assert q.prune(db, ledger_days=7, heartbeat_days=7) == (0, 0)
+
+
+def test_prune_is_skipped_while_another_replica_prunes(db: Conn, clean_db: str) -> None:
+    with psycopg.connect(clean_db, row_factory=psycopg.rows.dict_row) as other:
+        other.execute("SELECT pg_advisory_xact_lock(7310412002)")
+        assert q.prune(db, ledger_days=7, heartbeat_days=7) is None
