@@ -1,7 +1,7 @@
 """``BaseWorker``: boot, the run loop, draining, crashes and exit codes (SPEC 3, 6, 7).
 
 A worker subclass names its queue and handler kind and implements ``handle``; the three
-Dragonfly workers are such subclasses. ``run_worker`` is their ``python -m`` entry point.
+Dragonfly workers are such subclasses; ``backend.workers.entry.run_worker`` starts them.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import os
 import select
 import signal
 import socket
-import sys
 import threading
 import time
 import traceback
@@ -23,7 +22,7 @@ import psycopg
 from psycopg_pool import ConnectionPool
 from tenacity import RetryError
 
-from backend.config import QUEUES, Settings, load_settings, url_password
+from backend.config import QUEUES, Settings, url_password
 from backend.db import queries as q
 from backend.db.connect import (
     DB_ERRORS,
@@ -35,7 +34,7 @@ from backend.db.connect import (
 )
 from backend.db.migrate import apply_migrations, current_version, latest_version
 from backend.errors import BootError, ConfigError
-from backend.logs import add_secret, configure_logging, log_event
+from backend.logs import add_secret, log_event
 from backend.workers.housekeeping import Housekeeper, HousekeepingPlan
 from backend.workers.jobs import Job
 from backend.workers.lifecycle import Lifecycle, State
@@ -363,47 +362,6 @@ class BaseWorker:
 
 def _tb(exc: BaseException) -> str:
     return "".join(traceback.format_exception(exc))[-8000:]
-
-
-def run_worker(worker_cls: type[BaseWorker]) -> None:
-    """The ``python -m backend.workers.<name>`` entry point: configure, run, exit."""
-    try:
-        settings = load_settings()
-    except ConfigError as exc:
-        configure_logging("INFO", secrets=[url_password(os.environ.get("SUPABASE_DB_URL")) or ""])
-        BareIdentity(worker_cls).fail(exc)
-        sys.exit(EXIT_FAILURE)
-    configure_logging(settings.log_level, secrets=[url_password(settings.db_url) or ""])
-    code = worker_cls(settings).run()
-    logging.shutdown()
-    sys.exit(code)
-
-
-class BareIdentity:
-    """Reports a configuration error before any settings exist (WORKER_BOOT, WORKER_CRASH)."""
-
-    def __init__(self, worker_cls: type[BaseWorker]) -> None:
-        self.queue = f"q_{worker_cls.name}"
-
-    def fail(self, exc: ConfigError) -> None:
-        identity = {"worker_name": self.queue, "worker_id": None,
-                    "version": os.environ.get("WORKER_VERSION") or _package_version(),
-                    "git_sha": os.environ.get("RAILWAY_GIT_COMMIT_SHA"),
-                    "mode": os.environ.get("SUPABASE_MODE"), "hostname": socket.gethostname(),
-                    "pid": os.getpid(), "concurrency": 1}
-
-        def emit(event: str, data: Any, level: int) -> None:
-            log_event(event, {**identity, **data}, level)
-
-        Lifecycle(emit=emit, write_status=lambda _s: None).boot_failed(
-            db_status="error", error=str(exc), error_type="ConfigError", variable=exc.variable,
-            traceback="", state_before=State.BOOTING.value, exit_code=EXIT_FAILURE)
-
-
-def _package_version() -> str:
-    from backend import __version__
-
-    return __version__
 
 
 class TransactionalWorker(BaseWorker):

@@ -13,7 +13,8 @@ import psycopg
 
 from backend.domain.collectability import score_and_store
 from backend.errors import PermanentJobError
-from backend.workers.base import TransactionalWorker, run_worker
+from backend.workers.base import TransactionalWorker
+from backend.workers.entry import run_worker
 from backend.workers.jobs import Job
 
 

@@ -13,8 +13,9 @@ from typing import Any, ClassVar
 import psycopg
 
 from backend.domain.escalation import load_case_facts, notify_route, recommend, record_recommendation
-from backend.workers.base import TransactionalWorker, run_worker
+from backend.workers.base import TransactionalWorker
 from backend.workers.collectability import entity_id
+from backend.workers.entry import run_worker
 from backend.workers.jobs import Job
 
 

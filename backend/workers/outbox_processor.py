@@ -15,7 +15,8 @@ from typing import ClassVar
 
 from backend.domain.outbox import OutboxConfig, deliver_job
 from backend.logs import log_event
-from backend.workers.base import ExternalWorker, run_worker
+from backend.workers.base import ExternalWorker
+from backend.workers.entry import run_worker
 from backend.workers.jobs import Job
 
 

@@ -21,7 +21,8 @@ import psycopg
 from backend.db.connect import resolve_db_url
 from backend.errors import PermanentJobError
 from backend.logs import log_event
-from backend.workers.base import ExternalWorker, TransactionalWorker, run_worker
+from backend.workers.base import ExternalWorker, TransactionalWorker
+from backend.workers.entry import run_worker
 from backend.workers.jobs import Job
 
 _HOG: list[bytes] = []
