@@ -155,6 +155,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 1
     configure_logging(settings.log_level, secrets=[url_password(settings.db_url) or ""])
+    if settings.uses_transaction_pooler:
+        print("configuration error: SUPABASE_DB_URL: migrations need a session connection (the advisory"
+              " lock and DDL); use the session pooler (port 5432) or the direct host, not port 6543",
+              file=sys.stderr)
+        return 1
     try:
         url = resolve_db_url(settings)
         add_secret(url_password(url))

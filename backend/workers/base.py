@@ -120,7 +120,8 @@ class BaseWorker:
                 q.upsert_heartbeat(conn, self.heartbeat_row())
         except psycopg.Error as exc:
             log_event("HEARTBEAT_FAILED", {"worker_id": self.worker_id, "status": state.value,
-                                           "error": " ".join(str(exc).split())}, logging.WARNING)
+                                           "error": " ".join(str(exc).split()),
+                                           "error_type": type(exc).__name__}, logging.WARNING)
 
     def _uptime(self) -> float:
         return round(time.monotonic() - self._started, 3)
@@ -156,16 +157,24 @@ class BaseWorker:
             self.abandon(f"drain timeout ({self.settings.drain_timeout_s:g} s)")
 
     def abandon(self, why: str) -> None:
-        """Stop now: the open transaction dies with the process and rolls back."""
+        """Stop now: the open transaction dies with the process and rolls back.
+
+        A memory drain that cannot finish still ends as the memory crash it is (exit 1)."""
         if self.lifecycle.state is State.RUNNING or self.lifecycle.state is State.BOOTING:
             self.lifecycle.drain(reason=self.stop_reason or why, in_flight=self.processor.in_flight,
                                  drain_timeout_s=self.settings.drain_timeout_s)
-        if not self.lifecycle.abandon(**self._shutdown_data(drained=False, exit_code=EXIT_SIGNAL),
-                                      abandoned=why, in_flight=self.processor.in_flight):
+        if self.memory is not None:
+            changed = self.lifecycle.crash(**self._memory_crash_data(drained=False, abandoned=why))
+            code = EXIT_FAILURE
+        else:
+            changed = self.lifecycle.abandon(**self._shutdown_data(drained=False, exit_code=EXIT_SIGNAL),
+                                             abandoned=why, in_flight=self.processor.in_flight)
+            code = EXIT_SIGNAL
+        if not changed:
             return
         self._release_held()
         logging.shutdown()
-        os._exit(EXIT_SIGNAL)
+        os._exit(code)
 
     def _release_held(self) -> None:
         msg_ids, keys = self.held.snapshot()
@@ -218,10 +227,13 @@ class BaseWorker:
                               and q.notifications_available(conn, self.queue))
 
     def _boot_failed(self, exc: BaseException) -> int:
-        db_status = "error"
-        self.lifecycle.boot_failed(db_status=db_status, error=" ".join(str(exc).split()),
-                                   error_type=type(exc).__name__, traceback=_tb(exc),
-                                   state_before=State.BOOTING.value, exit_code=EXIT_FAILURE)
+        data = {"db_status": "error", **self._crash_data(exc)}
+        if not self.lifecycle.boot_failed(**data):
+            # A signal arrived while booting (DRAINING): the failure is still reported.
+            self._emit("WORKER_BOOT", {"from": self.lifecycle.state.value, "to": State.CRASHED.value,
+                                       "trigger": "boot_failed", **data}, logging.ERROR)
+            self.lifecycle.crash(**data)
+        self._close()
         return EXIT_FAILURE
 
     # --- run -----------------------------------------------------------------------------
@@ -257,26 +269,36 @@ class BaseWorker:
 
     def _stop(self) -> int:
         if self.memory is not None:
-            error = MemoryError(f"RSS {self.memory.figures()['rss_mb']} MB above the soft limit"
-                                f" of {self.memory.figures()['soft_limit_mb']} MB")
-            return self._crash(error, drained=True, **self.memory.figures())
+            self.lifecycle.crash(**self._memory_crash_data(drained=True))
+            self._close()
+            return EXIT_FAILURE
         self.lifecycle.finish(**self._shutdown_data(drained=True, exit_code=EXIT_OK))
         self._close()
         return EXIT_OK
 
-    def _crash(self, exc: BaseException, **extra: Any) -> int:
-        state_before = self.lifecycle.state.value
-        self.lifecycle.crash(error=" ".join(str(exc).split()) or type(exc).__name__,
-                             error_type=type(exc).__name__, traceback=_tb(exc),
-                             state_before=state_before, exit_code=EXIT_FAILURE,
-                             jobs_processed=self.counters.processed,
-                             jobs_failed=self.counters.failed, **extra)
+    def _crash_data(self, exc: BaseException, **extra: Any) -> dict[str, Any]:
+        return {"error": " ".join(str(exc).split()) or type(exc).__name__,
+                "error_type": type(exc).__name__, "traceback": _tb(exc),
+                "state_before": self.lifecycle.state.value, "exit_code": EXIT_FAILURE,
+                "jobs_processed": self.counters.processed, "jobs_failed": self.counters.failed,
+                **extra}
+
+    def _memory_crash_data(self, **extra: Any) -> dict[str, Any]:
+        assert self.memory is not None
+        error = MemoryError(f"RSS {self.memory.figures()['rss_mb']} MB above the soft limit of"
+                            f" {self.memory.figures()['soft_limit_mb']} MB")
+        return {**self._crash_data(error), **self.memory.figures(), **extra}
+
+    def _crash(self, exc: BaseException) -> int:
+        self.lifecycle.crash(**self._crash_data(exc))
         self._close()
         return EXIT_FAILURE
 
     def _close(self) -> None:
         if self.pool is not None:
             self.pool.close(timeout=1.0)
+        self._wake_r.close()
+        self._wake_w.close()
 
     def _housekeeping_plan(self) -> HousekeepingPlan:
         s = self.settings

@@ -58,7 +58,7 @@ class Housekeeper:
         self.clock = clock
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="housekeeping", daemon=True)
-        self._failing = False
+        self._failing: set[str] = set()
         self.last_rss = 0
 
     def start(self) -> None:
@@ -92,16 +92,18 @@ class Housekeeper:
         return max(0.0, min(self.plan.tick_s, when - self.clock()))
 
     def _guard(self, event: str, duty: Callable[[], None]) -> None:
+        """Run one duty; log its first failure and its recovery, not every tick between."""
         try:
             duty()
-            if self._failing:
-                self._failing = False
-                log_event("HOUSEKEEPING_RECOVERED", {"worker_id": self.plan.worker_id})
         except (psycopg.Error, OSError) as exc:
-            if not self._failing:
+            if event not in self._failing:
+                self._failing.add(event)
                 log_event(event, {"worker_id": self.plan.worker_id, "error": " ".join(str(exc).split()),
                                   "error_type": type(exc).__name__}, logging.WARNING)
-            self._failing = True
+            return
+        if event in self._failing:
+            self._failing.discard(event)
+            log_event("HOUSEKEEPING_RECOVERED", {"worker_id": self.plan.worker_id, "duty": event})
 
     def beat(self) -> None:
         with self.pool.connection(timeout=5) as conn:

@@ -203,3 +203,17 @@ def test_railway_ids_are_recorded_in_the_boot_event_and_the_heartbeat(
     assert row["metadata"]["RAILWAY_SERVICE_NAME"] == "collectability" and row["git_sha"] == "abc123"
     worker.send(signal.SIGTERM)
     assert worker.wait_exit() == 0
+
+
+def test_memory_drain_that_cannot_finish_still_ends_as_a_memory_crash(
+        spawn: Spawn, db: psycopg.Connection[Any]) -> None:
+    worker = spawn(WORKER_MEMORY_LIMIT_MB=160, WORKER_MEMORY_CHECK_INTERVAL_S=0.05,
+                   WORKER_DRAIN_TIMEOUT_S=1)
+    worker.wait_for("WORKER_BOOT")
+    enqueue(db, "q_probe", job("hog", rss_mb=150, sleep_s=30))
+    assert worker.wait_exit() == 1
+    assert worker.wait_for("WORKER_DRAINING")["reason"] == "memory soft limit"
+    crash = worker.wait_for("WORKER_CRASH")
+    assert crash["error_type"] == "MemoryError" and crash["drained"] is False
+    assert crash["exit_code"] == 1 and crash["rss_mb"] > crash["soft_limit_mb"]
+    assert db.execute("SELECT count(*) AS n FROM probe.effects").fetchone()["n"] == 0

@@ -52,7 +52,7 @@ def _behave(job: Job, worker_id: str, note: psycopg.Connection[Any]) -> None:
     if job.attempt <= int(p.get("fail_times", 0)):
         raise RuntimeError(f"probe: planned failure {job.attempt} of {p['fail_times']}")
     if p.get("rss_mb"):
-        _HOG.append(bytearray(int(p["rss_mb"]) * 1024 * 1024))
+        _HOG.append(b"\x01" * (int(p["rss_mb"]) * 1024 * 1024))  # touched, so resident
 
 
 def _pause(job: Job, worker_id: str) -> None:

@@ -1,0 +1,30 @@
+"""A boot failure is reported even when a signal arrived while booting."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from backend.config import load_settings
+from backend.errors import BootError
+from backend.workers.lifecycle import State
+from tests.workers.probe import ProbeTransactional
+
+
+def test_boot_failure_after_a_signal_during_boot_is_still_logged(
+        caplog: pytest.LogCaptureFixture) -> None:
+    settings = load_settings({"SUPABASE_MODE": "dev", "WORKER_DRAIN_TIMEOUT_S": "600"})
+    worker = ProbeTransactional(settings)
+    with caplog.at_level(logging.INFO, logger="dragonfly.events"):
+        worker.request_stop("SIGTERM (Deployment/Scale-down)")
+        assert worker.lifecycle.state is State.DRAINING
+        assert worker._boot_failed(BootError("schema missing")) == 1
+    events = [(r.event, r.data) for r in caplog.records  # type: ignore[attr-defined]
+              if r.name == "dragonfly.events"]
+    names = [name for name, _ in events]
+    assert names == ["WORKER_DRAINING", "WORKER_BOOT", "WORKER_CRASH"]
+    boot = events[1][1]
+    assert boot["db_status"] == "error" and boot["error"] == "schema missing"
+    assert worker.lifecycle.state is State.CRASHED
+    worker.loop_done.set()
