@@ -20,6 +20,7 @@ import pytest
 import railway_sdk
 
 from backend.config import DEFAULT_DRAIN_TIMEOUT_S, WORKER_NAMES
+from backend.domain import outbox
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG_FILE = ROOT / ".railway" / "railway.py"
@@ -54,16 +55,8 @@ print(json.dumps({"partial": partial, "project": project}, default=str))
 
 MIGRATE = ["python", "-m", "backend.db.migrate"]
 SHELLS = {"sh", "bash", "dash"}
-OUTBOX_VARIABLES = (
-    "OUTBOX_WEBHOOK_URL",
-    "OUTBOX_SLACK_WEBHOOK_URL",
-    "OUTBOX_DISCORD_WEBHOOK_URL",
-    "OUTBOX_SMTP_HOST",
-    "OUTBOX_SMTP_PORT",
-    "OUTBOX_SMTP_USERNAME",
-    "OUTBOX_SMTP_PASSWORD",
-    "OUTBOX_SMTP_FROM",
-)
+# Every variable the outbox reads: the file must declare each (apply deletes the rest).
+OUTBOX_VARIABLES = tuple(name for name, _default, _help in outbox.OUTBOX_VARIABLES)
 _MAIN_GUARD = re.compile(r"""^if\s+__name__\s*==\s*["']__main__["']\s*:""", re.MULTILINE)
 _TEMPLATE = re.compile(r"\$\{\{\s*[\w.-]+\s*\}\}")
 _URL_WITH_PASSWORD = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s:@]+:[^/\s@]+@", re.IGNORECASE)
