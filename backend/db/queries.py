@@ -71,6 +71,14 @@ def set_visibility(conn: Conn, queue: str, msg_ids: Sequence[int], delays_s: Seq
         )
 
 
+def has_visible(conn: Conn, queue: str) -> bool:
+    """Whether a message of ``queue`` is visible now (one indexed lookup on ``vt``)."""
+    row = conn.execute(
+        f'SELECT EXISTS (SELECT 1 FROM pgmq."q_{queue}" WHERE vt <= clock_timestamp()) AS ok'
+    ).fetchone()
+    return bool(row and row["ok"])
+
+
 def queue_exists(conn: Conn, queue: str) -> bool:
     row = conn.execute("SELECT to_regclass(format('pgmq.%%I', 'q_' || %s)) IS NOT NULL AS ok",
                        (queue,)).fetchone()

@@ -322,7 +322,7 @@ class BaseWorker:
                                                "outage_s": round(time.monotonic() - outage_since, 3)})
                     outage_since = None
                 if read == 0:
-                    self._idle(conn)
+                    self._wait_for_work(conn)
                 elif self.notifications:
                     self._forget_notifications(conn)
             except DB_ERRORS as exc:
@@ -369,17 +369,30 @@ class BaseWorker:
         for _ in conn.notifies(timeout=0):
             pass
 
-    def _idle(self, conn: psycopg.Connection[Any]) -> None:
-        """Wait for new messages: an insert notification, the poll interval, or a stop."""
+    def _wait_for_work(self, conn: psycopg.Connection[Any]) -> None:
+        """Idle until a message may be visible: notified, or seen by a one-statement check.
+
+        The check costs one statement per poll (or per ``notify_wait_s`` with notifications)
+        instead of the three of an empty batch transaction; it also catches retries whose
+        delay ends, which no insert notification announces.
+        """
+        while not self.stop_requested.is_set():
+            if self._idle(conn) or q.has_visible(conn, self.queue):
+                return
+
+    def _idle(self, conn: psycopg.Connection[Any]) -> bool:
+        """Wait for an insert notification (True), the poll interval or a stop (False)."""
         if not self.notifications:
             self.stop_requested.wait(self.settings.poll_interval_s)
-            return
+            return False
         if any(True for _ in conn.notifies(timeout=0)):
-            return
+            return True
         wake = self._wake_r.fileno()
         ready, _, _ = select.select([conn.fileno(), wake], [], [], self.settings.notify_wait_s)
         if wake in ready:
             self._wake_r.recv(64)
+            return False
+        return conn.fileno() in ready and any(True for _ in conn.notifies(timeout=0))
 
 
 def _tb(exc: BaseException) -> str:
