@@ -7,6 +7,7 @@ integer seconds, metrics), reading result columns by name. Timestamps come from
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,11 +20,12 @@ Conn = psycopg.Connection[Any]
 
 @dataclass(frozen=True, kw_only=True)
 class Message:
-    """One pgmq message as read."""
+    """One pgmq message as read: its parsed body and the size of its JSON text."""
 
     msg_id: int
     read_ct: int
     body: Any
+    size: int
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,10 +53,13 @@ class Failure:
 # --- pgmq -------------------------------------------------------------------------------
 
 def read_messages(conn: Conn, queue: str, vt_s: int, qty: int) -> list[Message]:
+    """Read up to ``qty`` messages, invisible for ``vt_s``. Bodies come as text: one parse
+    here gives both the value and its size."""
     rows = conn.execute(
-        "SELECT msg_id, read_ct, message FROM pgmq.read(%s, %s, %s)", (queue, vt_s, qty)
+        "SELECT msg_id, read_ct, message::text AS body FROM pgmq.read(%s, %s, %s)", (queue, vt_s, qty)
     ).fetchall()
-    return [Message(msg_id=r["msg_id"], read_ct=r["read_ct"], body=r["message"]) for r in rows]
+    return [Message(msg_id=r["msg_id"], read_ct=r["read_ct"], body=json.loads(r["body"]),
+                    size=len(r["body"].encode())) for r in rows]
 
 
 def delete_messages(conn: Conn, queue: str, msg_ids: Sequence[int]) -> None:
@@ -104,15 +109,18 @@ def notify_channel(queue: str) -> str:
 _CLAIM = """
 INSERT INTO workers.processed_jobs AS p
     (job_key, queue_name, msg_id, status, attempts, worker_id, lease_expires_at,
-     created_at, updated_at)
-SELECT k, %(queue)s, m, 'processing', 1, %(worker)s,
-       clock_timestamp() + make_interval(secs => %(lease)s), clock_timestamp(), clock_timestamp()
+     created_at, updated_at, completed_at)
+SELECT k, %(queue)s, m, %(status)s, 1, %(worker)s,
+       CASE WHEN %(status)s = 'processing' THEN clock_timestamp() + make_interval(secs => %(lease)s) END,
+       clock_timestamp(), clock_timestamp(),
+       CASE WHEN %(status)s = 'completed' THEN clock_timestamp() END
 FROM unnest(%(keys)s::text[], %(ids)s::bigint[]) AS t(k, m)
 ORDER BY k  -- one lock order for every worker: no deadlocks between batches
 ON CONFLICT (job_key) DO UPDATE
-SET status = 'processing', attempts = p.attempts + 1, msg_id = EXCLUDED.msg_id,
+SET status = EXCLUDED.status, attempts = p.attempts + 1, msg_id = EXCLUDED.msg_id,
     queue_name = EXCLUDED.queue_name, worker_id = EXCLUDED.worker_id,
-    lease_expires_at = EXCLUDED.lease_expires_at, updated_at = clock_timestamp()
+    lease_expires_at = EXCLUDED.lease_expires_at, completed_at = EXCLUDED.completed_at,
+    updated_at = clock_timestamp()
 WHERE p.status = 'failed'
    OR (p.status = 'processing' AND p.lease_expires_at < clock_timestamp())
 RETURNING p.job_key, p.attempts
@@ -120,16 +128,19 @@ RETURNING p.job_key, p.attempts
 
 
 def claim(conn: Conn, *, queue: str, worker_id: str, keys: Sequence[str],
-          msg_ids: Sequence[int], lease_s: float) -> dict[str, int]:
+          msg_ids: Sequence[int], lease_s: float, status: str = "processing") -> dict[str, int]:
     """Claim each key not completed, dead, or held by a live lease; return key -> attempt.
 
-    A key another transaction is claiming blocks here until that one ends, so two
-    workers never both claim it.
+    ``processing`` (external jobs) commits a claim with a lease; ``completed`` is for a
+    transactional batch, whose claim and effects commit together or not at all (a failed
+    job's row is then set to failed before the commit). A key another transaction is
+    claiming blocks here until that one ends, so two workers never both claim it.
     """
     if not keys:
         return {}
     rows = conn.execute(_CLAIM, {"queue": queue, "worker": worker_id, "lease": lease_s,
-                                 "keys": list(keys), "ids": list(msg_ids)}).fetchall()
+                                 "status": status, "keys": list(keys),
+                                 "ids": list(msg_ids)}).fetchall()
     return {r["job_key"]: r["attempts"] for r in rows}
 
 
@@ -156,7 +167,7 @@ def record_failures(conn: Conn, failures: Sequence[Failure]) -> None:
         return
     conn.execute(
         "UPDATE workers.processed_jobs p SET status = 'failed', last_error = f.err,"
-        " lease_expires_at = NULL, updated_at = clock_timestamp()"
+        " lease_expires_at = NULL, completed_at = NULL, updated_at = clock_timestamp()"
         " FROM unnest(%s::text[], %s::text[]) AS f(k, err) WHERE p.job_key = f.k",
         ([f.job_key for f in failures], [f.error for f in failures]))
 
@@ -201,7 +212,7 @@ def dead_letter(conn: Conn, *, queue: str, worker_id: str, letters: Iterable[Dea
     if keys:
         conn.execute(
             "UPDATE workers.processed_jobs p SET status = 'dead', last_error = d.e,"
-            " lease_expires_at = NULL, updated_at = clock_timestamp()"
+            " lease_expires_at = NULL, completed_at = NULL, updated_at = clock_timestamp()"
             " FROM unnest(%s::text[], %s::text[]) AS d(k, e)"
             " WHERE p.job_key = d.k AND p.status <> 'dead'",
             (keys, [d.error for d in letters if d.job_key]))

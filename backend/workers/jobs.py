@@ -32,11 +32,14 @@ class Job:
     attempt: int = 1
 
 
-def validate_envelope(body: Any, *, max_bytes: int) -> dict[str, Any]:
-    """Return the envelope as a dict, or raise ``InvalidEnvelope`` saying what is wrong."""
+def validate_envelope(body: Any, *, max_bytes: int, size: int | None = None) -> dict[str, Any]:
+    """Return the envelope as a dict, or raise ``InvalidEnvelope`` saying what is wrong.
+
+    ``size`` is the byte length of the body's JSON text when the caller has it."""
     if not isinstance(body, dict):
         raise InvalidEnvelope(f"envelope must be a JSON object, got {_json_type(body)}")
-    size = len(json.dumps(body, separators=(",", ":")).encode())
+    if size is None:
+        size = len(json.dumps(body, separators=(",", ":")).encode())
     if size > max_bytes:
         raise InvalidEnvelope(f"envelope is {size} bytes, over the limit of {max_bytes}")
     missing = [name for name in (*REQUIRED_TEXT_FIELDS, "payload") if name not in body]

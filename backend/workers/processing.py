@@ -2,11 +2,11 @@
 
 Transactional handlers: one transaction per batch reads the messages (``pgmq.read`` locks
 them: other workers skip locked rows, so the lock is the lease), claims their keys in the
-ledger, runs the handler on the same connection, marks the keys completed and deletes the
-messages. A kill at any point rolls all of it back and the messages are visible at once.
-The batch runs optimistically in one savepoint; when a handler raises, the batch is rolled
-back to it and the jobs run one by one, each in its own savepoint, so one bad job costs
-only itself.
+ledger as completed, runs the handler on the same connection and deletes the messages.
+A kill at any point rolls all of it back and the messages are visible at once. The batch
+runs optimistically in one go; when a handler raises, the transaction rolls back and the
+next batch runs the jobs one by one, each in its own savepoint, so one bad job costs only
+itself.
 
 External handlers: the claim (``processing`` with a lease) commits before the handler runs;
 the housekeeping thread extends the message's visibility and the claim's lease while it
@@ -19,8 +19,9 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import psycopg
@@ -40,6 +41,13 @@ from backend.workers.jobs import (
 HandlerKind = Literal["transactional", "external"]
 Conn = psycopg.Connection[Any]
 _MAX_ERROR = 2000
+# Claims of transactional jobs are written as completed; a batch whose handlers ran longer
+# than this rewrites completed_at, so the ledger's time stays within it of the truth.
+_STALE_COMPLETION_S = 1.0
+
+
+class _BatchFailed(Exception):
+    """A handler raised inside an optimistic batch: roll it back, redo it one by one."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,7 +104,8 @@ class HeldJobs:
 
 @dataclass
 class _Sorted:
-    jobs: list[Job] = field(default_factory=list)
+    # valid envelopes with their message ids, first message of each key only
+    jobs: list[tuple[dict[str, Any], int]] = field(default_factory=list)
     letters: list[q.DeadLetter] = field(default_factory=list)
     # later messages of a key already in this batch: key -> msg ids
     duplicates: dict[str, list[int]] = field(default_factory=dict)
@@ -125,6 +134,7 @@ class Processor:
         self.held = held or HeldJobs()
         self.rng = rng or random.Random()
         self.in_flight = 0
+        self._careful = False
 
     def process_batch(self, conn: Conn, should_stop: Callable[[], bool] = lambda: False) -> int:
         """Read and process up to one batch; return how many messages were read."""
@@ -139,7 +149,8 @@ class Processor:
         seen: set[str] = set()
         for msg in messages:
             try:
-                envelope = validate_envelope(msg.body, max_bytes=self.options.max_payload_bytes)
+                envelope = validate_envelope(msg.body, max_bytes=self.options.max_payload_bytes,
+                                             size=msg.size)
             except InvalidEnvelope as exc:
                 out.letters.append(q.DeadLetter(msg_id=msg.msg_id, job_key=None, body=msg.body,
                                                 error=str(exc), error_type="InvalidEnvelope",
@@ -150,35 +161,37 @@ class Processor:
                 out.duplicates.setdefault(key, []).append(msg.msg_id)
                 continue
             seen.add(key)
-            out.jobs.append(job_from_envelope(envelope, msg_id=msg.msg_id, queue_name=self.queue))
+            out.jobs.append((envelope, msg.msg_id))
         return out
 
-    def _claim(self, conn: Conn, jobs: Sequence[Job], out: _Outcome
-               ) -> tuple[list[Job], list[int], dict[int, int]]:
-        """Claim ``jobs``; return (claimed jobs with their attempt, msg ids whose key is
-        already completed, msg id -> delay for keys someone else holds). A message whose
-        key is already dead goes to ``out.letters``."""
-        attempts = q.claim(conn, queue=self.queue, worker_id=self.worker_id,
-                           keys=[j.idempotency_key for j in jobs], msg_ids=[j.msg_id for j in jobs],
+    def _claim(self, conn: Conn, pending: Sequence[tuple[dict[str, Any], int]], out: _Outcome,
+               *, status: str) -> tuple[list[Job], list[int], dict[int, int]]:
+        """Claim the pending envelopes' keys; return (claimed jobs with their attempt, msg ids
+        whose key is already completed, msg id -> delay for keys someone else holds). A
+        message whose key is already dead goes to ``out.letters``."""
+        attempts = q.claim(conn, queue=self.queue, worker_id=self.worker_id, status=status,
+                           keys=[env["idempotency_key"] for env, _ in pending],
+                           msg_ids=[msg_id for _, msg_id in pending],
                            lease_s=self.options.visibility_timeout_s)
-        claimed = [replace(j, attempt=attempts[j.idempotency_key]) for j in jobs
-                   if j.idempotency_key in attempts]
-        others = [j for j in jobs if j.idempotency_key not in attempts]
+        claimed = [job_from_envelope(env, msg_id=msg_id, queue_name=self.queue,
+                                     attempt=attempts[env["idempotency_key"]])
+                   for env, msg_id in pending if env["idempotency_key"] in attempts]
+        others = [(env, msg_id) for env, msg_id in pending if env["idempotency_key"] not in attempts]
         completed: list[int] = []
         later: dict[int, int] = {}
         if others:
-            status = q.ledger_status(conn, [j.idempotency_key for j in others])
-            for job in others:
-                state, lease_left = status.get(job.idempotency_key, ("missing", 0.0))
+            ledger = q.ledger_status(conn, [env["idempotency_key"] for env, _ in others])
+            for env, msg_id in others:
+                state, lease_left = ledger.get(env["idempotency_key"], ("missing", 0.0))
                 if state == "completed":
-                    completed.append(job.msg_id)
+                    completed.append(msg_id)
                 elif state == "dead":
                     out.letters.append(q.DeadLetter(
-                        msg_id=job.msg_id, job_key=job.idempotency_key, body=_envelope_of(job),
+                        msg_id=msg_id, job_key=env["idempotency_key"], body=env,
                         error="idempotency key already dead-lettered; replay that dead letter",
                         error_type="DeadKey", attempts=0))
                 else:
-                    later[job.msg_id] = max(1, int(lease_left) + 1)
+                    later[msg_id] = max(1, int(lease_left) + 1)
         return claimed, completed, later
 
     def _fail(self, job: Job, exc: Exception, out: _Outcome) -> None:
@@ -201,9 +214,10 @@ class Processor:
                                  "retry_in_s": delay}, logging.WARNING)
 
     def _settle(self, conn: Conn, out: _Outcome, *, delete: Sequence[int] = (),
-                later: dict[int, int] | None = None) -> None:
+                later: dict[int, int] | None = None, complete: bool = True) -> None:
         """Write every outcome of a batch: completions, failures, dead letters, deletions."""
-        q.complete(conn, [j.idempotency_key for j in out.done])
+        if complete:
+            q.complete(conn, [j.idempotency_key for j in out.done])
         q.record_failures(conn, out.failures)
         delays = {f.msg_id: f.delay_s for f in out.failures}
         delays.update(later or {})
@@ -223,40 +237,61 @@ class Processor:
     # --- transactional -----------------------------------------------------------------
 
     def _transactional_batch(self, conn: Conn) -> int:
+        """One transaction: read, claim (as completed), handle, settle, delete, commit.
+
+        The batch runs optimistically in one go. When a handler raises, the whole
+        transaction rolls back (the messages are visible again at once, no attempt is
+        counted) and the next batch runs careful: each job in its own savepoint.
+        """
         out = _Outcome()
-        with conn.transaction():
-            messages = q.read_messages(conn, self.queue, self.options.visibility_timeout_s,
-                                       self.options.batch_size)
-            if not messages:
-                return 0
-            self.in_flight = len(messages)
-            batch = self._sort(messages)
-            out.letters.extend(batch.letters)
-            claimed, completed, later = self._claim(conn, batch.jobs, out)
-            self._run_transactional(conn, claimed, out)
-            already = set(completed)
-            done_keys = {j.idempotency_key for j in out.done} | {
-                j.idempotency_key for j in batch.jobs if j.msg_id in already}
-            dup_delete = [m for k, ids in batch.duplicates.items() if k in done_keys for m in ids]
-            self._settle(conn, out, delete=[*completed, *dup_delete], later=later)
-        self.in_flight = 0
+        careful = self._careful
+        try:
+            with conn.transaction():
+                messages = q.read_messages(conn, self.queue, self.options.visibility_timeout_s,
+                                           self.options.batch_size)
+                if not messages:
+                    return 0
+                self.in_flight = len(messages)
+                batch = self._sort(messages)
+                out.letters.extend(batch.letters)
+                claimed, completed, later = self._claim(conn, batch.jobs, out, status="completed")
+                started = time.monotonic()
+                if careful or len(claimed) == 1:
+                    self._run_one_by_one(conn, claimed, out)
+                elif claimed:
+                    self._run_batch(conn, claimed)
+                    out.done.extend(claimed)
+                if out.done and time.monotonic() - started > _STALE_COMPLETION_S:
+                    q.complete(conn, [j.idempotency_key for j in out.done])  # fresh completed_at
+                already = set(completed)
+                done_keys = {j.idempotency_key for j in out.done} | {
+                    env["idempotency_key"] for env, msg_id in batch.jobs if msg_id in already}
+                dup_delete = [m for k, ids in batch.duplicates.items() if k in done_keys for m in ids]
+                self._settle(conn, out, delete=[*completed, *dup_delete], later=later, complete=False)
+        except _BatchFailed:
+            self._careful = True
+            return self.in_flight
+        finally:
+            self.in_flight = 0
+        self._careful = False
         self._after_commit(out)
         return len(messages)
 
-    def _run_transactional(self, conn: Conn, jobs: list[Job], out: _Outcome) -> None:
-        if not jobs:
-            return
+    def _run_batch(self, conn: Conn, jobs: list[Job]) -> None:
         handler: TransactionalHandler = self.handler  # type: ignore[assignment]
-        if len(jobs) > 1:
-            try:
-                with conn.transaction():
-                    handler.handle_batch(conn, jobs)
-                out.done.extend(jobs)
-                return
-            except MemoryError:
-                raise
-            except Exception:
-                _reraise_if_connection_lost(conn)
+        try:
+            handler.handle_batch(conn, jobs)
+        except MemoryError:
+            raise
+        except Exception as exc:
+            _reraise_if_connection_lost(conn)
+            log_event("BATCH_RETRIED_ONE_BY_ONE", {"queue": self.queue, "jobs": len(jobs),
+                                                   "error": _describe(exc),
+                                                   "error_type": type(exc).__name__}, logging.DEBUG)
+            raise _BatchFailed from exc
+
+    def _run_one_by_one(self, conn: Conn, jobs: list[Job], out: _Outcome) -> None:
+        handler: TransactionalHandler = self.handler  # type: ignore[assignment]
         for job in jobs:
             try:
                 with conn.transaction():
@@ -285,27 +320,28 @@ class Processor:
                 self._after_commit(out)
             pending = list(batch.jobs)
             while pending and not should_stop():
-                job = pending.pop(0)
+                envelope, msg_id = pending.pop(0)
+                key = envelope["idempotency_key"]
                 self.in_flight = 1
-                done = self._external_one(conn, job)
-                self.held.drop(job.msg_id, job.idempotency_key)
-                dupes = batch.duplicates.pop(job.idempotency_key, [])
+                done = self._external_one(conn, (envelope, msg_id))
+                self.held.drop(msg_id, key)
+                dupes = batch.duplicates.pop(key, [])
                 if done and dupes:
                     q.delete_messages(conn, self.queue, dupes)
             # Not started (draining) or duplicates of unfinished keys: visible again now.
-            release = [j.msg_id for j in pending] + [m for ids in batch.duplicates.values()
-                                                     for m in ids]
+            release = [msg_id for _, msg_id in pending] + [m for ids in batch.duplicates.values()
+                                                           for m in ids]
             q.set_visibility(conn, self.queue, release, [0] * len(release))
         finally:
             self.in_flight = 0
             self.held.clear()
         return len(messages)
 
-    def _external_one(self, conn: Conn, job: Job) -> bool:
+    def _external_one(self, conn: Conn, pending: tuple[dict[str, Any], int]) -> bool:
         """Run one external job; True when its key is completed afterwards."""
         out = _Outcome()
         with conn.transaction():
-            claimed, completed, later = self._claim(conn, [job], out)
+            claimed, completed, later = self._claim(conn, [pending], out, status="processing")
             if not claimed:
                 self._settle(conn, out, delete=completed, later=later)
         if claimed:
