@@ -256,7 +256,7 @@ class Processor:
                 out.letters.extend(batch.letters)
                 claimed, completed, later = self._claim(conn, batch.jobs, out, status="completed")
                 started = time.monotonic()
-                if careful or len(claimed) == 1:
+                if careful:
                     self._run_one_by_one(conn, claimed, out)
                 elif claimed:
                     self._run_batch(conn, claimed)
