@@ -1,0 +1,1 @@
+"""Operational scripts: benchmarks and their helper workers (``python -m scripts.<name>``)."""
