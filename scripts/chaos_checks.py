@@ -1,0 +1,388 @@
+"""The chaos run's checks: every effect exactly once, nothing lost, dead letters only for
+the poison, no stuck claim, and every replica ended as its signal says it must.
+
+Committed effects are counted by audit triggers (``install_audit``, schema ``chaos``): each
+row is written in the transaction of its effect, so a rolled-back effect leaves none and an
+effect written twice is seen even when the second write overwrote the first.
+"""
+
+from __future__ import annotations
+
+import signal
+import statistics
+from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from scripts.chaos_workload import Call, Plan, notify_key
+
+Conn = psycopg.Connection[Any]
+Effects = Mapping[tuple[str, str], tuple[int, float]]  # (kind, job key) -> (count, first at)
+HEARTBEAT_S = 0.5
+# The inspector's default verdict: stale after 2 heartbeat intervals, dead after 3 x stale.
+DEAD_AFTER_S = 6 * HEARTBEAT_S
+LATE_TOLERANCE_S = 0.05
+EXAMPLES = 20
+
+AUDIT_SQL = """
+CREATE SCHEMA IF NOT EXISTS chaos;
+CREATE TABLE IF NOT EXISTS chaos.effects (
+    id       bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    kind     text NOT NULL,
+    job_key  text,
+    subject  bigint,
+    at       timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE TABLE IF NOT EXISTS chaos.waves (
+    wave  integer PRIMARY KEY,
+    at    timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+-- Each row is written in the transaction of the effect: a rolled-back effect leaves none.
+CREATE OR REPLACE FUNCTION chaos.record_effect() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_TABLE_SCHEMA = 'workers' THEN
+        INSERT INTO chaos.effects (kind, job_key) VALUES ('completed', NEW.job_key);
+    ELSIF TG_TABLE_NAME = 'collectability_scores' THEN
+        INSERT INTO chaos.effects (kind, job_key, subject) VALUES ('score', NEW.job_key, NEW.judgment_id);
+    ELSIF TG_TABLE_NAME = 'enforcement_events' THEN
+        INSERT INTO chaos.effects (kind, job_key, subject)
+        VALUES ('recommendation', NEW.job_key, NEW.case_id);
+    ELSE
+        INSERT INTO chaos.effects (kind, job_key, subject)
+        VALUES ('outbox_message', NEW.message ->> 'idempotency_key', NEW.msg_id);
+    END IF;
+    RETURN NULL;
+END $$;
+DROP TRIGGER IF EXISTS chaos_completed_insert ON workers.processed_jobs;
+CREATE TRIGGER chaos_completed_insert AFTER INSERT ON workers.processed_jobs FOR EACH ROW
+    WHEN (NEW.status = 'completed') EXECUTE FUNCTION chaos.record_effect();
+DROP TRIGGER IF EXISTS chaos_completed ON workers.processed_jobs;
+-- A completion is a move into 'completed', or a new attempt that completes at once (the
+-- claim of a transactional batch writes 'completed' with the next attempt number).
+CREATE TRIGGER chaos_completed AFTER UPDATE ON workers.processed_jobs FOR EACH ROW
+    WHEN (NEW.status = 'completed'
+          AND (OLD.status IS DISTINCT FROM 'completed' OR NEW.attempts > OLD.attempts))
+    EXECUTE FUNCTION chaos.record_effect();
+DROP TRIGGER IF EXISTS chaos_score ON dragonfly.collectability_scores;
+CREATE TRIGGER chaos_score AFTER INSERT OR UPDATE ON dragonfly.collectability_scores
+    FOR EACH ROW EXECUTE FUNCTION chaos.record_effect();
+DROP TRIGGER IF EXISTS chaos_recommendation ON dragonfly.enforcement_events;
+CREATE TRIGGER chaos_recommendation AFTER INSERT ON dragonfly.enforcement_events FOR EACH ROW
+    WHEN (NEW.event_type = 'recommendation') EXECUTE FUNCTION chaos.record_effect();
+DROP TRIGGER IF EXISTS chaos_outbox_message ON pgmq.q_q_outbox_processor;
+CREATE TRIGGER chaos_outbox_message AFTER INSERT ON pgmq.q_q_outbox_processor FOR EACH ROW
+    EXECUTE FUNCTION chaos.record_effect();
+"""
+
+
+def install_audit(conn: Conn) -> None:
+    """Triggers that record every committed effect and every ledger completion in ``chaos``."""
+    conn.execute(AUDIT_SQL)
+
+
+def remove_audit(conn: Conn) -> None:
+    """Drop the ``chaos`` schema; its function goes, and the triggers with it."""
+    conn.execute("DROP SCHEMA IF EXISTS chaos CASCADE")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProcessRecord:
+    """One replica's story: what it was sent, how it ended, what it logged."""
+
+    kind: str
+    slot: int
+    pid: int
+    worker_id: str | None
+    booted: bool
+    signal: str | None
+    final: bool
+    exit_code: int | None
+    drain_s: float | None
+    spawned_wall: float
+    signalled_wall: float | None
+    shutdown_logged: bool
+    crash: str | None
+    outages: int
+    bad_lines: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}/{self.slot} pid {self.pid}"
+
+
+class _Tally:
+    """Keys found duplicated or lost, each with its reasons."""
+
+    def __init__(self) -> None:
+        self.keys: dict[str, list[str]] = defaultdict(list)
+
+    def add(self, key: str, why: str) -> None:
+        self.keys[key].append(why)
+
+    def summary(self) -> dict[str, Any]:
+        return {"count": len(self.keys),
+                "examples": [{"key": k, "why": w} for k, w in sorted(self.keys.items())[:EXAMPLES]]}
+
+
+def _effects(conn: Conn) -> dict[tuple[str, str], tuple[int, float]]:
+    rows = conn.execute("SELECT kind, job_key, count(*) AS n, extract(epoch FROM min(at))::float8 AS first"
+                        " FROM chaos.effects WHERE job_key IS NOT NULL GROUP BY kind, job_key").fetchall()
+    return {(r["kind"], r["job_key"]): (int(r["n"]), float(r["first"])) for r in rows}
+
+
+def _once(effects: Effects, kind: str, key: str, what: str,
+          dup: _Tally, lost: _Tally) -> None:
+    n = effects.get((kind, key), (0, 0.0))[0]
+    if n == 0:
+        lost.add(key, f"no {what}")
+    elif n > 1:
+        dup.add(key, f"{what} {n} times")
+
+
+def _check_domain(conn: Conn, plan: Plan, effects: Effects, dup: _Tally, lost: _Tally) -> dict[str, int]:
+    scores: dict[int, list[str | None]] = defaultdict(list)
+    for row in conn.execute("SELECT judgment_id, job_key FROM dragonfly.collectability_scores"):
+        scores[row["judgment_id"]].append(row["job_key"])
+    for key, judgment in plan.scores.items():
+        rows = scores.get(judgment, [])
+        if len(rows) > 1:
+            dup.add(key, f"{len(rows)} score rows for judgment {judgment}")
+        elif rows and rows[0] != key:
+            lost.add(key, f"judgment {judgment} scored under key {rows[0]!r}")
+        _once(effects, "score", key, "score written", dup, lost)
+    events: dict[int, list[str | None]] = defaultdict(list)
+    for row in conn.execute("SELECT case_id, job_key FROM dragonfly.enforcement_events"
+                            " WHERE event_type = 'recommendation'"):
+        events[row["case_id"]].append(row["job_key"])
+    for key, case in plan.escalations.items():
+        rows = events.get(case, [])
+        if len(rows) > 1:
+            dup.add(key, f"{len(rows)} recommendation events for case {case}")
+        elif rows and rows[0] != key:
+            lost.add(key, f"case {case} recommended under key {rows[0]!r}")
+        _once(effects, "recommendation", key, "recommendation event", dup, lost)
+        _once(effects, "outbox_message", notify_key(key), "outbox message for the recommendation", dup, lost)
+    return {"score_rows": sum(len(v) for v in scores.values()),
+            "recommendations": sum(len(v) for v in events.values()),
+            "notifications_enqueued": sum(n for (kind, k), (n, _) in effects.items()
+                                          if kind == "outbox_message" and k.endswith(":notify"))}
+
+
+def _check_receiver(plan: Plan, calls: Sequence[Call], effects: Effects,
+                    dup: _Tally, lost: _Tally) -> dict[str, Any]:
+    accepted = Counter(c.key for c in calls if c.accepted and c.key)
+    for key in plan.deliveries:
+        if not accepted[key]:
+            lost.add(key, "never accepted by the receiver")
+    for call in calls:
+        done = effects.get(("completed", call.key or ""))
+        if call.accepted and done and call.at > done[1] + LATE_TOLERANCE_S:
+            dup.add(call.key or "", f"delivered again {call.at - done[1]:.2f} s after it was completed")
+    called = Counter(c.key for c in calls)
+    return {"receiver_calls": len(calls), "receiver_accepted_keys": len(set(accepted) & plan.deliveries),
+            "receiver_redelivered_keys": sum(1 for n in called.values() if n > 1),
+            "receiver_refused_calls": sum(1 for c in calls if not c.accepted),
+            "receiver_callers_gone": sum(1 for c in calls if c.caller_gone),
+            "receiver_unexpected_keys": sorted(k for k in accepted if k not in plan.deliveries)[:EXAMPLES]}
+
+
+def check_dead_letters(conn: Conn, plan: Plan) -> dict[str, Any]:
+    """Every poison message dead-lettered once, and nothing else."""
+    remaining = list(plan.poison)
+    unexpected: list[dict[str, Any]] = []
+    rows = conn.execute("SELECT queue_name, job_key, message, error FROM workers.dead_letters"
+                        " ORDER BY id").fetchall()
+    for row in rows:
+        match = next((p for p in remaining if p.queue == row["queue_name"] and (
+            p.key == row["job_key"] if p.key else row["job_key"] is None and row["message"] == p.body)), None)
+        if match is None:
+            unexpected.append({"queue": row["queue_name"], "key": row["job_key"],
+                               "error": row["error"][:300]})
+        else:
+            remaining.remove(match)
+    ledger = {r["job_key"]: r["status"] for r in conn.execute(
+        "SELECT job_key, status FROM workers.processed_jobs WHERE job_key = ANY(%s)",
+        ([p.key for p in plan.poison if p.key],))}
+    not_dead = sorted(str(p.key) for p in plan.poison if p.key and ledger.get(p.key) != "dead")
+    return {"total": len(rows), "poison": len(plan.poison), "matched": len(plan.poison) - len(remaining),
+            "missing": [{"queue": p.queue, "key": p.key} for p in remaining], "ledger_not_dead": not_dead,
+            "unexpected": unexpected[:EXAMPLES], "unexpected_count": len(unexpected)}
+
+
+def check_effects(conn: Conn, plan: Plan, calls: Sequence[Call]) -> dict[str, Any]:
+    """Every job of ``plan`` done exactly once; dead letters only for its poison; no stuck claim.
+
+    Reads the ledger, the domain tables, the audit of committed effects (``chaos``) and the
+    receiver's ``calls``; returns the report's sections and a list of violations.
+    """
+    effects = _effects(conn)
+    dup, lost = _Tally(), _Tally()
+    ledger = {r["job_key"]: r["status"]
+              for r in conn.execute("SELECT job_key, status FROM workers.processed_jobs")}
+    for key in plan.expected_keys:
+        if ledger.get(key) != "completed":
+            lost.add(key, f"ledger status {ledger.get(key) or 'missing'}")
+        elif effects.get(("completed", key), (0, 0.0))[0] > 1:
+            dup.add(key, f"completed {effects[('completed', key)][0]} times in the ledger")
+    counts = _check_domain(conn, plan, effects, dup, lost)
+    counts.update(_check_receiver(plan, calls, effects, dup, lost))
+    letters = check_dead_letters(conn, plan)
+    stuck = [r["job_key"] for r in conn.execute(
+        "SELECT job_key FROM workers.processed_jobs WHERE status = 'processing'"
+        " AND lease_expires_at < clock_timestamp() ORDER BY job_key")]
+    violations = []
+    if dup.keys:
+        violations.append(f"{len(dup.keys)} key(s) with an effect more than once")
+    if lost.keys:
+        violations.append(f"{len(lost.keys)} job(s) lost")
+    if letters["unexpected_count"] or letters["missing"] or letters["ledger_not_dead"]:
+        violations.append(f"dead letters: {letters['matched']} of {letters['poison']} poison messages, "
+                          f"{letters['unexpected_count']} unexpected")
+    if counts["receiver_unexpected_keys"]:
+        violations.append("the receiver accepted keys no job has")
+    if stuck:
+        violations.append(f"{len(stuck)} claim(s) stuck in processing after their lease expired")
+    return {"jobs": {"expected": len(plan.expected_keys),
+                     "completed": sum(1 for k in plan.expected_keys if ledger.get(k) == "completed")},
+            "effects": counts, "duplicates": dup.summary(), "lost": lost.summary(),
+            "dead_letters": letters, "stuck_claims": {"count": len(stuck), "examples": stuck[:EXAMPLES]},
+            "violations": violations}
+
+
+def load_heartbeats(conn: Conn) -> list[dict[str, Any]]:
+    return conn.execute(
+        "SELECT worker_id, pid, status, extract(epoch FROM started_at)::float8 AS started,"
+        " extract(epoch FROM last_heartbeat_at)::float8 AS beat FROM workers.heartbeats").fetchall()
+
+
+def _heartbeat_of(record: ProcessRecord, heartbeats: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    for row in heartbeats:
+        if record.worker_id and row["worker_id"] == record.worker_id:
+            return row
+    # Killed before its boot line: the row, if any, is the one of its pid started after its spawn.
+    return next((row for row in heartbeats if row["pid"] == record.pid
+                 and row["started"] >= record.spawned_wall - 1.0), None)
+
+
+def _process_problems(record: ProcessRecord, heartbeats: Sequence[Mapping[str, Any]],
+                      now: float) -> list[str]:
+    problems: list[str] = []
+    if record.signal == "SIGTERM":
+        if record.exit_code not in (0, 143):
+            problems.append(f"exited {record.exit_code} after SIGTERM (expected 0 or 143)")
+        if not record.shutdown_logged:
+            problems.append("no WORKER_SHUTDOWN line after SIGTERM")
+    elif record.signal == "SIGKILL":
+        if record.exit_code != -signal.SIGKILL:
+            problems.append(f"exited {record.exit_code} though SIGKILL'd")
+        row = _heartbeat_of(record, heartbeats)
+        if row is not None:
+            if row["status"] not in ("BOOTING", "RUNNING", "DRAINING"):
+                problems.append(f"heartbeat row says {row['status']} though SIGKILL'd")
+            if record.signalled_wall is not None and row["beat"] > record.signalled_wall + 1.0:
+                late = row["beat"] - record.signalled_wall
+                problems.append(f"heartbeat advanced {late:.1f} s after SIGKILL")
+            if now - row["beat"] <= DEAD_AFTER_S:
+                problems.append(f"heartbeat only {now - row['beat']:.1f} s old: not recognisable as dead")
+        elif record.booted:
+            problems.append("booted but has no heartbeat row")
+    else:
+        problems.append(f"exited {record.exit_code} without being signalled"
+                        + (f": {record.crash}" if record.crash else ""))
+    problems += [f"bad output line: {line}" for line in record.bad_lines]
+    return problems
+
+
+def check_processes(records: Sequence[ProcessRecord], heartbeats: Sequence[Mapping[str, Any]],
+                    now: float) -> dict[str, Any]:
+    """Exit codes, shutdown lines and heartbeats of every replica, against what it was sent."""
+    found = {id(r): _process_problems(r, heartbeats, now) for r in records}
+    problems = [{"process": r.name, "worker_id": r.worker_id, "problem": p}
+                for r in records for p in found[id(r)]]
+    exits: dict[str, Counter[str]] = defaultdict(Counter)
+    for r in records:
+        cause = "final SIGTERM" if r.final else f"after {r.signal}" if r.signal else "unsignalled"
+        exits[cause][str(r.exit_code)] += 1
+    drains = [r.drain_s for r in records if r.signal == "SIGTERM" and r.drain_s is not None]
+    killed = [r for r in records if r.signal == "SIGKILL"]
+    dead = sum(1 for r in killed if not any("heartbeat" in p for p in found[id(r)]))
+    return {"started": len(records), "exit_codes": {k: dict(v) for k, v in exits.items()},
+            "sigkilled": len(killed), "recognised_dead": dead,
+            "outage_logs": sum(r.outages for r in records),
+            "drain": {"count": len(drains), "worst_s": max(drains, default=None),
+                      "median_s": statistics.median(drains) if drains else None},
+            "problems": problems[:EXAMPLES], "problem_count": len(problems)}
+
+
+def recovery_s(conn: Conn, started_wall: float | None) -> float | None:
+    """Seconds from PostgreSQL's start to the first job completed after it."""
+    if started_wall is None:
+        return None
+    row = conn.execute("SELECT extract(epoch FROM min(at))::float8 AS first FROM chaos.effects"
+                       " WHERE kind = 'completed' AND at > to_timestamp(%s)", (started_wall,)).fetchone()
+    return round(row["first"] - started_wall, 3) if row and row["first"] else None
+
+
+# --- the terminal table ---------------------------------------------------------------------
+
+
+def _mark(ok: bool) -> str:
+    return "ok" if ok else "FAIL"
+
+
+def render(report: Mapping[str, Any]) -> str:
+    """The report as a table for the terminal."""
+    k, p, j, e = report["kills"], report["processes"], report["jobs"], report["effects"]
+    letters, drain, restart = report["dead_letters"], report["drain"], report["db_restart"]
+    exits = "; ".join(f"{cause}: " + ", ".join(f"{code} x{n}" for code, n in sorted(codes.items()))
+                      for cause, codes in sorted(p["exit_codes"].items()))
+    rows: list[tuple[str, str, str]] = [
+        ("seed", str(report["seed"]), ""),
+        ("kills", f"{k['total']} (SIGTERM {k['SIGTERM']}, SIGKILL {k['SIGKILL']}, not fired {k['skipped']};"
+                  f" {k['inside_external_handler']} inside an outbox handler)",
+         _mark(k["SIGTERM"] > 0 and k["SIGKILL"] > 0)),
+        ("processes", f"{p['started']} started, {p['problem_count']} problem(s)",
+         _mark(not p["problem_count"])),
+        ("exit codes", exits, ""),
+        ("SIGKILL'd heartbeats dead", f"{p['recognised_dead']} of {p['sigkilled']}",
+         _mark(p["recognised_dead"] == p["sigkilled"])),
+        ("jobs", f"{j['completed']} of {j['expected']} completed ({j['messages_enqueued']} messages, "
+                 f"{j['copies']} copies, {j['slow']} slow, {j['flaky']} refused once)",
+         _mark(j["completed"] == j["expected"])),
+        ("effects", f"{e['score_rows']} scores, {e['recommendations']} recommendations, "
+                    f"{e['notifications_enqueued']} notifications enqueued", ""),
+        ("receiver", f"{e['receiver_accepted_keys']} keys accepted in {e['receiver_calls']} calls"
+                     f" ({e['receiver_redelivered_keys']} keys called again,"
+                     f" {e['receiver_refused_calls']} refused, {e['receiver_callers_gone']} callers killed"
+                     " while waiting)",
+         _mark(not e["receiver_unexpected_keys"])),
+        ("duplicates", str(report["duplicates"]["count"]), _mark(not report["duplicates"]["count"])),
+        ("lost", str(report["lost"]["count"]), _mark(not report["lost"]["count"])),
+        ("dead letters", f"{letters['total']} ({letters['matched']} of {letters['poison']} poison, "
+                         f"{letters['unexpected_count']} unexpected)",
+         _mark(letters["matched"] == letters["poison"] == letters["total"])),
+        ("stuck claims", str(report["stuck_claims"]["count"]), _mark(not report["stuck_claims"]["count"])),
+        ("worst drain (SIGTERM to exit)",
+         f"{_seconds(drain['worst_s'])} (median {_seconds(drain['median_s'])}, {drain['count']} drains)", ""),
+        ("queues drained after chaos", f"{drain['wait_after_chaos_s']:g} s", _mark(drain["queues_drained"])),
+    ]
+    if restart:
+        rows.append(("database restart",
+                     f"{restart['mode']} at {restart['at_s']:g} s, down {restart['down_s']:g} s; first job"
+                     f" completed {_seconds(restart.get('recovery_s'))} after the start",
+                     _mark(restart.get("recovery_s") is not None and not restart.get("error"))))
+    rows.append(("result", "PASS" if report["passed"] else "FAIL: " + "; ".join(report["violations"]), ""))
+    width = max(len(r[0]) for r in rows)
+    lines = [f"  {label:<{width}}  {mark:<4}  {value}" for label, value, mark in rows]
+    for section in ("duplicates", "lost"):
+        lines += [f"    {section}: {x['key']}: {', '.join(x['why'])}" for x in report[section]["examples"]]
+    lines += [f"    process: {x['process']}: {x['problem']}" for x in report["processes"]["problems"]]
+    lines += [f"    dead letter: {x['queue']} {x['key']}: {x['error']}" for x in letters["unexpected"]]
+    return "\n".join(lines)
+
+
+def _seconds(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f} s"

@@ -1,0 +1,328 @@
+"""The chaos run's workload, its kill schedule and the outbox's receiver, all seeded.
+
+``build_plan`` turns a seed and the seeded ids into waves of messages: collectability jobs,
+escalation jobs (each enqueues its own notification), direct notifications (some slow, some
+refused once), re-enqueued copies of some keys and a few poison messages. ``build_schedule``
+turns the seed into kill times, signals and victims, and the database restart. ``Receiver``
+is the webhook and Slack endpoint the outbox delivers to; it records every call.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import select
+import socket
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from backend.enqueue import build_envelope
+
+ORG_ID = "org-chaos"
+SIGNALS = ("SIGTERM", "SIGKILL")
+COPY_SHARE, SLOW_SHARE, FLAKY_SHARE = 0.03, 0.02, 0.02
+HANDLER_KILL_SHARE = 0.25
+
+
+# --- the workload ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class Item:
+    """One message to enqueue: a job envelope, or a malformed body (``key`` None)."""
+
+    queue: str
+    body: Any
+    key: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    """The seeded workload: what is enqueued in which wave, and what each job must leave."""
+
+    scores: Mapping[str, int]  # job key -> judgment id
+    escalations: Mapping[str, int]  # job key -> case id
+    notes: tuple[str, ...]  # direct notifications
+    poison: tuple[Item, ...]
+    waves: tuple[tuple[Item, ...], ...]
+    copies: int
+    slow: tuple[str, ...]
+    flaky: tuple[str, ...]
+
+    @property
+    def deliveries(self) -> set[str]:
+        """Keys the receiver must accept: the notes and each recommendation's notification."""
+        return set(self.notes) | {notify_key(k) for k in self.escalations}
+
+    @property
+    def expected_keys(self) -> set[str]:
+        """Every key that must end completed in the ledger."""
+        return set(self.scores) | set(self.escalations) | self.deliveries
+
+    @property
+    def messages(self) -> int:
+        return sum(len(wave) for wave in self.waves)
+
+
+def notify_key(escalation_key: str) -> str:
+    """The key of the notification an escalation job enqueues (``record_recommendation``)."""
+    return f"{escalation_key}:notify"
+
+
+def split_jobs(jobs: int) -> tuple[int, int, int]:
+    """How many collectability, escalation and direct outbox jobs make ``jobs``."""
+    scores, escalations = round(jobs * 0.45), round(jobs * 0.25)
+    return scores, escalations, jobs - scores - escalations
+
+
+def build_plan(*, seed: int, judgment_ids: Sequence[int], case_ids: Sequence[int], notes: int,
+               waves: int) -> Plan:
+    """The workload for the seeded ids; the same seed and ids give the same plan."""
+    rng = random.Random(f"{seed}:workload")
+    note_keys = [f"note:{i}" for i in range(1, notes + 1)]
+    webhook = [k for k in note_keys if rng.random() < 0.8]
+    webhook_keys = set(webhook)
+    # A dozen at least, so that even a short run has kills inside a slow delivery.
+    hinted = rng.sample(webhook, min(len(webhook), max(12, round(notes * (SLOW_SHARE + FLAKY_SHARE)))))
+    slow, flaky = hinted[: len(hinted) // 2], hinted[len(hinted) // 2:]
+    hints: dict[str, dict[str, Any]] = {k: {"delay_s": round(rng.uniform(0.5, 2.5), 2)} for k in slow}
+    hints.update({k: {"fail_first": 1} for k in flaky})
+    items = [_job("q_collectability", "judgment", j, f"score:{j}") for j in judgment_ids]
+    items += [_job("q_escalation", "enforcement_case", c, f"escalate:{c}",
+                   payload={"notify_channel": "slack"} if rng.random() < 0.2 else {}) for c in case_ids]
+    items += [_note(k, channel="webhook" if k in webhook_keys else "slack", chaos=hints.get(k))
+              for k in note_keys]
+    rng.shuffle(items)
+    slices: list[list[Item]] = [items[i::waves] for i in range(waves)]
+    copies = rng.sample(range(len(items)), round(len(items) * COPY_SHARE))
+    for index in copies:
+        # A producer that sends a job again: at once or later, never before the original.
+        slices[rng.randrange(index % waves, waves)].append(items[index])
+    poison = _poison(max(judgment_ids, default=0) + 1_000_000, max(case_ids, default=0) + 1_000_000)
+    for item in poison:
+        slices[rng.randrange(waves)].append(item)
+    for wave in slices:
+        rng.shuffle(wave)
+    return Plan(scores={f"score:{j}": j for j in judgment_ids},
+                escalations={f"escalate:{c}": c for c in case_ids}, notes=tuple(note_keys),
+                poison=poison, waves=tuple(tuple(w) for w in slices), copies=len(copies),
+                slow=tuple(slow), flaky=tuple(flaky))
+
+
+def _job(queue: str, entity_type: str, entity_id: int, key: str, *,
+         payload: Mapping[str, Any] | None = None) -> Item:
+    body = build_envelope(entity_type=entity_type, entity_id=str(entity_id), org_id=ORG_ID,
+                          idempotency_key=key, payload=payload)
+    return Item(queue=queue, body=body, key=key)
+
+
+def _note(key: str, *, channel: str, chaos: Mapping[str, Any] | None = None) -> Item:
+    payload: dict[str, Any] = {"channel": channel, "subject": f"Chaos {key}", "body": f"Body of {key}."}
+    if chaos:
+        payload["data"] = {"chaos": dict(chaos)}  # read by the receiver: delay or refuse
+    body = build_envelope(entity_type="notification", entity_id=key, org_id=ORG_ID,
+                          idempotency_key=key, payload=payload)
+    return Item(queue="q_outbox_processor", body=body, key=key)
+
+
+def _poison(missing_judgment: int, missing_case: int) -> tuple[Item, ...]:
+    """Messages that must end as dead letters, and only these."""
+    return (
+        Item(queue="q_collectability", body="not a job envelope", key=None),
+        Item(queue="q_escalation", body={"hello": "world"}, key=None),
+        Item(queue="q_outbox_processor", body={"idempotency_key": 42, "entity_type": "notification"},
+             key=None),
+        _job("q_collectability", "judgment", missing_judgment, "poison:missing-judgment"),
+        _job("q_escalation", "enforcement_case", missing_case, "poison:missing-case"),
+        _note("poison:discord", channel="discord"),  # no Discord webhook configured
+    )
+
+
+# --- the kill schedule ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class Kill:
+    """Send ``signal`` at ``at_s`` to the replica in ``slot`` (or the next one that can take it);
+    aimed at a handler, to an outbox replica waiting for a slow reply, if one does soon."""
+
+    at_s: float
+    signal: str
+    slot: int
+    aim: str = "any"  # or "handler"
+
+
+@dataclass(frozen=True, kw_only=True)
+class DbRestart:
+    """Stop PostgreSQL at ``at_s`` in ``mode``, start it again ``down_s`` later."""
+
+    at_s: float
+    mode: str
+    down_s: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class Schedule:
+    kills: tuple[Kill, ...]
+    db_restart: DbRestart | None
+
+
+def build_schedule(*, seed: int, duration_s: float, kill_interval_s: float, slots: int,
+                   db_restart: bool) -> Schedule:
+    """Kill times, signals and victims, and the database restart, all from the seed."""
+    rng = random.Random(f"{seed}:chaos")
+    kills: list[Kill] = []
+    at = rng.uniform(0.5, 1.5) * kill_interval_s
+    while at < duration_s:
+        kills.append(Kill(at_s=round(at, 3), signal=rng.choice(SIGNALS), slot=rng.randrange(slots),
+                          aim="handler" if rng.random() < HANDLER_KILL_SHARE else "any"))
+        at += rng.uniform(0.5, 1.5) * kill_interval_s
+    if len(kills) >= 2 and len({k.signal for k in kills}) == 1:
+        other = SIGNALS[1 - SIGNALS.index(kills[-1].signal)]
+        kills[-1] = replace(kills[-1], signal=other)  # every run tries both kinds
+    restart = DbRestart(at_s=round(rng.uniform(0.3, 0.55) * duration_s, 3),
+                        mode=rng.choice(("fast", "immediate")),
+                        down_s=round(rng.uniform(2.0, 4.0), 2)) if db_restart else None
+    return Schedule(kills=tuple(kills), db_restart=restart)
+
+
+# --- the outbox's receiver ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class Call:
+    """One request the receiver got: its Idempotency-Key, the status it chose, when it arrived."""
+
+    key: str | None
+    path: str
+    status: int
+    at: float  # epoch seconds
+    caller_gone: bool = False  # the worker died while waiting for the (slow) reply
+
+    @property
+    def accepted(self) -> bool:
+        return 200 <= self.status < 300
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True  # a slow reply to a killed worker must not hold the run's exit
+    receiver: Receiver
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], OSError):  # a killed worker's socket is expected
+            super().handle_error(request, client_address)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    timeout = 10
+
+    def do_POST(self) -> None:
+        self.server.receiver.answer(self)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class Receiver:
+    """The outbox's webhook and Slack endpoint on 127.0.0.1: records every call and answers
+    200, after the delay a notification's ``data.chaos.delay_s`` asks for, or 503 to the
+    first ``data.chaos.fail_first`` calls of a key."""
+
+    def __init__(self) -> None:
+        self._calls: list[Call] = []
+        self._seen: Counter[str] = Counter()
+        self._waiting: dict[int, str] = {}  # client port -> key, while a slow reply is pending
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._server: _Server | None = None
+
+    def __enter__(self) -> Receiver:
+        server = _Server(("127.0.0.1", 0), _Handler)
+        server.receiver = self
+        self._server = server
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                         name="receiver", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stopping.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+    def url_for(self, path: str) -> str:
+        assert self._server is not None
+        return f"http://127.0.0.1:{self._server.server_address[1]}{path}"
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.server_address[1])
+
+    def calls(self) -> list[Call]:
+        with self._lock:
+            return list(self._calls)
+
+    def waiting_ports(self) -> set[int]:
+        """Client ports of the calls waiting for a slow reply: workers inside their handler."""
+        with self._lock:
+            return set(self._waiting)
+
+    def answer(self, handler: _Handler) -> None:
+        arrived = time.time()
+        body = handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
+        key = handler.headers.get("Idempotency-Key")
+        hints = _hints(body)
+        with self._lock:
+            self._seen[key or ""] += 1
+            status = 503 if self._seen[key or ""] <= int(hints.get("fail_first", 0)) else 200
+        delay = float(hints.get("delay_s", 0)) if status == 200 else 0.0
+        gone = delay > 0 and self._wait(handler, key or "", delay)
+        with self._lock:
+            self._calls.append(Call(key=key, path=handler.path, status=status, at=arrived,
+                                    caller_gone=gone))
+        if gone or self._stopping.is_set():
+            return
+        try:
+            handler.send_response(status)
+            handler.send_header("Content-Length", "2")
+            handler.end_headers()
+            handler.wfile.write(b"ok")
+        except OSError:
+            pass  # the worker was killed while waiting: its redelivery comes later
+
+
+    def _wait(self, handler: _Handler, key: str, delay_s: float) -> bool:
+        """Hold the reply for ``delay_s``; True when the caller went away meanwhile."""
+        port = int(handler.client_address[1])
+        with self._lock:
+            self._waiting[port] = key
+        try:
+            deadline = time.monotonic() + delay_s
+            while (left := deadline - time.monotonic()) > 0 and not self._stopping.is_set():
+                # The request is read and the worker sends nothing more: readable means closed.
+                readable, _, _ = select.select([handler.connection], [], [], min(left, 0.1))
+                if readable:
+                    return handler.connection.recv(1, socket.MSG_PEEK) == b""
+            return False
+        except OSError:
+            return True
+        finally:
+            with self._lock:
+                self._waiting.pop(port, None)
+
+
+def _hints(body: bytes) -> Mapping[str, Any]:
+    try:
+        document = json.loads(body)
+        hints = (document.get("data") or {}).get("chaos") or {}
+    except (ValueError, AttributeError):
+        return {}
+    return hints if isinstance(hints, dict) else {}

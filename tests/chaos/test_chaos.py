@@ -1,0 +1,230 @@
+"""The chaos run, CI-sized (``scripts/chaos.py`` as a process: workers SIGTERM'd and
+SIGKILL'd at random, PostgreSQL restarted, under a mixed workload), and proof that its
+checks see what they are there to see: a planted duplicate, a lost job, a bad exit."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.types.json import Jsonb
+
+from backend.db.embedded import PROJECT_ROOT, EmbeddedPostgres
+from backend.domain.seed import seed_demo
+from backend.enqueue import build_envelope, enqueue
+from scripts.chaos_checks import (
+    ProcessRecord,
+    check_effects,
+    check_processes,
+    install_audit,
+    remove_audit,
+)
+from scripts.chaos_workload import ORG_ID, Call, Plan, build_plan, notify_key
+
+SCRIPT = PROJECT_ROOT / "scripts" / "chaos.py"
+Conn = psycopg.Connection[Any]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_a_ci_sized_chaos_run_loses_nothing_and_doubles_nothing(
+        clean_db: str, pg_server: EmbeddedPostgres, tmp_path: Path) -> None:
+    seed = int(os.environ.get("CHAOS_SEED") or random.randrange(1, 1_000_000))
+    report_path = tmp_path / f"chaos-{seed}.json"
+    command = [sys.executable, str(SCRIPT), "--url", clean_db, "--pgdata", str(pg_server.pgdata),
+               "--seed", str(seed), "--duration", "15", "--jobs", "600", "--workers-per-kind", "2",
+               "--kill-interval", "0.8", "--report", str(report_path)]
+    started = time.monotonic()
+    try:
+        run = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=140)
+    finally:
+        pg_server.start()  # the run restarts the session's server: it must be up for the next test
+    took = time.monotonic() - started
+    output = f"seed {seed} (replay: CHAOS_SEED={seed}), {took:.0f} s\n{run.stdout}{run.stderr}"
+    assert report_path.exists(), output
+    report = json.loads(report_path.read_text())
+    assert run.returncode == 0, output
+    assert report["passed"] and not report["violations"], output
+    assert report["duplicates"]["count"] == 0 and report["lost"]["count"] == 0, output
+    assert report["jobs"]["completed"] == report["jobs"]["expected"] >= 600, output
+    letters = report["dead_letters"]
+    assert letters["total"] == letters["matched"] == report["jobs"]["poison"] > 0, output
+    assert report["kills"]["SIGTERM"] >= 1 and report["kills"]["SIGKILL"] >= 1, output
+    assert report["processes"]["problem_count"] == 0, output
+    assert report["processes"]["recognised_dead"] == report["processes"]["sigkilled"] >= 1, output
+    assert report["stuck_claims"]["count"] == 0, output
+    assert report["db_restart"]["recovery_s"] is not None, output
+    effects = report["effects"]
+    assert effects["receiver_accepted_keys"] == report["jobs"]["by_worker"]["outbox_processor"], output
+    assert effects["score_rows"] == report["jobs"]["by_worker"]["collectability"], output
+    assert effects["recommendations"] == effects["notifications_enqueued"] \
+        == report["jobs"]["by_worker"]["escalation"], output
+
+
+# --- the checks themselves, on a database state built by hand ------------------------------
+
+
+@pytest.fixture
+def audited(db: Conn) -> Iterator[Conn]:
+    """The test database with the chaos audit triggers, removed afterwards."""
+    install_audit(db)
+    yield db
+    remove_audit(db)
+
+
+def _small_plan(db: Conn) -> Plan:
+    seeded = seed_demo(db, judgments=4, cases=2, org_id=ORG_ID, seed=3)
+    return build_plan(seed=3, judgment_ids=seeded["judgment_ids"], case_ids=seeded["case_ids"],
+                            notes=3, waves=2)
+
+
+def _complete(db: Conn, key: str) -> None:
+    db.execute("INSERT INTO workers.processed_jobs (job_key, queue_name, msg_id, status, attempts)"
+               " VALUES (%s, 'q_test', 0, 'processing', 1)", (key,))
+    db.execute("UPDATE workers.processed_jobs SET status = 'completed', completed_at = clock_timestamp()"
+               " WHERE job_key = %s", (key,))
+
+
+def _score(db: Conn, judgment_id: int, key: str) -> None:
+    db.execute("INSERT INTO dragonfly.collectability_scores (judgment_id, score, tier, reason, job_key)"
+               " VALUES (%s, 50, 'B', 'test', %s) ON CONFLICT (judgment_id) DO UPDATE"
+               " SET job_key = EXCLUDED.job_key, scored_at = clock_timestamp()", (judgment_id, key))
+
+
+def _recommend(db: Conn, case_id: int, key: str) -> None:
+    db.execute("INSERT INTO dragonfly.enforcement_events (case_id, event_type, details, job_key)"
+               " VALUES (%s, 'recommendation', '{}', %s)", (case_id, key))
+
+
+def play_correct_run(db: Conn, plan: Plan) -> list[Call]:
+    """Leave the state a correct run leaves: every job done once, the poison dead-lettered;
+    return the receiver's calls (each delivery accepted before its key was completed)."""
+    calls = [Call(key=key, path="/hooks/dragonfly", status=200, at=time.time())
+             for key in sorted(plan.deliveries)]
+    for key, judgment_id in plan.scores.items():
+        _score(db, judgment_id, key)
+    for key, case_id in plan.escalations.items():
+        _recommend(db, case_id, key)
+        enqueue(db, "q_outbox_processor", build_envelope(
+            entity_type="notification", entity_id=str(case_id), org_id=ORG_ID,
+            idempotency_key=notify_key(key), payload={"channel": "webhook"}))
+    for key in sorted(plan.expected_keys):
+        _complete(db, key)
+    for item in plan.poison:
+        db.execute("INSERT INTO workers.dead_letters (queue_name, msg_id, job_key, message, error,"
+                   " error_type) VALUES (%s, 0, %s, %s, 'poison', 'Test')",
+                   (item.queue, item.key, Jsonb(item.body)))
+        if item.key:
+            db.execute("INSERT INTO workers.processed_jobs (job_key, queue_name, msg_id, status)"
+                       " VALUES (%s, %s, 0, 'dead')", (item.key, item.queue))
+    db.execute("SELECT pgmq.purge_queue('q_outbox_processor')")
+    return calls
+
+
+def keys(section: dict[str, Any]) -> set[str]:
+    return {example["key"] for example in section["examples"]}
+
+
+def test_the_checks_pass_a_correct_run(audited: Conn) -> None:
+    plan = _small_plan(audited)
+    found = check_effects(audited, plan, play_correct_run(audited, plan))
+    assert found["violations"] == []
+    assert found["jobs"]["completed"] == found["jobs"]["expected"] == len(plan.expected_keys)
+    assert found["dead_letters"]["matched"] == found["dead_letters"]["total"] == len(plan.poison)
+
+
+def test_the_checks_report_a_planted_duplicate_of_each_kind(audited: Conn) -> None:
+    plan = _small_plan(audited)
+    calls = play_correct_run(audited, plan)
+    (case_key, case_id), *_ = plan.escalations.items()
+    (score_key, judgment_id), *_ = plan.scores.items()
+    note = plan.notes[0]
+    # A second recommendation event for one case; a score job whose claim let it run again
+    # (its effect and its completion twice, as when the ledger is bypassed); a notification
+    # the receiver accepted again after its key was completed.
+    _recommend(audited, case_id, f"{case_key}:again")
+    audited.execute("UPDATE workers.processed_jobs SET status = 'processing' WHERE job_key = %s",
+                    (score_key,))
+    _score(audited, judgment_id, score_key)
+    audited.execute("UPDATE workers.processed_jobs SET status = 'completed' WHERE job_key = %s",
+                    (score_key,))
+    calls.append(Call(key=note, path="/hooks/dragonfly", status=200, at=time.time() + 1))
+
+    found = check_effects(audited, plan, calls)
+
+    assert keys(found["duplicates"]) == {case_key, score_key, note}
+    assert found["duplicates"]["count"] == 3 and found["lost"]["count"] == 0
+    reasons = {e["key"]: " ".join(e["why"]) for e in found["duplicates"]["examples"]}
+    assert "2 recommendation events" in reasons[case_key]
+    assert "score written 2 times" in reasons[score_key] and "completed 2 times" in reasons[score_key]
+    assert "after it was completed" in reasons[note]
+    assert any("more than once" in v for v in found["violations"])
+
+
+def test_the_checks_report_lost_jobs_stuck_claims_and_unexpected_dead_letters(audited: Conn) -> None:
+    plan = _small_plan(audited)
+    calls = play_correct_run(audited, plan)
+    (score_key, _), *_ = plan.scores.items()
+    escalation_key = next(iter(plan.escalations))
+    audited.execute("DELETE FROM workers.processed_jobs WHERE job_key = %s", (score_key,))
+    audited.execute("UPDATE workers.processed_jobs SET status = 'processing',"
+                    " lease_expires_at = clock_timestamp() - interval '1 minute' WHERE job_key = %s",
+                    (escalation_key,))
+    lost_delivery = plan.notes[-1]
+    calls = [c for c in calls if c.key != lost_delivery]
+    audited.execute("INSERT INTO workers.dead_letters (queue_name, msg_id, job_key, message, error,"
+                    " error_type) VALUES ('q_outbox_processor', 0, 'note:1', '{}', 'boom', 'Test')")
+
+    found = check_effects(audited, plan, calls)
+
+    assert keys(found["lost"]) == {score_key, escalation_key, lost_delivery}
+    assert found["stuck_claims"]["examples"] == [escalation_key]
+    assert found["dead_letters"]["unexpected_count"] == 1
+    assert len(found["violations"]) == 3  # lost, dead letters, stuck claims
+
+
+def _record(**fields: Any) -> ProcessRecord:
+    values: dict[str, Any] = {"kind": "outbox_processor", "slot": 0, "pid": 4242, "worker_id": "w-1",
+                              "booted": True, "signal": None, "final": False, "exit_code": 0,
+                              "drain_s": None, "spawned_wall": 1000.0, "signalled_wall": None,
+                              "shutdown_logged": False, "crash": None, "outages": 0}
+    values.update(fields)
+    return ProcessRecord(**values)
+
+
+def test_the_process_checks_report_bad_exits_and_live_looking_heartbeats() -> None:
+    now = 2000.0
+    records = [
+        _record(worker_id="ok-term", signal="SIGTERM", exit_code=0, drain_s=0.4, shutdown_logged=True),
+        _record(worker_id="ok-kill", signal="SIGKILL", exit_code=-9, signalled_wall=1500.0),
+        _record(worker_id="term-no-shutdown", signal="SIGTERM", exit_code=-15),
+        _record(worker_id="kill-beating", signal="SIGKILL", exit_code=-9, signalled_wall=1990.0),
+        _record(worker_id="crashed", exit_code=1, crash="boom"),
+    ]
+    heartbeats = [
+        {"worker_id": "ok-kill", "pid": 1, "status": "RUNNING", "started": 1000.0, "beat": 1499.8},
+        {"worker_id": "kill-beating", "pid": 2, "status": "RUNNING", "started": 1000.0, "beat": 1999.0},
+    ]
+
+    found = check_processes(records, heartbeats, now)
+
+    by_worker: dict[str, list[str]] = {}
+    for problem in found["problems"]:
+        by_worker.setdefault(problem["worker_id"], []).append(problem["problem"])
+    assert set(by_worker) == {"term-no-shutdown", "kill-beating", "crashed"}
+    assert any("exited -15 after SIGTERM" in p for p in by_worker["term-no-shutdown"])
+    assert any("no WORKER_SHUTDOWN" in p for p in by_worker["term-no-shutdown"])
+    assert any("advanced" in p for p in by_worker["kill-beating"])
+    assert any("not recognisable as dead" in p for p in by_worker["kill-beating"])
+    assert by_worker["crashed"] == ["exited 1 without being signalled: boom"]
+    assert found["sigkilled"] == 2 and found["recognised_dead"] == 1
+    assert found["drain"]["worst_s"] == 0.4
