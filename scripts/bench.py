@@ -1,6 +1,6 @@
 """Worker runtime benchmark: the plain pgmq loop as the baseline, then the real worker.
 
-    python scripts/bench.py                 # ~5 minutes: --repeat 3, 50,000 jobs per run
+    python scripts/bench.py                 # ~4 minutes: --repeat 3, 40,000 jobs per run
     python scripts/bench.py --quick         # ~1 minute: one run of each, smaller volumes
     python scripts/bench.py --url postgresql://... --wipe   # a database you can spare
 
@@ -768,6 +768,9 @@ def _progress(text: str) -> None:
 _GENERIC_FRAMES = ("_run_module_as_main", "_run_code", "<module>", "run_worker", "BaseWorker.run",
                    "BaseWorker._loop", "Processor.process_batch", "Processor._transactional_batch",
                    "Connection.wait ")
+# psycopg's frames that write a query to the socket (py-spy --native shows send() below them)
+_SEND_FRAMES = ("BaseCursor._send_query_prepared ", "BaseCursor._send_prepare ",
+                "BaseCursor._execute_send ", "BaseConnection._exec_command ")
 _STEP_NAMES = {"_GeneratorContextManager.__enter__ (contextlib.py)": "transaction enter (BEGIN)",
                "_GeneratorContextManager.__exit__ (contextlib.py)": "transaction exit (COMMIT)"}
 
@@ -831,32 +834,40 @@ def _step(frames: list[str]) -> str:
     return _STEP_NAMES.get(frames[batch[-1] + 1], frames[batch[-1] + 1])
 
 
+def _kind(frames: list[str]) -> int:
+    """0: waiting for a result, 1: in a libpq send, 2: Python, by the sample's leaf frame."""
+    if frames[-1].startswith("Connection.wait "):
+        return 0
+    return 1 if frames[-1].startswith(_SEND_FRAMES) else 2
+
+
 def summarise_stacks(raw: Path) -> dict[str, Any]:
-    """The main thread's samples inside a batch: waiting for PostgreSQL (the leaf is
-    psycopg's wait) or running Python, by step of the batch and by function (inclusive).
-    Samples outside a batch (mostly the idle wait once the queue is empty) are only counted."""
+    """The main thread's samples inside a batch: waiting for a result (the leaf is psycopg's
+    wait), sending (the leaf is a psycopg send: the socket write, which on a busy machine
+    hands the CPU to the PostgreSQL backend it wakes) or running Python; by step of the
+    batch, and Python by function (inclusive). Samples outside a batch (mostly the idle
+    wait once the queue is empty) are only counted."""
     every = _main_loop_samples(raw)
     samples = [(frames, n) for frames, n in every if _step(frames) != "(outside a batch)"]
     total = sum(n for _, n in samples)
-    waiting = sum(n for frames, n in samples if frames[-1].startswith("Connection.wait "))
-    python = total - waiting
+    kinds = [sum(n for frames, n in samples if _kind(frames) == k) for k in range(3)]
     outside = sum(n for _, n in every) - total
-    if not total or not python:
+    if not total or not kinds[2]:
         return {"samples": total, "outside_batch_samples": outside}
     steps: dict[str, list[int]] = {}
     functions: dict[str, int] = {}
     for frames, n in samples:
-        wait = frames[-1].startswith("Connection.wait ")
-        steps.setdefault(_step(frames), [0, 0])[0 if wait else 1] += n
-        for f in () if wait else {f for f in frames if not f.startswith(_GENERIC_FRAMES)}:
+        kind = _kind(frames)
+        steps.setdefault(_step(frames), [0, 0, 0])[kind] += n
+        for f in {f for f in frames if not f.startswith(_GENERIC_FRAMES)} if kind == 2 else ():
             functions[f] = functions.get(f, 0) + n
-    by_step = [{"step": k, "wait_pct": 100 * w / total, "python_pct": 100 * c / total}
-               for k, (w, c) in steps.items()]
+    by_step = [{"step": k, "wait_pct": 100 * w / total, "send_pct": 100 * sd / total,
+                "python_pct": 100 * c / total} for k, (w, sd, c) in steps.items()]
     top = sorted(functions.items(), key=lambda kv: -kv[1])[:30]
-    return {"samples": total, "outside_batch_samples": outside, "waiting_pct": 100 * waiting / total,
-            "python_pct": 100 * python / total,
-            "steps": sorted(by_step, key=lambda r: -(r["wait_pct"] + r["python_pct"])),
-            "functions": [{"function": f, "pct_of_python": 100 * n / python} for f, n in top]}
+    return {"samples": total, "outside_batch_samples": outside, "waiting_pct": 100 * kinds[0] / total,
+            "sending_pct": 100 * kinds[1] / total, "python_pct": 100 * kinds[2] / total,
+            "steps": sorted(by_step, key=lambda r: -(r["wait_pct"] + r["send_pct"] + r["python_pct"])),
+            "functions": [{"function": f, "pct_of_python": 100 * n / kinds[2]} for f, n in top]}
 
 
 def print_profile(profile: dict[str, Any]) -> None:
@@ -864,13 +875,14 @@ def print_profile(profile: dict[str, Any]) -> None:
           f" ({_num(profile['rate_while_profiled'])} jobs/s while sampled) {profile['note']}")
     py = profile.get("python") or {}
     if py.get("samples"):
-        print(f"  main thread inside batches: {py['waiting_pct']:.0f}% waiting for PostgreSQL,"
-              f" {py['python_pct']:.0f}% Python ({py['samples']} samples;"
-              f" {py['outside_batch_samples']} outside batches not counted)")
-        print("  by step of a batch (% of main-thread time: waiting + Python):")
+        print(f"  main thread inside batches: {py['waiting_pct']:.0f}% waiting for a result,"
+              f" {py['sending_pct']:.0f}% sending, {py['python_pct']:.0f}% Python ({py['samples']}"
+              f" samples; {py['outside_batch_samples']} outside batches not counted)")
+        print("  by step of a batch (% of main-thread time: waiting + sending + Python):")
         for r in py["steps"][:8]:
-            both = r["wait_pct"] + r["python_pct"]
-            print(f"    {both:5.1f}% ({r['wait_pct']:4.1f} + {r['python_pct']:4.1f})  {r['step']}")
+            both = r["wait_pct"] + r["send_pct"] + r["python_pct"]
+            print(f"    {both:5.1f}% ({r['wait_pct']:4.1f} + {r['send_pct']:4.1f} + {r['python_pct']:4.1f})"
+                  f"  {r['step']}")
         print("  Python functions, inclusive (% of Python samples):")
         for r in py["functions"][:20]:
             print(f"    {r['pct_of_python']:5.1f}%  {r['function']}")
