@@ -23,6 +23,8 @@ from backend.config import QUEUES
 from backend.logs import log_event
 
 _LOCK_KEY = 7_310_412_001  # pg_advisory_lock key of migrations
+NOTIFY_TRIGGER = "workers_notify_insert"
+PGMQ_NOTIFY_TRIGGER = "trigger_notify_queue_insert_listeners"
 _FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 
@@ -94,18 +96,27 @@ def ensure_pgmq(conn: psycopg.Connection[Any]) -> str:
 
 
 def ensure_queue(conn: psycopg.Connection[Any], queue: str) -> None:
-    """Create the queue (idempotent) and its insert notifications where pgmq has them."""
+    """Create the queue (idempotent) and attach the statement-level insert notification.
+
+    pgmq's own per-row notification (1.7 and later), if enabled, is switched off: it
+    updates one shared throttle row per message, so a large batch in one transaction
+    slows down quadratically and concurrent producers wait for each other.
+    """
     conn.execute("SELECT pgmq.create(%s)", (queue,))
+    if _has_trigger(conn, queue, PGMQ_NOTIFY_TRIGGER):
+        conn.execute("SELECT pgmq.disable_notify_insert(%s)", (queue,))
+    if not _has_trigger(conn, queue, NOTIFY_TRIGGER):
+        conn.execute(
+            f'CREATE TRIGGER {NOTIFY_TRIGGER} AFTER INSERT ON pgmq."q_{queue}"'
+            " FOR EACH STATEMENT EXECUTE FUNCTION workers.notify_queue_insert()")
+
+
+def _has_trigger(conn: psycopg.Connection[Any], queue: str, name: str) -> bool:
     row = conn.execute(
-        "SELECT to_regproc('pgmq.enable_notify_insert') IS NOT NULL AS has_notify,"
-        " EXISTS (SELECT 1 FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
-        "   JOIN pg_namespace n ON n.oid = c.relnamespace"
-        "   WHERE n.nspname = 'pgmq' AND c.relname = 'q_' || %s"
-        "   AND t.tgname = 'trigger_notify_queue_insert_listeners') AS enabled",
-        (queue,),
-    ).fetchone()
-    if row and _get(row, "has_notify") and not (row["enabled"] if isinstance(row, dict) else row[1]):
-        conn.execute("SELECT pgmq.enable_notify_insert(%s, 0)", (queue,))
+        "SELECT EXISTS (SELECT 1 FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
+        " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'pgmq'"
+        " AND c.relname = 'q_' || %s AND t.tgname = %s) AS ok", (queue, name)).fetchone()
+    return bool(row and _get(row, "ok"))
 
 
 def apply_migrations(conn: psycopg.Connection[Any], queues: tuple[str, ...] = QUEUES) -> list[int]:

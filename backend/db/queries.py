@@ -91,12 +91,12 @@ def queue_exists(conn: Conn, queue: str) -> bool:
 
 
 def notifications_available(conn: Conn, queue: str) -> bool:
-    """pgmq >= 1.7 insert notifications, enabled on this queue."""
+    """Whether inserts into ``queue`` notify: the migrations' statement-level trigger."""
     row = conn.execute(
         "SELECT EXISTS (SELECT 1 FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
         " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'pgmq'"
-        " AND c.relname = 'q_' || %s AND t.tgname = 'trigger_notify_queue_insert_listeners')"
-        " AS ok", (queue,)).fetchone()
+        " AND c.relname = 'q_' || %s AND t.tgname = 'workers_notify_insert') AS ok",
+        (queue,)).fetchone()
     return bool(row and row["ok"])
 
 
