@@ -64,7 +64,7 @@ def read_messages(conn: Conn, queue: str, vt_s: int, qty: int) -> list[Message]:
 
 def delete_messages(conn: Conn, queue: str, msg_ids: Sequence[int]) -> None:
     if msg_ids:
-        conn.execute("SELECT pgmq.delete(%s, %s::bigint[])", (queue, list(msg_ids)))
+        conn.execute("SELECT pgmq.delete(%s, %b::bigint[])", (queue, list(msg_ids)))
 
 
 def set_visibility(conn: Conn, queue: str, msg_ids: Sequence[int], delays_s: Sequence[int]) -> None:
@@ -114,7 +114,7 @@ SELECT k, %(queue)s, m, %(status)s, 1, %(worker)s,
        CASE WHEN %(status)s = 'processing' THEN clock_timestamp() + make_interval(secs => %(lease)s) END,
        clock_timestamp(), clock_timestamp(),
        CASE WHEN %(status)s = 'completed' THEN clock_timestamp() END
-FROM unnest(%(keys)s::text[], %(ids)s::bigint[]) AS t(k, m)
+FROM unnest(%(keys)b::text[], %(ids)b::bigint[]) AS t(k, m)
 ORDER BY k  -- one lock order for every worker: no deadlocks between batches
 ON CONFLICT (job_key) DO UPDATE
 SET status = EXCLUDED.status, attempts = p.attempts + 1, msg_id = EXCLUDED.msg_id,
