@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg.rows import tuple_row
 from psycopg.types.json import Jsonb
 
 Conn = psycopg.Connection[Any]
@@ -55,11 +56,11 @@ class Failure:
 def read_messages(conn: Conn, queue: str, vt_s: int, qty: int) -> list[Message]:
     """Read up to ``qty`` messages, invisible for ``vt_s``. Bodies come as text: one parse
     here gives both the value and its size."""
-    rows = conn.execute(
-        "SELECT msg_id, read_ct, message::text AS body FROM pgmq.read(%s, %s, %s)", (queue, vt_s, qty)
-    ).fetchall()
-    return [Message(msg_id=r["msg_id"], read_ct=r["read_ct"], body=json.loads(r["body"]),
-                    size=len(r["body"].encode())) for r in rows]
+    with conn.cursor(row_factory=tuple_row) as cur:
+        rows = cur.execute("SELECT msg_id, read_ct, message::text FROM pgmq.read(%s, %s, %s)",
+                           (queue, vt_s, qty)).fetchall()
+    return [Message(msg_id=msg_id, read_ct=read_ct, body=json.loads(body), size=len(body.encode()))
+            for msg_id, read_ct, body in rows]
 
 
 def delete_messages(conn: Conn, queue: str, msg_ids: Sequence[int]) -> None:
@@ -138,10 +139,11 @@ def claim(conn: Conn, *, queue: str, worker_id: str, keys: Sequence[str],
     """
     if not keys:
         return {}
-    rows = conn.execute(_CLAIM, {"queue": queue, "worker": worker_id, "lease": lease_s,
-                                 "status": status, "keys": list(keys),
-                                 "ids": list(msg_ids)}).fetchall()
-    return {r["job_key"]: r["attempts"] for r in rows}
+    with conn.cursor(row_factory=tuple_row) as cur:
+        rows = cur.execute(_CLAIM, {"queue": queue, "worker": worker_id, "lease": lease_s,
+                                    "status": status, "keys": list(keys),
+                                    "ids": list(msg_ids)}).fetchall()
+    return dict(rows)
 
 
 def ledger_status(conn: Conn, keys: Sequence[str]) -> dict[str, tuple[str, float]]:
