@@ -443,7 +443,8 @@ class Replica:
             drain_s=None if drain is None else round(drain, 3), spawned_wall=self.spawned_wall,
             signalled_wall=self.signalled_wall, shutdown_logged=shutdown,
             crash=crashes[-1].get("error") if crashes else None,
-            outages=len(self.proc.named("DB_OUTAGE")), bad_lines=tuple(b[:200] for b in bad[:3]))
+            outages=len(self.proc.named("DB_OUTAGE")), bad_lines=tuple(b[:200] for b in bad[:3]),
+            tail=tuple(line[:300] for line in lines[-6:]))
 
 
 class Supervisor:

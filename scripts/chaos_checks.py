@@ -107,6 +107,7 @@ class ProcessRecord:
     crash: str | None
     outages: int
     bad_lines: tuple[str, ...] = ()
+    tail: tuple[str, ...] = ()  # its last output lines, to read when it has a problem
 
     @property
     def name(self) -> str:
@@ -287,8 +288,8 @@ def _process_problems(record: ProcessRecord, heartbeats: Sequence[Mapping[str, A
                 problems.append(f"heartbeat advanced {late:.1f} s after SIGKILL")
             if now - row["beat"] <= DEAD_AFTER_S:
                 problems.append(f"heartbeat only {now - row['beat']:.1f} s old: not recognisable as dead")
-        elif record.booted:
-            problems.append("booted but has no heartbeat row")
+        # No row at all (killed before its first write reached the database, during the
+        # outage say) claims nothing: there is nothing to mistake for a live worker.
     else:
         problems.append(f"exited {record.exit_code} without being signalled"
                         + (f": {record.crash}" if record.crash else ""))
@@ -300,7 +301,7 @@ def check_processes(records: Sequence[ProcessRecord], heartbeats: Sequence[Mappi
                     now: float) -> dict[str, Any]:
     """Exit codes, shutdown lines and heartbeats of every replica, against what it was sent."""
     found = {id(r): _process_problems(r, heartbeats, now) for r in records}
-    problems = [{"process": r.name, "worker_id": r.worker_id, "problem": p}
+    problems = [{"process": r.name, "worker_id": r.worker_id, "problem": p, "last_lines": list(r.tail)}
                 for r in records for p in found[id(r)]]
     exits: dict[str, Counter[str]] = defaultdict(Counter)
     for r in records:
@@ -309,8 +310,9 @@ def check_processes(records: Sequence[ProcessRecord], heartbeats: Sequence[Mappi
     drains = [r.drain_s for r in records if r.signal == "SIGTERM" and r.drain_s is not None]
     killed = [r for r in records if r.signal == "SIGKILL"]
     dead = sum(1 for r in killed if not any("heartbeat" in p for p in found[id(r)]))
+    rowless = sum(1 for r in killed if _heartbeat_of(r, heartbeats) is None)
     return {"started": len(records), "exit_codes": {k: dict(v) for k, v in exits.items()},
-            "sigkilled": len(killed), "recognised_dead": dead,
+            "sigkilled": len(killed), "recognised_dead": dead, "sigkilled_without_heartbeat_row": rowless,
             "outage_logs": sum(r.outages for r in records),
             "drain": {"count": len(drains), "worst_s": max(drains, default=None),
                       "median_s": statistics.median(drains) if drains else None},
@@ -347,7 +349,8 @@ def render(report: Mapping[str, Any]) -> str:
         ("processes", f"{p['started']} started, {p['problem_count']} problem(s)",
          _mark(not p["problem_count"])),
         ("exit codes", exits, ""),
-        ("SIGKILL'd heartbeats dead", f"{p['recognised_dead']} of {p['sigkilled']}",
+        ("SIGKILL'd heartbeats dead", f"{p['recognised_dead']} of {p['sigkilled']}"
+                                      f" ({p['sigkilled_without_heartbeat_row']} never wrote one)",
          _mark(p["recognised_dead"] == p["sigkilled"])),
         ("jobs", f"{j['completed']} of {j['expected']} completed ({j['messages_enqueued']} messages, "
                  f"{j['copies']} copies, {j['slow']} slow, {j['flaky']} refused once)",

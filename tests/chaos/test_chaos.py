@@ -209,6 +209,8 @@ def test_the_process_checks_report_bad_exits_and_live_looking_heartbeats() -> No
         _record(worker_id="term-no-shutdown", signal="SIGTERM", exit_code=-15),
         _record(worker_id="kill-beating", signal="SIGKILL", exit_code=-9, signalled_wall=1990.0),
         _record(worker_id="crashed", exit_code=1, crash="boom"),
+        # Killed before its first heartbeat reached the database: no row claims it is alive.
+        _record(worker_id="kill-rowless", signal="SIGKILL", exit_code=-9, signalled_wall=1800.0),
     ]
     heartbeats = [
         {"worker_id": "ok-kill", "pid": 1, "status": "RUNNING", "started": 1000.0, "beat": 1499.8},
@@ -226,5 +228,6 @@ def test_the_process_checks_report_bad_exits_and_live_looking_heartbeats() -> No
     assert any("advanced" in p for p in by_worker["kill-beating"])
     assert any("not recognisable as dead" in p for p in by_worker["kill-beating"])
     assert by_worker["crashed"] == ["exited 1 without being signalled: boom"]
-    assert found["sigkilled"] == 2 and found["recognised_dead"] == 1
+    assert found["sigkilled"] == 3 and found["recognised_dead"] == 2
+    assert found["sigkilled_without_heartbeat_row"] == 1
     assert found["drain"]["worst_s"] == 0.4
