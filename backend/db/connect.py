@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -73,15 +74,24 @@ def boot_retrying(timeout_s: float) -> Retrying:
     )
 
 
-def outage_retrying(should_stop: Callable[[], bool], max_wait_s: float = 10.0) -> Retrying:
-    """Retries while RUNNING: capped backoff with jitter, never giving up unless stopping."""
+def outage_retrying(stopping: threading.Event, max_wait_s: float = 10.0) -> Retrying:
+    """Retries while RUNNING: capped backoff with jitter, never giving up unless stopping.
+    A stop request cuts the wait between attempts short."""
     return Retrying(
-        stop=lambda _state: should_stop(),
+        stop=lambda _state: stopping.is_set(),
         wait=wait_exponential_jitter(initial=0.25, max=max_wait_s),
+        sleep=_sleep_until_stopped(stopping),
         retry=retry_if_exception_type(DB_ERRORS),
         before_sleep=_log_retry("DB_RETRY"),
         reraise=True,
     )
+
+
+def _sleep_until_stopped(stopping: threading.Event) -> Callable[[float], None]:
+    def sleep(seconds: float) -> None:
+        stopping.wait(seconds)
+
+    return sleep
 
 
 def _log_retry(event: str) -> Callable[[RetryCallState], None]:

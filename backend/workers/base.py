@@ -52,6 +52,9 @@ EXIT_OK, EXIT_FAILURE, EXIT_SIGNAL = 0, 1, 143
 SIGNAL_REASONS = {signal.SIGTERM: "SIGTERM (Deployment/Scale-down)",
                   signal.SIGINT: "SIGINT (Interrupt)"}
 MEMORY_REASON = "memory soft limit"
+# Short pool waits: during an outage every one of them delays a SIGTERM's exit.
+_STATUS_WRITE_TIMEOUT_S = 1.0
+_ACQUIRE_TIMEOUT_S = 2.0
 
 
 class BaseWorker:
@@ -116,7 +119,7 @@ class BaseWorker:
         if self.pool is None:
             return
         try:
-            with self.pool.connection(timeout=2) as conn:
+            with self.pool.connection(timeout=_STATUS_WRITE_TIMEOUT_S) as conn:
                 q.upsert_heartbeat(conn, self.heartbeat_row())
         except psycopg.Error as exc:
             log_event("HEARTBEAT_FAILED", {"worker_id": self.worker_id, "status": state.value,
@@ -337,7 +340,7 @@ class BaseWorker:
 
     def _acquire(self) -> psycopg.Connection[Any]:
         assert self.pool is not None
-        conn: psycopg.Connection[Any] = self.pool.getconn(timeout=5)
+        conn: psycopg.Connection[Any] = self.pool.getconn(timeout=_ACQUIRE_TIMEOUT_S)
         if self.notifications:
             conn.execute(f'LISTEN "{q.notify_channel(self.queue)}"')
         return conn
@@ -354,7 +357,7 @@ class BaseWorker:
     def _reconnect(self) -> psycopg.Connection[Any] | None:
         """Retry until the database answers, or return None when asked to stop."""
         try:
-            for attempt in outage_retrying(self.stop_requested.is_set):
+            for attempt in outage_retrying(self.stop_requested):
                 with attempt:
                     conn = self._acquire()
                     conn.execute("SELECT 1")

@@ -21,6 +21,9 @@ from backend.logs import log_event
 from backend.workers.memory import MemoryVerdict, check_memory
 from backend.workers.processing import HeldJobs
 
+# How long a duty waits for a pooled connection; a stop waits at most about this long.
+_POOL_WAIT_S = 2.0
+
 
 @dataclass(frozen=True, kw_only=True)
 class HousekeepingPlan:
@@ -67,7 +70,7 @@ class Housekeeper:
     def stop(self) -> None:
         self._stop.set()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
-            self._thread.join(timeout=5)
+            self._thread.join(timeout=_POOL_WAIT_S + 0.5)
 
     def _run(self) -> None:
         now = self.clock()
@@ -106,7 +109,7 @@ class Housekeeper:
             log_event("HOUSEKEEPING_RECOVERED", {"worker_id": self.plan.worker_id, "duty": event})
 
     def beat(self) -> None:
-        with self.pool.connection(timeout=5) as conn:
+        with self.pool.connection(timeout=_POOL_WAIT_S) as conn:
             q.upsert_heartbeat(conn, self.heartbeat_row())
 
     def _check_memory(self) -> None:
@@ -119,12 +122,12 @@ class Housekeeper:
         msg_ids, keys = self.held.snapshot()
         if not msg_ids and not keys:
             return
-        with self.pool.connection(timeout=5) as conn:
+        with self.pool.connection(timeout=_POOL_WAIT_S) as conn:
             q.extend_leases(conn, queue=self.plan.queue, worker_id=self.plan.worker_id,
                             msg_ids=msg_ids, keys=keys, lease_s=self.plan.lease_s)
 
     def _prune(self) -> None:
-        with self.pool.connection(timeout=5) as conn:
+        with self.pool.connection(timeout=_POOL_WAIT_S) as conn:
             result = q.prune(conn, ledger_days=self.plan.ledger_retention_days,
                              heartbeat_days=self.plan.heartbeat_retention_days)
         if result and any(result):

@@ -76,7 +76,7 @@ def test_a_job_longer_than_the_visibility_timeout_runs_once(
         w.wait_for("WORKER_BOOT")
     enqueue(db, "q_probe", job("long", sleep_s=3.5))
     wait_until(lambda: one(db, "SELECT status FROM workers.processed_jobs"
-                               " WHERE job_key = 'long'") == "completed", timeout=20)
+                               " WHERE job_key = 'long'") == "completed", timeout=40)
     for w in workers:
         w.send(signal.SIGTERM)
         assert w.wait_exit() == 0

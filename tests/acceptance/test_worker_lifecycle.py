@@ -186,8 +186,11 @@ def test_sigterm_during_an_outage_still_drains_and_exits_zero(
     pg_server.stop("fast")
     try:
         worker.wait_for("DB_OUTAGE", timeout=10)
+        time.sleep(3)  # well into the reconnect backoff
+        sent = time.monotonic()
         worker.send(signal.SIGTERM)
         assert worker.wait_exit() == 0
+        assert time.monotonic() - sent < 10, "exits within its drain timeout, not by the deadline"
         assert worker.wait_for("WORKER_SHUTDOWN")["drained"] is True
     finally:
         pg_server.start()
