@@ -16,6 +16,7 @@ from tenacity import (
     Retrying,
     retry_if_exception_type,
     stop_after_delay,
+    stop_when_event_set,
     wait_exponential_jitter,
 )
 
@@ -23,10 +24,15 @@ from backend.config import Settings, is_transaction_pooler
 from backend.logs import log_event
 
 # A dead server is noticed within ~20 s even when the network drops silently.
+# tcp_user_timeout covers a query in flight, which keepalives (idle only) do not.
 _KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
-               "keepalives_count": 2}
+               "keepalives_count": 2, "tcp_user_timeout": 15000}
 
-DB_ERRORS: tuple[type[BaseException], ...] = (psycopg.OperationalError, psycopg.InterfaceError)
+# Errors that mean "the database is unavailable", not "this statement is wrong": a lost
+# connection, a shutdown, and a server that went read-only (a failover to a standby, a
+# full disk). They are retried; anything else from the runtime's own SQL is a crash.
+DB_ERRORS: tuple[type[BaseException], ...] = (
+    psycopg.OperationalError, psycopg.InterfaceError, psycopg.errors.ReadOnlySqlTransaction)
 
 
 def resolve_db_url(settings: Settings) -> str:
@@ -63,11 +69,12 @@ def make_pool(url: str, application_name: str, *, size: int = 3) -> ConnectionPo
                           reconnect_timeout=3600.0)
 
 
-def boot_retrying(timeout_s: float) -> Retrying:
-    """Bounded retries while booting: give up after ``timeout_s``."""
+def boot_retrying(timeout_s: float, stopping: threading.Event) -> Retrying:
+    """Bounded retries while booting: give up after ``timeout_s``, or at once when stopping."""
     return Retrying(
-        stop=stop_after_delay(timeout_s),
+        stop=stop_after_delay(timeout_s) | stop_when_event_set(stopping),
         wait=wait_exponential_jitter(initial=0.2, max=2.0),
+        sleep=_sleep_until_stopped(stopping),
         retry=retry_if_exception_type(DB_ERRORS),
         before_sleep=_log_retry("DB_BOOT_RETRY"),
         reraise=True,

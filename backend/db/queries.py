@@ -59,7 +59,9 @@ def read_messages(conn: Conn, queue: str, vt_s: int, qty: int) -> list[Message]:
     with conn.cursor(row_factory=tuple_row) as cur:
         rows = cur.execute("SELECT msg_id, read_ct, message::text FROM pgmq.read(%s, %s, %s)",
                            (queue, vt_s, qty)).fetchall()
-    return [Message(msg_id=msg_id, read_ct=read_ct, body=json.loads(body), size=len(body.encode()))
+    # pgmq.send accepts a NULL message: it reaches validation as None and is dead-lettered.
+    return [Message(msg_id=msg_id, read_ct=read_ct, body=json.loads(body) if body else None,
+                    size=len(body.encode()) if body else 0)
             for msg_id, read_ct, body in rows]
 
 
@@ -83,6 +85,12 @@ def has_visible(conn: Conn, queue: str) -> bool:
         f'SELECT EXISTS (SELECT 1 FROM pgmq."q_{queue}" WHERE vt <= clock_timestamp()) AS ok'
     ).fetchone()
     return bool(row and row["ok"])
+
+
+def read_only(conn: Conn) -> bool:
+    """Whether this session cannot write (a standby, or ``default_transaction_read_only``)."""
+    row = conn.execute("SELECT current_setting('transaction_read_only') = 'on' AS ro").fetchone()
+    return bool(row and row["ro"])
 
 
 def queue_exists(conn: Conn, queue: str) -> bool:
@@ -153,6 +161,14 @@ def ledger_status(conn: Conn, keys: Sequence[str]) -> dict[str, tuple[str, float
         " - clock_timestamp()))::float8 AS lease_left FROM workers.processed_jobs"
         " WHERE job_key = ANY(%s)", (list(keys),)).fetchall()
     return {r["job_key"]: (r["status"], r["lease_left"] or 0.0) for r in rows}
+
+
+def owns_claim(conn: Conn, key: str, worker_id: str) -> bool:
+    """Lock this worker's live claim of ``key``; False when another worker took it over."""
+    row = conn.execute(
+        "SELECT 1 AS ok FROM workers.processed_jobs WHERE job_key = %s AND worker_id = %s"
+        " AND status = 'processing' FOR UPDATE", (key, worker_id)).fetchone()
+    return row is not None
 
 
 def complete(conn: Conn, keys: Sequence[str]) -> None:

@@ -28,6 +28,7 @@ from backend.db.connect import (
     DB_ERRORS,
     boot_retrying,
     connect,
+    jittered,
     make_pool,
     outage_retrying,
     resolve_db_url,
@@ -149,11 +150,14 @@ class BaseWorker:
         if self.stop_requested.is_set():
             return
         self.stop_reason = reason
-        self.lifecycle.drain(reason=reason, in_flight=self.processor.in_flight,
-                             drain_timeout_s=self.settings.drain_timeout_s)
+        in_flight = self.processor.in_flight
+        # Stop and arm the deadline first: the transition writes the heartbeat, which can
+        # hang on a dead network, and a second signal must still be able to abandon.
         self.stop_requested.set()
         self._wake()
         threading.Thread(target=self._drain_deadline, name="drain-deadline", daemon=True).start()
+        self.lifecycle.drain(reason=reason, in_flight=in_flight,
+                             drain_timeout_s=self.settings.drain_timeout_s)
 
     def _drain_deadline(self) -> None:
         if not self.loop_done.wait(self.settings.drain_timeout_s):
@@ -191,7 +195,8 @@ class BaseWorker:
             pass  # their leases expire on their own
 
     def _on_memory_exceeded(self, verdict: MemoryVerdict) -> None:
-        if self.memory is None:
+        # Already stopping for a signal: that drain ends the process anyway (exit 0).
+        if self.memory is None and not self.stop_requested.is_set():
             self.memory = verdict
             log_event("WORKER_MEMORY_SOFT_LIMIT", {"worker_id": self.worker_id, **verdict.figures()},
                       logging.WARNING)
@@ -209,7 +214,7 @@ class BaseWorker:
         self.setup()
         url = resolve_db_url(self.settings)
         add_secret(url_password(url))
-        for attempt in boot_retrying(self.settings.boot_timeout_s):
+        for attempt in boot_retrying(self.settings.boot_timeout_s, self.stop_requested):
             with attempt, connect(url, f"boot:{self.worker_id}") as conn:
                 self._check_schema(conn)
         self.pool = make_pool(url, self.worker_id)
@@ -315,6 +320,7 @@ class BaseWorker:
     def _loop(self) -> None:
         conn: psycopg.Connection[Any] | None = None
         outage_since: float | None = None
+        failures = 0
         while not self.stop_requested.is_set():
             try:
                 if conn is None:
@@ -328,40 +334,64 @@ class BaseWorker:
                     self._wait_for_work(conn)
                 elif self.notifications:
                     self._forget_notifications(conn)
-            except DB_ERRORS as exc:
+            except psycopg.Error as exc:
+                if not isinstance(exc, DB_ERRORS) and not (conn is not None and conn.broken):
+                    raise
                 if outage_since is None:
                     outage_since = time.monotonic()
+                    failures = 0
                     log_event("DB_OUTAGE", {"worker_id": self.worker_id,
                                             "error": " ".join(str(exc).split()),
                                             "error_type": type(exc).__name__}, logging.ERROR)
+                else:
+                    # It answered again but failed again: keep backing off, never spin.
+                    failures += 1
+                    self._back_off(failures, exc)
                 self._discard(conn)
                 conn = self._reconnect()
         self._discard(conn)
 
+    def _back_off(self, failures: int, exc: BaseException) -> None:
+        delay = jittered(min(10.0, 0.25 * 2 ** min(failures, 6)))
+        log_event("DB_RETRY", {"attempt": failures, "delay_s": round(delay, 3),
+                               "error": " ".join(str(exc).split()),
+                               "error_type": type(exc).__name__}, logging.WARNING)
+        self.stop_requested.wait(delay)
+
     def _acquire(self) -> psycopg.Connection[Any]:
+        """A pooled connection for the loop, listening when notifications are on, and
+        known to answer; on any failure it goes back to the pool (which drops it if broken)."""
         assert self.pool is not None
         conn: psycopg.Connection[Any] = self.pool.getconn(timeout=_ACQUIRE_TIMEOUT_S)
-        if self.notifications:
-            conn.execute(f'LISTEN "{q.notify_channel(self.queue)}"')
+        try:
+            if self.notifications:
+                conn.execute(f'LISTEN "{q.notify_channel(self.queue)}"')
+            if q.read_only(conn):
+                raise psycopg.errors.ReadOnlySqlTransaction(
+                    "the database is read-only (a failover to a standby, or a full disk)")
+        except BaseException:
+            self.pool.putconn(conn)
+            raise
         return conn
 
     def _discard(self, conn: psycopg.Connection[Any] | None) -> None:
-        if conn is not None and self.pool is not None:
-            try:
-                if self.notifications and not conn.broken:
-                    conn.execute("UNLISTEN *")
-                self.pool.putconn(conn)
-            except psycopg.Error:
-                pass
+        """Give the loop's connection back to the pool, whatever state it is in."""
+        if conn is None or self.pool is None:
+            return
+        try:
+            if self.notifications and not conn.broken and not conn.closed:
+                conn.execute("UNLISTEN *")
+        except psycopg.Error:
+            pass
+        finally:
+            self.pool.putconn(conn)
 
     def _reconnect(self) -> psycopg.Connection[Any] | None:
         """Retry until the database answers, or return None when asked to stop."""
         try:
             for attempt in outage_retrying(self.stop_requested):
                 with attempt:
-                    conn = self._acquire()
-                    conn.execute("SELECT 1")
-                    return conn
+                    return self._acquire()
         except (RetryError, *DB_ERRORS):  # type: ignore[misc]
             pass
         return None

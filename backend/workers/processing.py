@@ -344,7 +344,17 @@ class Processor:
             claimed, completed, later = self._claim(conn, [pending], out, status="processing")
             if not claimed:
                 self._settle(conn, out, delete=completed, later=later)
-        if claimed:
+        if claimed and claimed[0].attempt > self.options.max_attempts:
+            # Every earlier attempt ended with its worker dead inside the handler (a job
+            # that kills the process): never run it again.
+            job = claimed[0]
+            out.letters.append(q.DeadLetter(
+                msg_id=job.msg_id, job_key=job.idempotency_key, body=_envelope_of(job),
+                error=f"{job.attempt - 1} attempts ended with their worker gone before the"
+                      " handler finished", error_type="AttemptsExhausted", attempts=job.attempt - 1))
+            with conn.transaction():
+                self._settle(conn, out)
+        elif claimed:
             job = claimed[0]
             self.held.claim(job.idempotency_key)
             handler: ExternalHandler = self.handler  # type: ignore[assignment]
@@ -356,6 +366,13 @@ class Processor:
             except Exception as exc:
                 self._fail(job, exc, out)
             with conn.transaction():
+                if not q.owns_claim(conn, job.idempotency_key, self.worker_id):
+                    # Our leases lapsed (their extension failed) and another worker took the
+                    # job over: its claim and the message are now that worker's business.
+                    log_event("JOB_CLAIM_LOST", {"queue": self.queue, "job_key": job.idempotency_key,
+                                                 "msg_id": job.msg_id, "attempt": job.attempt},
+                              logging.WARNING)
+                    return False
                 self._settle(conn, out)
         self._after_commit(out)
         return bool(out.done or completed)
@@ -373,7 +390,9 @@ def _envelope_of(job: Job) -> dict[str, Any]:
 
 
 def _describe(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    # NUL cannot be stored in a text column; one in an error message must not stop the
+    # failure from being recorded.
+    text = " ".join(str(exc).replace("\x00", "\\0").split()) or type(exc).__name__
     return text[:_MAX_ERROR]
 
 

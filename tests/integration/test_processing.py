@@ -215,3 +215,50 @@ def test_an_expired_claim_is_visible_as_stuck_then_taken_over(
     row = ledger(db, "orphan")
     assert row["status"] == "completed" and row["attempts"] == 2 and row["worker_id"] == "test-worker"
     assert db.execute(stuck).fetchall() == []
+
+
+def test_a_null_message_is_dead_lettered_not_a_crash(db: Conn, work_conn: Conn, clean_db: str) -> None:
+    db.execute("SELECT pgmq.send(%s, NULL)", (QUEUE,))
+    send(db, "after-null")
+    proc = processor(clean_db, Recorder())
+    run_until(proc, work_conn, lambda: queue_depth(db) == 0)
+    letter = db.execute("SELECT * FROM workers.dead_letters").fetchone()
+    assert "got null" in letter["error"] and letter["job_key"] is None
+    assert effects(db, "after-null") == 1
+
+
+def test_an_external_job_whose_workers_keep_dying_is_dead_lettered(
+        db: Conn, work_conn: Conn, clean_db: str) -> None:
+    msg_id = send(db, "killer")
+    db.execute("INSERT INTO workers.processed_jobs (job_key, queue_name, msg_id, status, attempts,"
+               " worker_id, lease_expires_at) VALUES ('killer', %s, %s, 'processing', 3,"
+               " 'dead-worker', clock_timestamp() - interval '1 second')", (QUEUE, msg_id))
+    handler = External()
+    proc = processor(clean_db, handler, kind="external", max_attempts=3)
+    run_until(proc, work_conn, lambda: queue_depth(db) == 0)
+    assert handler.keys == [], "a job that killed every worker it ran on is not run again"
+    assert ledger(db, "killer")["status"] == "dead"
+    letter = db.execute("SELECT * FROM workers.dead_letters").fetchone()
+    assert letter["error_type"] == "AttemptsExhausted" and letter["attempts"] == 3
+
+
+class Overtaken:
+    """An external handler during which another worker takes the claim over."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def handle(self, job: Job) -> None:
+        with psycopg.connect(self.url, autocommit=True) as other:
+            other.execute("UPDATE workers.processed_jobs SET worker_id = 'replica-b', attempts ="
+                          " attempts + 1 WHERE job_key = %s", (job.idempotency_key,))
+
+
+def test_an_external_worker_that_lost_its_claim_leaves_it_alone(
+        db: Conn, work_conn: Conn, clean_db: str) -> None:
+    send(db, "overtaken")
+    proc = processor(clean_db, Overtaken(clean_db), kind="external")
+    assert proc.process_batch(work_conn) == 1
+    row = ledger(db, "overtaken")
+    assert (row["status"], row["worker_id"], row["attempts"]) == ("processing", "replica-b", 2)
+    assert queue_depth(db) == 1, "the message is the new owner's to delete"
