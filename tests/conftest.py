@@ -16,6 +16,7 @@ from psycopg.rows import dict_row
 from backend.config import QUEUES
 from backend.db.embedded import PROJECT_ROOT, EmbeddedPostgres
 from backend.db.migrate import apply_migrations
+from tests.receivers import HttpRecorder, SmtpRecorder
 from tests.workers.probe import SCHEMA_SQL as PROBE_SCHEMA
 
 TEST_DATA = PROJECT_ROOT / ".data" / "test"
@@ -96,3 +97,17 @@ def db(clean_db: str) -> Iterator[psycopg.Connection[Any]]:
 @pytest.fixture
 def project_root() -> Path:
     return PROJECT_ROOT
+
+
+@pytest.fixture
+def http() -> Iterator[HttpRecorder]:
+    """A real local HTTP receiver that records every request (tests/receivers.py)."""
+    with HttpRecorder() as recorder:
+        yield recorder
+
+
+@pytest.fixture
+def smtp() -> Iterator[SmtpRecorder]:
+    """A real local SMTP server that records every mail (tests/receivers.py)."""
+    with SmtpRecorder() as recorder:
+        yield recorder

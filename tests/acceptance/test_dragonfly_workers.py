@@ -4,7 +4,7 @@ at real local receivers."""
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -78,18 +78,6 @@ def test_escalation_records_a_recommendation_and_enqueues_its_notification(
     keys = {r["message"]["idempotency_key"] for r in
             db.execute("SELECT message FROM pgmq.q_q_outbox_processor").fetchall()}
     assert keys == {f"escalate:{c}:notify" for c in seeded["case_ids"]}
-
-
-@pytest.fixture
-def http() -> Iterator[HttpRecorder]:
-    with HttpRecorder() as recorder:
-        yield recorder
-
-
-@pytest.fixture
-def smtp() -> Iterator[SmtpRecorder]:
-    with SmtpRecorder() as recorder:
-        yield recorder
 
 
 def outbox_env(http: HttpRecorder, smtp: SmtpRecorder, **extra: Any) -> dict[str, Any]:

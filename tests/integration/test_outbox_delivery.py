@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,18 +26,6 @@ from tests.receivers import HttpRecorder, Reply, SmtpRecorder, key_counts, read_
 # Webhook paths carry tokens, as Slack's and Discord's do; errors must never show them.
 TOKEN = "T0KEN-s3cret-path"
 KEY = "judgment-42:notice:1"
-
-
-@pytest.fixture
-def http() -> Iterator[HttpRecorder]:
-    with HttpRecorder() as recorder:
-        yield recorder
-
-
-@pytest.fixture
-def smtp() -> Iterator[SmtpRecorder]:
-    with SmtpRecorder() as recorder:
-        yield recorder
 
 
 def http_config(http: HttpRecorder, **extra: str) -> OutboxConfig:
