@@ -156,8 +156,16 @@ class BaseWorker:
         self.stop_requested.set()
         self._wake()
         threading.Thread(target=self._drain_deadline, name="drain-deadline", daemon=True).start()
-        self.lifecycle.drain(reason=reason, in_flight=in_flight,
-                             drain_timeout_s=self.settings.drain_timeout_s)
+        self._enter_draining(in_flight)
+
+    def _enter_draining(self, in_flight: int | None = None) -> None:
+        """Move to DRAINING if not there yet. Called by the stopping thread and, in case it
+        has not got that far, by the main thread before it finishes: whichever is first
+        emits WORKER_DRAINING, the other's trigger is refused."""
+        if self.lifecycle.state in (State.BOOTING, State.RUNNING):
+            self.lifecycle.drain(reason=self.stop_reason,
+                                 in_flight=self.processor.in_flight if in_flight is None else in_flight,
+                                 drain_timeout_s=self.settings.drain_timeout_s)
 
     def _drain_deadline(self) -> None:
         if not self.loop_done.wait(self.settings.drain_timeout_s):
@@ -167,9 +175,8 @@ class BaseWorker:
         """Stop now: the open transaction dies with the process and rolls back.
 
         A memory drain that cannot finish still ends as the memory crash it is (exit 1)."""
-        if self.lifecycle.state is State.RUNNING or self.lifecycle.state is State.BOOTING:
-            self.lifecycle.drain(reason=self.stop_reason or why, in_flight=self.processor.in_flight,
-                                 drain_timeout_s=self.settings.drain_timeout_s)
+        self.stop_reason = self.stop_reason or why
+        self._enter_draining()
         if self.memory is not None:
             changed = self.lifecycle.crash(**self._memory_crash_data(drained=False, abandoned=why))
             code = EXIT_FAILURE
@@ -276,6 +283,7 @@ class BaseWorker:
         return self._stop()
 
     def _stop(self) -> int:
+        self._enter_draining()
         if self.memory is not None:
             self.lifecycle.crash(**self._memory_crash_data(drained=True))
             self._close()

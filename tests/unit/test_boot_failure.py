@@ -28,3 +28,19 @@ def test_boot_failure_after_a_signal_during_boot_is_still_logged(
     assert boot["db_status"] == "error" and boot["error"] == "schema missing"
     assert worker.lifecycle.state is State.CRASHED
     worker.loop_done.set()
+
+
+def test_a_stop_that_races_the_end_of_boot_still_drains_and_shuts_down(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # The signal thread has set the stop flag but not yet moved the machine to DRAINING
+    # when the main thread finishes booting and then stopping.
+    settings = load_settings({"SUPABASE_MODE": "dev"})
+    worker = ProbeTransactional(settings)
+    worker.stop_reason = "SIGTERM (Deployment/Scale-down)"
+    worker.stop_requested.set()
+    with caplog.at_level(logging.INFO, logger="dragonfly.events"):
+        assert worker.lifecycle.booted(db_status="ok")
+        assert worker._stop() == 0
+    names = [r.event for r in caplog.records if r.name == "dragonfly.events"]  # type: ignore[attr-defined]
+    assert names == ["WORKER_BOOT", "WORKER_DRAINING", "WORKER_SHUTDOWN"]
+    assert worker.lifecycle.state is State.STOPPED
