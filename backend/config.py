@@ -86,6 +86,7 @@ TUNABLES: tuple[Tunable, ...] = (
             help="DEBUG, INFO, WARNING or ERROR"),
 )
 _TUNABLE_FIELDS = {t.variable: t.variable.removeprefix("WORKER_").lower() for t in TUNABLES}
+DEFAULTS: Mapping[str, Any] = {t.variable: t.default for t in TUNABLES}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,25 +99,26 @@ class Settings:
     git_sha: str | None
     hostname: str
     railway: Mapping[str, str] = field(default_factory=dict)
-    heartbeat_interval_s: float = 30.0
-    visibility_timeout_s: int = 30
-    batch_size: int = 100
-    max_attempts: int = 5
-    retry_base_s: float = 1.0
-    retry_max_s: float = 300.0
-    drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
-    boot_timeout_s: float = 30.0
-    poll_interval_s: float = 0.1
-    notify_wait_s: float = 1.0
-    notifications: str = "auto"
-    memory_limit_mb: float | None = None
-    memory_soft_limit_pct: float = 90.0
-    memory_check_interval_s: float = 1.0
-    max_payload_bytes: int = 262144
-    ledger_retention_days: float = 7.0
-    heartbeat_retention_days: float = 7.0
-    prune_interval_s: float = 600.0
-    log_level: str = "INFO"
+    # The tunables: always given by load_settings, their defaults live in TUNABLES only.
+    heartbeat_interval_s: float
+    visibility_timeout_s: int
+    batch_size: int
+    max_attempts: int
+    retry_base_s: float
+    retry_max_s: float
+    drain_timeout_s: float
+    boot_timeout_s: float
+    poll_interval_s: float
+    notify_wait_s: float
+    notifications: str
+    memory_limit_mb: float | None
+    memory_soft_limit_pct: float
+    memory_check_interval_s: float
+    max_payload_bytes: int
+    ledger_retention_days: float
+    heartbeat_retention_days: float
+    prune_interval_s: float
+    log_level: str
 
     @property
     def memory_limit_bytes(self) -> int | None:

@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import psycopg
 
+from backend.config import DEFAULTS
 from backend.db import queries as q
 from backend.errors import InvalidEnvelope, PermanentJobError
 from backend.logs import log_event
@@ -52,14 +53,14 @@ class _BatchFailed(Exception):
 
 @dataclass(frozen=True, kw_only=True)
 class ProcessingOptions:
-    """The tunables of processing, with the contract's defaults."""
+    """The tunables of processing, with the contract's defaults (``backend.config.TUNABLES``)."""
 
-    batch_size: int = 100
-    visibility_timeout_s: int = 30
-    max_attempts: int = 5
-    retry_base_s: float = 1.0
-    retry_max_s: float = 300.0
-    max_payload_bytes: int = 262144
+    batch_size: int = DEFAULTS["WORKER_BATCH_SIZE"]
+    visibility_timeout_s: int = DEFAULTS["WORKER_VISIBILITY_TIMEOUT_S"]
+    max_attempts: int = DEFAULTS["WORKER_MAX_ATTEMPTS"]
+    retry_base_s: float = DEFAULTS["WORKER_RETRY_BASE_S"]
+    retry_max_s: float = DEFAULTS["WORKER_RETRY_MAX_S"]
+    max_payload_bytes: int = DEFAULTS["WORKER_MAX_PAYLOAD_BYTES"]
 
 
 @dataclass
