@@ -1,12 +1,16 @@
 """Every SQL statement of the worker runtime, as thin named functions.
 
-pgmq is used only through what 1.4.4 has (read, send, delete with an array, set_vt with
-integer seconds, metrics), reading result columns by name. Timestamps come from
-``clock_timestamp()``: the moment of the change, not the start of a long transaction.
+pgmq is used through what 1.4.4 has (``read``, ``send``, ``metrics``) and through its queue
+tables' columns that every version has (``msg_id``, ``read_ct``, ``vt``, ``message``):
+a transactional batch locks its messages in ``pgmq.q_<queue>`` instead of calling
+``pgmq.read``, and deletions and visibility changes are one set-based statement each.
+Timestamps come from ``clock_timestamp()``: the moment of the change, not the start of a
+long transaction.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -53,36 +57,77 @@ class Failure:
 
 # --- pgmq -------------------------------------------------------------------------------
 
-def read_messages(conn: Conn, queue: str, vt_s: int, qty: int) -> list[Message]:
-    """Read up to ``qty`` messages, invisible for ``vt_s``. Bodies come as text: one parse
-    here gives both the value and its size."""
-    with conn.cursor(row_factory=tuple_row) as cur:
-        rows = cur.execute("SELECT msg_id, read_ct, message::text FROM pgmq.read(%s, %s, %s)",
-                           (queue, vt_s, qty)).fetchall()
+def queue_table(queue: str) -> str:
+    """The quoted name of ``queue``'s pgmq table."""
+    return 'pgmq."q_' + queue.replace('"', '""') + '"'
+
+
+def _messages(rows: Sequence[tuple[int, int, str | None]]) -> list[Message]:
     # pgmq.send accepts a NULL message: it reaches validation as None and is dead-lettered.
     return [Message(msg_id=msg_id, read_ct=read_ct, body=json.loads(body) if body else None,
                     size=len(body.encode()) if body else 0)
             for msg_id, read_ct, body in rows]
 
 
+def read_messages(conn: Conn, queue: str, vt_s: int, qty: int) -> list[Message]:
+    """Read up to ``qty`` messages, invisible for ``vt_s`` once this commits (a lease that
+    outlives the transaction: external jobs). Bodies come as text: one parse here gives
+    both the value and its size."""
+    with conn.cursor(row_factory=tuple_row) as cur:
+        rows = cur.execute("SELECT msg_id, read_ct, message::text FROM pgmq.read(%s, %s, %s)",
+                           (queue, vt_s, qty)).fetchall()
+    return _messages(rows)
+
+
+@functools.cache
+def _lock_sql(queue: str) -> str:
+    return (f"SELECT msg_id, read_ct, message::text FROM {queue_table(queue)}"
+            " WHERE vt <= clock_timestamp() ORDER BY msg_id LIMIT %s FOR UPDATE SKIP LOCKED")
+
+
+def lock_messages(conn: Conn, queue: str, qty: int) -> list[Message]:
+    """Lock up to ``qty`` visible messages, oldest first, for this transaction.
+
+    The same selection as ``pgmq.read`` without its update: the row locks are the lease
+    (every reader skips locked rows) and they end with the transaction, which deletes the
+    messages or rolls back. ``pgmq.read`` would also write a new version of every message
+    (``vt``, ``read_ct``) that is deleted or rolled back moments later.
+    """
+    with conn.cursor(row_factory=tuple_row) as cur:
+        rows = cur.execute(_lock_sql(queue), (qty,)).fetchall()
+    return _messages(rows)
+
+
+@functools.cache
+def _delete_sql(queue: str) -> str:
+    return f"DELETE FROM {queue_table(queue)} WHERE msg_id = ANY(%b::bigint[])"
+
+
 def delete_messages(conn: Conn, queue: str, msg_ids: Sequence[int]) -> None:
     if msg_ids:
-        conn.execute("SELECT pgmq.delete(%s, %b::bigint[])", (queue, list(msg_ids)))
+        conn.execute(_delete_sql(queue), (list(msg_ids),))
 
 
-def set_visibility(conn: Conn, queue: str, msg_ids: Sequence[int], delays_s: Sequence[int]) -> None:
-    """Make each message visible again after its delay (0: at once)."""
+@functools.cache
+def _visibility_sql(queue: str, delivered: bool) -> str:
+    count = ", read_ct = q.read_ct + 1" if delivered else ""
+    return (f"UPDATE {queue_table(queue)} AS q SET vt = clock_timestamp()"
+            f" + make_interval(secs => t.d){count}"
+            " FROM unnest(%b::bigint[], %b::int[]) AS t(m, d) WHERE q.msg_id = t.m")
+
+
+def set_visibility(conn: Conn, queue: str, msg_ids: Sequence[int], delays_s: Sequence[int],
+                   *, delivered: bool = False) -> None:
+    """Make each message visible again after its delay (0: at once). ``delivered`` counts a
+    delivery in ``read_ct`` for messages that were locked rather than read with pgmq."""
     if msg_ids:
-        conn.execute(
-            "SELECT pgmq.set_vt(%s, m, d) FROM unnest(%s::bigint[], %s::int[]) AS t(m, d)",
-            (queue, list(msg_ids), list(delays_s)),
-        )
+        conn.execute(_visibility_sql(queue, delivered), (list(msg_ids), list(delays_s)))
 
 
 def has_visible(conn: Conn, queue: str) -> bool:
     """Whether a message of ``queue`` is visible now (one indexed lookup on ``vt``)."""
     row = conn.execute(
-        f'SELECT EXISTS (SELECT 1 FROM pgmq."q_{queue}" WHERE vt <= clock_timestamp()) AS ok'
+        f"SELECT EXISTS (SELECT 1 FROM {queue_table(queue)} WHERE vt <= clock_timestamp()) AS ok"
     ).fetchone()
     return bool(row and row["ok"])
 

@@ -1,7 +1,7 @@
 """Turning a batch of pgmq messages into exactly-once effects (SPEC 6).
 
-Transactional handlers: one transaction per batch reads the messages (``pgmq.read`` locks
-them: other workers skip locked rows, so the lock is the lease), claims their keys in the
+Transactional handlers: one transaction per batch locks the messages (the row locks are the
+lease: every reader skips locked rows, and they end with the transaction), claims their keys in the
 ledger as completed, runs the handler on the same connection and deletes the messages.
 A kill at any point rolls all of it back and the messages are visible at once. The batch
 runs optimistically in one go; when a handler raises, the transaction rolls back and the
@@ -222,7 +222,9 @@ class Processor:
         q.record_failures(conn, out.failures)
         delays = {f.msg_id: f.delay_s for f in out.failures}
         delays.update(later or {})
-        q.set_visibility(conn, self.queue, list(delays), list(delays.values()))
+        # Locked messages (transactional) were not counted as read by pgmq: count this delivery.
+        q.set_visibility(conn, self.queue, list(delays), list(delays.values()),
+                         delivered=self.kind == "transactional")
         q.dead_letter(conn, queue=self.queue, worker_id=self.worker_id, letters=out.letters)
         q.delete_messages(conn, self.queue, [*(j.msg_id for j in out.done), *delete])
 
@@ -238,7 +240,7 @@ class Processor:
     # --- transactional -----------------------------------------------------------------
 
     def _transactional_batch(self, conn: Conn) -> int:
-        """One transaction: read, claim (as completed), handle, settle, delete, commit.
+        """One transaction: lock, claim (as completed), handle, settle, delete, commit.
 
         The batch runs optimistically in one go. When a handler raises, the whole
         transaction rolls back (the messages are visible again at once, no attempt is
@@ -248,8 +250,7 @@ class Processor:
         careful = self._careful
         try:
             with conn.transaction():
-                messages = q.read_messages(conn, self.queue, self.options.visibility_timeout_s,
-                                           self.options.batch_size)
+                messages = q.lock_messages(conn, self.queue, self.options.batch_size)
                 if not messages:
                     return 0
                 self.in_flight = len(messages)

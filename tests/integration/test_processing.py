@@ -134,6 +134,55 @@ def test_same_key_enqueued_twice_has_one_effect(db: Conn, work_conn: Conn, clean
     assert ledger(db, "twice")["attempts"] == 1
 
 
+def test_a_transactional_batch_holds_its_messages_by_lock_alone(
+        db: Conn, work_conn: Conn, clean_db: str) -> None:
+    """While the batch runs, every other reader skips its messages; they are never rewritten
+    (no vt or read_ct change is committed), and a batch that rolls back leaves them as they
+    were, visible at once."""
+    seen: dict[str, Any] = {}
+
+    class Peek(Recorder):
+        def handle_batch(self, conn: Conn, jobs: list[Job]) -> None:
+            with psycopg.connect(clean_db, autocommit=True) as other:
+                seen["pgmq.read"] = other.execute("SELECT * FROM pgmq.read(%s, 30, 10)",
+                                                  (QUEUE,)).fetchall()
+                seen["lock"] = q.lock_messages(other, QUEUE, 10)
+                seen["rows"] = other.execute("SELECT read_ct, vt <= clock_timestamp()"
+                                             " FROM pgmq.q_q_probe").fetchall()
+            seen["updated"] = conn.execute("SELECT n_tup_upd FROM pg_stat_xact_user_tables"
+                                           " WHERE relid = 'pgmq.q_q_probe'::regclass"
+                                           ).fetchone()["n_tup_upd"]
+            if seen.setdefault("runs", 0) == 0:
+                seen["runs"] = 1
+                raise RuntimeError("roll this batch back")
+            super().handle_batch(conn, jobs)
+
+    for i in range(3):
+        send(db, f"held{i}")
+    proc = processor(clean_db, Peek())
+    assert proc.process_batch(work_conn) == 3  # rolled back, no attempt counted
+    assert seen["pgmq.read"] == [] and seen["lock"] == []
+    assert seen["rows"] == [(0, True)] * 3
+    assert seen["updated"] == 0, "the batch wrote new versions of its messages"
+    assert db.execute("SELECT count(*) AS n FROM pgmq.q_q_probe WHERE read_ct = 0"
+                      " AND vt <= clock_timestamp()").fetchone()["n"] == 3
+    run_until(proc, work_conn, lambda: queue_depth(db) == 0)
+    assert effects(db) == 3
+
+
+def test_a_failed_transactional_job_is_counted_as_delivered_and_delayed(
+        db: Conn, work_conn: Conn, clean_db: str) -> None:
+    send(db, "once")
+    proc = processor(clean_db, Recorder(fail={"once": 1}), retry_base_s=4.0)
+    proc.process_batch(work_conn)  # optimistic: rolled back
+    proc.process_batch(work_conn)  # one by one: attempt 1 fails and commits
+    row = db.execute("SELECT read_ct, extract(epoch FROM vt - clock_timestamp())::float8 AS wait"
+                     " FROM pgmq.q_q_probe").fetchone()
+    assert row["read_ct"] == 1
+    assert 1.0 <= row["wait"] <= 4.0  # jittered to half..all of 4 s, whole seconds
+    assert ledger(db, "once")["status"] == "failed"
+
+
 def test_failures_retry_with_backoff_then_complete(
         db: Conn, work_conn: Conn, clean_db: str, caplog: pytest.LogCaptureFixture) -> None:
     handler = Recorder(fail={"flaky": 2})
