@@ -362,8 +362,18 @@ class Collected:
             self.samples.setdefault(key, []).append(value)
 
 
-def baseline_run(db: BenchDatabase, batch: int, jobs: int, tag: str) -> dict[str, Any]:
-    """The plain loop: ``pgmq.read`` a batch, one ``pgmq.delete`` of its ids, autocommit."""
+_LOCK_BATCH = (f'SELECT msg_id, message FROM pgmq."q_{BASE_QUEUE}" WHERE vt <= clock_timestamp()'
+               " ORDER BY msg_id LIMIT %s FOR UPDATE SKIP LOCKED")
+_DELETE_BATCH = f'DELETE FROM pgmq."q_{BASE_QUEUE}" WHERE msg_id = ANY(%s::bigint[])'
+
+
+def baseline_run(db: BenchDatabase, batch: int, jobs: int, tag: str, *, locking: bool = False
+                 ) -> dict[str, Any]:
+    """The plain loop: ``pgmq.read`` a batch, one ``pgmq.delete`` of its ids, autocommit.
+
+    ``locking``: the same messages taken as a transactional worker takes them, one
+    transaction per batch locking them (``FOR UPDATE SKIP LOCKED``) and deleting them.
+    """
     db.conn.execute(f'TRUNCATE pgmq."q_{BASE_QUEUE}"')
     fill_s = db.fill_bench(BASE_QUEUE, jobs, tag)
     done, first_n = 0, 0
@@ -371,19 +381,28 @@ def baseline_run(db: BenchDatabase, batch: int, jobs: int, tag: str) -> dict[str
     cpu0 = time.process_time()
     with psycopg.connect(db.url, autocommit=True) as conn:
         while True:
-            rows = conn.execute("SELECT msg_id, message FROM pgmq.read(%s, %s, %s)",
-                                (BASE_QUEUE, VT_S, batch)).fetchall()
+            if locking:
+                with conn.transaction():
+                    rows = conn.execute(_LOCK_BATCH, (batch,)).fetchall()
+                    if rows:
+                        conn.execute(_DELETE_BATCH, ([r[0] for r in rows],))
+            else:
+                rows = conn.execute("SELECT msg_id, message FROM pgmq.read(%s, %s, %s)",
+                                    (BASE_QUEUE, VT_S, batch)).fetchall()
+                if rows:
+                    conn.execute("SELECT pgmq.delete(%s, %s::bigint[])",
+                                 (BASE_QUEUE, [r[0] for r in rows]))
             if not rows:
                 break
-            conn.execute("SELECT pgmq.delete(%s, %s::bigint[])", (BASE_QUEUE, [r[0] for r in rows]))
             done += len(rows)
             last = time.perf_counter()
             if not first_n:
                 first, first_n = last, done
     cpu = time.process_time() - cpu0
     rate = (done - first_n) / (last - first) if last > first else None
-    return {"kind": "baseline", "batch": batch, "jobs": done, "fill_s": round(fill_s, 3),
-            "rate": rate, "client_cpu_us_per_msg": cpu / done * 1e6 if done else None}
+    return {"kind": "locking loop" if locking else "baseline", "batch": batch, "jobs": done,
+            "fill_s": round(fill_s, 3), "rate": rate,
+            "client_cpu_us_per_msg": cpu / done * 1e6 if done else None}
 
 
 def worker_run(db: BenchDatabase, module: str, queue: str, batch: int, jobs: int,
@@ -415,6 +434,9 @@ def throughput(db: BenchDatabase, plan: Plan, out: Collected, rep: int) -> None:
         base = baseline_run(db, batch, jobs, f"base-{rep}-{batch}")
         out.runs.append(base)
         out.add(f"baseline_rate_{batch}", base["rate"])
+        locked = baseline_run(db, batch, jobs, f"lock-{rep}-{batch}", locking=True)
+        out.runs.append(locked)
+        out.add(f"locking_rate_{batch}", locked["rate"])
         tag = f"w-{rep}-{batch}"
         run = worker_run(db, BENCH_MODULE, BENCH_QUEUE, batch, jobs,
                          lambda tag=tag, jobs=jobs: db.fill_bench(BENCH_QUEUE, jobs, tag))
@@ -425,7 +447,10 @@ def throughput(db: BenchDatabase, plan: Plan, out: Collected, rep: int) -> None:
         out.add("exit_s", run["exit_s"])
         if base["rate"] and run["rate"]:
             out.add(f"ratio_{batch}", run["rate"] / base["rate"])
-        _progress(f"batch {batch:>3}: baseline {base['rate']:,.0f}/s, worker {run['rate']:,.0f}/s,"
+        if locked["rate"] and run["rate"]:
+            out.add(f"locking_ratio_{batch}", run["rate"] / locked["rate"])
+        _progress(f"batch {batch:>3}: baseline {base['rate']:,.0f}/s, locking loop"
+                  f" {locked['rate']:,.0f}/s, worker {run['rate']:,.0f}/s,"
                   f" {run['cpu_us_per_job']:.0f} µs CPU/job")
 
 
@@ -612,11 +637,15 @@ class Figure:
 def figures(plan: Plan) -> list[Figure]:
     rows = [Figure(key=f"baseline_rate_{b}", label=f"baseline loop, batch {b}", unit="msg/s")
             for b in plan.batch_sizes]
+    rows += [Figure(key=f"locking_rate_{b}", label=f"locking loop, batch {b}", unit="msg/s")
+             for b in plan.batch_sizes]
     rows += [Figure(key=f"worker_rate_{b}", label=f"no-op worker, batch {b}", unit="jobs/s",
                     **({"limit": 15_000, "at_least": True, "target": "1"} if b == DEFAULT_BATCH else {}))
              for b in plan.batch_sizes]
     rows += [Figure(key=f"ratio_{b}", label=f"worker / baseline, batch {b}", unit="x",
                     **({"limit": 0.3, "at_least": True, "target": "1"} if b == DEFAULT_BATCH else {}))
+             for b in plan.batch_sizes]
+    rows += [Figure(key=f"locking_ratio_{b}", label=f"worker / locking loop, batch {b}", unit="x")
              for b in plan.batch_sizes]
     soak = f"{plan.soak_jobs:,}"
     return [
@@ -722,6 +751,7 @@ def draw_chart(path: Path, rows: list[dict[str, Any]], out: Collected, plan: Pla
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
     sizes = list(plan.batch_sizes)
     for prefix, label, color in (("baseline_rate", "plain pgmq loop (baseline)", "tab:gray"),
+                                 ("locking_rate", "plain locking loop", "tab:olive"),
                                  ("worker_rate", "no-op worker (real process)", "tab:blue")):
         series = [by_key[f"{prefix}_{b}"] for b in sizes]
         med = [r["median"] or 0 for r in series]
