@@ -269,6 +269,7 @@ class Processor:
                 done_keys = {j.idempotency_key for j in out.done} | {
                     env["idempotency_key"] for env, msg_id in batch.jobs if msg_id in already}
                 dup_delete = [m for k, ids in batch.duplicates.items() if k in done_keys for m in ids]
+                later.update(_copies_wait(batch, out, later))
                 self._settle(conn, out, delete=[*completed, *dup_delete], later=later, complete=False)
         except _BatchFailed:
             self._careful = True
@@ -325,11 +326,13 @@ class Processor:
                 envelope, msg_id = pending.pop(0)
                 key = envelope["idempotency_key"]
                 self.in_flight = 1
-                done = self._external_one(conn, (envelope, msg_id))
+                done, wait_s = self._external_one(conn, (envelope, msg_id))
                 self.held.drop(msg_id, key)
-                dupes = batch.duplicates.pop(key, [])
-                if done and dupes:
-                    q.delete_messages(conn, self.queue, dupes)
+                if done:
+                    q.delete_messages(conn, self.queue, batch.duplicates.pop(key, []))
+                elif wait_s and key in batch.duplicates:
+                    dupes = batch.duplicates.pop(key)
+                    q.set_visibility(conn, self.queue, dupes, [wait_s] * len(dupes))
             # Not started (draining) or duplicates of unfinished keys: visible again now.
             release = [msg_id for _, msg_id in pending] + [m for ids in batch.duplicates.values()
                                                            for m in ids]
@@ -339,8 +342,9 @@ class Processor:
             self.held.clear()
         return len(messages)
 
-    def _external_one(self, conn: Conn, pending: tuple[dict[str, Any], int]) -> bool:
-        """Run one external job; True when its key is completed afterwards."""
+    def _external_one(self, conn: Conn, pending: tuple[dict[str, Any], int]) -> tuple[bool, int]:
+        """Run one external job; return whether its key is completed afterwards, and else the
+        seconds its message waits before the next delivery (0: none set)."""
         out = _Outcome()
         with conn.transaction():
             claimed, completed, later = self._claim(conn, [pending], out, status="processing")
@@ -374,10 +378,21 @@ class Processor:
                     log_event("JOB_CLAIM_LOST", {"queue": self.queue, "job_key": job.idempotency_key,
                                                  "msg_id": job.msg_id, "attempt": job.attempt},
                               logging.WARNING)
-                    return False
+                    return False, 0
                 self._settle(conn, out)
         self._after_commit(out)
-        return bool(out.done or completed)
+        waits = [f.delay_s for f in out.failures] + list(later.values())
+        return bool(out.done or completed), max(waits, default=0)
+
+
+def _copies_wait(batch: _Sorted, out: _Outcome, later: dict[int, int]) -> dict[int, int]:
+    """Msg id -> delay for the later copies of keys whose first message of the batch waits:
+    a failed attempt's backoff, or another worker's lease. Without it a copy would be
+    delivered again at once and run the key's next attempt without its backoff."""
+    wait = {f.job_key: f.delay_s for f in out.failures}
+    wait.update({env["idempotency_key"]: later[msg_id] for env, msg_id in batch.jobs
+                 if msg_id in later})
+    return {m: wait[key] for key, ids in batch.duplicates.items() if key in wait for m in ids}
 
 
 def _envelope_of(job: Job) -> dict[str, Any]:

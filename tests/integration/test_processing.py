@@ -136,9 +136,9 @@ def test_same_key_enqueued_twice_has_one_effect(db: Conn, work_conn: Conn, clean
 
 def test_a_transactional_batch_holds_its_messages_by_lock_alone(
         db: Conn, work_conn: Conn, clean_db: str) -> None:
-    """While the batch runs, every other reader skips its messages; they are never rewritten
-    (no vt or read_ct change is committed), and a batch that rolls back leaves them as they
-    were, visible at once."""
+    """While the batch runs, every other reader skips its messages, and the batch writes no
+    new version of them (pgmq.read would set vt and read_ct of each); a batch that rolls
+    back leaves them visible at once."""
     seen: dict[str, Any] = {}
 
     class Peek(Recorder):
@@ -147,22 +147,16 @@ def test_a_transactional_batch_holds_its_messages_by_lock_alone(
                 seen["pgmq.read"] = other.execute("SELECT * FROM pgmq.read(%s, 30, 10)",
                                                   (QUEUE,)).fetchall()
                 seen["lock"] = q.lock_messages(other, QUEUE, 10)
-                seen["rows"] = other.execute("SELECT read_ct, vt <= clock_timestamp()"
-                                             " FROM pgmq.q_q_probe").fetchall()
             seen["updated"] = conn.execute("SELECT n_tup_upd FROM pg_stat_xact_user_tables"
                                            " WHERE relid = 'pgmq.q_q_probe'::regclass"
                                            ).fetchone()["n_tup_upd"]
-            if seen.setdefault("runs", 0) == 0:
-                seen["runs"] = 1
-                raise RuntimeError("roll this batch back")
-            super().handle_batch(conn, jobs)
+            raise RuntimeError("roll this batch back")  # the next batch runs one by one
 
     for i in range(3):
         send(db, f"held{i}")
     proc = processor(clean_db, Peek())
     assert proc.process_batch(work_conn) == 3  # rolled back, no attempt counted
     assert seen["pgmq.read"] == [] and seen["lock"] == []
-    assert seen["rows"] == [(0, True)] * 3
     assert seen["updated"] == 0, "the batch wrote new versions of its messages"
     assert db.execute("SELECT count(*) AS n FROM pgmq.q_q_probe WHERE read_ct = 0"
                       " AND vt <= clock_timestamp()").fetchone()["n"] == 3
@@ -203,6 +197,40 @@ def test_failures_retry_with_backoff_then_complete(
     for (before, after), delay in zip(itertools.pairwise(runs), delays, strict=True):
         assert after - before >= delay - 0.05
     assert all(effects(db, f"other{i}") == 1 for i in range(5))
+
+
+class ExternalFailingOnce:
+    def __init__(self) -> None:
+        self.attempts: list[int] = []
+
+    def handle(self, job: Job) -> None:
+        self.attempts.append(job.attempt)
+        if job.attempt == 1:
+            raise RuntimeError("planned failure")
+
+
+@pytest.mark.parametrize("kind", ["transactional", "external"])
+def test_copies_of_a_failed_key_wait_out_its_backoff(
+        db: Conn, work_conn: Conn, clean_db: str, kind: HandlerKind) -> None:
+    """A key sent twice whose first attempt fails: the copy waits with the first message,
+    so the next attempt still comes after the backoff, not at once."""
+    send(db, "twin")
+    send(db, "twin")
+    handler: Any = Recorder(fail={"twin": 1}) if kind == "transactional" else ExternalFailingOnce()
+    proc = processor(clean_db, handler, kind=kind, retry_base_s=4.0)
+    for _ in range(3):  # transactional: optimistic (rolled back), then one by one
+        proc.process_batch(work_conn)
+        if ledger(db, "twin") is not None:
+            break
+    assert ledger(db, "twin")["status"] == "failed"
+    for _ in range(3):
+        assert proc.process_batch(work_conn) == 0, "a copy was delivered during the backoff"
+    waits = [r["wait"] for r in db.execute(
+        "SELECT extract(epoch FROM vt - clock_timestamp())::float8 AS wait FROM pgmq.q_q_probe")]
+    assert len(waits) == 2 and all(w >= 1.0 for w in waits)
+    assert ledger(db, "twin")["attempts"] == 1
+    run_until(proc, work_conn, lambda: queue_depth(db) == 0, timeout=30)
+    assert ledger(db, "twin")["status"] == "completed" and ledger(db, "twin")["attempts"] == 2
 
 
 def test_always_failing_job_is_dead_lettered_and_replay_completes_it_once(
