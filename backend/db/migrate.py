@@ -20,6 +20,7 @@ from typing import Any
 import psycopg
 
 from backend.config import QUEUES
+from backend.db.queries import queue_table
 from backend.logs import log_event
 
 _LOCK_KEY = 7_310_412_001  # pg_advisory_lock key of migrations
@@ -107,7 +108,7 @@ def ensure_queue(conn: psycopg.Connection[Any], queue: str) -> None:
         conn.execute("SELECT pgmq.disable_notify_insert(%s)", (queue,))
     if not _has_trigger(conn, queue, NOTIFY_TRIGGER):
         conn.execute(
-            f'CREATE TRIGGER {NOTIFY_TRIGGER} AFTER INSERT ON pgmq."q_{queue}"'
+            f"CREATE TRIGGER {NOTIFY_TRIGGER} AFTER INSERT ON {queue_table(queue)}"
             " FOR EACH STATEMENT EXECUTE FUNCTION workers.notify_queue_insert()")
 
 

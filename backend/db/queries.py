@@ -28,7 +28,6 @@ class Message:
     """One pgmq message as read: its parsed body and the size of its JSON text."""
 
     msg_id: int
-    read_ct: int
     body: Any
     size: int
 
@@ -58,15 +57,15 @@ class Failure:
 # --- pgmq -------------------------------------------------------------------------------
 
 def queue_table(queue: str) -> str:
-    """The quoted name of ``queue``'s pgmq table."""
-    return 'pgmq."q_' + queue.replace('"', '""') + '"'
+    """The quoted name of ``queue``'s pgmq table (pgmq lowercases queue names)."""
+    return 'pgmq."q_' + queue.lower().replace('"', '""') + '"'
 
 
-def _messages(rows: Sequence[tuple[int, int, str | None]]) -> list[Message]:
+def _messages(rows: Sequence[tuple[int, str | None]]) -> list[Message]:
     # pgmq.send accepts a NULL message: it reaches validation as None and is dead-lettered.
-    return [Message(msg_id=msg_id, read_ct=read_ct, body=json.loads(body) if body else None,
+    return [Message(msg_id=msg_id, body=json.loads(body) if body else None,
                     size=len(body.encode()) if body else 0)
-            for msg_id, read_ct, body in rows]
+            for msg_id, body in rows]
 
 
 def read_messages(conn: Conn, queue: str, vt_s: int, qty: int) -> list[Message]:
@@ -74,14 +73,14 @@ def read_messages(conn: Conn, queue: str, vt_s: int, qty: int) -> list[Message]:
     outlives the transaction: external jobs). Bodies come as text: one parse here gives
     both the value and its size."""
     with conn.cursor(row_factory=tuple_row) as cur:
-        rows = cur.execute("SELECT msg_id, read_ct, message::text FROM pgmq.read(%s, %s, %s)",
+        rows = cur.execute("SELECT msg_id, message::text FROM pgmq.read(%s, %s, %s)",
                            (queue, vt_s, qty)).fetchall()
     return _messages(rows)
 
 
 @functools.cache
 def _lock_sql(queue: str) -> str:
-    return (f"SELECT msg_id, read_ct, message::text FROM {queue_table(queue)}"
+    return (f"SELECT msg_id, message::text FROM {queue_table(queue)}"
             " WHERE vt <= clock_timestamp() ORDER BY msg_id LIMIT %s FOR UPDATE SKIP LOCKED")
 
 
