@@ -389,6 +389,8 @@ def _copies_wait(batch: _Sorted, out: _Outcome, later: dict[int, int]) -> dict[i
     """Msg id -> delay for the later copies of keys whose first message of the batch waits:
     a failed attempt's backoff, or another worker's lease. Without it a copy would be
     delivered again at once and run the key's next attempt without its backoff."""
+    if not batch.duplicates:
+        return {}
     wait = {f.job_key: f.delay_s for f in out.failures}
     wait.update({env["idempotency_key"]: later[msg_id] for env, msg_id in batch.jobs
                  if msg_id in later})
