@@ -25,3 +25,13 @@ class PermanentJobError(WorkerError):
 
 class InvalidEnvelope(PermanentJobError):
     """A message body that is not a valid job envelope."""
+
+
+class PayloadTooLarge(InvalidEnvelope):
+    """A body over ``WORKER_MAX_PAYLOAD_BYTES``: dead-lettered from the server's copy, never
+    read into the worker."""
+
+
+class UndecodableMessage(InvalidEnvelope):
+    """A body the JSON decoder rejects (nesting too deep, a number too long): dead-lettered
+    with its text."""

@@ -1,17 +1,16 @@
 """Every SQL statement of the worker runtime, as thin named functions.
 
-pgmq is used through what 1.4.4 has (``read``, ``send``, ``metrics``) and through its queue
-tables' columns that every version has (``msg_id``, ``read_ct``, ``vt``, ``message``):
-a transactional batch locks its messages in ``pgmq.q_<queue>`` instead of calling
-``pgmq.read``, and deletions and visibility changes are one set-based statement each.
-Timestamps come from ``clock_timestamp()``: the moment of the change, not the start of a
-long transaction.
+pgmq is used through what 1.4.4 has (``send``, ``metrics``) and through its queue tables'
+columns that every version has (``msg_id``, ``read_ct``, ``vt``, ``message``): messages are
+taken with pgmq's ``read`` written as one statement against the queue table (with the size
+check on the server), and deletions and visibility changes are one set-based statement
+each. Timestamps come from ``clock_timestamp()``: the moment of the change, not the start
+of a long transaction.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,11 +24,17 @@ Conn = psycopg.Connection[Any]
 
 @dataclass(frozen=True, kw_only=True)
 class Message:
-    """One pgmq message as read: its parsed body and the size of its JSON text."""
+    """One delivery of a pgmq message: its body's JSON text, unless over the size limit
+    (then only a prefix of it), the text's size in bytes, and how many times the message
+    has been delivered, this delivery included."""
 
     msg_id: int
-    body: Any
+    text: str | None
     size: int
+    deliveries: int
+
+    def too_large(self, max_bytes: int) -> bool:
+        return self.size > max_bytes
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,7 +43,6 @@ class DeadLetter:
 
     msg_id: int
     job_key: str | None
-    body: Any
     error: str
     error_type: str
     attempts: int
@@ -61,40 +65,45 @@ def queue_table(queue: str) -> str:
     return 'pgmq."q_' + queue.lower().replace('"', '""') + '"'
 
 
-def _messages(rows: Sequence[tuple[int, str | None]]) -> list[Message]:
-    # pgmq.send accepts a NULL message: it reaches validation as None and is dead-lettered.
-    return [Message(msg_id=msg_id, body=json.loads(body) if body else None,
-                    size=len(body.encode()) if body else 0)
-            for msg_id, body in rows]
-
-
-def read_messages(conn: Conn, queue: str, vt_s: int, qty: int) -> list[Message]:
-    """Read up to ``qty`` messages, invisible for ``vt_s`` once this commits (a lease that
-    outlives the transaction: external jobs). Bodies come as text: one parse here gives
-    both the value and its size."""
-    with conn.cursor(row_factory=tuple_row) as cur:
-        rows = cur.execute("SELECT msg_id, message::text FROM pgmq.read(%s, %s, %s)",
-                           (queue, vt_s, qty)).fetchall()
-    return _messages(rows)
+# How much of an oversized body is fetched, to name it in the dead letter.
+PREFIX_CHARS = 200
 
 
 @functools.cache
-def _lock_sql(queue: str) -> str:
-    return (f"SELECT msg_id, message::text FROM {queue_table(queue)}"
-            " WHERE vt <= clock_timestamp() ORDER BY msg_id LIMIT %s FOR UPDATE SKIP LOCKED")
+def _fetch_sql(queue: str) -> str:
+    table = queue_table(queue)
+    # The size is checked on the server, so an oversized body never reaches the worker.
+    # OFFSET 0 keeps the planner from inlining the subquery, so each body is serialized once.
+    return f"""
+WITH picked AS (
+    SELECT msg_id FROM {table} WHERE vt <= clock_timestamp()
+    ORDER BY msg_id LIMIT %(qty)s FOR UPDATE SKIP LOCKED
+), taken AS (
+    UPDATE {table} AS q SET vt = clock_timestamp() + make_interval(secs => %(vt)s),
+           read_ct = q.read_ct + 1
+    FROM picked WHERE q.msg_id = picked.msg_id
+    RETURNING q.msg_id, q.read_ct, q.message
+)
+SELECT t.msg_id, CASE WHEN b.size <= %(max)s THEN b.text ELSE left(b.text, {PREFIX_CHARS}) END,
+       coalesce(b.size, 0), t.read_ct
+FROM taken AS t,
+     LATERAL (SELECT x.text, octet_length(x.text) AS size
+              FROM (SELECT t.message::text AS text OFFSET 0) AS x) AS b
+ORDER BY t.msg_id"""
 
 
-def lock_messages(conn: Conn, queue: str, qty: int) -> list[Message]:
-    """Lock up to ``qty`` visible messages, oldest first, for this transaction.
+def fetch_messages(conn: Conn, queue: str, *, qty: int, vt_s: int, max_bytes: int) -> list[Message]:
+    """Take up to ``qty`` visible messages, oldest first, and count this delivery.
 
-    The same selection as ``pgmq.read`` without its update: the row locks are the lease
-    (every reader skips locked rows) and they end with the transaction, which deletes the
-    messages or rolls back. ``pgmq.read`` would also write a new version of every message
-    (``vt``, ``read_ct``) that is deleted or rolled back moments later.
+    One autocommit statement, pgmq's ``read`` written against the queue table: each message
+    becomes invisible for ``vt_s`` (the lease) and its ``read_ct`` is incremented, committed
+    before any handler runs. So a delivery that ends with its worker gone (killed, frozen,
+    cut off) still counts, and the lease ends on its own. Bodies come as JSON text, a body
+    over ``max_bytes`` as a prefix only.
     """
     with conn.cursor(row_factory=tuple_row) as cur:
-        rows = cur.execute(_lock_sql(queue), (qty,)).fetchall()
-    return _messages(rows)
+        rows = cur.execute(_fetch_sql(queue), {"qty": qty, "vt": vt_s, "max": max_bytes}).fetchall()
+    return [Message(msg_id=m, text=t, size=n, deliveries=d) for m, t, n, d in rows]
 
 
 @functools.cache
@@ -107,20 +116,32 @@ def delete_messages(conn: Conn, queue: str, msg_ids: Sequence[int]) -> None:
         conn.execute(_delete_sql(queue), (list(msg_ids),))
 
 
-@functools.cache
-def _visibility_sql(queue: str, delivered: bool) -> str:
-    count = ", read_ct = q.read_ct + 1" if delivered else ""
-    return (f"UPDATE {queue_table(queue)} AS q SET vt = clock_timestamp()"
-            f" + make_interval(secs => t.d){count}"
-            " FROM unnest(%b::bigint[], %b::int[]) AS t(m, d) WHERE q.msg_id = t.m")
+_VISIBILITY_SQL = ("UPDATE {table} AS q SET vt = clock_timestamp() + make_interval(secs => t.d)"
+                   " FROM unnest(%b::bigint[], %b::int[]) AS t(m, d) WHERE q.msg_id = t.m")
 
 
-def set_visibility(conn: Conn, queue: str, msg_ids: Sequence[int], delays_s: Sequence[int],
-                   *, delivered: bool = False) -> None:
-    """Make each message visible again after its delay (0: at once). ``delivered`` counts a
-    delivery in ``read_ct`` for messages that were locked rather than read with pgmq."""
+def set_visibility(conn: Conn, queue: str, msg_ids: Sequence[int], delays_s: Sequence[int]) -> None:
+    """Make each message visible again after its delay (0: at once)."""
     if msg_ids:
-        conn.execute(_visibility_sql(queue, delivered), (list(msg_ids), list(delays_s)))
+        conn.execute(_VISIBILITY_SQL.format(table=queue_table(queue)), (list(msg_ids), list(delays_s)))
+
+
+def release_messages(conn: Conn, queue: str, msg_ids: Sequence[int]) -> None:
+    """Give back messages taken but never started (a drain): visible at once, and this
+    delivery uncounted, so they are not mistaken for jobs that took their worker down."""
+    if msg_ids:
+        conn.execute(f"UPDATE {queue_table(queue)} SET vt = clock_timestamp(),"
+                     " read_ct = greatest(read_ct - 1, 0) WHERE msg_id = ANY(%b::bigint[])",
+                     (list(msg_ids),))
+
+
+def bound_transaction(conn: Conn, limit_ms: int) -> None:
+    """Bound the open transaction by the lease: no statement, and no pause between
+    statements, may last longer than ``limit_ms``. The server ends a frozen, hung or
+    cut-off worker's transaction after that, releasing its locks; set per transaction, so it
+    holds behind the transaction pooler too."""
+    conn.execute("SELECT set_config('idle_in_transaction_session_timeout', %(ms)s, true),"
+                 " set_config('statement_timeout', %(ms)s, true)", {"ms": str(limit_ms)})
 
 
 def has_visible(conn: Conn, queue: str) -> bool:
@@ -159,7 +180,11 @@ def notify_channel(queue: str) -> str:
 
 # --- the ledger --------------------------------------------------------------------------
 
-_CLAIM = """
+# Keys are claimed under a transaction-scoped advisory lock taken with ``try``: a key that
+# another worker's open transaction is claiming or running is skipped, never waited for.
+_KEY_LOCK = "pg_try_advisory_xact_lock(hashtextextended({key}, 7310412001))"
+
+_CLAIM = f"""
 INSERT INTO workers.processed_jobs AS p
     (job_key, queue_name, msg_id, status, attempts, worker_id, lease_expires_at,
      created_at, updated_at, completed_at)
@@ -168,26 +193,30 @@ SELECT k, %(queue)s, m, %(status)s, 1, %(worker)s,
        clock_timestamp(), clock_timestamp(),
        CASE WHEN %(status)s = 'completed' THEN clock_timestamp() END
 FROM unnest(%(keys)b::text[], %(ids)b::bigint[]) AS t(k, m)
-ORDER BY k  -- one lock order for every worker: no deadlocks between batches
+WHERE {_KEY_LOCK.format(key="k")}
+ORDER BY k  -- one row lock order for every worker: no deadlocks between batches
 ON CONFLICT (job_key) DO UPDATE
 SET status = EXCLUDED.status, attempts = p.attempts + 1, msg_id = EXCLUDED.msg_id,
     queue_name = EXCLUDED.queue_name, worker_id = EXCLUDED.worker_id,
     lease_expires_at = EXCLUDED.lease_expires_at, completed_at = EXCLUDED.completed_at,
     updated_at = clock_timestamp()
-WHERE p.status = 'failed'
-   OR (p.status = 'processing' AND p.lease_expires_at < clock_timestamp())
+WHERE (p.status = 'failed' AND coalesce(p.lease_expires_at <= clock_timestamp(), true))
+   OR (%(status)s = 'processing' AND p.status = 'processing'
+       AND p.lease_expires_at < clock_timestamp())
 RETURNING p.job_key, p.attempts
 """
 
 
 def claim(conn: Conn, *, queue: str, worker_id: str, keys: Sequence[str],
           msg_ids: Sequence[int], lease_s: float, status: str = "processing") -> dict[str, int]:
-    """Claim each key not completed, dead, or held by a live lease; return key -> attempt.
+    """Claim each key not completed, dead, held by a live lease or by another worker's open
+    transaction; return key -> attempt.
 
-    ``processing`` (external jobs) commits a claim with a lease; ``completed`` is for a
-    transactional batch, whose claim and effects commit together or not at all (a failed
-    job's row is then set to failed before the commit). A key another transaction is
-    claiming blocks here until that one ends, so two workers never both claim it.
+    ``processing`` commits a claim with a lease before the handler runs (external jobs, and
+    transactional jobs run alone): it also takes over a claim whose lease expired, the trace
+    of a worker that died in the handler. ``completed`` is for a transactional batch, whose
+    claim and effects commit together or not at all; it leaves an expired claim alone, so
+    such a job is run alone, with its delivery counted first.
     """
     if not keys:
         return {}
@@ -208,10 +237,12 @@ def ledger_status(conn: Conn, keys: Sequence[str]) -> dict[str, tuple[str, float
 
 
 def owns_claim(conn: Conn, key: str, worker_id: str) -> bool:
-    """Lock this worker's live claim of ``key``; False when another worker took it over."""
+    """Lock this worker's live claim of ``key`` for this transaction; False when another
+    worker took it over. Waits (within the transaction's bound) for a claim in progress."""
     row = conn.execute(
-        "SELECT 1 AS ok FROM workers.processed_jobs WHERE job_key = %s AND worker_id = %s"
-        " AND status = 'processing' FOR UPDATE", (key, worker_id)).fetchone()
+        "SELECT 1 AS ok FROM workers.processed_jobs, pg_advisory_xact_lock(hashtextextended(%(k)s,"
+        " 7310412001)) WHERE job_key = %(k)s AND worker_id = %(w)s AND status = 'processing'"
+        " FOR UPDATE OF processed_jobs", {"k": key, "w": worker_id}).fetchone()
     return row is not None
 
 
@@ -224,14 +255,16 @@ def complete(conn: Conn, keys: Sequence[str]) -> None:
 
 
 def record_failures(conn: Conn, failures: Sequence[Failure]) -> None:
-    """Mark the attempts failed and delay the messages' next delivery."""
+    """Mark the attempts failed. A failed key's ``lease_expires_at`` is the end of its
+    backoff: no copy of the key is claimed before then (``claim``)."""
     if not failures:
         return
     conn.execute(
         "UPDATE workers.processed_jobs p SET status = 'failed', last_error = f.err,"
-        " lease_expires_at = NULL, completed_at = NULL, updated_at = clock_timestamp()"
-        " FROM unnest(%s::text[], %s::text[]) AS f(k, err) WHERE p.job_key = f.k",
-        ([f.job_key for f in failures], [f.error for f in failures]))
+        " lease_expires_at = clock_timestamp() + make_interval(secs => f.d),"
+        " completed_at = NULL, updated_at = clock_timestamp()"
+        " FROM unnest(%s::text[], %s::text[], %s::int[]) AS f(k, err, d) WHERE p.job_key = f.k",
+        ([f.job_key for f in failures], [f.error for f in failures], [f.delay_s for f in failures]))
 
 
 def release_claims(conn: Conn, worker_id: str, keys: Sequence[str]) -> None:
@@ -245,7 +278,7 @@ def release_claims(conn: Conn, worker_id: str, keys: Sequence[str]) -> None:
 
 def extend_leases(conn: Conn, *, queue: str, worker_id: str, msg_ids: Sequence[int],
                   keys: Sequence[str], lease_s: int) -> None:
-    """Keep running jobs invisible and their claims live for another ``lease_s``."""
+    """Keep running external jobs invisible and their claims live for another ``lease_s``."""
     set_visibility(conn, queue, msg_ids, [lease_s] * len(msg_ids))
     if keys:
         conn.execute(
@@ -258,26 +291,25 @@ def extend_leases(conn: Conn, *, queue: str, worker_id: str, msg_ids: Sequence[i
 # --- dead letters ------------------------------------------------------------------------
 
 def dead_letter(conn: Conn, *, queue: str, worker_id: str, letters: Iterable[DeadLetter]) -> None:
-    """Move messages to ``workers.dead_letters``, mark their keys dead, delete them."""
+    """Move messages to ``workers.dead_letters`` with their body exactly as queued (copied on
+    the server: an oversized body never passes through the worker), mark their keys dead,
+    delete them. A message already gone (another worker finished it) leaves no letter."""
     letters = list(letters)
     if not letters:
         return
     conn.execute(
-        "INSERT INTO workers.dead_letters (queue_name, msg_id, job_key, message, error,"
-        " error_type, attempts, worker_id)"
-        " SELECT %s, m, k, b, e, t, a, %s FROM unnest(%s::bigint[], %s::text[], %s::jsonb[],"
-        " %s::text[], %s::text[], %s::int[]) AS d(m, k, b, e, t, a)",
-        (queue, worker_id, [d.msg_id for d in letters], [d.job_key for d in letters],
-         [Jsonb(d.body) for d in letters], [d.error for d in letters],
-         [d.error_type for d in letters], [d.attempts for d in letters]))
-    keys = [d.job_key for d in letters if d.job_key]
-    if keys:
-        conn.execute(
-            "UPDATE workers.processed_jobs p SET status = 'dead', last_error = d.e,"
-            " lease_expires_at = NULL, completed_at = NULL, updated_at = clock_timestamp()"
-            " FROM unnest(%s::text[], %s::text[]) AS d(k, e)"
-            " WHERE p.job_key = d.k AND p.status <> 'dead'",
-            (keys, [d.error for d in letters if d.job_key]))
+        f"WITH moved AS (INSERT INTO workers.dead_letters (queue_name, msg_id, job_key, message,"
+        " error, error_type, attempts, worker_id)"
+        " SELECT %(queue)s, d.m, d.k, q.message, d.e, d.t, d.a, %(worker)s"
+        " FROM unnest(%(ids)s::bigint[], %(keys)s::text[], %(errors)s::text[], %(types)s::text[],"
+        f" %(attempts)s::int[]) AS d(m, k, e, t, a) JOIN {queue_table(queue)} AS q ON q.msg_id = d.m"
+        " RETURNING job_key, error)"
+        " UPDATE workers.processed_jobs p SET status = 'dead', last_error = moved.error,"
+        " lease_expires_at = NULL, completed_at = NULL, updated_at = clock_timestamp()"
+        " FROM moved WHERE p.job_key = moved.job_key AND p.status <> 'dead'",
+        {"queue": queue, "worker": worker_id, "ids": [d.msg_id for d in letters],
+         "keys": [d.job_key for d in letters], "errors": [d.error for d in letters],
+         "types": [d.error_type for d in letters], "attempts": [d.attempts for d in letters]})
     delete_messages(conn, queue, [d.msg_id for d in letters])
 
 

@@ -191,15 +191,22 @@ class BaseWorker:
         os._exit(code)
 
     def _release_held(self) -> None:
+        """Give back what the abandoned work held, so other workers need not wait out the
+        leases; bounded, since the abandoned transaction may still lock some of it."""
         msg_ids, keys = self.held.snapshot()
         if self.pool is None or not (msg_ids or keys):
             return
         try:
-            with self.pool.connection(timeout=1) as conn:
+            with self.pool.connection(timeout=1) as conn, conn.transaction():
+                q.bound_transaction(conn, 1000)
                 q.set_visibility(conn, self.queue, msg_ids, [0] * len(msg_ids))
                 q.release_claims(conn, self.worker_id, keys)
-        except psycopg.Error:
-            pass  # their leases expire on their own
+        except psycopg.Error as exc:
+            log_event("RELEASE_FAILED", {"worker_id": self.worker_id, "messages": len(msg_ids),
+                                         "claims": len(keys), "error": " ".join(str(exc).split()),
+                                         "error_type": type(exc).__name__,
+                                         "consequence": "they return when their leases end"},
+                      logging.WARNING)
 
     def _on_memory_exceeded(self, verdict: MemoryVerdict) -> None:
         # Already stopping for a signal: that drain ends the process anyway (exit 0).
@@ -345,6 +352,11 @@ class BaseWorker:
             except psycopg.Error as exc:
                 if not isinstance(exc, DB_ERRORS) and not (conn is not None and conn.broken):
                     raise
+                if _ended_by_bound(exc):
+                    self._log_bound_exceeded(exc)
+                    self._discard(conn)
+                    conn = None
+                    continue
                 if outage_since is None:
                     outage_since = time.monotonic()
                     failures = 0
@@ -358,6 +370,16 @@ class BaseWorker:
                 self._discard(conn)
                 conn = self._reconnect()
         self._discard(conn)
+
+    def _log_bound_exceeded(self, exc: psycopg.Error) -> None:
+        """The server ended this worker's transaction: it paused (a frozen process, a cut
+        network, a handler busy outside the database) or ran one statement longer than the
+        visibility timeout. Its messages go back to the queue when their lease ends."""
+        log_event("TRANSACTION_TIMED_OUT", {
+            "worker_id": self.worker_id, "queue": self.queue, "error": " ".join(str(exc).split()),
+            "error_type": type(exc).__name__, "limit_s": self.settings.visibility_timeout_s,
+            "consequence": "rolled back; the jobs are delivered again, each run counted",
+            "fix": "if a handler needs longer, raise WORKER_VISIBILITY_TIMEOUT_S"}, logging.ERROR)
 
     def _back_off(self, failures: int, exc: BaseException) -> None:
         delay = jittered(min(10.0, 0.25 * 2 ** min(failures, 6)))
@@ -434,6 +456,15 @@ class BaseWorker:
             self._wake_r.recv(64)
             return False
         return conn.fileno() in ready and any(True for _ in conn.notifies(timeout=0))
+
+
+# idle_in_transaction_session_timeout and statement_timeout: the bounds every transaction
+# of the runtime sets (queries.bound_transaction).
+_BOUND_SQLSTATES = frozenset({"25P03", "57014"})
+
+
+def _ended_by_bound(exc: psycopg.Error) -> bool:
+    return exc.sqlstate in _BOUND_SQLSTATES
 
 
 def _tb(exc: BaseException) -> str:

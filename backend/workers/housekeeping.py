@@ -119,7 +119,7 @@ class Housekeeper:
             self.on_memory_exceeded(verdict)
 
     def _extend_leases(self) -> None:
-        msg_ids, keys = self.held.snapshot()
+        msg_ids, keys = self.held.leased()
         if not msg_ids and not keys:
             return
         with self.pool.connection(timeout=_POOL_WAIT_S) as conn:

@@ -1,21 +1,32 @@
-"""Turning a batch of pgmq messages into exactly-once effects (SPEC 6).
+"""Turning pgmq messages into exactly-once effects, without letting any of them stall a queue
+(SPEC 6).
 
-Transactional handlers: one transaction per batch locks the messages (the row locks are the
-lease: every reader skips locked rows, and they end with the transaction), claims their keys in the
-ledger as completed, runs the handler on the same connection and deletes the messages.
-A kill at any point rolls all of it back and the messages are visible at once. The batch
-runs optimistically in one go; when a handler raises, the transaction rolls back and the
-next batch runs the jobs one by one, each in its own savepoint, so one bad job costs only
-itself.
+Every delivery starts with one autocommit statement that takes messages, makes them
+invisible for the visibility timeout (the lease, which ends on its own) and counts the
+delivery in ``read_ct``. Bodies over the size limit stay on the server; bodies the decoder
+rejects are dead-lettered with their text. Then:
 
-External handlers: the claim (``processing`` with a lease) commits before the handler runs;
-the housekeeping thread extends the message's visibility and the claim's lease while it
-runs; completion and deletion commit together afterwards. A claim whose lease expired is
-taken over by the next delivery as a new attempt.
+- A message delivered for the first time (transactional handlers) runs in a batch: one
+  transaction claims the keys in the ledger as completed, runs the handler on the same
+  connection, and deletes the messages. A kill rolls all of it back. When a handler raises,
+  the transaction rolls back and the same jobs run again one by one, each in a savepoint.
+- A message delivered before whose earlier delivery left no outcome (its worker died,
+  froze or was cut off, or the job failed and is retried) runs alone: its claim
+  (``processing``, with a lease and the attempt counted) commits before the handler runs.
+  So a job that takes its worker down is isolated, and after ``max_attempts`` such runs it is
+  dead-lettered (``AttemptsExhausted``) while the rest of its batch completes.
+- External handlers always run alone, one message taken at a time, so the lease that the
+  housekeeping thread extends is the job in hand's only: other replicas take the rest.
+
+Every transaction is bounded by the lease (``queries.bound_transaction``): the server ends a
+frozen worker's transaction, and its locks, after the visibility timeout. Keys are claimed
+under try-locks: a key that another worker's open transaction holds is skipped and retried
+shortly, never waited for.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import threading
@@ -28,7 +39,7 @@ import psycopg
 
 from backend.config import DEFAULTS
 from backend.db import queries as q
-from backend.errors import InvalidEnvelope, PermanentJobError
+from backend.errors import InvalidEnvelope, PayloadTooLarge, PermanentJobError, UndecodableMessage
 from backend.logs import log_event
 from backend.workers.backoff import retry_delay_s
 from backend.workers.jobs import (
@@ -41,7 +52,9 @@ from backend.workers.jobs import (
 
 HandlerKind = Literal["transactional", "external"]
 Conn = psycopg.Connection[Any]
+Pending = tuple[dict[str, Any], int]  # a valid envelope and its message id
 _MAX_ERROR = 2000
+_PREVIEW_CHARS = 120
 # Claims of transactional jobs are written as completed; a batch whose handlers ran longer
 # than this rewrites completed_at, so the ledger's time stays within it of the truth.
 _STALE_COMPLETION_S = 1.0
@@ -62,6 +75,10 @@ class ProcessingOptions:
     retry_max_s: float = DEFAULTS["WORKER_RETRY_MAX_S"]
     max_payload_bytes: int = DEFAULTS["WORKER_MAX_PAYLOAD_BYTES"]
 
+    @property
+    def transaction_limit_ms(self) -> int:
+        return self.visibility_timeout_s * 1000
+
 
 @dataclass
 class Counters:
@@ -73,40 +90,46 @@ class Counters:
 
 @dataclass
 class HeldJobs:
-    """Messages an external worker holds and the keys it has claimed: leases to extend."""
+    """What this worker holds: every message it took and has not settled (given back at once
+    when it abandons them), and the external job in hand, whose message and claim leases
+    the housekeeping thread extends."""
 
     lock: threading.Lock = field(default_factory=threading.Lock)
-    msg_ids: set[int] = field(default_factory=set)
-    keys: set[str] = field(default_factory=set)
+    taken: set[int] = field(default_factory=set)
+    in_hand: tuple[int, str] | None = None
+
+    def leased(self) -> tuple[list[int], list[str]]:
+        """The message ids and keys whose leases are extended while their handler runs."""
+        with self.lock:
+            return ([self.in_hand[0]], [self.in_hand[1]]) if self.in_hand else ([], [])
 
     def snapshot(self) -> tuple[list[int], list[str]]:
+        """Every message taken and not settled, and the key of the job in hand."""
         with self.lock:
-            return sorted(self.msg_ids), sorted(self.keys)
+            return sorted(self.taken), [self.in_hand[1]] if self.in_hand else []
 
-    def hold(self, msg_ids: Sequence[int]) -> None:
+    def take(self, msg_ids: Sequence[int]) -> None:
         with self.lock:
-            self.msg_ids.update(msg_ids)
+            self.taken.update(msg_ids)
 
-    def drop(self, msg_id: int, key: str | None = None) -> None:
+    def hold(self, msg_id: int, key: str) -> None:
         with self.lock:
-            self.msg_ids.discard(msg_id)
-            if key is not None:
-                self.keys.discard(key)
+            self.in_hand = (msg_id, key)
 
-    def claim(self, key: str) -> None:
+    def put_down(self) -> None:
         with self.lock:
-            self.keys.add(key)
+            self.in_hand = None
 
     def clear(self) -> None:
         with self.lock:
-            self.msg_ids.clear()
-            self.keys.clear()
+            self.taken.clear()
+            self.in_hand = None
 
 
 @dataclass
 class _Sorted:
-    # valid envelopes with their message ids, first message of each key only
-    jobs: list[tuple[dict[str, Any], int]] = field(default_factory=list)
+    fresh: list[Pending] = field(default_factory=list)  # first delivery: run together
+    alone: list[Pending] = field(default_factory=list)  # delivered before, or external
     letters: list[q.DeadLetter] = field(default_factory=list)
     # later messages of a key already in this batch: key -> msg ids
     duplicates: dict[str, list[int]] = field(default_factory=dict)
@@ -120,7 +143,7 @@ class _Outcome:
 
 
 class Processor:
-    """Processes one batch at a time for one queue; the run loop calls ``process_batch``."""
+    """Processes one delivery at a time for one queue; the run loop calls ``process_batch``."""
 
     def __init__(self, *, queue: str, worker_id: str, kind: HandlerKind,
                  handler: TransactionalHandler | ExternalHandler, options: ProcessingOptions,
@@ -135,37 +158,77 @@ class Processor:
         self.held = held or HeldJobs()
         self.rng = rng or random.Random()
         self.in_flight = 0
-        self._careful = False
 
     def process_batch(self, conn: Conn, should_stop: Callable[[], bool] = lambda: False) -> int:
-        """Read and process up to one batch; return how many messages were read."""
-        if self.kind == "transactional":
-            return self._transactional_batch(conn)
-        return self._external_batch(conn, should_stop)
+        """Take and process up to one batch (one message for external handlers); return how
+        many messages were taken."""
+        o = self.options
+        messages = q.fetch_messages(conn, self.queue, vt_s=o.visibility_timeout_s,
+                                    qty=o.batch_size if self.kind == "transactional" else 1,
+                                    max_bytes=o.max_payload_bytes)
+        if not messages:
+            return 0
+        self.held.take([m.msg_id for m in messages])
+        self.in_flight = len(messages)
+        try:
+            batch = self._sort(messages)
+            if batch.letters:
+                out = _Outcome(letters=batch.letters)
+                with conn.transaction():
+                    q.bound_transaction(conn, o.transaction_limit_ms)
+                    self._settle(conn, out)
+                self._after_commit(out)
+            if batch.fresh:
+                self._batch(conn, batch)
+            unstarted = self._alone(conn, batch, should_stop)
+            # Not started (draining): visible again now, this delivery uncounted.
+            q.release_messages(conn, self.queue, unstarted)
+        finally:
+            self.in_flight = 0
+            self.held.clear()
+        return len(messages)
 
-    # --- shared ------------------------------------------------------------------------
+    # --- sorting a delivery ------------------------------------------------------------
 
     def _sort(self, messages: Sequence[q.Message]) -> _Sorted:
         out = _Sorted()
         seen: set[str] = set()
         for msg in messages:
             try:
-                envelope = validate_envelope(msg.body, max_bytes=self.options.max_payload_bytes,
+                envelope = validate_envelope(self._decode(msg), max_bytes=self.options.max_payload_bytes,
                                              size=msg.size)
             except InvalidEnvelope as exc:
-                out.letters.append(q.DeadLetter(msg_id=msg.msg_id, job_key=None, body=msg.body,
-                                                error=str(exc), error_type="InvalidEnvelope",
-                                                attempts=0))
+                out.letters.append(q.DeadLetter(msg_id=msg.msg_id, job_key=None, error=str(exc),
+                                                error_type=type(exc).__name__, attempts=0))
                 continue
             key = envelope["idempotency_key"]
             if key in seen:
                 out.duplicates.setdefault(key, []).append(msg.msg_id)
                 continue
             seen.add(key)
-            out.jobs.append((envelope, msg.msg_id))
+            first = self.kind == "transactional" and msg.deliveries <= 1
+            (out.fresh if first else out.alone).append((envelope, msg.msg_id))
         return out
 
-    def _claim(self, conn: Conn, pending: Sequence[tuple[dict[str, Any], int]], out: _Outcome,
+    def _decode(self, msg: q.Message) -> Any:
+        """The body as a Python value; raise ``InvalidEnvelope`` when it is too large or the
+        decoder rejects it (nesting deeper than its recursion limit, a number with more
+        digits than Python converts, ...)."""
+        limit = self.options.max_payload_bytes
+        if msg.too_large(limit):
+            raise PayloadTooLarge(f"body is {msg.size} bytes, over WORKER_MAX_PAYLOAD_BYTES ({limit});"
+                                  f" it starts {_preview(msg.text)}")
+        if msg.text is None:
+            return None
+        try:
+            return json.loads(msg.text)
+        except (ValueError, RecursionError, MemoryError) as exc:
+            raise UndecodableMessage(f"body cannot be decoded ({type(exc).__name__}: {_describe(exc)});"
+                                     f" it starts {_preview(msg.text)}") from None
+
+    # --- claims and outcomes, shared -----------------------------------------------------
+
+    def _claim(self, conn: Conn, pending: Sequence[Pending], out: _Outcome,
                *, status: str) -> tuple[list[Job], list[int], dict[int, int]]:
         """Claim the pending envelopes' keys; return (claimed jobs with their attempt, msg ids
         whose key is already completed, msg id -> delay for keys someone else holds). A
@@ -183,12 +246,13 @@ class Processor:
         if others:
             ledger = q.ledger_status(conn, [env["idempotency_key"] for env, _ in others])
             for env, msg_id in others:
+                # missing: another worker's open transaction is claiming or running the key
                 state, lease_left = ledger.get(env["idempotency_key"], ("missing", 0.0))
                 if state == "completed":
                     completed.append(msg_id)
                 elif state == "dead":
                     out.letters.append(q.DeadLetter(
-                        msg_id=msg_id, job_key=env["idempotency_key"], body=env,
+                        msg_id=msg_id, job_key=env["idempotency_key"],
                         error="idempotency key already dead-lettered; replay that dead letter",
                         error_type="DeadKey", attempts=0))
                 else:
@@ -201,8 +265,8 @@ class Processor:
         if permanent or job.attempt >= self.options.max_attempts:
             reason = error if permanent else f"{error} (attempt {job.attempt} of {self.options.max_attempts})"
             out.letters.append(q.DeadLetter(msg_id=job.msg_id, job_key=job.idempotency_key,
-                                            body=_envelope_of(job), error=reason,
-                                            error_type=type(exc).__name__, attempts=job.attempt))
+                                            error=reason, error_type=type(exc).__name__,
+                                            attempts=job.attempt))
             return
         delay = retry_delay_s(job.attempt, base_s=self.options.retry_base_s,
                               max_s=self.options.retry_max_s, rng=self.rng)
@@ -216,15 +280,13 @@ class Processor:
 
     def _settle(self, conn: Conn, out: _Outcome, *, delete: Sequence[int] = (),
                 later: dict[int, int] | None = None, complete: bool = True) -> None:
-        """Write every outcome of a batch: completions, failures, dead letters, deletions."""
+        """Write every outcome: completions, failures, dead letters, deletions."""
         if complete:
             q.complete(conn, [j.idempotency_key for j in out.done])
         q.record_failures(conn, out.failures)
         delays = {f.msg_id: f.delay_s for f in out.failures}
         delays.update(later or {})
-        # Locked messages (transactional) were not counted as read by pgmq: count this delivery.
-        q.set_visibility(conn, self.queue, list(delays), list(delays.values()),
-                         delivered=self.kind == "transactional")
+        q.set_visibility(conn, self.queue, list(delays), list(delays.values()))
         q.dead_letter(conn, queue=self.queue, worker_id=self.worker_id, letters=out.letters)
         q.delete_messages(conn, self.queue, [*(j.msg_id for j in out.done), *delete])
 
@@ -237,64 +299,59 @@ class Processor:
                                             "error": letter.error,
                                             "error_type": letter.error_type}, logging.ERROR)
 
-    # --- transactional -----------------------------------------------------------------
+    # --- a batch of first deliveries (transactional) -------------------------------------
 
-    def _transactional_batch(self, conn: Conn) -> int:
-        """One transaction: lock, claim (as completed), handle, settle, delete, commit.
-
-        The batch runs optimistically in one go. When a handler raises, the whole
-        transaction rolls back (the messages are visible again at once, no attempt is
-        counted) and the next batch runs careful: each job in its own savepoint.
-        """
+    def _batch(self, conn: Conn, batch: _Sorted) -> None:
+        """Run the first deliveries in one transaction, optimistically; when a handler
+        raises, roll back and run the same jobs again one by one, each in a savepoint."""
         out = _Outcome()
-        careful = self._careful
         try:
-            with conn.transaction():
-                messages = q.lock_messages(conn, self.queue, self.options.batch_size)
-                if not messages:
-                    return 0
-                self.in_flight = len(messages)
-                batch = self._sort(messages)
-                out.letters.extend(batch.letters)
-                claimed, completed, later = self._claim(conn, batch.jobs, out, status="completed")
-                started = time.monotonic()
-                if careful:
-                    self._run_one_by_one(conn, claimed, out)
-                elif claimed:
-                    self._run_batch(conn, claimed)
-                    out.done.extend(claimed)
-                if out.done and time.monotonic() - started > _STALE_COMPLETION_S:
-                    q.complete(conn, [j.idempotency_key for j in out.done])  # fresh completed_at
-                already = set(completed)
-                done_keys = {j.idempotency_key for j in out.done} | {
-                    env["idempotency_key"] for env, msg_id in batch.jobs if msg_id in already}
-                dup_delete = [m for k, ids in batch.duplicates.items() if k in done_keys for m in ids]
-                later.update(_copies_wait(batch, out, later))
-                self._settle(conn, out, delete=[*completed, *dup_delete], later=later, complete=False)
+            self._batch_transaction(conn, batch, out, one_by_one=False)
         except _BatchFailed:
-            self._careful = True
-            return self.in_flight
-        finally:
-            self.in_flight = 0
-        self._careful = False
+            out = _Outcome()
+            self._batch_transaction(conn, batch, out, one_by_one=True)
         self._after_commit(out)
-        return len(messages)
+        for envelope, _ in batch.fresh:  # their copies were deleted or delayed with them
+            batch.duplicates.pop(envelope["idempotency_key"], None)
+
+    def _batch_transaction(self, conn: Conn, batch: _Sorted, out: _Outcome, *, one_by_one: bool) -> None:
+        """One transaction: claim (as completed), handle, settle, delete."""
+        with conn.transaction():
+            q.bound_transaction(conn, self.options.transaction_limit_ms)
+            claimed, completed, later = self._claim(conn, batch.fresh, out, status="completed")
+            started = time.monotonic()
+            if one_by_one:
+                self._run_one_by_one(conn, claimed, out)
+            elif claimed:
+                self._run_batch(conn, claimed)
+                out.done.extend(claimed)
+            if out.done and time.monotonic() - started > _STALE_COMPLETION_S:
+                q.complete(conn, [j.idempotency_key for j in out.done])  # fresh completed_at
+            already = set(completed)
+            done_keys = {j.idempotency_key for j in out.done} | {
+                env["idempotency_key"] for env, msg_id in batch.fresh if msg_id in already}
+            copies_done = [m for k, ids in batch.duplicates.items() if k in done_keys for m in ids]
+            later.update(_copies_wait(batch.fresh, batch.duplicates, out, later))
+            self._settle(conn, out, delete=[*completed, *copies_done], later=later, complete=False)
+
+    def _transactional(self) -> TransactionalHandler:
+        assert self.kind == "transactional"
+        return self.handler  # type: ignore[return-value]
 
     def _run_batch(self, conn: Conn, jobs: list[Job]) -> None:
-        handler: TransactionalHandler = self.handler  # type: ignore[assignment]
         try:
-            handler.handle_batch(conn, jobs)
+            self._transactional().handle_batch(conn, jobs)
         except MemoryError:
             raise
         except Exception as exc:
-            _reraise_if_connection_lost(conn)
+            _reraise_if_connection_lost(conn, exc)
             log_event("BATCH_RETRIED_ONE_BY_ONE", {"queue": self.queue, "jobs": len(jobs),
                                                    "error": _describe(exc),
                                                    "error_type": type(exc).__name__}, logging.DEBUG)
             raise _BatchFailed from exc
 
     def _run_one_by_one(self, conn: Conn, jobs: list[Job], out: _Outcome) -> None:
-        handler: TransactionalHandler = self.handler  # type: ignore[assignment]
+        handler = self._transactional()
         for job in jobs:
             try:
                 with conn.transaction():
@@ -303,109 +360,131 @@ class Processor:
             except MemoryError:
                 raise
             except Exception as exc:
-                _reraise_if_connection_lost(conn)
+                _reraise_if_connection_lost(conn, exc)
                 self._fail(job, exc, out)
 
-    # --- external ----------------------------------------------------------------------
+    # --- jobs run alone ------------------------------------------------------------------
 
-    def _external_batch(self, conn: Conn, should_stop: Callable[[], bool]) -> int:
-        messages = q.read_messages(conn, self.queue, self.options.visibility_timeout_s,
-                                   self.options.batch_size)
-        if not messages:
-            return 0
-        self.held.hold([m.msg_id for m in messages])
-        try:
-            batch = self._sort(messages)
-            if batch.letters:
-                out = _Outcome(letters=batch.letters)
-                with conn.transaction():
-                    self._settle(conn, out)
-                self._after_commit(out)
-            pending = list(batch.jobs)
-            while pending and not should_stop():
-                envelope, msg_id = pending.pop(0)
-                key = envelope["idempotency_key"]
-                self.in_flight = 1
-                done, wait_s = self._external_one(conn, (envelope, msg_id))
-                self.held.drop(msg_id, key)
-                if done:
-                    q.delete_messages(conn, self.queue, batch.duplicates.pop(key, []))
-                elif wait_s and key in batch.duplicates:
-                    dupes = batch.duplicates.pop(key)
-                    q.set_visibility(conn, self.queue, dupes, [wait_s] * len(dupes))
-            # Not started (draining) or duplicates of unfinished keys: visible again now.
-            release = [msg_id for _, msg_id in pending] + [m for ids in batch.duplicates.values()
-                                                           for m in ids]
-            q.set_visibility(conn, self.queue, release, [0] * len(release))
-        finally:
-            self.in_flight = 0
-            self.held.clear()
-        return len(messages)
+    def _alone(self, conn: Conn, batch: _Sorted, should_stop: Callable[[], bool]) -> list[int]:
+        """Run each job of ``batch.alone`` on its own, the ones whose last run ended with their
+        worker gone last; return the message ids not started because of a stop."""
+        pending = self._suspects_last(conn, batch.alone)
+        while pending and not should_stop():
+            envelope, msg_id = pending.pop(0)
+            key = envelope["idempotency_key"]
+            self.in_flight = 1
+            done, wait_s = self._run_alone(conn, (envelope, msg_id))
+            copies = batch.duplicates.pop(key, [])
+            if done:
+                q.delete_messages(conn, self.queue, copies)
+            elif wait_s:
+                q.set_visibility(conn, self.queue, copies, [wait_s] * len(copies))
+            else:
+                batch.duplicates[key] = copies
+        return [msg_id for _, msg_id in pending] + [m for ids in batch.duplicates.values() for m in ids]
 
-    def _external_one(self, conn: Conn, pending: tuple[dict[str, Any], int]) -> tuple[bool, int]:
-        """Run one external job; return whether its key is completed afterwards, and else the
-        seconds its message waits before the next delivery (0: none set)."""
+    def _suspects_last(self, conn: Conn, pending: list[Pending]) -> list[Pending]:
+        if len(pending) < 2:
+            return list(pending)
+        ledger = q.ledger_status(conn, [env["idempotency_key"] for env, _ in pending])
+        return sorted(pending, key=lambda p: (ledger.get(p[0]["idempotency_key"], ("",))[0] == "processing",
+                                              p[1]))
+
+    def _run_alone(self, conn: Conn, pending: Pending) -> tuple[bool, int]:
+        """Claim one job (its attempt counted and committed), run it, settle it; return whether
+        its key is completed afterwards, and else the seconds its message waits before the
+        next delivery (0: none set)."""
         out = _Outcome()
+        limit_ms = self.options.transaction_limit_ms
         with conn.transaction():
+            q.bound_transaction(conn, limit_ms)
             claimed, completed, later = self._claim(conn, [pending], out, status="processing")
             if not claimed:
                 self._settle(conn, out, delete=completed, later=later)
         if claimed and claimed[0].attempt > self.options.max_attempts:
-            # Every earlier attempt ended with its worker dead inside the handler (a job
-            # that kills the process): never run it again.
-            job = claimed[0]
-            out.letters.append(q.DeadLetter(
-                msg_id=job.msg_id, job_key=job.idempotency_key, body=_envelope_of(job),
-                error=f"{job.attempt - 1} attempts ended with their worker gone before the"
-                      " handler finished", error_type="AttemptsExhausted", attempts=job.attempt - 1))
+            out.letters.append(self._exhausted(claimed[0]))
             with conn.transaction():
+                q.bound_transaction(conn, limit_ms)
                 self._settle(conn, out)
         elif claimed:
             job = claimed[0]
-            self.held.claim(job.idempotency_key)
-            handler: ExternalHandler = self.handler  # type: ignore[assignment]
-            try:
-                handler.handle(job)
-                out.done.append(job)
-            except MemoryError:
-                raise
-            except Exception as exc:
-                self._fail(job, exc, out)
-            with conn.transaction():
-                if not q.owns_claim(conn, job.idempotency_key, self.worker_id):
-                    # Our leases lapsed (their extension failed) and another worker took the
-                    # job over: its claim and the message are now that worker's business.
-                    log_event("JOB_CLAIM_LOST", {"queue": self.queue, "job_key": job.idempotency_key,
-                                                 "msg_id": job.msg_id, "attempt": job.attempt},
-                              logging.WARNING)
-                    return False, 0
-                self._settle(conn, out)
+            run = self._run_transactional_alone if self.kind == "transactional" else self._run_external
+            if not run(conn, job, out):
+                log_event("JOB_CLAIM_LOST", {"queue": self.queue, "job_key": job.idempotency_key,
+                                             "msg_id": job.msg_id, "attempt": job.attempt},
+                          logging.WARNING)
+                return False, 0
         self._after_commit(out)
         waits = [f.delay_s for f in out.failures] + list(later.values())
         return bool(out.done or completed), max(waits, default=0)
 
+    def _exhausted(self, job: Job) -> q.DeadLetter:
+        """Every earlier run of this job ended with its worker gone inside the handler
+        (a job that kills or freezes the process): never run it again."""
+        last = job.attempt - 1
+        return q.DeadLetter(
+            msg_id=job.msg_id, job_key=job.idempotency_key, error_type="AttemptsExhausted",
+            error=f"attempt {last} of {self.options.max_attempts} ended with its worker gone before"
+                  " the handler finished (killed, crashed, frozen or cut off for longer than"
+                  " WORKER_VISIBILITY_TIMEOUT_S); not run again", attempts=last)
 
-def _copies_wait(batch: _Sorted, out: _Outcome, later: dict[int, int]) -> dict[int, int]:
+    def _run_transactional_alone(self, conn: Conn, job: Job, out: _Outcome) -> bool:
+        """Run and settle in one transaction that holds the claim; False when the claim was
+        taken over meanwhile."""
+        with conn.transaction():
+            q.bound_transaction(conn, self.options.transaction_limit_ms)
+            if not q.owns_claim(conn, job.idempotency_key, self.worker_id):
+                return False
+            try:
+                with conn.transaction():
+                    self._transactional().handle(conn, job)
+                out.done.append(job)
+            except MemoryError:
+                raise
+            except Exception as exc:
+                _reraise_if_connection_lost(conn, exc)
+                self._fail(job, exc, out)
+            self._settle(conn, out)
+        return True
+
+    def _run_external(self, conn: Conn, job: Job, out: _Outcome) -> bool:
+        """Run the handler with its leases extended, then settle; False when another worker
+        took the job over (the extension failed and the leases lapsed)."""
+        handler: ExternalHandler = self.handler  # type: ignore[assignment]
+        self.held.hold(job.msg_id, job.idempotency_key)
+        try:
+            handler.handle(job)
+            out.done.append(job)
+        except MemoryError:
+            raise
+        except Exception as exc:
+            self._fail(job, exc, out)
+        finally:
+            self.held.put_down()
+        with conn.transaction():
+            q.bound_transaction(conn, self.options.transaction_limit_ms)
+            if not q.owns_claim(conn, job.idempotency_key, self.worker_id):
+                return False
+            self._settle(conn, out)
+        return True
+
+
+def _copies_wait(pending: Sequence[Pending], duplicates: dict[str, list[int]], out: _Outcome,
+                 later: dict[int, int]) -> dict[int, int]:
     """Msg id -> delay for the later copies of keys whose first message of the batch waits:
     a failed attempt's backoff, or another worker's lease. Without it a copy would be
     delivered again at once and run the key's next attempt without its backoff."""
-    if not batch.duplicates:
+    if not duplicates:
         return {}
     wait = {f.job_key: f.delay_s for f in out.failures}
-    wait.update({env["idempotency_key"]: later[msg_id] for env, msg_id in batch.jobs
-                 if msg_id in later})
-    return {m: wait[key] for key, ids in batch.duplicates.items() if key in wait for m in ids}
+    wait.update({env["idempotency_key"]: later[msg_id] for env, msg_id in pending if msg_id in later})
+    return {m: wait[key] for key, ids in duplicates.items() if key in wait for m in ids}
 
 
-def _envelope_of(job: Job) -> dict[str, Any]:
-    body: dict[str, Any] = {"idempotency_key": job.idempotency_key, "entity_type": job.entity_type,
-                            "entity_id": job.entity_id, "org_id": job.org_id,
-                            "payload": dict(job.payload)}
-    if job.trace_id is not None:
-        body["trace_id"] = job.trace_id
-    if job.created_at is not None:
-        body["created_at"] = job.created_at
-    return body
+def _preview(text: str | None) -> str:
+    if not text:
+        return "empty"
+    return repr(text[:_PREVIEW_CHARS]) + ("..." if len(text) > _PREVIEW_CHARS else "")
 
 
 def _describe(exc: BaseException) -> str:
@@ -415,7 +494,10 @@ def _describe(exc: BaseException) -> str:
     return text[:_MAX_ERROR]
 
 
-def _reraise_if_connection_lost(conn: Conn) -> None:
-    """A handler error on a dead connection is a database outage, not a job failure."""
+def _reraise_if_connection_lost(conn: Conn, exc: Exception) -> None:
+    """A handler error on a dead connection is the connection's end (an outage, or the
+    server ending a transaction past its bound), not a job failure."""
     if conn.broken or conn.closed:
-        raise psycopg.OperationalError("connection lost while running a handler")
+        if isinstance(exc, psycopg.Error):
+            raise exc
+        raise psycopg.OperationalError("connection lost while running a handler") from exc

@@ -3,8 +3,10 @@
     PROBE_KIND=transactional|external python -m tests.workers.probe
 
 Payload keys: ``sleep_s`` (pause inside the handler, after the effect is written),
-``fail_times`` (raise on the first N attempts), ``permanent`` (raise PermanentJobError),
-``rss_mb`` (allocate that much and keep it). Effects:
+``busy_s`` (transactional: keep the transaction busy that long, one short statement after
+another), ``fail_times`` (raise on the first N attempts), ``permanent`` (raise
+PermanentJobError), ``rss_mb`` (allocate that much and keep it), ``exit_code`` (end the
+process at once with ``os._exit``, as a crashing extension or the OOM killer would). Effects:
 - transactional: a row in ``probe.effects`` written on the job's own connection;
 - external: a call to a receiver that deduplicates by idempotency key
   (``probe.receiver``, written on a separate autocommit connection, like a remote system).
@@ -12,6 +14,7 @@ Payload keys: ``sleep_s`` (pause inside the handler, after the effect is written
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Any, ClassVar
@@ -51,8 +54,18 @@ def _behave(job: Job, worker_id: str, note: psycopg.Connection[Any]) -> None:
         raise PermanentJobError(f"probe: permanent failure of {job.idempotency_key}")
     if job.attempt <= int(p.get("fail_times", 0)):
         raise RuntimeError(f"probe: planned failure {job.attempt} of {p['fail_times']}")
+    if p.get("exit_code") is not None:
+        log_event("PROBE_EXITING", {"job_key": job.idempotency_key, "attempt": job.attempt})
+        logging.shutdown()
+        os._exit(int(p["exit_code"]))
     if p.get("rss_mb"):
         _HOG.append(b"\x01" * (int(p["rss_mb"]) * 1024 * 1024))  # touched, so resident
+
+
+def _busy(job: Job, conn: psycopg.Connection[Any]) -> None:
+    until = time.monotonic() + float(job.payload.get("busy_s", 0))
+    while time.monotonic() < until:
+        conn.execute("SELECT pg_sleep(0.1)")
 
 
 def _pause(job: Job, worker_id: str) -> None:
@@ -82,6 +95,7 @@ class ProbeTransactional(TransactionalWorker):
         _behave(job, self.worker_id, self.notes.conn(self.settings))
         conn.execute("INSERT INTO probe.effects (job_key, worker_id, attempt) VALUES (%s, %s, %s)",
                      (job.idempotency_key, self.worker_id, job.attempt))
+        _busy(job, conn)
         _pause(job, self.worker_id)
 
 

@@ -10,6 +10,7 @@ database's clock, never the operator's laptop. pgmq is read only through what 1.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -137,12 +138,14 @@ def stuck_claims(conn: Conn, limit: int) -> tuple[int, list[Row]]:
 
 
 def dead_letter_counts(conn: Conn) -> list[Row]:
-    """Unreplayed dead letters per queue, with the oldest and newest."""
+    """Unreplayed dead letters per queue, with the oldest, the newest, and how many of each
+    error type (what went wrong: ``AttemptsExhausted``, ``PayloadTooLarge``, ...)."""
     return conn.execute(
-        "SELECT queue_name, count(*) AS count, min(dead_at) AS oldest_dead_at,"
-        " max(dead_at) AS newest_dead_at"
-        " FROM workers.dead_letters WHERE replayed_at IS NULL"
-        " GROUP BY queue_name ORDER BY queue_name"
+        "SELECT queue_name, sum(n)::bigint AS count, min(oldest) AS oldest_dead_at,"
+        " max(newest) AS newest_dead_at, jsonb_object_agg(error_type, n) AS error_types"
+        " FROM (SELECT queue_name, error_type, count(*) AS n, min(dead_at) AS oldest,"
+        " max(dead_at) AS newest FROM workers.dead_letters WHERE replayed_at IS NULL"
+        " GROUP BY queue_name, error_type) AS t GROUP BY queue_name ORDER BY queue_name"
     ).fetchall()
 
 
@@ -156,11 +159,22 @@ def list_dead_letters(conn: Conn, *, queue: str | None, limit: int,
                          params).fetchone()
     rows = conn.execute(
         "SELECT id, queue_name, msg_id, job_key, error, error_type, attempts, worker_id,"
-        " dead_at, replayed_at, message FROM workers.dead_letters" + where
+        " dead_at, replayed_at, message::text AS message FROM workers.dead_letters" + where
         + " ORDER BY id DESC LIMIT %(limit)s",
         params,
     ).fetchall()
-    return int(total["total"]) if total else 0, rows
+    return int(total["total"]) if total else 0, [{**r, "message": _decoded(r["message"])} for r in rows]
+
+
+def _decoded(text: str | None) -> Any:
+    """A letter's body as JSON, or as its text when Python's decoder rejects it (nesting
+    deeper than its recursion limit, a number too long): those are letters too."""
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return text
 
 
 def unreplayed_ids(conn: Conn, queue: str) -> list[int]:

@@ -110,10 +110,10 @@ def _stuck(report: Report) -> list[str]:
 def _dead_letters(report: Report) -> list[str]:
     if not report.dead_letters:
         return ["DEAD LETTERS  none"]
-    rows = [[g.queue_name, g.count, timestamp(g.oldest_dead_at), timestamp(g.newest_dead_at)]
+    rows = [[g.queue_name, g.count, timestamp(g.oldest_dead_at), timestamp(g.newest_dead_at), g.kinds()]
             for g in report.dead_letters]
     return [f"DEAD LETTERS  {report.dead_letter_total} unreplayed",
-            *table(["QUEUE", "COUNT", "OLDEST", "NEWEST"], rows, numeric=("COUNT",)),
+            *table(["QUEUE", "COUNT", "OLDEST", "NEWEST", "ERRORS"], rows, numeric=("COUNT",)),
             "  list: python -m tools.worker_inspector dead-letters list [--queue Q]",
             "  replay: python -m tools.worker_inspector dead-letters replay "
             "(--id ID | --queue Q --all)"]

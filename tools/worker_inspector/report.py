@@ -105,6 +105,10 @@ class DeadLetterGroup:
     count: int
     oldest_dead_at: datetime
     newest_dead_at: datetime
+    error_types: dict[str, int]
+
+    def kinds(self) -> str:
+        return ", ".join(f"{n} {kind}" for kind, n in sorted(self.error_types.items()))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -261,7 +265,7 @@ def _reasons(report: Report, queue_names: list[str]) -> list[Finding]:
     for g in report.dead_letters:
         found.append(Finding(code="dead_letters", subject=g.queue_name,
                              message=f"queue {g.queue_name} has {g.count} unreplayed "
-                                     "dead letter(s)"))
+                                     f"dead letter(s): {g.kinds()}"))
     return found
 
 
