@@ -284,7 +284,8 @@ def test_a_transactional_job_idle_past_its_lease_never_loops(spawn: Spawn, db: C
     assert worker.named("TRANSACTION_TIMED_OUT")
     worker.send(signal.SIGTERM)
     assert worker.wait_exit() == 0
-    assert one(db, "SELECT error_type FROM workers.dead_letters WHERE job_key = 'dawdler'") == "AttemptsExhausted"
+    letter = "SELECT error_type FROM workers.dead_letters WHERE job_key = 'dawdler'"
+    assert one(db, letter) == "AttemptsExhausted"
     assert one(db, "SELECT count(*) FROM probe.effects WHERE job_key = 'dawdler'") == 0
     assert one(db, "SELECT count(*) FROM probe.effects WHERE job_key = 'brisk'") == 1
     assert one(db, "SELECT count(*) FROM probe.attempts WHERE job_key = 'dawdler'") <= 3
