@@ -36,6 +36,7 @@ from backend.db.connect import (
 from backend.db.migrate import apply_migrations, current_version, latest_version
 from backend.errors import BootError, ConfigError
 from backend.logs import add_secret, log_event
+from backend.workers.deliveries import DeliveryLog
 from backend.workers.housekeeping import Housekeeper, HousekeepingPlan
 from backend.workers.jobs import Job
 from backend.workers.lifecycle import Lifecycle, State
@@ -82,13 +83,22 @@ class BaseWorker:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_w.setblocking(False)
         self.lifecycle = Lifecycle(emit=self._emit, write_status=self._write_status)
+        self._db_url: str | None = None
+        self.deliveries = (DeliveryLog(queue_name=self.queue, worker_id=self.worker_id,
+                                       open_conn=self._deliveries_conn)
+                           if self.kind == "transactional" else None)
         self.processor = Processor(
             queue=self.queue, worker_id=self.worker_id, kind=self.kind, handler=self,  # type: ignore[arg-type]
+            deliveries=self.deliveries,
             options=ProcessingOptions(
                 batch_size=settings.batch_size, visibility_timeout_s=settings.visibility_timeout_s,
                 max_attempts=settings.max_attempts, retry_base_s=settings.retry_base_s,
                 retry_max_s=settings.retry_max_s, max_payload_bytes=settings.max_payload_bytes),
             counters=self.counters, held=self.held)
+
+    def _deliveries_conn(self) -> psycopg.Connection[Any]:
+        assert self._db_url is not None, "deliveries are recorded only after boot"
+        return connect(self._db_url, f"{self.worker_id}:deliveries")
 
     # --- hooks for subclasses ------------------------------------------------------------
 
@@ -231,6 +241,7 @@ class BaseWorker:
         for attempt in boot_retrying(self.settings.boot_timeout_s, self.stop_requested):
             with attempt, connect(url, f"boot:{self.worker_id}") as conn:
                 self._check_schema(conn)
+        self._db_url = url
         self.pool = make_pool(url, self.worker_id)
         self.pool.open(wait=True, timeout=max(2.0, self.settings.boot_timeout_s))
 
@@ -295,9 +306,20 @@ class BaseWorker:
             self.lifecycle.crash(**self._memory_crash_data(drained=True))
             self._close()
             return EXIT_FAILURE
+        self._forget_deliveries()
         self.lifecycle.finish(**self._shutdown_data(drained=True, exit_code=EXIT_OK))
         self._close()
         return EXIT_OK
+
+    def _forget_deliveries(self) -> None:
+        """A clean stop: the last batch ended with an outcome, so its record goes (best
+        effort: a record left behind only makes its retries run alone)."""
+        if self.deliveries is None or self._db_url is None:
+            return
+        try:
+            self.deliveries.forget().result(timeout=_STATUS_WRITE_TIMEOUT_S)
+        except (psycopg.Error, OSError, TimeoutError):
+            pass
 
     def _crash_data(self, exc: BaseException, **extra: Any) -> dict[str, Any]:
         return {"error": " ".join(str(exc).split()) or type(exc).__name__,
@@ -318,6 +340,8 @@ class BaseWorker:
         return EXIT_FAILURE
 
     def _close(self) -> None:
+        if self.deliveries is not None:
+            self.deliveries.close()
         if self.pool is not None:
             self.pool.close(timeout=1.0)
         self._wake_r.close()

@@ -130,5 +130,6 @@ class Housekeeper:
         with self.pool.connection(timeout=_POOL_WAIT_S) as conn:
             result = q.prune(conn, ledger_days=self.plan.ledger_retention_days,
                              heartbeat_days=self.plan.heartbeat_retention_days)
+            q.prune_deliveries(conn, self.plan.queue)
         if result and any(result):
             log_event("RETENTION_PRUNED", {"ledger_rows": result[0], "heartbeat_rows": result[1]})

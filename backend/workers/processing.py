@@ -1,27 +1,29 @@
 """Turning pgmq messages into exactly-once effects, without letting any of them stall a queue
 (SPEC 6).
 
-Every delivery starts with one autocommit statement that takes messages, makes them
-invisible for the visibility timeout (the lease, which ends on its own) and counts the
-delivery in ``read_ct``. Bodies over the size limit stay on the server; bodies the decoder
-rejects are dead-lettered with their text. Then:
+Transactional handlers: one transaction per batch locks the messages (the row locks are the
+lease: every reader skips locked rows, and they end with the transaction, so with the worker),
+claims their keys in the ledger as completed, runs the handler on the same connection and
+deletes the messages. Before the handlers run, the batch's message ids are committed to
+``workers.deliveries`` on another connection (``DeliveryLog``, overlapping the claim): a
+batch whose worker dies (a job that kills the process, a freeze, a cut) leaves that record,
+and the next worker to lock one of its messages runs it alone. A job run alone is leased by
+its message's visibility timeout and its claim (``processing``, the attempt counted)
+commits before the handler: so a job that takes its worker down is isolated, and after
+``max_attempts`` such runs it is dead-lettered (``AttemptsExhausted``) while the rest of its
+batch completes. When a handler raises inside a batch, the batch rolls back and the next one
+runs its jobs one by one, each in a savepoint.
 
-- A message delivered for the first time (transactional handlers) runs in a batch: one
-  transaction claims the keys in the ledger as completed, runs the handler on the same
-  connection, and deletes the messages. A kill rolls all of it back. When a handler raises,
-  the transaction rolls back and the same jobs run again one by one, each in a savepoint.
-- A message delivered before whose earlier delivery left no outcome (its worker died,
-  froze or was cut off, or the job failed and is retried) runs alone: its claim
-  (``processing``, with a lease and the attempt counted) commits before the handler runs.
-  So a job that takes its worker down is isolated, and after ``max_attempts`` such runs it is
-  dead-lettered (``AttemptsExhausted``) while the rest of its batch completes.
-- External handlers always run alone, one message taken at a time, so the lease that the
-  housekeeping thread extends is the job in hand's only: other replicas take the rest.
+External handlers: one message at a time is taken, leased for the visibility timeout and
+counted (``read_ct``); the claim commits before the handler runs; the housekeeping thread
+extends both leases while it runs; completion and deletion commit together afterwards. A
+claim whose lease expired is taken over by the next delivery as a new attempt.
 
 Every transaction is bounded by the lease (``queries.bound_transaction``): the server ends a
-frozen worker's transaction, and its locks, after the visibility timeout. Keys are claimed
-under try-locks: a key that another worker's open transaction holds is skipped and retried
-shortly, never waited for.
+frozen, hung or cut-off worker's transaction, and its locks, after the visibility timeout.
+Keys are claimed under try-locks: a key that another worker's open transaction holds is
+skipped and retried shortly, never waited for. Bodies over the size limit stay on the
+server; bodies the decoder rejects are dead-lettered with their text.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, TimeoutError
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -42,6 +45,7 @@ from backend.db import queries as q
 from backend.errors import InvalidEnvelope, PayloadTooLarge, PermanentJobError, UndecodableMessage
 from backend.logs import log_event
 from backend.workers.backoff import retry_delay_s
+from backend.workers.deliveries import DeliveryLog
 from backend.workers.jobs import (
     ExternalHandler,
     Job,
@@ -128,7 +132,7 @@ class HeldJobs:
 
 @dataclass
 class _Sorted:
-    fresh: list[Pending] = field(default_factory=list)  # first delivery: run together
+    fresh: list[Pending] = field(default_factory=list)  # run together in one transaction
     alone: list[Pending] = field(default_factory=list)  # delivered before, or external
     letters: list[q.DeadLetter] = field(default_factory=list)
     # later messages of a key already in this batch: key -> msg ids
@@ -147,46 +151,89 @@ class Processor:
 
     def __init__(self, *, queue: str, worker_id: str, kind: HandlerKind,
                  handler: TransactionalHandler | ExternalHandler, options: ProcessingOptions,
-                 counters: Counters | None = None, held: HeldJobs | None = None,
-                 rng: random.Random | None = None) -> None:
+                 deliveries: DeliveryLog | None = None, counters: Counters | None = None,
+                 held: HeldJobs | None = None, rng: random.Random | None = None) -> None:
+        if kind == "transactional" and deliveries is None:
+            raise ValueError("a transactional processor records its deliveries: give it a DeliveryLog")
         self.queue = queue
         self.worker_id = worker_id
         self.kind = kind
         self.handler = handler
         self.options = options
+        self.deliveries = deliveries
         self.counters = counters or Counters()
         self.held = held or HeldJobs()
         self.rng = rng or random.Random()
         self.in_flight = 0
+        self._careful = False
 
     def process_batch(self, conn: Conn, should_stop: Callable[[], bool] = lambda: False) -> int:
         """Take and process up to one batch (one message for external handlers); return how
         many messages were taken."""
+        try:
+            if self.kind == "transactional":
+                return self._transactional_delivery(conn, should_stop)
+            return self._external_delivery(conn, should_stop)
+        finally:
+            self.in_flight = 0
+            self.held.clear()
+
+    def _transactional_delivery(self, conn: Conn, should_stop: Callable[[], bool]) -> int:
         o = self.options
-        messages = q.fetch_messages(conn, self.queue, vt_s=o.visibility_timeout_s,
-                                    qty=o.batch_size if self.kind == "transactional" else 1,
+        out = _Outcome()
+        try:
+            with conn.transaction():
+                messages = q.lock_messages(conn, self.queue, qty=o.batch_size, max_bytes=o.max_payload_bytes,
+                                           limit_ms=o.transaction_limit_ms)
+                if not messages:
+                    return 0
+                self.in_flight = len(messages)
+                batch = self._sort(messages)
+                out.letters.extend(batch.letters)
+                self._batch(conn, batch, out)
+        except _BatchFailed:
+            # Rolled back by this worker, nothing lost: not a delivery that left no outcome.
+            self._wait(self._deliveries().forget())
+            self._careful = True
+            return len(messages)
+        self._careful = False
+        self._after_commit(out)
+        for envelope, _ in batch.fresh:  # their copies were deleted or delayed with them
+            batch.duplicates.pop(envelope["idempotency_key"], None)
+        self._alone(conn, batch, should_stop)
+        return len(messages)
+
+    def _external_delivery(self, conn: Conn, should_stop: Callable[[], bool]) -> int:
+        o = self.options
+        messages = q.fetch_messages(conn, self.queue, qty=1, vt_s=o.visibility_timeout_s,
                                     max_bytes=o.max_payload_bytes)
         if not messages:
             return 0
         self.held.take([m.msg_id for m in messages])
         self.in_flight = len(messages)
-        try:
-            batch = self._sort(messages)
-            if batch.letters:
-                out = _Outcome(letters=batch.letters)
-                with conn.transaction():
-                    q.bound_transaction(conn, o.transaction_limit_ms)
-                    self._settle(conn, out)
-                self._after_commit(out)
-            if batch.fresh:
-                self._batch(conn, batch)
-            unstarted = self._alone(conn, batch, should_stop)
-            # Not started (draining): visible again now, this delivery uncounted.
-            q.release_messages(conn, self.queue, unstarted)
-        finally:
-            self.in_flight = 0
-            self.held.clear()
+        batch = self._sort(messages)
+        if batch.letters:
+            out = _Outcome(letters=batch.letters)
+            with conn.transaction():
+                q.bound_transaction(conn, o.transaction_limit_ms)
+                self._settle(conn, out)
+            self._after_commit(out)
+        unstarted = self._alone(conn, batch, should_stop)
+        # Not started (draining): visible again now, this delivery uncounted.
+        q.release_messages(conn, self.queue, unstarted)
         return len(messages)
+
+    def _deliveries(self) -> DeliveryLog:
+        assert self.deliveries is not None
+        return self.deliveries
+
+    def _wait(self, write: Future[None]) -> None:
+        """Wait for a delivery record to commit; a write that cannot is an outage."""
+        try:
+            write.result(timeout=self.options.visibility_timeout_s)
+        except TimeoutError:
+            raise psycopg.OperationalError("the delivery record did not commit within "
+                                           f"{self.options.visibility_timeout_s} s") from None
 
     # --- sorting a delivery ------------------------------------------------------------
 
@@ -206,8 +253,8 @@ class Processor:
                 out.duplicates.setdefault(key, []).append(msg.msg_id)
                 continue
             seen.add(key)
-            first = self.kind == "transactional" and msg.deliveries <= 1
-            (out.fresh if first else out.alone).append((envelope, msg.msg_id))
+            together = self.kind == "transactional" and not msg.delivered_before
+            (out.fresh if together else out.alone).append((envelope, msg.msg_id))
         return out
 
     def _decode(self, msg: q.Message) -> Any:
@@ -299,40 +346,30 @@ class Processor:
                                             "error": letter.error,
                                             "error_type": letter.error_type}, logging.ERROR)
 
-    # --- a batch of first deliveries (transactional) -------------------------------------
+    # --- a batch (transactional) ---------------------------------------------------------
 
-    def _batch(self, conn: Conn, batch: _Sorted) -> None:
-        """Run the first deliveries in one transaction, optimistically; when a handler
-        raises, roll back and run the same jobs again one by one, each in a savepoint."""
-        out = _Outcome()
-        try:
-            self._batch_transaction(conn, batch, out, one_by_one=False)
-        except _BatchFailed:
-            out = _Outcome()
-            self._batch_transaction(conn, batch, out, one_by_one=True)
-        self._after_commit(out)
-        for envelope, _ in batch.fresh:  # their copies were deleted or delayed with them
-            batch.duplicates.pop(envelope["idempotency_key"], None)
-
-    def _batch_transaction(self, conn: Conn, batch: _Sorted, out: _Outcome, *, one_by_one: bool) -> None:
-        """One transaction: claim (as completed), handle, settle, delete."""
-        with conn.transaction():
-            q.bound_transaction(conn, self.options.transaction_limit_ms)
-            claimed, completed, later = self._claim(conn, batch.fresh, out, status="completed")
-            started = time.monotonic()
-            if one_by_one:
-                self._run_one_by_one(conn, claimed, out)
-            elif claimed:
-                self._run_batch(conn, claimed)
-                out.done.extend(claimed)
-            if out.done and time.monotonic() - started > _STALE_COMPLETION_S:
-                q.complete(conn, [j.idempotency_key for j in out.done])  # fresh completed_at
-            already = set(completed)
-            done_keys = {j.idempotency_key for j in out.done} | {
-                env["idempotency_key"] for env, msg_id in batch.fresh if msg_id in already}
-            copies_done = [m for k, ids in batch.duplicates.items() if k in done_keys for m in ids]
-            later.update(_copies_wait(batch.fresh, batch.duplicates, out, later))
-            self._settle(conn, out, delete=[*completed, *copies_done], later=later, complete=False)
+    def _batch(self, conn: Conn, batch: _Sorted, out: _Outcome) -> None:
+        """Inside the batch's transaction: record the delivery, claim (as completed), handle,
+        settle, delete. Optimistic: the handler gets the whole batch; when it raises, the
+        transaction rolls back and the next batch runs one by one (``_careful``)."""
+        recorded = self._deliveries().record([msg_id for _, msg_id in batch.fresh]) if batch.fresh else None
+        claimed, completed, later = self._claim(conn, batch.fresh, out, status="completed")
+        if recorded is not None:
+            self._wait(recorded)  # before any handler runs
+        started = time.monotonic()
+        if self._careful:
+            self._run_one_by_one(conn, claimed, out)
+        elif claimed:
+            self._run_batch(conn, claimed)
+            out.done.extend(claimed)
+        if out.done and time.monotonic() - started > _STALE_COMPLETION_S:
+            q.complete(conn, [j.idempotency_key for j in out.done])  # fresh completed_at
+        already = set(completed)
+        done_keys = {j.idempotency_key for j in out.done} | {
+            env["idempotency_key"] for env, msg_id in batch.fresh if msg_id in already}
+        copies_done = [m for k, ids in batch.duplicates.items() if k in done_keys for m in ids]
+        later.update(_copies_wait(batch.fresh, batch.duplicates, out, later))
+        self._settle(conn, out, delete=[*completed, *copies_done], later=later, complete=False)
 
     def _transactional(self) -> TransactionalHandler:
         assert self.kind == "transactional"
@@ -372,6 +409,12 @@ class Processor:
         while pending and not should_stop():
             envelope, msg_id = pending.pop(0)
             key = envelope["idempotency_key"]
+            if self.kind == "transactional":
+                # It was locked with its batch: lease it now, or leave it to whoever has.
+                if not q.take_message(conn, self.queue, msg_id, vt_s=self.options.visibility_timeout_s):
+                    batch.duplicates.pop(key, None)
+                    continue
+                self.held.take([msg_id])
             self.in_flight = 1
             done, wait_s = self._run_alone(conn, (envelope, msg_id))
             copies = batch.duplicates.pop(key, [])

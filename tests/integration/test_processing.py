@@ -15,6 +15,7 @@ from psycopg.types.json import Jsonb
 from backend.db import queries as q
 from backend.enqueue import build_envelope, enqueue
 from backend.errors import PermanentJobError
+from backend.workers.deliveries import DeliveryLog
 from backend.workers.jobs import Job
 from backend.workers.processing import HandlerKind, ProcessingOptions, Processor
 
@@ -28,6 +29,7 @@ class Recorder:
     def __init__(self, fail: dict[str, int] | None = None) -> None:
         self.fail = fail or {}
         self.calls: list[tuple[str, int, float]] = []
+        self.batches: list[list[str]] = []
 
     def handle(self, conn: Conn, job: Job) -> None:
         self.calls.append((job.idempotency_key, job.attempt, time.monotonic()))
@@ -39,6 +41,7 @@ class Recorder:
             raise PermanentJobError("never possible")
 
     def handle_batch(self, conn: Conn, jobs: list[Job]) -> None:
+        self.batches.append(sorted(j.idempotency_key for j in jobs))
         for job in jobs:
             self.handle(conn, job)
 
@@ -46,8 +49,10 @@ class Recorder:
 def processor(conn_url: str, handler: Any, kind: HandlerKind = "transactional", **opts: Any
               ) -> Processor:
     options = ProcessingOptions(**{"visibility_timeout_s": 5, "retry_base_s": 1.0, **opts})
+    deliveries = DeliveryLog(queue_name=QUEUE, worker_id="test-worker",
+                             open_conn=lambda: psycopg.connect(conn_url, autocommit=True))
     return Processor(queue=QUEUE, worker_id="test-worker", kind=kind, handler=handler,
-                     options=options, rng=random.Random(7))
+                     options=options, deliveries=deliveries, rng=random.Random(7))
 
 
 def send(db: Conn, key: str, **payload: Any) -> int:
@@ -134,11 +139,12 @@ def test_same_key_enqueued_twice_has_one_effect(db: Conn, work_conn: Conn, clean
     assert ledger(db, "twice")["attempts"] == 1
 
 
-def test_a_delivery_is_counted_and_leased_before_the_handler_runs(
+def test_a_batch_is_recorded_and_held_by_lock_before_the_handler_runs(
         db: Conn, work_conn: Conn, clean_db: str) -> None:
-    """While the batch runs, its messages are invisible to every other reader and their
-    delivery is already committed (read_ct), so a worker that dies here leaves a trace; a
-    batch whose handler raises is redone one by one within the same delivery."""
+    """While the batch runs, every other reader skips its messages, its delivery record is
+    committed, and the messages are not rewritten (pgmq.read would set vt and read_ct of
+    each); a batch whose handler raises is rolled back and forgotten, and the next batch
+    runs the same jobs one by one."""
     seen: dict[str, Any] = {}
 
     class Peek(Recorder):
@@ -146,33 +152,54 @@ def test_a_delivery_is_counted_and_leased_before_the_handler_runs(
             with psycopg.connect(clean_db, autocommit=True) as other:
                 seen["pgmq.read"] = other.execute("SELECT * FROM pgmq.read(%s, 30, 10)",
                                                   (QUEUE,)).fetchall()
-                seen["read_ct"] = [r[0] for r in other.execute(
-                    "SELECT read_ct FROM pgmq.q_q_probe ORDER BY msg_id")]
-                seen["lease"] = other.execute(
-                    "SELECT min(extract(epoch FROM vt - clock_timestamp()))::float8"
-                    " FROM pgmq.q_q_probe").fetchone()[0]
-            raise RuntimeError("roll this batch back")  # the same jobs then run one by one
+                seen["record"] = other.execute("SELECT msg_ids FROM workers.deliveries"
+                                               " WHERE worker_id = 'test-worker'").fetchone()
+            seen["updated"] = conn.execute("SELECT n_tup_upd FROM pg_stat_xact_user_tables"
+                                           " WHERE relid = 'pgmq.q_q_probe'::regclass"
+                                           ).fetchone()["n_tup_upd"]
+            raise RuntimeError("roll this batch back")  # the next batch runs one by one
 
-    for i in range(3):
-        send(db, f"held{i}")
+    ids = [send(db, f"held{i}") for i in range(3)]
     proc = processor(clean_db, Peek())
-    assert proc.process_batch(work_conn) == 3
+    assert proc.process_batch(work_conn) == 3  # rolled back, no attempt counted
     assert seen["pgmq.read"] == []
-    assert seen["read_ct"] == [1, 1, 1]
-    assert 3.0 < seen["lease"] <= 5.0  # the visibility timeout
-    assert queue_depth(db) == 0 and effects(db) == 3
-    assert db.execute("SELECT count(*) AS n FROM workers.processed_jobs WHERE status = 'completed'"
-                      " AND attempts = 1").fetchone()["n"] == 3
+    assert seen["record"] == (ids,)
+    assert seen["updated"] == 0, "the batch wrote new versions of its messages"
+    assert db.execute("SELECT count(*) AS n FROM pgmq.q_q_probe WHERE read_ct = 0"
+                      " AND vt <= clock_timestamp()").fetchone()["n"] == 3
+    assert db.execute("SELECT count(*) AS n FROM workers.deliveries").fetchone()["n"] == 0
+    run_until(proc, work_conn, lambda: queue_depth(db) == 0)
+    assert effects(db) == 3
+
+
+def test_a_batch_whose_worker_died_runs_alone_each_attempt_counted(
+        db: Conn, work_conn: Conn, clean_db: str) -> None:
+    """A delivery record left by a worker that never finished its batch: each of its jobs
+    runs alone, claimed (attempt counted) before its handler, the others in a batch."""
+    ids = [send(db, f"orphan{i}") for i in range(3)]
+    send(db, "fresh")
+    db.execute("INSERT INTO workers.deliveries (worker_id, queue_name, msg_ids)"
+               " VALUES ('dead-worker', %s, %s)", (QUEUE, ids))
+    recorder = Recorder()
+    proc = processor(clean_db, recorder)
+    run_until(proc, work_conn, lambda: queue_depth(db) == 0)
+    assert effects(db) == 4
+    rows = {r["job_key"]: r for r in db.execute("SELECT * FROM workers.processed_jobs")}
+    assert all(rows[f"orphan{i}"]["attempts"] == 1 and rows[f"orphan{i}"]["status"] == "completed"
+               for i in range(3))
+    assert recorder.batches == [["fresh"]], "the orphans ran alone, the fresh job in a batch"
+    with psycopg.connect(clean_db, autocommit=True) as conn:
+        assert q.prune_deliveries(conn, QUEUE) == 2, "records none of whose messages is left go"
 
 
 def test_a_failed_transactional_job_is_delayed_by_its_backoff(
         db: Conn, work_conn: Conn, clean_db: str) -> None:
     send(db, "once")
     proc = processor(clean_db, Recorder(fail={"once": 1}), retry_base_s=4.0)
-    proc.process_batch(work_conn)  # optimistic, rolled back, then one by one: attempt 1 fails
-    row = db.execute("SELECT read_ct, extract(epoch FROM vt - clock_timestamp())::float8 AS wait"
+    proc.process_batch(work_conn)  # optimistic: rolled back
+    proc.process_batch(work_conn)  # one by one: attempt 1 fails and commits
+    row = db.execute("SELECT extract(epoch FROM vt - clock_timestamp())::float8 AS wait"
                      " FROM pgmq.q_q_probe").fetchone()
-    assert row["read_ct"] == 1
     assert 1.0 <= row["wait"] <= 4.0  # jittered to half..all of 4 s, whole seconds
     assert ledger(db, "once")["status"] == "failed"
 
