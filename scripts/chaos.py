@@ -20,7 +20,13 @@ SIGTERM and checks:
   ``chaos``), so an effect written twice is seen even when the second write overwrote it;
 - nothing lost, dead letters only for the poison messages, no claim left stuck;
 - every SIGTERM'd replica exited 0 or 143 after a WORKER_SHUTDOWN line; every SIGKILL'd
-  replica's heartbeat row stopped advancing and reads as dead.
+  replica's heartbeat row stopped advancing and reads as dead; a chaos worker replica ended
+  by one of its killer jobs exited 137 right after saying so;
+- liveness: transactional replicas are also frozen (SIGSTOP, then SIGCONT) for longer than
+  the visibility timeout, a chaos worker (``scripts/chaos_worker.py``) gets jobs that end its
+  process, and the queues get undecodable and oversized bodies; the longest stall (how long
+  a job took from its enqueue to its completion, less the retry delays it was given and the
+  time PostgreSQL was down) must stay within the visibility timeout + 10 s.
 
     python scripts/chaos.py [--duration 60] [--jobs 2000] [--workers-per-kind 2]
         [--kill-interval 4] [--seed N] [--no-db-restart] [--report PATH]
@@ -63,9 +69,9 @@ sys.path.insert(0, str(ROOT))
 
 import psycopg  # noqa: E402
 from psycopg.rows import dict_row  # noqa: E402
-from psycopg.types.json import Jsonb  # noqa: E402
 
-from backend.config import QUEUES, WORKER_NAMES, redact_url  # noqa: E402
+from backend.config import QUEUES as WORKER_QUEUES  # noqa: E402
+from backend.config import WORKER_NAMES, redact_url  # noqa: E402
 from backend.db.embedded import EmbeddedPostgres  # noqa: E402
 from backend.db.migrate import apply_migrations  # noqa: E402
 from backend.domain.seed import seed_demo  # noqa: E402
@@ -76,6 +82,7 @@ from scripts.chaos_checks import (  # noqa: E402
     ProcessRecord,
     check_effects,
     check_processes,
+    check_stalls,
     install_audit,
     load_heartbeats,
     recovery_s,
@@ -83,6 +90,8 @@ from scripts.chaos_checks import (  # noqa: E402
     render,
 )
 from scripts.chaos_workload import (  # noqa: E402
+    CHAOS_QUEUE,
+    CHAOS_WORKER,
     ORG_ID,
     DbRestart,
     Item,
@@ -117,6 +126,12 @@ WORKER_ENV = {
 }
 _DROP_ENV = ("SUPABASE_", "WORKER_", "RAILWAY_", "OUTBOX_")
 WAVE_SPREAD = 0.7  # the workload arrives over the first 70% of the run
+QUEUES = (*WORKER_QUEUES, CHAOS_QUEUE)
+KINDS = (*WORKER_NAMES, CHAOS_WORKER)
+# Freezes are for transactional workers: a frozen external worker that wakes after its lease
+# was taken over may still send (with the same key), which the receiver would count twice.
+FREEZABLE = ("collectability", "escalation", CHAOS_WORKER)
+STALL_ALLOWANCE_S = 10.0
 TICK_S = 0.05
 AIM_WAIT_S = 3.0
 
@@ -246,7 +261,7 @@ def enqueue_wave(conn: Conn, index: int, items: Sequence[Item]) -> bool:
         envelopes: dict[str, list[Any]] = defaultdict(list)
         for item in items:
             if item.key is None:  # malformed on purpose: enqueue_many would refuse it
-                conn.execute("SELECT pgmq.send(%s, %s, 0)", (item.queue, Jsonb(item.body)))
+                conn.execute("SELECT pgmq.send(%s, %s::jsonb, 0)", (item.queue, item.text))
             else:
                 envelopes[item.queue].append(item.body)
         for queue, bodies in envelopes.items():
@@ -398,6 +413,8 @@ class Replica:
     slot: int
     proc: WorkerProcess
     spawned_wall: float = field(default_factory=time.time)
+    frozen_until: float | None = None
+    freezes: int = 0
     booted: bool = False
     worker_id: str | None = None
     signal: str | None = None
@@ -409,6 +426,17 @@ class Replica:
 
     def alive(self) -> bool:
         return self.exit_code is None
+
+    def freeze(self, now: float, for_s: float) -> None:
+        self.frozen_until, self.freezes = now + for_s, self.freezes + 1
+        self.proc.send(signal.SIGSTOP)
+
+    def thaw(self, now: float, *, early: bool = False) -> None:
+        """SIGCONT when the freeze is over (or ``early``, at the end of the run)."""
+        if self.frozen_until is not None and (early or now >= self.frozen_until):
+            self.frozen_until = None
+            if self.alive():
+                self.proc.send(signal.SIGCONT)
 
     def poll(self, now: float) -> bool:
         """Update boot and exit state; True when the process has just exited."""
@@ -437,8 +465,9 @@ class Replica:
         bad = [ln for ln in lines if not ln.startswith("{") or (password and password in ln)]
         drain = (self.exited_at - self.signalled_at
                  if self.exited_at is not None and self.signalled_at is not None else None)
+        job_exit = bool(self.proc.named("CHAOS_JOB_EXIT")) and self.exit_code == 137
         return ProcessRecord(
-            kind=self.kind, slot=self.slot, pid=self.proc.pid, worker_id=self.worker_id,
+            kind=self.kind, slot=self.slot, pid=self.proc.pid, worker_id=self.worker_id, job_exit=job_exit,
             booted=self.booted, signal=self.signal, final=self.final, exit_code=self.exit_code,
             drain_s=None if drain is None else round(drain, 3), spawned_wall=self.spawned_wall,
             signalled_wall=self.signalled_wall, shutdown_logged=shutdown,
@@ -453,7 +482,7 @@ class Supervisor:
 
     def __init__(self, env: Mapping[str, str], per_kind: int, seed: int, log: Callable[[str], None]) -> None:
         self.env = dict(env)
-        self.slots = [(kind, i) for kind in WORKER_NAMES for i in range(per_kind)]
+        self.slots = [(kind, i) for kind in KINDS for i in range(per_kind)]
         self.current: list[Replica | None] = [None] * len(self.slots)
         self.history: list[Replica] = []
         self.restart_at: dict[int, float] = {}
@@ -467,11 +496,15 @@ class Supervisor:
 
     def _spawn(self, index: int) -> None:
         kind, slot = self.slots[index]
-        replica = Replica(kind=kind, slot=slot, proc=WorkerProcess(f"backend.workers.{kind}", self.env))
+        module = "scripts.chaos_worker" if kind == CHAOS_WORKER else f"backend.workers.{kind}"
+        replica = Replica(kind=kind, slot=slot, proc=WorkerProcess(module, self.env))
         self.current[index] = replica
         self.history.append(replica)
 
     def tick(self, now: float) -> None:
+        for replica in self.current:
+            if replica is not None:
+                replica.thaw(now)
         for index, replica in enumerate(self.current):
             if replica is not None and replica.poll(now):
                 self.current[index] = None
@@ -493,13 +526,16 @@ class Supervisor:
             replica = self.current[(slot + step) % len(self.slots)]
             # SIGTERM only after boot: before its handler is installed, Python dies of it.
             if replica is not None and replica.alive() and replica.signal is None and (
-                    replica.booted or name == "SIGKILL"):
+                    replica.frozen_until is None) and (replica.booted or name == "SIGKILL") and (
+                    name != "SIGSTOP" or (replica.booted and replica.kind in FREEZABLE)):
                 return replica
         return None
 
     def stop_all(self, timeout_s: float) -> None:
         """SIGTERM every replica and wait for them all; SIGKILL any that outlive ``timeout_s``."""
         self.restarting = False
+        for replica in self.history:
+            replica.thaw(time.monotonic(), early=True)
         deadline = time.monotonic() + timeout_s
         while any(r.alive() for r in self.history) and time.monotonic() < deadline:
             now = time.monotonic()
@@ -554,6 +590,7 @@ class Timeline:
     """What happened when, as the checks and the report need it."""
 
     kills: list[dict[str, Any]] = field(default_factory=list)
+    freezes: list[dict[str, Any]] = field(default_factory=list)
     skipped_kills: int = 0
     db_restart: dict[str, Any] | None = None
     drained: bool = False
@@ -632,6 +669,14 @@ class ChaosRun:
                 if victim is None:
                     break  # nobody can take it yet: try again next tick
                 kills.popleft()
+                if kill.signal == "SIGSTOP":
+                    victim.freeze(now, kill.freeze_s)
+                    self.timeline.freezes.append({"at_s": round(now - t0, 3), "for_s": kill.freeze_s,
+                                                  "worker": victim.kind, "slot": victim.slot,
+                                                  "pid": victim.proc.pid})
+                    self.log(f"{now - t0:7.1f}s  SIGSTOP {victim.kind}/{victim.slot} pid {victim.proc.pid}"
+                             f" for {kill.freeze_s:g} s")
+                    continue
                 inside = self._inside_handler(victim)
                 victim.send(kill.signal, now)
                 self.timeline.kills.append({"at_s": round(now - t0, 3), "signal": kill.signal,
@@ -708,9 +753,10 @@ class ChaosRun:
 
 
 def build_report(opts: Options, db: Database, plan: Plan, timeline: Timeline, effects: Mapping[str, Any],
-                 processes: Mapping[str, Any], recovery: float | None) -> dict[str, Any]:
+                 processes: Mapping[str, Any], recovery: float | None,
+                 stalls: Mapping[str, Any]) -> dict[str, Any]:
     kills = Counter(k["signal"] for k in timeline.kills)
-    violations = list(effects["violations"])
+    violations = list(effects["violations"]) + list(stalls["violations"])
     if processes["problem_count"]:
         violations.append(f"{processes['problem_count']} process problem(s)")
     if not timeline.drained:
@@ -731,6 +777,10 @@ def build_report(opts: Options, db: Database, plan: Plan, timeline: Timeline, ef
         "options": {"duration_s": opts.duration_s, "jobs": opts.jobs, "workers_per_kind": opts.per_kind,
                     "kill_interval_s": opts.kill_interval_s, "db_restart": opts.db_restart},
         "database": {"url": redact_url(db.url), "own_server": db.owned},
+        "freezes": {"count": len(timeline.freezes), "log": timeline.freezes},
+        "killer_jobs": {"count": len(plan.killers),
+                        "worker_exits": processes["job_exits"]},
+        "stalls": stalls,
         "kills": {"total": len(timeline.kills), "SIGTERM": kills["SIGTERM"], "SIGKILL": kills["SIGKILL"],
                   "skipped": timeline.skipped_kills,
                   "inside_external_handler": sum(1 for k in timeline.kills if k["inside_external_handler"]),
@@ -740,7 +790,8 @@ def build_report(opts: Options, db: Database, plan: Plan, timeline: Timeline, ef
         "jobs": {**effects["jobs"], "messages_enqueued": plan.messages, "copies": plan.copies,
                  "poison": len(plan.poison), "slow": len(plan.slow), "flaky": len(plan.flaky),
                  "by_worker": {"collectability": len(plan.scores), "escalation": len(plan.escalations),
-                               "outbox_processor": len(plan.deliveries)}},
+                               "outbox_processor": len(plan.deliveries),
+                               CHAOS_WORKER: len(plan.chaos_jobs)}},
         "effects": effects["effects"], "duplicates": effects["duplicates"], "lost": effects["lost"],
         "dead_letters": effects["dead_letters"], "stuck_claims": effects["stuck_claims"],
         "drain": {**processes["drain"], "queues_drained": timeline.drained,
@@ -762,10 +813,11 @@ def run(opts: Options, log: Callable[[str], None] = print) -> dict[str, Any]:
             seeded = seed_demo(conn, judgments=n_scores, cases=n_escalations, org_id=ORG_ID, seed=opts.seed)
         plan = build_plan(seed=opts.seed, judgment_ids=seeded["judgment_ids"], case_ids=seeded["case_ids"],
                           notes=n_notes, waves=max(2, min(100, int(opts.duration_s / 2))))
-        slots = len(WORKER_NAMES) * opts.per_kind
+        slots = len(KINDS) * opts.per_kind
         schedule = build_schedule(seed=opts.seed, duration_s=opts.duration_s,
                                   kill_interval_s=opts.kill_interval_s, slots=slots,
-                                  db_restart=opts.db_restart and db.server is not None)
+                                  db_restart=opts.db_restart and db.server is not None,
+                                  visibility_s=VISIBILITY_S)
         log(f"{len(plan.expected_keys)} jobs ({plan.messages} messages) in {len(plan.waves)} waves; "
             f"{len(schedule.kills)} kills scheduled")
         with Receiver() as receiver:
@@ -773,11 +825,16 @@ def run(opts: Options, log: Callable[[str], None] = print) -> dict[str, Any]:
             timeline = chaos.execute()
             calls = receiver.calls()
         records = [r.record(db.password) for r in chaos.supervisor.history]
+        retries = [e for r in chaos.supervisor.history for e in r.proc.named("JOB_FAILED")]
+        restart = timeline.db_restart or {}
         with connect(db.url) as conn:
             effects = check_effects(conn, plan, calls)
             processes = check_processes(records, load_heartbeats(conn), time.time())
-            recovery = recovery_s(conn, (timeline.db_restart or {}).get("started_wall"))
-        return build_report(opts, db, plan, timeline, effects, processes, recovery)
+            recovery = recovery_s(conn, restart.get("started_wall"))
+            stalls = check_stalls(conn, plan, retries, outage=(restart.get("stopped_wall"),
+                                                               restart.get("started_wall")),
+                                  limit_s=VISIBILITY_S + STALL_ALLOWANCE_S)
+        return build_report(opts, db, plan, timeline, effects, processes, recovery, stalls)
     finally:
         db.close()
 

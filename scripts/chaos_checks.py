@@ -36,6 +36,12 @@ CREATE TABLE IF NOT EXISTS chaos.effects (
     subject  bigint,
     at       timestamptz NOT NULL DEFAULT clock_timestamp()
 );
+CREATE TABLE IF NOT EXISTS chaos.worker_effects (  -- written by scripts/chaos_worker.py
+    id       bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    job_key  text NOT NULL,
+    attempt  integer NOT NULL,
+    at       timestamptz NOT NULL DEFAULT clock_timestamp()
+);
 CREATE TABLE IF NOT EXISTS chaos.waves (
     wave  integer PRIMARY KEY,
     at    timestamptz NOT NULL DEFAULT clock_timestamp()
@@ -108,6 +114,7 @@ class ProcessRecord:
     outages: int
     bad_lines: tuple[str, ...] = ()
     tail: tuple[str, ...] = ()  # its last output lines, to read when it has a problem
+    job_exit: bool = False  # a chaos worker ended by one of its killer jobs (exit 137)
 
     @property
     def name(self) -> str:
@@ -143,6 +150,21 @@ def _once(effects: Effects, kind: str, key: str, what: str,
         dup.add(key, f"{what} {n} times")
 
 
+def _check_chaos_worker(conn: Conn, plan: Plan, dup: _Tally, lost: _Tally) -> Counter[str]:
+    """Each chaos worker job's effect once; no killer job's effect ever committed."""
+    runs = Counter({r["job_key"]: int(r["n"]) for r in conn.execute(
+        "SELECT job_key, count(*) AS n FROM chaos.worker_effects GROUP BY job_key")})
+    for key in plan.chaos_jobs:
+        if runs[key] == 0:
+            lost.add(key, "no chaos worker effect")
+        elif runs[key] > 1:
+            dup.add(key, f"chaos worker effect {runs[key]} times")
+    for key in plan.killers:
+        if runs[key]:
+            dup.add(key, f"a killer job's effect committed {runs[key]} times")
+    return runs
+
+
 def _check_domain(conn: Conn, plan: Plan, effects: Effects, dup: _Tally, lost: _Tally) -> dict[str, int]:
     scores: dict[int, list[str | None]] = defaultdict(list)
     for row in conn.execute("SELECT judgment_id, job_key FROM dragonfly.collectability_scores"):
@@ -166,7 +188,9 @@ def _check_domain(conn: Conn, plan: Plan, effects: Effects, dup: _Tally, lost: _
             lost.add(key, f"case {case} recommended under key {rows[0]!r}")
         _once(effects, "recommendation", key, "recommendation event", dup, lost)
         _once(effects, "outbox_message", notify_key(key), "outbox message for the recommendation", dup, lost)
-    return {"score_rows": sum(len(v) for v in scores.values()),
+    chaos_runs = _check_chaos_worker(conn, plan, dup, lost)
+    return {"chaos_worker_effects": sum(chaos_runs[k] for k in plan.chaos_jobs),
+            "score_rows": sum(len(v) for v in scores.values()),
             "recommendations": sum(len(v) for v in events.values()),
             "notifications_enqueued": sum(n for (kind, k), (n, _) in effects.items()
                                           if kind == "outbox_message" and k.endswith(":notify"))}
@@ -194,14 +218,21 @@ def check_dead_letters(conn: Conn, plan: Plan) -> dict[str, Any]:
     """Every poison message dead-lettered once, and nothing else."""
     remaining = list(plan.poison)
     unexpected: list[dict[str, Any]] = []
-    rows = conn.execute("SELECT queue_name, job_key, message, error FROM workers.dead_letters"
-                        " ORDER BY id").fetchall()
+    # Bodies compared as PostgreSQL writes them: some are beyond Python's JSON decoder.
+    rows = conn.execute("SELECT queue_name, job_key, message::text AS message, error, error_type"
+                        " FROM workers.dead_letters ORDER BY id").fetchall()
+    written = {id(p): conn.execute("SELECT %s::jsonb::text AS t", (p.text,)).fetchone()["t"]
+               for p in plan.poison if p.key is None}
     for row in rows:
         match = next((p for p in remaining if p.queue == row["queue_name"] and (
-            p.key == row["job_key"] if p.key else row["job_key"] is None and row["message"] == p.body)), None)
+            p.key == row["job_key"] if p.key else row["job_key"] is None
+            and row["message"] == written[id(p)])), None)
         if match is None:
             unexpected.append({"queue": row["queue_name"], "key": row["job_key"],
                                "error": row["error"][:300]})
+        elif match.key in plan.killers and row["error_type"] != "AttemptsExhausted":
+            unexpected.append({"queue": row["queue_name"], "key": row["job_key"],
+                               "error": f"a killer job dead-lettered as {row['error_type']}"})
         else:
             remaining.remove(match)
     ledger = {r["job_key"]: r["status"] for r in conn.execute(
@@ -253,6 +284,45 @@ def check_effects(conn: Conn, plan: Plan, calls: Sequence[Call]) -> dict[str, An
             "violations": violations}
 
 
+def check_stalls(conn: Conn, plan: Plan, retries: Sequence[Mapping[str, Any]],
+                 outage: tuple[float | None, float | None], limit_s: float) -> dict[str, Any]:
+    """How long each job waited beyond its enqueue: from its enqueue (its wave's commit; for
+    a recommendation's notification, the recommendation's commit) to its completion, less
+    the retry delays its failed attempts were given (``JOB_FAILED`` lines) and the time
+    PostgreSQL was down. Queues are far faster than the producer, so this is the time a job
+    was held up: a killed, frozen or cut-off worker's lease, a killer job's batch."""
+    enqueued: dict[str, float] = {}
+    waves = {r["wave"]: r["at"] for r in conn.execute(
+        "SELECT wave, extract(epoch FROM at)::float8 AS at FROM chaos.waves")}
+    for index, wave in enumerate(plan.waves):
+        for item in wave:
+            if item.key and item.key not in enqueued and index in waves:
+                enqueued[item.key] = waves[index]
+    effects = _effects(conn)
+    for key in plan.escalations:
+        if ("outbox_message", notify_key(key)) in effects:
+            enqueued[notify_key(key)] = effects[("outbox_message", notify_key(key))][1]
+    delayed: Counter[str] = Counter()
+    for line in retries:
+        delayed[str(line.get("job_key"))] += float(line.get("retry_in_s") or 0)
+    down_from, down_to = outage
+    stalls: dict[str, float] = {}
+    for key in plan.expected_keys:
+        done = effects.get(("completed", key))
+        if done is None or key not in enqueued:
+            continue
+        start, end = enqueued[key], done[1]
+        overlap = max(0.0, min(end, down_to or 0.0) - max(start, down_from or 0.0)) if down_from else 0.0
+        stalls[key] = max(0.0, end - start - delayed[key] - overlap)
+    worst = max(stalls, key=lambda k: stalls[k], default=None)
+    over = sorted((k for k, v in stalls.items() if v > limit_s), key=lambda k: -stalls[k])
+    return {"jobs": len(stalls), "longest_s": round(stalls[worst], 3) if worst else None,
+            "longest_key": worst, "limit_s": limit_s, "over_limit": len(over),
+            "examples": [{"key": k, "stall_s": round(stalls[k], 3)} for k in over[:EXAMPLES]],
+            "p99_s": round(sorted(stalls.values())[int(0.99 * (len(stalls) - 1))], 3) if stalls else None,
+            "violations": [f"{len(over)} job(s) stalled longer than {limit_s:g} s"] if over else []}
+
+
 def load_heartbeats(conn: Conn) -> list[dict[str, Any]]:
     return conn.execute(
         "SELECT worker_id, pid, status, extract(epoch FROM started_at)::float8 AS started,"
@@ -290,7 +360,7 @@ def _process_problems(record: ProcessRecord, heartbeats: Sequence[Mapping[str, A
                 problems.append(f"heartbeat only {now - row['beat']:.1f} s old: not recognisable as dead")
         # No row at all (killed before its first write reached the database, during the
         # outage say) claims nothing: there is nothing to mistake for a live worker.
-    else:
+    elif not record.job_exit:
         problems.append(f"exited {record.exit_code} without being signalled"
                         + (f": {record.crash}" if record.crash else ""))
     problems += [f"bad output line: {line}" for line in record.bad_lines]
@@ -305,13 +375,15 @@ def check_processes(records: Sequence[ProcessRecord], heartbeats: Sequence[Mappi
                 for r in records for p in found[id(r)]]
     exits: dict[str, Counter[str]] = defaultdict(Counter)
     for r in records:
-        cause = "final SIGTERM" if r.final else f"after {r.signal}" if r.signal else "unsignalled"
+        cause = ("final SIGTERM" if r.final else f"after {r.signal}" if r.signal
+                 else "killer job" if r.job_exit else "unsignalled")
         exits[cause][str(r.exit_code)] += 1
     drains = [r.drain_s for r in records if r.signal == "SIGTERM" and r.drain_s is not None]
     killed = [r for r in records if r.signal == "SIGKILL"]
     dead = sum(1 for r in killed if not any("heartbeat" in p for p in found[id(r)]))
     rowless = sum(1 for r in killed if _heartbeat_of(r, heartbeats) is None)
     return {"started": len(records), "exit_codes": {k: dict(v) for k, v in exits.items()},
+            "job_exits": sum(1 for r in records if r.job_exit),
             "sigkilled": len(killed), "recognised_dead": dead, "sigkilled_without_heartbeat_row": rowless,
             "outage_logs": sum(r.outages for r in records),
             "drain": {"count": len(drains), "worst_s": max(drains, default=None),
@@ -338,6 +410,7 @@ def _mark(ok: bool) -> str:
 def render(report: Mapping[str, Any]) -> str:
     """The report as a table for the terminal."""
     k, p, j, e = report["kills"], report["processes"], report["jobs"], report["effects"]
+    stall = report["stalls"]
     letters, drain, restart = report["dead_letters"], report["drain"], report["db_restart"]
     exits = "; ".join(f"{cause}: " + ", ".join(f"{code} x{n}" for code, n in sorted(codes.items()))
                       for cause, codes in sorted(p["exit_codes"].items()))
@@ -346,6 +419,12 @@ def render(report: Mapping[str, Any]) -> str:
         ("kills", f"{k['total']} (SIGTERM {k['SIGTERM']}, SIGKILL {k['SIGKILL']}, not fired {k['skipped']};"
                   f" {k['inside_external_handler']} inside an outbox handler)",
          _mark(k["SIGTERM"] > 0 and k["SIGKILL"] > 0)),
+        ("freezes", f"{report['freezes']['count']} (SIGSTOP longer than the visibility timeout)", ""),
+        ("killer jobs", f"{report['killer_jobs']['count']} jobs that end their worker:"
+                        f" {report['killer_jobs']['worker_exits']} worker exits", ""),
+        ("longest stall", f"{_seconds(stall['longest_s'])} ({stall['longest_key']};"
+                          f" p99 {_seconds(stall['p99_s'])}, limit {stall['limit_s']:g} s)",
+         _mark(not stall["over_limit"])),
         ("processes", f"{p['started']} started, {p['problem_count']} problem(s)",
          _mark(not p["problem_count"])),
         ("exit codes", exits, ""),

@@ -2,8 +2,11 @@
 
 ``build_plan`` turns a seed and the seeded ids into waves of messages: collectability jobs,
 escalation jobs (each enqueues its own notification), direct notifications (some slow, some
-refused once), re-enqueued copies of some keys and a few poison messages. ``build_schedule``
-turns the seed into kill times, signals and victims, and the database restart. ``Receiver``
+refused once), re-enqueued copies of some keys, jobs for the chaos worker of
+``scripts/chaos_worker.py`` (a few of which end their worker's process), and poison
+messages (malformed, undecodable, oversized). ``build_schedule`` turns the seed into kill
+times, signals (SIGTERM, SIGKILL, and SIGSTOP freezes longer than the visibility timeout)
+and victims, and the database restart. ``Receiver``
 is the webhook and Slack endpoint the outbox delivers to; it records every call.
 """
 
@@ -28,6 +31,13 @@ ORG_ID = "org-chaos"
 SIGNALS = ("SIGTERM", "SIGKILL")
 COPY_SHARE, SLOW_SHARE, FLAKY_SHARE = 0.03, 0.02, 0.02
 HANDLER_KILL_SHARE = 0.25
+FREEZE_SHARE = 0.2
+# The chaos worker (scripts/chaos_worker.py) and its queue: a transactional worker some of
+# whose jobs end its process, as a crashing extension or the OOM killer would.
+CHAOS_WORKER, CHAOS_QUEUE = "chaos_worker", "q_chaos_worker"
+KILLERS, CHAOS_JOBS_SHARE = 3, 0.05
+# Freezes last longer than the visibility timeout, so the frozen worker's work must move.
+FREEZE_BEYOND_S = (1.0, 4.0)
 
 
 # --- the workload ---------------------------------------------------------------------------
@@ -35,11 +45,18 @@ HANDLER_KILL_SHARE = 0.25
 
 @dataclass(frozen=True, kw_only=True)
 class Item:
-    """One message to enqueue: a job envelope, or a malformed body (``key`` None)."""
+    """One message to enqueue: a job envelope, or a malformed body (``key`` None; ``raw``:
+    JSON text to send as it is, for bodies Python's own encoder would not write)."""
 
     queue: str
     body: Any
     key: str | None
+    raw: str | None = None
+
+    @property
+    def text(self) -> str:
+        """The body as JSON text."""
+        return self.raw if self.raw is not None else json.dumps(self.body)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,6 +71,8 @@ class Plan:
     copies: int
     slow: tuple[str, ...]
     flaky: tuple[str, ...]
+    chaos_jobs: tuple[str, ...] = ()  # the chaos worker's jobs that must complete
+    killers: tuple[str, ...] = ()  # the chaos worker's jobs that end its process
 
     @property
     def deliveries(self) -> set[str]:
@@ -63,7 +82,7 @@ class Plan:
     @property
     def expected_keys(self) -> set[str]:
         """Every key that must end completed in the ledger."""
-        return set(self.scores) | set(self.escalations) | self.deliveries
+        return set(self.scores) | set(self.escalations) | self.deliveries | set(self.chaos_jobs)
 
     @property
     def messages(self) -> int:
@@ -98,6 +117,8 @@ def build_plan(*, seed: int, judgment_ids: Sequence[int], case_ids: Sequence[int
                    payload={"notify_channel": "slack"} if rng.random() < 0.2 else {}) for c in case_ids]
     items += [_note(k, channel="webhook" if k in webhook_keys else "slack", chaos=hints.get(k))
               for k in note_keys]
+    chaos_keys = [f"chaos:{i}" for i in range(1, max(20, round(len(items) * CHAOS_JOBS_SHARE)) + 1)]
+    items += [_job(CHAOS_QUEUE, "chaos", i, key) for i, key in enumerate(chaos_keys)]
     rng.shuffle(items)
     slices: list[list[Item]] = [items[i::waves] for i in range(waves)]
     copies = rng.sample(range(len(items)), round(len(items) * COPY_SHARE))
@@ -107,12 +128,18 @@ def build_plan(*, seed: int, judgment_ids: Sequence[int], case_ids: Sequence[int
     poison = _poison(max(judgment_ids, default=0) + 1_000_000, max(case_ids, default=0) + 1_000_000)
     for item in poison:
         slices[rng.randrange(waves)].append(item)
+    # Killers arrive in the middle waves, among the chaos worker's other jobs.
+    killers = tuple(_job(CHAOS_QUEUE, "chaos", 0, f"chaos:killer:{i}", payload={"exit_code": 137})
+                    for i in range(1, KILLERS + 1))
+    for item in killers:
+        slices[rng.randrange(waves // 4, max(waves // 4 + 1, 3 * waves // 4))].append(item)
     for wave in slices:
         rng.shuffle(wave)
     return Plan(scores={f"score:{j}": j for j in judgment_ids},
                 escalations={f"escalate:{c}": c for c in case_ids}, notes=tuple(note_keys),
-                poison=poison, waves=tuple(tuple(w) for w in slices), copies=len(copies),
-                slow=tuple(slow), flaky=tuple(flaky))
+                poison=poison + killers, waves=tuple(tuple(w) for w in slices), copies=len(copies),
+                slow=tuple(slow), flaky=tuple(flaky), chaos_jobs=tuple(chaos_keys),
+                killers=tuple(str(k.key) for k in killers))
 
 
 def _job(queue: str, entity_type: str, entity_id: int, key: str, *,
@@ -132,8 +159,15 @@ def _note(key: str, *, channel: str, chaos: Mapping[str, Any] | None = None) -> 
 
 
 def _poison(missing_judgment: int, missing_case: int) -> tuple[Item, ...]:
-    """Messages that must end as dead letters, and only these."""
+    """Messages that must end as dead letters, and only these: malformed envelopes, bodies
+    Python's decoder rejects, bodies over the size limit, jobs that can never succeed."""
+    head = '{"idempotency_key": "poison:%s", "entity_type": "judgment", "entity_id": "1", "org_id": "o",'
     return (
+        Item(queue="q_collectability", body=None, key=None, raw="[" * 5000 + "]" * 5000),
+        Item(queue="q_escalation", body=None, key=None,
+             raw=head % "huge-number" + ' "payload": {"n": ' + "7" * 5000 + "}}"),
+        Item(queue="q_outbox_processor", body=None, key=None,
+             raw=head % "oversized" + ' "payload": {"blob": "' + "x" * 300_000 + '"}}'),
         Item(queue="q_collectability", body="not a job envelope", key=None),
         Item(queue="q_escalation", body={"hello": "world"}, key=None),
         Item(queue="q_outbox_processor", body={"idempotency_key": 42, "entity_type": "notification"},
@@ -156,6 +190,7 @@ class Kill:
     signal: str
     slot: int
     aim: str = "any"  # or "handler"
+    freeze_s: float = 0.0  # SIGSTOP: how long until SIGCONT
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -174,18 +209,27 @@ class Schedule:
 
 
 def build_schedule(*, seed: int, duration_s: float, kill_interval_s: float, slots: int,
-                   db_restart: bool) -> Schedule:
-    """Kill times, signals and victims, and the database restart, all from the seed."""
+                   db_restart: bool, visibility_s: float = 5.0) -> Schedule:
+    """Kill times, signals and victims, freezes, and the database restart, all from the seed."""
     rng = random.Random(f"{seed}:chaos")
     kills: list[Kill] = []
     at = rng.uniform(0.5, 1.5) * kill_interval_s
     while at < duration_s:
-        kills.append(Kill(at_s=round(at, 3), signal=rng.choice(SIGNALS), slot=rng.randrange(slots),
-                          aim="handler" if rng.random() < HANDLER_KILL_SHARE else "any"))
+        if rng.random() < FREEZE_SHARE:
+            kills.append(Kill(at_s=round(at, 3), signal="SIGSTOP", slot=rng.randrange(slots),
+                              freeze_s=round(visibility_s + rng.uniform(*FREEZE_BEYOND_S), 2)))
+        else:
+            kills.append(Kill(at_s=round(at, 3), signal=rng.choice(SIGNALS), slot=rng.randrange(slots),
+                              aim="handler" if rng.random() < HANDLER_KILL_SHARE else "any"))
         at += rng.uniform(0.5, 1.5) * kill_interval_s
-    if len(kills) >= 2 and len({k.signal for k in kills}) == 1:
-        other = SIGNALS[1 - SIGNALS.index(kills[-1].signal)]
-        kills[-1] = replace(kills[-1], signal=other)  # every run tries both kinds
+    if len(kills) >= 3 and not any(k.signal == "SIGSTOP" for k in kills):  # every run freezes one
+        kills[1] = replace(kills[1], signal="SIGSTOP", aim="any",
+                           freeze_s=round(visibility_s + rng.uniform(*FREEZE_BEYOND_S), 2))
+    ending = [i for i, k in enumerate(kills) if k.signal in SIGNALS]
+    if len(ending) >= 2 and len({kills[i].signal for i in ending}) == 1:
+        last = ending[-1]
+        other = SIGNALS[1 - SIGNALS.index(kills[last].signal)]
+        kills[last] = replace(kills[last], signal=other)  # every run tries both kinds
     restart = DbRestart(at_s=round(rng.uniform(0.3, 0.55) * duration_s, 3),
                         mode=rng.choice(("fast", "immediate")),
                         down_s=round(rng.uniform(2.0, 4.0), 2)) if db_restart else None

@@ -16,7 +16,6 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg.types.json import Jsonb
 
 from backend.db.embedded import PROJECT_ROOT, EmbeddedPostgres
 from backend.domain.seed import seed_demo
@@ -25,6 +24,7 @@ from scripts.chaos_checks import (
     ProcessRecord,
     check_effects,
     check_processes,
+    check_stalls,
     install_audit,
     remove_audit,
 )
@@ -62,6 +62,9 @@ def test_a_ci_sized_chaos_run_loses_nothing_and_doubles_nothing(
     assert report["processes"]["problem_count"] == 0, output
     assert report["processes"]["recognised_dead"] == report["processes"]["sigkilled"] >= 1, output
     assert report["stuck_claims"]["count"] == 0, output
+    assert report["freezes"]["count"] >= 1, output
+    assert report["killer_jobs"]["count"] == 3 and report["killer_jobs"]["worker_exits"] >= 1, output
+    assert report["stalls"]["longest_s"] <= report["stalls"]["limit_s"], output
     assert report["db_restart"]["recovery_s"] is not None, output
     effects = report["effects"]
     assert effects["receiver_accepted_keys"] == report["jobs"]["by_worker"]["outbox_processor"], output
@@ -117,12 +120,15 @@ def play_correct_run(db: Conn, plan: Plan) -> list[Call]:
         enqueue(db, "q_outbox_processor", build_envelope(
             entity_type="notification", entity_id=str(case_id), org_id=ORG_ID,
             idempotency_key=notify_key(key), payload={"channel": "webhook"}))
+    for key in plan.chaos_jobs:
+        db.execute("INSERT INTO chaos.worker_effects (job_key, attempt) VALUES (%s, 1)", (key,))
     for key in sorted(plan.expected_keys):
         _complete(db, key)
     for item in plan.poison:
+        kind = "AttemptsExhausted" if item.key in plan.killers else "Test"
         db.execute("INSERT INTO workers.dead_letters (queue_name, msg_id, job_key, message, error,"
-                   " error_type) VALUES (%s, 0, %s, %s, 'poison', 'Test')",
-                   (item.queue, item.key, Jsonb(item.body)))
+                   " error_type) VALUES (%s, 0, %s, %s::jsonb, 'poison', %s)",
+                   (item.queue, item.key, item.text, kind))
         if item.key:
             db.execute("INSERT INTO workers.processed_jobs (job_key, queue_name, msg_id, status)"
                        " VALUES (%s, %s, 0, 'dead')", (item.key, item.queue))
@@ -140,6 +146,23 @@ def test_the_checks_pass_a_correct_run(audited: Conn) -> None:
     assert found["violations"] == []
     assert found["jobs"]["completed"] == found["jobs"]["expected"] == len(plan.expected_keys)
     assert found["dead_letters"]["matched"] == found["dead_letters"]["total"] == len(plan.poison)
+
+
+def test_the_stall_check_reports_a_job_held_up_and_forgives_retry_delays(audited: Conn) -> None:
+    plan = _small_plan(audited)
+    play_correct_run(audited, plan)
+    audited.execute("INSERT INTO chaos.waves (wave, at) VALUES (0, clock_timestamp()),"
+                    " (1, clock_timestamp() - interval '100 seconds')")
+    early = {i.key for i in plan.waves[0] if i.key}
+    held = sorted({i.key for i in plan.waves[1] if i.key} & plan.expected_keys - early)
+    assert held
+
+    found = check_stalls(audited, plan, [], outage=(None, None), limit_s=15)
+    assert found["over_limit"] == len(held) and found["longest_s"] >= 99
+    assert found["violations"] and {e["key"] for e in found["examples"]} == set(held)
+
+    retries = [{"job_key": key, "retry_in_s": 100} for key in held]
+    assert check_stalls(audited, plan, retries, outage=(None, None), limit_s=15)["violations"] == []
 
 
 def test_the_checks_report_a_planted_duplicate_of_each_kind(audited: Conn) -> None:
