@@ -643,7 +643,7 @@ def figures(plan: Plan) -> list[Figure]:
                     **({"limit": 15_000, "at_least": True, "target": "1"} if b == DEFAULT_BATCH else {}))
              for b in plan.batch_sizes]
     rows += [Figure(key=f"ratio_{b}", label=f"worker / baseline, batch {b}", unit="x",
-                    **({"limit": 0.3, "at_least": True, "target": "1"} if b == DEFAULT_BATCH else {}))
+                    **({"limit": 0.8, "at_least": True, "target": "1"} if b == DEFAULT_BATCH else {}))
              for b in plan.batch_sizes]
     rows += [Figure(key=f"locking_ratio_{b}", label=f"worker / locking loop, batch {b}", unit="x")
              for b in plan.batch_sizes]
@@ -651,7 +651,7 @@ def figures(plan: Plan) -> list[Figure]:
     return [
         *rows,
         Figure(key="collectability_rate", label="collectability worker", unit="judgments/s",
-               limit=3_000, at_least=True, target="2"),
+               limit=15_000, at_least=True, target="2"),
         Figure(key="pickup_p50_notifications", label="pickup p50, notifications", unit="ms",
                limit=5, target="3"),
         Figure(key="pickup_p99_notifications", label="pickup p99, notifications", unit="ms",
@@ -1036,8 +1036,12 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "bench.json").write_text(json.dumps(
         {"meta": meta, "figures": rows, "samples": out.samples, "latencies_ms": out.latencies,
          "runs": out.runs, "notes": out.notes, "profile": out.profile}, indent=2, default=str))
-    draw_chart(args.out / "bench.png", rows, out, plan)
-    print(f"\nwrote {args.out / 'bench.json'} and {args.out / 'bench.png'}")
+    try:
+        draw_chart(args.out / "bench.png", rows, out, plan)
+        print(f"\nwrote {args.out / 'bench.json'} and {args.out / 'bench.png'}")
+    except ModuleNotFoundError:
+        print(f"\nwrote {args.out / 'bench.json'}; no chart: matplotlib is missing"
+              " (.venv/bin/pip install -e '.[bench]')")
     return 1 if any(r.get("status") == "MISS" for r in rows) else 0
 
 

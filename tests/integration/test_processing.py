@@ -367,3 +367,28 @@ def test_an_external_worker_that_lost_its_claim_leaves_it_alone(
     row = ledger(db, "overtaken")
     assert (row["status"], row["worker_id"], row["attempts"]) == ("processing", "replica-b", 2)
     assert queue_depth(db) == 1, "the message is the new owner's to delete"
+
+
+def test_every_transaction_bounds_itself_and_leaves_the_session_unbounded(
+        db: Conn, work_conn: Conn, clean_db: str) -> None:
+    """The bound is set per transaction (SET LOCAL), as it must be behind a transaction
+    pooler, where the next transaction on the server connection may be another client's."""
+    seen: dict[str, str] = {}
+
+    class Look(Recorder):
+        def handle(self, conn: Conn, job: Job) -> None:
+            for name in ("idle_in_transaction_session_timeout", "statement_timeout"):
+                seen[f"{job.idempotency_key}:{name}"] = conn.execute(
+                    "SELECT current_setting(%s) AS v", (name,)).fetchone()["v"]
+
+    send(db, "batched")
+    proc = processor(clean_db, Look(), visibility_timeout_s=7)
+    run_until(proc, work_conn, lambda: queue_depth(db) == 0)
+    db.execute("INSERT INTO workers.deliveries (worker_id, queue_name, msg_ids)"
+               " VALUES ('dead-worker', %s, ARRAY[%s::bigint])", (QUEUE, send(db, "alone")))
+    run_until(proc, work_conn, lambda: queue_depth(db) == 0)
+    assert seen == {f"{k}:{n}": "7s" for k in ("batched", "alone")
+                    for n in ("idle_in_transaction_session_timeout", "statement_timeout")}
+    after = work_conn.execute("SELECT current_setting('idle_in_transaction_session_timeout') AS i,"
+                              " current_setting('statement_timeout') AS s").fetchone()
+    assert (after["i"], after["s"]) == ("0", "0")
