@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from psycopg import pq
 from psycopg.rows import tuple_row
 from psycopg.types.json import Jsonb
 
@@ -113,28 +112,20 @@ def lock_messages(conn: Conn, queue: str, *, qty: int, max_bytes: int, limit_ms:
 _NO_FLUSH = "no_flush AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true))"
 
 
-_RECORD_DELIVERY = (
+# Sent through libpq's asynchronous calls by ``workers.deliveries.DeliveryLog`` (overlapping
+# the batch's claim), with the ids as an array literal: a third of the CPU of psycopg's
+# adaptation, once per batch.
+RECORD_DELIVERY = (
     f"WITH {_NO_FLUSH} INSERT INTO workers.deliveries (worker_id, queue_name, msg_ids)"
     " SELECT $1, $2, $3::bigint[] FROM no_flush ON CONFLICT (worker_id) DO UPDATE"
     " SET msg_ids = EXCLUDED.msg_ids, updated_at = clock_timestamp()").encode()
+# A worker's record goes when its batch ended with an outcome it saw itself.
+FORGET_DELIVERIES = b"DELETE FROM workers.deliveries WHERE worker_id = $1"
 
 
-def record_delivery(conn: Conn, *, queue: str, worker_id: str, msg_ids: Sequence[int]) -> None:
-    """Commit which messages this worker's batch is about to run (``workers.deliveries``).
-
-    Sent through libpq directly, with the ids as an array literal: once per batch, it costs
-    a third of the CPU of the same statement through psycopg's adaptation."""
-    ids = ("{" + ",".join(map(str, msg_ids)) + "}").encode()
-    result = conn.pgconn.exec_params(_RECORD_DELIVERY, [worker_id.encode(), queue.encode(), ids])
-    if result.status != pq.ExecStatus.COMMAND_OK:
-        message = (result.error_message or conn.pgconn.error_message).decode(errors="replace")
-        raise psycopg.OperationalError(f"recording a delivery failed: {' '.join(message.split())}")
-
-
-def forget_deliveries(conn: Conn, worker_id: str) -> None:
-    """Drop this worker's delivery record: its batch ended with an outcome (rolled back by
-    the worker itself, or a clean stop)."""
-    conn.execute("DELETE FROM workers.deliveries WHERE worker_id = %s", (worker_id,))
+def int_array(values: Sequence[int]) -> bytes:
+    """A bigint[] literal, as text."""
+    return ("{" + ",".join(map(str, values)) + "}").encode()
 
 
 def prune_deliveries(conn: Conn, queue: str) -> int:

@@ -317,8 +317,8 @@ class BaseWorker:
         if self.deliveries is None or self._db_url is None:
             return
         try:
-            self.deliveries.forget().result(timeout=_STATUS_WRITE_TIMEOUT_S)
-        except (psycopg.Error, OSError, TimeoutError):
+            self.deliveries.forget(_STATUS_WRITE_TIMEOUT_S)
+        except (psycopg.Error, OSError):
             pass
 
     def _crash_data(self, exc: BaseException, **extra: Any) -> dict[str, Any]:

@@ -34,7 +34,6 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, TimeoutError
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -193,7 +192,7 @@ class Processor:
                 self._batch(conn, batch, out)
         except _BatchFailed:
             # Rolled back by this worker, nothing lost: not a delivery that left no outcome.
-            self._wait(self._deliveries().forget())
+            self._deliveries().forget(o.visibility_timeout_s)
             self._careful = True
             return len(messages)
         self._careful = False
@@ -226,14 +225,6 @@ class Processor:
     def _deliveries(self) -> DeliveryLog:
         assert self.deliveries is not None
         return self.deliveries
-
-    def _wait(self, write: Future[None]) -> None:
-        """Wait for a delivery record to commit; a write that cannot is an outage."""
-        try:
-            write.result(timeout=self.options.visibility_timeout_s)
-        except TimeoutError:
-            raise psycopg.OperationalError("the delivery record did not commit within "
-                                           f"{self.options.visibility_timeout_s} s") from None
 
     # --- sorting a delivery ------------------------------------------------------------
 
@@ -352,10 +343,12 @@ class Processor:
         """Inside the batch's transaction: record the delivery, claim (as completed), handle,
         settle, delete. Optimistic: the handler gets the whole batch; when it raises, the
         transaction rolls back and the next batch runs one by one (``_careful``)."""
-        recorded = self._deliveries().record([msg_id for _, msg_id in batch.fresh]) if batch.fresh else None
+        deliveries = self._deliveries()
+        if batch.fresh:
+            deliveries.record([msg_id for _, msg_id in batch.fresh])
         claimed, completed, later = self._claim(conn, batch.fresh, out, status="completed")
-        if recorded is not None:
-            self._wait(recorded)  # before any handler runs
+        if batch.fresh:
+            deliveries.confirm(self.options.visibility_timeout_s)  # before any handler runs
         started = time.monotonic()
         if self._careful:
             self._run_one_by_one(conn, claimed, out)

@@ -46,11 +46,22 @@ class Recorder:
             self.handle(conn, job)
 
 
+_LOGS: list[DeliveryLog] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_delivery_logs() -> Any:
+    yield
+    while _LOGS:
+        _LOGS.pop().close()
+
+
 def processor(conn_url: str, handler: Any, kind: HandlerKind = "transactional", **opts: Any
               ) -> Processor:
     options = ProcessingOptions(**{"visibility_timeout_s": 5, "retry_base_s": 1.0, **opts})
     deliveries = DeliveryLog(queue_name=QUEUE, worker_id="test-worker",
                              open_conn=lambda: psycopg.connect(conn_url, autocommit=True))
+    _LOGS.append(deliveries)
     return Processor(queue=QUEUE, worker_id="test-worker", kind=kind, handler=handler,
                      options=options, deliveries=deliveries, rng=random.Random(7))
 
