@@ -181,6 +181,8 @@ class Processor:
         o = self.options
         out = _Outcome()
         try:
+            # Not pipelined with BEGIN: a statement sent in pipeline mode leaves the session
+            # "active" until a Sync, and the idle-in-transaction bound never starts.
             with conn.transaction():
                 messages = q.lock_messages(conn, self.queue, qty=o.batch_size, max_bytes=o.max_payload_bytes,
                                            limit_ms=o.transaction_limit_ms)
