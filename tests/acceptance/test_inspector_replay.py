@@ -57,3 +57,26 @@ def test_a_dead_letter_replayed_from_the_inspector_completes_once(
                         " WHERE judgment_id = %s", (missing,)).fetchall()
     assert [s["job_key"] for s in scores] == ["score:late"]
     assert db.execute("SELECT count(*) AS n FROM pgmq.q_q_collectability").fetchone()["n"] == 0
+
+
+def test_a_dead_letter_keeps_and_replays_the_body_exactly_as_sent(
+        spawn: Spawn, db: Conn, clean_db: str) -> None:
+    """Fields the envelope does not know (top level and payload) survive dead-lettering and
+    replay: the letter and the re-sent message are the original JSON."""
+    seeded = seed_demo(db, judgments=1, cases=0)
+    missing = seeded["judgment_ids"][0] + 1000
+    body = {**build_envelope(entity_type="judgment", entity_id=str(missing), org_id="org-test",
+                             idempotency_key="score:extra", payload={"source": "import", "n": [1, 2.5]}),
+            "schema_version": 3, "source": {"system": "crm", "batch": None}}
+    original = db.execute("SELECT %s::jsonb::text AS t", (json.dumps(body),)).fetchone()["t"]
+    db.execute("SELECT pgmq.send('q_collectability', %s::jsonb)", (json.dumps(body),))
+    worker = spawn("backend.workers.collectability")
+    wait_until(lambda: db.execute("SELECT count(*) AS n FROM workers.dead_letters").fetchone()["n"])
+    letter = db.execute("SELECT id, message::text AS t FROM workers.dead_letters").fetchone()
+    assert letter["t"] == original
+    worker.send(signal.SIGTERM)
+    assert worker.wait_exit() == 0
+
+    assert inspector(clean_db, "dead-letters", "replay", "--id", str(letter["id"])).returncode == 0
+    resent = db.execute("SELECT message::text AS t FROM pgmq.q_q_collectability").fetchone()
+    assert resent["t"] == original
