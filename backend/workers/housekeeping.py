@@ -23,6 +23,8 @@ from backend.workers.processing import HeldJobs
 
 # How long a duty waits for a pooled connection; a stop waits at most about this long.
 _POOL_WAIT_S = 2.0
+# A housekeeping wait that ends this much later than asked means the process was not running.
+_STALL_MIN_S = 2.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,8 +78,13 @@ class Housekeeper:
         now = self.clock()
         due = {"beat": now + self.plan.heartbeat_interval_s, "lease": now + self.plan.lease_s / 3,
                "memory": now, "prune": now + min(5.0, self.plan.prune_interval_s)}
-        while not self._stop.wait(self._sleep_until(min(due.values()))):
+        while True:
+            sleep_s = self._sleep_until(min(due.values()))
+            asleep_at = self.clock()
+            if self._stop.wait(sleep_s):
+                return
             now = self.clock()
+            self._notice_stall(now - asleep_at - sleep_s)
             if now >= due["memory"]:
                 due["memory"] = now + self.plan.memory_check_interval_s
                 self._check_memory()
@@ -90,6 +97,15 @@ class Housekeeper:
             if now >= due["prune"]:
                 due["prune"] = now + self.plan.prune_interval_s
                 self._guard("PRUNE_FAILED", self._prune)
+
+    def _notice_stall(self, late_s: float) -> None:
+        """A wait that ended far later than asked: the whole process did not run (SIGSTOP, a
+        stalled container, a starved CPU). Said once it runs again, since nothing else would."""
+        if late_s > _STALL_MIN_S:
+            log_event("WORKER_STALLED", {
+                "worker_id": self.plan.worker_id, "stalled_s": round(late_s, 3),
+                "consequence": "a transaction open for longer than the visibility timeout was ended"
+                               " by the server, and its work went to other workers"}, logging.WARNING)
 
     def _sleep_until(self, when: float) -> float:
         return max(0.0, min(self.plan.tick_s, when - self.clock()))

@@ -197,6 +197,7 @@ def test_a_frozen_workers_batch_moves_to_another_within_ten_seconds(spawn: Spawn
     # A wakes up to a transaction the server ended: it says so, and goes on.
     lost = a.wait_for("TRANSACTION_TIMED_OUT", timeout=15)
     assert lost["limit_s"] == 3 and "WORKER_VISIBILITY_TIMEOUT_S" in lost["fix"]
+    assert a.wait_for("WORKER_STALLED")["stalled_s"] >= moved_s * 0.9
     enqueue(db, "q_probe", job("after-thaw"))
     wait_until(lambda: completed(db) == 21)
     for w in (a, b):
