@@ -341,7 +341,9 @@ def _heartbeat_of(record: ProcessRecord, heartbeats: Sequence[Mapping[str, Any]]
 def _process_problems(record: ProcessRecord, heartbeats: Sequence[Mapping[str, Any]],
                       now: float) -> list[str]:
     problems: list[str] = []
-    if record.signal == "SIGTERM":
+    if record.job_exit:
+        pass  # one of its jobs ended it (exit 137), whatever it was sent: a drain runs them too
+    elif record.signal == "SIGTERM":
         if record.exit_code not in (0, 143):
             problems.append(f"exited {record.exit_code} after SIGTERM (expected 0 or 143)")
         if not record.shutdown_logged:
@@ -360,7 +362,7 @@ def _process_problems(record: ProcessRecord, heartbeats: Sequence[Mapping[str, A
                 problems.append(f"heartbeat only {now - row['beat']:.1f} s old: not recognisable as dead")
         # No row at all (killed before its first write reached the database, during the
         # outage say) claims nothing: there is nothing to mistake for a live worker.
-    elif not record.job_exit:
+    else:
         problems.append(f"exited {record.exit_code} without being signalled"
                         + (f": {record.crash}" if record.crash else ""))
     problems += [f"bad output line: {line}" for line in record.bad_lines]
@@ -375,8 +377,8 @@ def check_processes(records: Sequence[ProcessRecord], heartbeats: Sequence[Mappi
                 for r in records for p in found[id(r)]]
     exits: dict[str, Counter[str]] = defaultdict(Counter)
     for r in records:
-        cause = ("final SIGTERM" if r.final else f"after {r.signal}" if r.signal
-                 else "killer job" if r.job_exit else "unsignalled")
+        cause = ("killer job" if r.job_exit else "final SIGTERM" if r.final
+                 else f"after {r.signal}" if r.signal else "unsignalled")
         exits[cause][str(r.exit_code)] += 1
     drains = [r.drain_s for r in records if r.signal == "SIGTERM" and r.drain_s is not None]
     killed = [r for r in records if r.signal == "SIGKILL"]

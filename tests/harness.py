@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from backend.enqueue import build_envelope
+
 ROOT = Path(__file__).resolve().parents[1]
 PASSWORD = "s3cret-Pw-do-not-print"
 _DROP = ("SUPABASE_", "WORKER_", "RAILWAY_", "PROBE_", "OUTBOX_")
@@ -114,6 +116,18 @@ class WorkerProcess:
     def _close(self) -> None:
         if self.proc.stdout is not None and not self._reader.is_alive():
             self.proc.stdout.close()
+
+
+def job(key: str, **payload: Any) -> dict[str, Any]:
+    """A probe worker's job envelope (tests/workers/probe.py reads ``payload``)."""
+    return build_envelope(entity_type="probe", entity_id=key, org_id="org-test",
+                          idempotency_key=key, payload=payload)
+
+
+def one(db: Any, sql: str, *args: Any) -> Any:
+    """The first column of the first row of ``sql`` (a dict-row connection), or None."""
+    row = db.execute(sql, args).fetchone()
+    return None if row is None else next(iter(row.values()))
 
 
 def wait_until(check: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05) -> Any:

@@ -9,22 +9,12 @@ from typing import Any
 import psycopg
 import pytest
 
-from backend.enqueue import build_envelope, enqueue, enqueue_many
-from tests.harness import WorkerProcess, wait_until
+from backend.enqueue import enqueue, enqueue_many
+from tests.harness import WorkerProcess, job, one, wait_until
 
 pytestmark = pytest.mark.slow
 Spawn = Callable[..., WorkerProcess]
 Conn = psycopg.Connection[Any]
-
-
-def job(key: str, **payload: Any) -> dict[str, Any]:
-    return build_envelope(entity_type="probe", entity_id=key, org_id="org-test",
-                          idempotency_key=key, payload=payload)
-
-
-def one(db: Conn, sql: str, *args: Any) -> Any:
-    row = db.execute(sql, args).fetchone()
-    return None if row is None else next(iter(row.values()))
 
 
 def test_sigkill_inside_a_transactional_handler_leaves_one_effect(spawn: Spawn, db: Conn) -> None:

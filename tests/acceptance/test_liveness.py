@@ -19,24 +19,14 @@ from typing import Any
 import psycopg
 import pytest
 
-from backend.enqueue import build_envelope, enqueue, enqueue_many
-from tests.harness import PASSWORD, ROOT, WorkerProcess, wait_until, worker_env
+from backend.enqueue import enqueue, enqueue_many
+from tests.harness import PASSWORD, ROOT, WorkerProcess, job, one, wait_until, worker_env
 from tests.netcut import CuttableProxy
 
 pytestmark = pytest.mark.slow
 Spawn = Callable[..., WorkerProcess]
 Conn = psycopg.Connection[Any]
 KINDS = ["transactional", "external"]
-
-
-def job(key: str, **payload: Any) -> dict[str, Any]:
-    return build_envelope(entity_type="probe", entity_id=key, org_id="org-test",
-                          idempotency_key=key, payload=payload)
-
-
-def one(db: Conn, sql: str, *args: Any) -> Any:
-    row = db.execute(sql, args).fetchone()
-    return None if row is None else next(iter(row.values()))
 
 
 def depth(db: Conn) -> int:

@@ -232,6 +232,10 @@ def test_the_process_checks_report_bad_exits_and_live_looking_heartbeats() -> No
         _record(worker_id="term-no-shutdown", signal="SIGTERM", exit_code=-15),
         _record(worker_id="kill-beating", signal="SIGKILL", exit_code=-9, signalled_wall=1990.0),
         _record(worker_id="crashed", exit_code=1, crash="boom"),
+        # Ended by one of its own jobs (the chaos worker's killers), even while draining.
+        _record(worker_id="killer-job", kind="chaos_worker", exit_code=137, job_exit=True),
+        _record(worker_id="killer-in-drain", kind="chaos_worker", signal="SIGTERM", exit_code=137,
+                job_exit=True),
         # Killed before its first heartbeat reached the database: no row claims it is alive.
         _record(worker_id="kill-rowless", signal="SIGKILL", exit_code=-9, signalled_wall=1800.0),
     ]
