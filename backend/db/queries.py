@@ -263,7 +263,11 @@ SELECT k, %(queue)s, m, %(status)s, 1, %(worker)s,
        clock_timestamp(), clock_timestamp(),
        CASE WHEN %(status)s = 'completed' THEN clock_timestamp() END
 FROM unnest(%(keys)b::text[], %(ids)b::bigint[]) AS t(k, m)
-WHERE {_KEY_LOCK.format(key="k")}
+-- A key with a live claim is not even try-locked: a batch that will not claim it must not
+-- hold its lock until its commit, while the claim's owner waits for it to start the run.
+WHERE CASE WHEN EXISTS (SELECT 1 FROM workers.processed_jobs AS l WHERE l.job_key = t.k
+                        AND l.status = 'processing' AND l.lease_expires_at > clock_timestamp())
+           THEN false ELSE {_KEY_LOCK.format(key="t.k")} END
 ORDER BY k  -- one row lock order for every worker: no deadlocks between batches
 ON CONFLICT (job_key) DO UPDATE
 SET status = EXCLUDED.status, attempts = p.attempts + 1, msg_id = EXCLUDED.msg_id,

@@ -193,9 +193,9 @@ class Processor:
                 out.letters.extend(batch.letters)
                 self._batch(conn, batch, out)
         except _BatchFailed:
+            self._careful = True
             # Rolled back by this worker, nothing lost: not a delivery that left no outcome.
             self._deliveries().forget(o.visibility_timeout_s)
-            self._careful = True
             return len(messages)
         self._careful = False
         self._after_commit(out)
@@ -268,11 +268,14 @@ class Processor:
 
     # --- claims and outcomes, shared -----------------------------------------------------
 
-    def _claim(self, conn: Conn, pending: Sequence[Pending], out: _Outcome,
-               *, status: str) -> tuple[list[Job], list[int], dict[int, int]]:
+    def _claim(self, conn: Conn, pending: Sequence[Pending], out: _Outcome, *, status: str,
+               expired: list[Pending] | None = None) -> tuple[list[Job], list[int], dict[int, int]]:
         """Claim the pending envelopes' keys; return (claimed jobs with their attempt, msg ids
         whose key is already completed, msg id -> delay for keys someone else holds). A
-        message whose key is already dead goes to ``out.letters``."""
+        message whose key is already dead goes to ``out.letters``. A batch's claim leaves a
+        ``processing`` claim whose lease expired (a run alone that ended with its worker gone
+        or its transaction ended) to the ``expired`` list: such a job runs alone again,
+        counted, never merely delayed."""
         attempts = q.claim(conn, queue=self.queue, worker_id=self.worker_id, status=status,
                            keys=[env["idempotency_key"] for env, _ in pending],
                            msg_ids=[msg_id for _, msg_id in pending],
@@ -295,6 +298,8 @@ class Processor:
                         msg_id=msg_id, job_key=env["idempotency_key"],
                         error="idempotency key already dead-lettered; replay that dead letter",
                         error_type="DeadKey", attempts=0))
+                elif state == "processing" and lease_left <= 0 and expired is not None:
+                    expired.append((env, msg_id))
                 else:
                     later[msg_id] = max(1, int(lease_left) + 1)
         return claimed, completed, later
@@ -346,10 +351,16 @@ class Processor:
         settle, delete. Optimistic: the handler gets the whole batch; when it raises, the
         transaction rolls back and the next batch runs one by one (``_careful``)."""
         deliveries = self._deliveries()
-        if batch.fresh:
+        recorded = bool(batch.fresh)
+        if recorded:
             deliveries.record([msg_id for _, msg_id in batch.fresh])
-        claimed, completed, later = self._claim(conn, batch.fresh, out, status="completed")
-        if batch.fresh:
+        expired: list[Pending] = []
+        claimed, completed, later = self._claim(conn, batch.fresh, out, status="completed",
+                                                expired=expired)
+        if expired:  # after the commit, alone, their copies with them
+            batch.alone.extend(expired)
+            batch.fresh = [p for p in batch.fresh if p not in expired]
+        if recorded:
             deliveries.confirm(self.options.visibility_timeout_s)  # before any handler runs
         started = time.monotonic()
         if self._careful:

@@ -403,3 +403,22 @@ def test_every_transaction_bounds_itself_and_leaves_the_session_unbounded(
     after = work_conn.execute("SELECT current_setting('idle_in_transaction_session_timeout') AS i,"
                               " current_setting('statement_timeout') AS s").fetchone()
     assert (after["i"], after["s"]) == ("0", "0")
+
+
+def test_a_key_whose_run_alone_ended_without_an_outcome_runs_alone_again_counted(
+        db: Conn, work_conn: Conn, clean_db: str) -> None:
+    """A claim left expired by a run alone (its worker lost its transaction, or died, and
+    no delivery record names the message) sends the job alone again, its attempt counted:
+    never merely delayed, which would bounce it forever uncounted."""
+    msg_id = send(db, "orphan")
+    db.execute("INSERT INTO workers.processed_jobs (job_key, queue_name, msg_id, status, attempts,"
+               " worker_id, lease_expires_at) VALUES ('orphan', %s, %s, 'processing', 2,"
+               " 'lost-worker', clock_timestamp() - interval '1 second')", (QUEUE, msg_id))
+    send(db, "fresh")
+    recorder = Recorder()
+    proc = processor(clean_db, recorder)
+    assert proc.process_batch(work_conn) == 2
+    assert recorder.batches == [["fresh"]]
+    row = ledger(db, "orphan")
+    assert (row["status"], row["attempts"], row["worker_id"]) == ("completed", 3, "test-worker")
+    assert queue_depth(db) == 0
