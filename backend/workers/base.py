@@ -398,7 +398,7 @@ class BaseWorker:
     def _log_bound_exceeded(self, exc: psycopg.Error) -> None:
         """The server ended this worker's transaction: it paused (a frozen process, a cut
         network, a handler busy outside the database) or ran one statement longer than the
-        visibility timeout. Its messages go back to the queue when their lease ends."""
+        visibility timeout. Its locks went with it; its messages were delivered again."""
         log_event("TRANSACTION_TIMED_OUT", {
             "worker_id": self.worker_id, "queue": self.queue, "error": " ".join(str(exc).split()),
             "error_type": type(exc).__name__, "limit_s": self.settings.visibility_timeout_s,
