@@ -46,44 +46,124 @@ class Tunable:
 
 
 TUNABLES: tuple[Tunable, ...] = (
-    Tunable(variable="WORKER_HEARTBEAT_INTERVAL_S", default=30.0, parse=float, minimum=0.01,
-            help="seconds between heartbeat upserts"),
-    Tunable(variable="WORKER_VISIBILITY_TIMEOUT_S", default=30, parse=int, minimum=1,
-            help="message lease in seconds; leases of running jobs are extended"),
-    Tunable(variable="WORKER_BATCH_SIZE", default=100, parse=int, minimum=1,
-            help="messages read per round trip"),
-    Tunable(variable="WORKER_MAX_ATTEMPTS", default=5, parse=int, minimum=1,
-            help="attempts before a job is dead-lettered"),
-    Tunable(variable="WORKER_RETRY_BASE_S", default=1.0, parse=float, minimum=0,
-            help="first retry delay; doubles per attempt, with jitter"),
-    Tunable(variable="WORKER_RETRY_MAX_S", default=300.0, parse=float, minimum=0,
-            help="cap of the retry delay"),
-    Tunable(variable="WORKER_DRAIN_TIMEOUT_S", default=DEFAULT_DRAIN_TIMEOUT_S, parse=float,
-            minimum=0, help="how long SIGTERM waits for in-flight work"),
-    Tunable(variable="WORKER_BOOT_TIMEOUT_S", default=30.0, parse=float, minimum=0,
-            help="how long boot retries the database before giving up"),
-    Tunable(variable="WORKER_POLL_INTERVAL_S", default=0.1, parse=float, minimum=0.001,
-            help="polling interval when insert notifications are unavailable"),
-    Tunable(variable="WORKER_NOTIFY_WAIT_S", default=1.0, parse=float, minimum=0.01,
-            help="with notifications, the longest idle wait before the queue is read again"),
-    Tunable(variable="WORKER_NOTIFICATIONS", default="auto", parse=str,
-            help="auto (LISTEN when the server and connection allow it) or off (poll)"),
-    Tunable(variable="WORKER_MEMORY_LIMIT_MB", default=None, parse=float, minimum=1e-6,
-            help="memory limit; default the cgroup's memory.max (none when unlimited)"),
-    Tunable(variable="WORKER_MEMORY_SOFT_LIMIT_PCT", default=90.0, parse=float, minimum=1,
-            help="percentage of the limit above which the worker drains and exits 1"),
-    Tunable(variable="WORKER_MEMORY_CHECK_INTERVAL_S", default=1.0, parse=float, minimum=0.01,
-            help="seconds between RSS samples"),
-    Tunable(variable="WORKER_MAX_PAYLOAD_BYTES", default=262144, parse=int, minimum=1,
-            help="largest accepted message body; larger ones are dead-lettered"),
-    Tunable(variable="WORKER_LEDGER_RETENTION_DAYS", default=7.0, parse=float, minimum=0,
-            help="age after which completed ledger rows are pruned"),
-    Tunable(variable="WORKER_HEARTBEAT_RETENTION_DAYS", default=7.0, parse=float, minimum=0,
-            help="age after which stopped or crashed heartbeat rows are pruned"),
-    Tunable(variable="WORKER_PRUNE_INTERVAL_S", default=600.0, parse=float, minimum=0.01,
-            help="seconds between retention passes"),
-    Tunable(variable="WORKER_LOG_LEVEL", default="INFO", parse=str,
-            help="DEBUG, INFO, WARNING or ERROR"),
+    Tunable(
+        variable="WORKER_HEARTBEAT_INTERVAL_S",
+        default=30.0,
+        parse=float,
+        minimum=0.01,
+        help="seconds between heartbeat upserts",
+    ),
+    Tunable(
+        variable="WORKER_VISIBILITY_TIMEOUT_S",
+        default=30,
+        parse=int,
+        minimum=1,
+        help="message lease in seconds; leases of running jobs are extended",
+    ),
+    Tunable(
+        variable="WORKER_BATCH_SIZE", default=100, parse=int, minimum=1, help="messages read per round trip"
+    ),
+    Tunable(
+        variable="WORKER_MAX_ATTEMPTS",
+        default=5,
+        parse=int,
+        minimum=1,
+        help="attempts before a job is dead-lettered",
+    ),
+    Tunable(
+        variable="WORKER_RETRY_BASE_S",
+        default=1.0,
+        parse=float,
+        minimum=0,
+        help="first retry delay; doubles per attempt, with jitter",
+    ),
+    Tunable(
+        variable="WORKER_RETRY_MAX_S", default=300.0, parse=float, minimum=0, help="cap of the retry delay"
+    ),
+    Tunable(
+        variable="WORKER_DRAIN_TIMEOUT_S",
+        default=DEFAULT_DRAIN_TIMEOUT_S,
+        parse=float,
+        minimum=0,
+        help="how long SIGTERM waits for in-flight work",
+    ),
+    Tunable(
+        variable="WORKER_BOOT_TIMEOUT_S",
+        default=30.0,
+        parse=float,
+        minimum=0,
+        help="how long boot retries the database before giving up",
+    ),
+    Tunable(
+        variable="WORKER_POLL_INTERVAL_S",
+        default=0.1,
+        parse=float,
+        minimum=0.001,
+        help="polling interval when insert notifications are unavailable",
+    ),
+    Tunable(
+        variable="WORKER_NOTIFY_WAIT_S",
+        default=1.0,
+        parse=float,
+        minimum=0.01,
+        help="with notifications, the longest idle wait before the queue is read again",
+    ),
+    Tunable(
+        variable="WORKER_NOTIFICATIONS",
+        default="auto",
+        parse=str,
+        help="auto (LISTEN when the server and connection allow it) or off (poll)",
+    ),
+    Tunable(
+        variable="WORKER_MEMORY_LIMIT_MB",
+        default=None,
+        parse=float,
+        minimum=1e-6,
+        help="memory limit; default the cgroup's memory.max (none when unlimited)",
+    ),
+    Tunable(
+        variable="WORKER_MEMORY_SOFT_LIMIT_PCT",
+        default=90.0,
+        parse=float,
+        minimum=1,
+        help="percentage of the limit above which the worker drains and exits 1",
+    ),
+    Tunable(
+        variable="WORKER_MEMORY_CHECK_INTERVAL_S",
+        default=1.0,
+        parse=float,
+        minimum=0.01,
+        help="seconds between RSS samples",
+    ),
+    Tunable(
+        variable="WORKER_MAX_PAYLOAD_BYTES",
+        default=262144,
+        parse=int,
+        minimum=1,
+        help="largest accepted message body; larger ones are dead-lettered",
+    ),
+    Tunable(
+        variable="WORKER_LEDGER_RETENTION_DAYS",
+        default=7.0,
+        parse=float,
+        minimum=0,
+        help="age after which completed ledger rows are pruned",
+    ),
+    Tunable(
+        variable="WORKER_HEARTBEAT_RETENTION_DAYS",
+        default=7.0,
+        parse=float,
+        minimum=0,
+        help="age after which stopped or crashed heartbeat rows are pruned",
+    ),
+    Tunable(
+        variable="WORKER_PRUNE_INTERVAL_S",
+        default=600.0,
+        parse=float,
+        minimum=0.01,
+        help="seconds between retention passes",
+    ),
+    Tunable(variable="WORKER_LOG_LEVEL", default="INFO", parse=str, help="DEBUG, INFO, WARNING or ERROR"),
 )
 _TUNABLE_FIELDS = {t.variable: t.variable.removeprefix("WORKER_").lower() for t in TUNABLES}
 DEFAULTS: Mapping[str, Any] = {t.variable: t.default for t in TUNABLES}
@@ -141,8 +221,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     db_url = env.get("SUPABASE_DB_URL") or None
     mode = _mode(env, db_url)
     if mode == "prod" and not db_url:
-        raise ConfigError("SUPABASE_DB_URL", "required when SUPABASE_MODE=prod; "
-                          "set it to the Supabase session pooler URL")
+        raise ConfigError(
+            "SUPABASE_DB_URL", "required when SUPABASE_MODE=prod; set it to the Supabase session pooler URL"
+        )
     if db_url:
         db_url = _checked_url(db_url, mode)
     values: dict[str, Any] = {}
@@ -150,8 +231,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         values[_TUNABLE_FIELDS[tunable.variable]] = _tunable(env, tunable)
     level = str(values["log_level"]).upper()
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
-        raise ConfigError("WORKER_LOG_LEVEL", f"unknown level {values['log_level']!r}; "
-                          "use DEBUG, INFO, WARNING or ERROR")
+        raise ConfigError(
+            "WORKER_LOG_LEVEL", f"unknown level {values['log_level']!r}; use DEBUG, INFO, WARNING or ERROR"
+        )
     values["log_level"] = level
     if values["notifications"] not in {"auto", "off"}:
         raise ConfigError("WORKER_NOTIFICATIONS", "use auto or off")
@@ -177,8 +259,9 @@ def _mode(env: Mapping[str, str], db_url: str | None) -> Mode:
         raise ConfigError("SUPABASE_MODE", f"unknown mode {raw!r}; use dev or prod")
     on_railway = any(k.startswith("RAILWAY_") and k.endswith("_ID") for k in env)
     if db_url or on_railway:
-        raise ConfigError("SUPABASE_MODE", "required when SUPABASE_DB_URL is set or on Railway; "
-                          "set it to dev or prod")
+        raise ConfigError(
+            "SUPABASE_MODE", "required when SUPABASE_DB_URL is set or on Railway; set it to dev or prod"
+        )
     return "dev"
 
 
@@ -209,8 +292,10 @@ def _checked_url(url: str, mode: Mode) -> str:
             query["sslmode"] = "require"
             return urlunsplit(parts._replace(query=urlencode(query)))
         if sslmode in _WEAK_SSLMODES:
-            raise ConfigError("SUPABASE_DB_URL", f"sslmode={sslmode} is not allowed in prod; "
-                              "use require, verify-ca or verify-full")
+            raise ConfigError(
+                "SUPABASE_DB_URL",
+                f"sslmode={sslmode} is not allowed in prod; use require, verify-ca or verify-full",
+            )
     return url
 
 

@@ -27,9 +27,16 @@ from backend.workers.jobs import validate_envelope
 DEFAULT_MAX_BYTES = 262144
 
 
-def build_envelope(*, entity_type: str, entity_id: str, org_id: str,
-                   payload: Mapping[str, Any] | None = None, idempotency_key: str | None = None,
-                   trace_id: str | None = None, max_bytes: int = DEFAULT_MAX_BYTES) -> dict[str, Any]:
+def build_envelope(
+    *,
+    entity_type: str,
+    entity_id: str,
+    org_id: str,
+    payload: Mapping[str, Any] | None = None,
+    idempotency_key: str | None = None,
+    trace_id: str | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> dict[str, Any]:
     """A validated envelope; the key defaults to a fresh UUID (pass a stable one to dedupe)."""
     envelope: dict[str, Any] = {
         "idempotency_key": idempotency_key or str(uuid.uuid4()),
@@ -44,23 +51,28 @@ def build_envelope(*, entity_type: str, entity_id: str, org_id: str,
     return validate_envelope(envelope, max_bytes=max_bytes)
 
 
-def enqueue(conn: psycopg.Connection[Any], queue: str, envelope: Mapping[str, Any],
-            *, delay_s: int = 0) -> int:
+def enqueue(
+    conn: psycopg.Connection[Any], queue: str, envelope: Mapping[str, Any], *, delay_s: int = 0
+) -> int:
     """Send one envelope to ``queue`` on ``conn``; returns the pgmq message id."""
     validate_envelope(envelope, max_bytes=DEFAULT_MAX_BYTES)
-    row = conn.execute("SELECT pgmq.send(%s, %s, %s) AS msg_id",
-                       (queue, Jsonb(dict(envelope)), int(delay_s))).fetchone()
+    row = conn.execute(
+        "SELECT pgmq.send(%s, %s, %s) AS msg_id", (queue, Jsonb(dict(envelope)), int(delay_s))
+    ).fetchone()
     assert row is not None
     return int(row["msg_id"] if isinstance(row, dict) else row[0])
 
 
-def enqueue_many(conn: psycopg.Connection[Any], queue: str,
-                 envelopes: list[Mapping[str, Any]], *, delay_s: int = 0) -> list[int]:
+def enqueue_many(
+    conn: psycopg.Connection[Any], queue: str, envelopes: list[Mapping[str, Any]], *, delay_s: int = 0
+) -> list[int]:
     """Send several envelopes in one round trip (``pgmq.send_batch``)."""
     for envelope in envelopes:
         validate_envelope(envelope, max_bytes=DEFAULT_MAX_BYTES)
-    rows = conn.execute("SELECT * FROM pgmq.send_batch(%s, %s::jsonb[], %s)",
-                        (queue, [Jsonb(dict(e)) for e in envelopes], int(delay_s))).fetchall()
+    rows = conn.execute(
+        "SELECT * FROM pgmq.send_batch(%s, %s::jsonb[], %s)",
+        (queue, [Jsonb(dict(e)) for e in envelopes], int(delay_s)),
+    ).fetchall()
     return [int(r["send_batch"] if isinstance(r, dict) else r[0]) for r in rows]
 
 
@@ -69,8 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     from backend.db.connect import connect, resolve_db_url
     from backend.errors import ConfigError
 
-    parser = argparse.ArgumentParser(prog="python -m backend.enqueue",
-                                     description="Enqueue one job for a worker.")
+    parser = argparse.ArgumentParser(
+        prog="python -m backend.enqueue", description="Enqueue one job for a worker."
+    )
     parser.add_argument("queue", choices=QUEUES)
     parser.add_argument("--entity-type", required=True)
     parser.add_argument("--entity-id", required=True)
@@ -82,17 +95,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         payload = json.loads(args.payload)
-        envelope = build_envelope(entity_type=args.entity_type, entity_id=args.entity_id,
-                                  org_id=args.org_id, payload=payload, idempotency_key=args.key,
-                                  trace_id=args.trace_id)
+        envelope = build_envelope(
+            entity_type=args.entity_type,
+            entity_id=args.entity_id,
+            org_id=args.org_id,
+            payload=payload,
+            idempotency_key=args.key,
+            trace_id=args.trace_id,
+        )
         settings = load_settings()
         with connect(resolve_db_url(settings), "dragonfly-enqueue") as conn:
             msg_id = enqueue(conn, args.queue, envelope, delay_s=args.delay)
     except (json.JSONDecodeError, InvalidEnvelope, ConfigError, psycopg.Error) as exc:
         print(f"enqueue failed: {' '.join(str(exc).split())}", file=sys.stderr)
         return 1
-    print(json.dumps({"queue": args.queue, "msg_id": msg_id,
-                      "idempotency_key": envelope["idempotency_key"]}))
+    print(json.dumps({"queue": args.queue, "msg_id": msg_id, "idempotency_key": envelope["idempotency_key"]}))
     return 0
 
 

@@ -89,6 +89,7 @@ FROM unnest(%(ids)s::bigint[]) WITH ORDINALITY AS u(j, i) WHERE i BETWEEN %(firs
 
 # --- the plan ----------------------------------------------------------------------------
 
+
 @dataclass(frozen=True, kw_only=True)
 class Plan:
     """Volumes and repetitions of one bench run."""
@@ -112,11 +113,22 @@ class Plan:
 
     @classmethod
     def quick_plan(cls) -> Plan:
-        return cls(repeat=1, jobs=10_000, small_batch_jobs=5_000, judgments=5_000, probes=60,
-                   idle_window_s=4.0, poll_idle_window_s=2.0, soak_jobs=50_000, soak_round=25_000, quick=True)
+        return cls(
+            repeat=1,
+            jobs=10_000,
+            small_batch_jobs=5_000,
+            judgments=5_000,
+            probes=60,
+            idle_window_s=4.0,
+            poll_idle_window_s=2.0,
+            soak_jobs=50_000,
+            soak_round=25_000,
+            quick=True,
+        )
 
 
 # --- the database --------------------------------------------------------------------------
+
 
 def start_embedded(pgdata: Path) -> tuple[EmbeddedPostgres, str]:
     """A fresh server with pg_stat_statements preloaded (tracking off unless a role asks)."""
@@ -155,8 +167,9 @@ class BenchDatabase:
     def _counted_role(self) -> str | None:
         """A role of its own for the workers whose statements are counted: the only role
         pg_stat_statements tracks, so the bench's own statements never mix in."""
-        loaded = self.conn.execute("SELECT setting FROM pg_settings"
-                                   " WHERE name = 'shared_preload_libraries'").fetchone()
+        loaded = self.conn.execute(
+            "SELECT setting FROM pg_settings WHERE name = 'shared_preload_libraries'"
+        ).fetchone()
         if not loaded or "pg_stat_statements" not in loaded["setting"]:
             self.counted_note = "pg_stat_statements is not in shared_preload_libraries"
             return None
@@ -192,8 +205,9 @@ class BenchDatabase:
             with self.conn.transaction():
                 if self.superuser:
                     self.conn.execute("SET LOCAL session_replication_role = replica")
-                self.conn.execute(sql, {**params, "queue": queue, "first": first,
-                                        "last": min(count, first + step - 1)})
+                self.conn.execute(
+                    sql, {**params, "queue": queue, "first": first, "last": min(count, first + step - 1)}
+                )
         self.conn.execute("SELECT pg_notify(%s, NULL)", (f"pgmq.q_{queue}.INSERT",))
         return time.perf_counter() - started
 
@@ -201,8 +215,9 @@ class BenchDatabase:
         return self.fill(queue, _BENCH_BODIES, {"tag": tag, "org": ORG}, count)
 
     def processed(self, worker_id: str) -> int:
-        row = self.conn.execute("SELECT jobs_processed FROM workers.heartbeats WHERE worker_id = %s",
-                                (worker_id,)).fetchone()
+        row = self.conn.execute(
+            "SELECT jobs_processed FROM workers.heartbeats WHERE worker_id = %s", (worker_id,)
+        ).fetchone()
         return int(row["jobs_processed"]) if row else 0
 
     def ledger_span(self, queue: str) -> tuple[int, float]:
@@ -210,7 +225,9 @@ class BenchDatabase:
         row = self.conn.execute(
             "SELECT count(*) AS n, coalesce(extract(epoch FROM max(completed_at)"
             " - min(completed_at)), 0)::float8 AS span FROM workers.processed_jobs"
-            " WHERE queue_name = %s AND status = 'completed'", (queue,)).fetchone()
+            " WHERE queue_name = %s AND status = 'completed'",
+            (queue,),
+        ).fetchone()
         assert row is not None
         return int(row["n"]), float(row["span"])
 
@@ -219,13 +236,16 @@ class BenchDatabase:
         rows = self.conn.execute(
             "SELECT s.query, sum(s.calls)::bigint AS calls, sum(s.total_exec_time)::float8 AS ms"
             " FROM pg_stat_statements s JOIN pg_roles r ON r.oid = s.userid WHERE r.rolname = %s"
-            " GROUP BY s.query", (COUNTED_ROLE,)).fetchall()
+            " GROUP BY s.query",
+            (COUNTED_ROLE,),
+        ).fetchall()
         return {r["query"]: (int(r["calls"]), float(r["ms"])) for r in rows}
 
     def server_version(self) -> str:
-        row = self.conn.execute("SELECT current_setting('server_version') AS v,"
-                                " (SELECT extversion FROM pg_extension WHERE extname = 'pgmq') AS pgmq"
-                                ).fetchone()
+        row = self.conn.execute(
+            "SELECT current_setting('server_version') AS v,"
+            " (SELECT extversion FROM pg_extension WHERE extname = 'pgmq') AS pgmq"
+        ).fetchone()
         assert row is not None
         if row["pgmq"]:
             return f"PostgreSQL {row['v']}, pgmq {row['pgmq']}"
@@ -233,6 +253,7 @@ class BenchDatabase:
 
 
 # --- worker processes ----------------------------------------------------------------------
+
 
 def worker_env(url: str, **settings: str) -> dict[str, str]:
     """The environment of a worker on Railway: prod mode, the URL, the given settings."""
@@ -246,9 +267,15 @@ class WorkerProcess:
 
     def __init__(self, module: str, env: dict[str, str]) -> None:
         self.spawned = time.monotonic()
-        self.proc = subprocess.Popen([sys.executable, "-m", module], cwd=ROOT, env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     bufsize=1)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", module],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+        )
         self.ps = psutil.Process(self.proc.pid)
         self.events: list[dict[str, Any]] = []
         self.lines: list[str] = []
@@ -294,8 +321,10 @@ class WorkerProcess:
                 left = deadline - time.monotonic()
                 if left <= 0 or not self._reader.is_alive():
                     tail = "\n".join(self.lines[-20:])
-                    raise RuntimeError(f"{name} x{count} not seen within {timeout:g} s"
-                                       f" (saw {len(found)}); last output:\n{tail}")
+                    raise RuntimeError(
+                        f"{name} x{count} not seen within {timeout:g} s"
+                        f" (saw {len(found)}); last output:\n{tail}"
+                    )
                 self._cond.wait(min(left, 0.2))
 
     def wait_boot(self, timeout: float = 30.0) -> dict[str, Any]:
@@ -331,21 +360,26 @@ class WorkerProcess:
             self.proc.wait(timeout=10)
 
 
-def wait_processed(db: BenchDatabase, worker: WorkerProcess, worker_id: str, total: int,
-                   timeout: float) -> None:
+def wait_processed(
+    db: BenchDatabase, worker: WorkerProcess, worker_id: str, total: int, timeout: float
+) -> None:
     """Wait until the worker's heartbeat row counts ``total`` jobs done."""
     deadline = time.monotonic() + timeout
     while db.processed(worker_id) < total:
         if worker.proc.poll() is not None:
-            raise RuntimeError(f"worker exited with {worker.proc.returncode} before finishing;"
-                               " last output:\n" + "\n".join(worker.lines[-20:]))
+            raise RuntimeError(
+                f"worker exited with {worker.proc.returncode} before finishing;"
+                " last output:\n" + "\n".join(worker.lines[-20:])
+            )
         if time.monotonic() > deadline:
-            raise RuntimeError(f"worker processed {db.processed(worker_id)} of {total} jobs"
-                               f" within {timeout:g} s")
+            raise RuntimeError(
+                f"worker processed {db.processed(worker_id)} of {total} jobs within {timeout:g} s"
+            )
         time.sleep(0.05)
 
 
 # --- measurements --------------------------------------------------------------------------
+
 
 @dataclass
 class Collected:
@@ -362,13 +396,16 @@ class Collected:
             self.samples.setdefault(key, []).append(value)
 
 
-_LOCK_BATCH = (f'SELECT msg_id, message FROM pgmq."q_{BASE_QUEUE}" WHERE vt <= clock_timestamp()'
-               " ORDER BY msg_id LIMIT %s FOR UPDATE SKIP LOCKED")
+_LOCK_BATCH = (
+    f'SELECT msg_id, message FROM pgmq."q_{BASE_QUEUE}" WHERE vt <= clock_timestamp()'
+    " ORDER BY msg_id LIMIT %s FOR UPDATE SKIP LOCKED"
+)
 _DELETE_BATCH = f'DELETE FROM pgmq."q_{BASE_QUEUE}" WHERE msg_id = ANY(%s::bigint[])'
 
 
-def baseline_run(db: BenchDatabase, batch: int, jobs: int, tag: str, *, locking: bool = False
-                 ) -> dict[str, Any]:
+def baseline_run(
+    db: BenchDatabase, batch: int, jobs: int, tag: str, *, locking: bool = False
+) -> dict[str, Any]:
     """The plain loop: ``pgmq.read`` a batch, one ``pgmq.delete`` of its ids, autocommit.
 
     ``locking``: the same messages taken as a transactional worker takes them, one
@@ -387,11 +424,11 @@ def baseline_run(db: BenchDatabase, batch: int, jobs: int, tag: str, *, locking:
                     if rows:
                         conn.execute(_DELETE_BATCH, ([r[0] for r in rows],))
             else:
-                rows = conn.execute("SELECT msg_id, message FROM pgmq.read(%s, %s, %s)",
-                                    (BASE_QUEUE, VT_S, batch)).fetchall()
+                rows = conn.execute(
+                    "SELECT msg_id, message FROM pgmq.read(%s, %s, %s)", (BASE_QUEUE, VT_S, batch)
+                ).fetchall()
                 if rows:
-                    conn.execute("SELECT pgmq.delete(%s, %s::bigint[])",
-                                 (BASE_QUEUE, [r[0] for r in rows]))
+                    conn.execute("SELECT pgmq.delete(%s, %s::bigint[])", (BASE_QUEUE, [r[0] for r in rows]))
             if not rows:
                 break
             done += len(rows)
@@ -400,18 +437,25 @@ def baseline_run(db: BenchDatabase, batch: int, jobs: int, tag: str, *, locking:
                 first, first_n = last, done
     cpu = time.process_time() - cpu0
     rate = (done - first_n) / (last - first) if last > first else None
-    return {"kind": "locking loop" if locking else "baseline", "batch": batch, "jobs": done,
-            "fill_s": round(fill_s, 3), "rate": rate,
-            "client_cpu_us_per_msg": cpu / done * 1e6 if done else None}
+    return {
+        "kind": "locking loop" if locking else "baseline",
+        "batch": batch,
+        "jobs": done,
+        "fill_s": round(fill_s, 3),
+        "rate": rate,
+        "client_cpu_us_per_msg": cpu / done * 1e6 if done else None,
+    }
 
 
-def worker_run(db: BenchDatabase, module: str, queue: str, batch: int, jobs: int,
-               fill: Callable[[], float]) -> dict[str, Any]:
+def worker_run(
+    db: BenchDatabase, module: str, queue: str, batch: int, jobs: int, fill: Callable[[], float]
+) -> dict[str, Any]:
     """Pre-fill ``queue``, start the worker, time first completion to last (the ledger)."""
     db.reset(queue)
     fill_s = fill()
-    worker = WorkerProcess(module, worker_env(db.url, WORKER_BATCH_SIZE=str(batch),
-                                              WORKER_HEARTBEAT_INTERVAL_S="0.25"))
+    worker = WorkerProcess(
+        module, worker_env(db.url, WORKER_BATCH_SIZE=str(batch), WORKER_HEARTBEAT_INTERVAL_S="0.25")
+    )
     try:
         boot = worker.wait_boot()
         wait_processed(db, worker, boot["worker_id"], jobs, timeout=60 + jobs / 200)
@@ -422,10 +466,19 @@ def worker_run(db: BenchDatabase, module: str, queue: str, batch: int, jobs: int
         worker.kill()
     done, span = db.ledger_span(queue)
     first = min(batch, done)
-    return {"kind": module, "batch": batch, "jobs": done, "fill_s": round(fill_s, 3),
-            "rate": (done - first) / span if span > 0 else None, "span_s": span,
-            "cpu_us_per_job": cpu / done * 1e6 if done else None, "rss_mb": rss / MB,
-            "boot_s": worker.boot_s, "exit_s": exit_s, "exit_code": code}
+    return {
+        "kind": module,
+        "batch": batch,
+        "jobs": done,
+        "fill_s": round(fill_s, 3),
+        "rate": (done - first) / span if span > 0 else None,
+        "span_s": span,
+        "cpu_us_per_job": cpu / done * 1e6 if done else None,
+        "rss_mb": rss / MB,
+        "boot_s": worker.boot_s,
+        "exit_s": exit_s,
+        "exit_code": code,
+    }
 
 
 def throughput(db: BenchDatabase, plan: Plan, out: Collected, rep: int) -> None:
@@ -438,8 +491,14 @@ def throughput(db: BenchDatabase, plan: Plan, out: Collected, rep: int) -> None:
         out.runs.append(locked)
         out.add(f"locking_rate_{batch}", locked["rate"])
         tag = f"w-{rep}-{batch}"
-        run = worker_run(db, BENCH_MODULE, BENCH_QUEUE, batch, jobs,
-                         lambda tag=tag, jobs=jobs: db.fill_bench(BENCH_QUEUE, jobs, tag))
+        run = worker_run(
+            db,
+            BENCH_MODULE,
+            BENCH_QUEUE,
+            batch,
+            jobs,
+            lambda tag=tag, jobs=jobs: db.fill_bench(BENCH_QUEUE, jobs, tag),
+        )
         out.runs.append(run)
         out.add(f"worker_rate_{batch}", run["rate"])
         out.add(f"worker_cpu_us_{batch}", run["cpu_us_per_job"])
@@ -449,16 +508,21 @@ def throughput(db: BenchDatabase, plan: Plan, out: Collected, rep: int) -> None:
             out.add(f"ratio_{batch}", run["rate"] / base["rate"])
         if locked["rate"] and run["rate"]:
             out.add(f"locking_ratio_{batch}", run["rate"] / locked["rate"])
-        _progress(f"batch {batch:>3}: baseline {base['rate']:,.0f}/s, locking loop"
-                  f" {locked['rate']:,.0f}/s, worker {run['rate']:,.0f}/s,"
-                  f" {run['cpu_us_per_job']:.0f} µs CPU/job")
+        _progress(
+            f"batch {batch:>3}: baseline {base['rate']:,.0f}/s, locking loop"
+            f" {locked['rate']:,.0f}/s, worker {run['rate']:,.0f}/s,"
+            f" {run['cpu_us_per_job']:.0f} µs CPU/job"
+        )
 
 
 def cpu_fit(out: Collected) -> None:
     """Split the no-op worker's CPU into a part per job and a part per batch: a straight line
     through (batch size, CPU per batch) over every throughput run."""
-    points = [(r["batch"], r["cpu_us_per_job"] * r["batch"]) for r in out.runs
-              if r["kind"] == BENCH_MODULE and r.get("cpu_us_per_job")]
+    points = [
+        (r["batch"], r["cpu_us_per_job"] * r["batch"])
+        for r in out.runs
+        if r["kind"] == BENCH_MODULE and r.get("cpu_us_per_job")
+    ]
     if len({b for b, _ in points}) < 2:
         return
     fit = statistics.linear_regression([float(b) for b, _ in points], [c for _, c in points])
@@ -467,8 +531,9 @@ def cpu_fit(out: Collected) -> None:
 
 
 def seed_judgments(db: BenchDatabase, count: int) -> list[int]:
-    db.conn.execute("TRUNCATE dragonfly.plaintiffs, dragonfly.debtors, dragonfly.judgments"
-                    " RESTART IDENTITY CASCADE")
+    db.conn.execute(
+        "TRUNCATE dragonfly.plaintiffs, dragonfly.debtors, dragonfly.judgments RESTART IDENTITY CASCADE"
+    )
     seeded = seed_demo(db.conn, judgments=count, cases=0, org_id=ORG, seed=7)
     db.conn.execute("ANALYZE dragonfly.judgments")
     return list(seeded["judgment_ids"])
@@ -477,8 +542,14 @@ def seed_judgments(db: BenchDatabase, count: int) -> list[int]:
 def collectability(db: BenchDatabase, plan: Plan, ids: list[int], out: Collected, rep: int) -> None:
     db.conn.execute("TRUNCATE dragonfly.collectability_scores")
     params = {"tag": f"score-{rep}", "org": ORG, "ids": ids}
-    run = worker_run(db, COLLECTABILITY_MODULE, SCORE_QUEUE, DEFAULT_BATCH, len(ids),
-                     lambda: db.fill(SCORE_QUEUE, _JUDGMENT_BODIES, params, len(ids)))
+    run = worker_run(
+        db,
+        COLLECTABILITY_MODULE,
+        SCORE_QUEUE,
+        DEFAULT_BATCH,
+        len(ids),
+        lambda: db.fill(SCORE_QUEUE, _JUDGMENT_BODIES, params, len(ids)),
+    )
     row = db.conn.execute("SELECT count(*) AS n FROM dragonfly.collectability_scores").fetchone()
     run["scores_stored"] = int(row["n"]) if row else 0
     if run["scores_stored"] != len(ids):
@@ -493,14 +564,16 @@ def send_probes(db: BenchDatabase, plan: Plan, rng: random.Random, tag: str) -> 
     """Single messages, spaced apart, each carrying its send time."""
     for i in range(plan.probes):
         time.sleep(rng.uniform(*plan.probe_gap_s))
-        envelope = build_envelope(entity_type="bench", entity_id=str(i), org_id=ORG,
-                                  idempotency_key=f"{tag}-{i}")
+        envelope = build_envelope(
+            entity_type="bench", entity_id=str(i), org_id=ORG, idempotency_key=f"{tag}-{i}"
+        )
         envelope["payload"]["sent"] = time.time()
         db.conn.execute("SELECT pgmq.send(%s, %s)", (BENCH_QUEUE, Jsonb(envelope)))
 
 
-def statement_delta(before: dict[str, tuple[int, float]], after: dict[str, tuple[int, float]]
-                    ) -> dict[str, tuple[int, float]]:
+def statement_delta(
+    before: dict[str, tuple[int, float]], after: dict[str, tuple[int, float]]
+) -> dict[str, tuple[int, float]]:
     """Calls and milliseconds per statement between two ``BenchDatabase.statements``."""
     out = {}
     for query, (calls, ms) in after.items():
@@ -521,10 +594,13 @@ def idle_statements(db: BenchDatabase, worker: WorkerProcess, window_s: float) -
     kinds: dict[str, int] = {}
     for query, (calls, _ms) in delta.items():
         kinds[_statement_kind(query)] = kinds.get(_statement_kind(query), 0) + calls
-    return {"window_s": window_s, "by_kind": kinds,
-            "statements": {" ".join(q.split()): c for q, (c, _ms) in delta.items()},
-            "per_s_besides_heartbeats": sum(c for k, c in kinds.items() if k != "heartbeat") / window_s,
-            "queries_per_s": kinds.get("query", 0) / window_s}
+    return {
+        "window_s": window_s,
+        "by_kind": kinds,
+        "statements": {" ".join(q.split()): c for q, (c, _ms) in delta.items()},
+        "per_s_besides_heartbeats": sum(c for k, c in kinds.items() if k != "heartbeat") / window_s,
+        "queries_per_s": kinds.get("query", 0) / window_s,
+    }
 
 
 def _statement_kind(query: str) -> str:
@@ -539,14 +615,16 @@ def _statement_kind(query: str) -> str:
 def latency(db: BenchDatabase, plan: Plan, mode: str, out: Collected, rep: int) -> None:
     """An idle worker: RSS, pickup latency of spaced single messages, idle statements."""
     db.reset(BENCH_QUEUE)
-    env = worker_env(db.counted_url or db.url,
-                     WORKER_NOTIFICATIONS="auto" if mode == "notifications" else "off")
+    env = worker_env(
+        db.counted_url or db.url, WORKER_NOTIFICATIONS="auto" if mode == "notifications" else "off"
+    )
     worker = WorkerProcess(BENCH_MODULE, env)
     try:
         boot = worker.wait_boot()
         if boot.get("notifications") is not (mode == "notifications"):
-            out.notes.append(f"{mode} run {rep}: the worker booted with"
-                             f" notifications={boot.get('notifications')}")
+            out.notes.append(
+                f"{mode} run {rep}: the worker booted with notifications={boot.get('notifications')}"
+            )
         time.sleep(1.0)
         rss_idle = worker.rss()
         send_probes(db, plan, random.Random(rep), f"probe-{mode}-{rep}")
@@ -565,17 +643,30 @@ def latency(db: BenchDatabase, plan: Plan, mode: str, out: Collected, rep: int) 
     out.add("rss_idle_mb", rss_idle / MB)
     out.add("boot_s", worker.boot_s)
     out.add("exit_s", exit_s)
-    out.runs.append({"kind": f"latency-{mode}", "probes": len(values), "rss_idle_mb": rss_idle / MB,
-                     "boot_s": worker.boot_s, "exit_s": exit_s, "exit_code": code, "idle": idle})
-    _progress(f"{mode}: pickup p50 {percentile(values, 50):.1f} ms, p99 {percentile(values, 99):.1f} ms"
-              + (f", idle {idle['per_s_besides_heartbeats']:.2f} statements/s" if idle else ""))
+    out.runs.append(
+        {
+            "kind": f"latency-{mode}",
+            "probes": len(values),
+            "rss_idle_mb": rss_idle / MB,
+            "boot_s": worker.boot_s,
+            "exit_s": exit_s,
+            "exit_code": code,
+            "idle": idle,
+        }
+    )
+    _progress(
+        f"{mode}: pickup p50 {percentile(values, 50):.1f} ms, p99 {percentile(values, 99):.1f} ms"
+        + (f", idle {idle['per_s_besides_heartbeats']:.2f} statements/s" if idle else "")
+    )
 
 
 def soak(db: BenchDatabase, plan: Plan, out: Collected, rep: int) -> None:
     """RSS after boot-idle and after ``soak_jobs`` no-op jobs, in rounds; CPU per job."""
     db.reset(BENCH_QUEUE)
-    worker = WorkerProcess(BENCH_MODULE, worker_env(db.url, WORKER_BATCH_SIZE=str(DEFAULT_BATCH),
-                                                    WORKER_HEARTBEAT_INTERVAL_S="0.25"))
+    worker = WorkerProcess(
+        BENCH_MODULE,
+        worker_env(db.url, WORKER_BATCH_SIZE=str(DEFAULT_BATCH), WORKER_HEARTBEAT_INTERVAL_S="0.25"),
+    )
     rounds: list[dict[str, float]] = []
     try:
         worker_id = worker.wait_boot()["worker_id"]
@@ -597,17 +688,28 @@ def soak(db: BenchDatabase, plan: Plan, out: Collected, rep: int) -> None:
     out.add("rss_growth_mb", growth)
     out.add("soak_cpu_us", cpu / done * 1e6)
     out.add("exit_s", exit_s)
-    out.runs.append({"kind": "soak", "jobs": done, "rss_idle_mb": rss_idle / MB, "rounds": rounds,
-                     "rss_growth_mb": growth, "cpu_us_per_job": cpu / done * 1e6,
-                     "exit_s": exit_s, "exit_code": code})
+    out.runs.append(
+        {
+            "kind": "soak",
+            "jobs": done,
+            "rss_idle_mb": rss_idle / MB,
+            "rounds": rounds,
+            "rss_growth_mb": growth,
+            "cpu_us_per_job": cpu / done * 1e6,
+            "exit_s": exit_s,
+            "exit_code": code,
+        }
+    )
     _progress(f"soak: {done:,} jobs, RSS {rss_idle / MB:.1f} -> {rounds[-1]['rss_mb']:.1f} MB")
 
 
 def enqueue_cost(db: BenchDatabase, plan: Plan, out: Collected, rep: int) -> None:
     """``enqueue_many`` of one batch in one transaction, as application code would."""
     db.conn.execute(f'TRUNCATE pgmq."q_{BASE_QUEUE}"')
-    envelopes = [build_envelope(entity_type="bench", entity_id=str(i), org_id=ORG,
-                                idempotency_key=f"enq-{rep}-{i}") for i in range(plan.enqueue_batch)]
+    envelopes = [
+        build_envelope(entity_type="bench", entity_id=str(i), org_id=ORG, idempotency_key=f"enq-{rep}-{i}")
+        for i in range(plan.enqueue_batch)
+    ]
     for key, skip_trigger in (("enqueue_ms", False), ("enqueue_untriggered_ms", True)):
         if skip_trigger and not db.superuser:
             continue
@@ -622,6 +724,7 @@ def enqueue_cost(db: BenchDatabase, plan: Plan, out: Collected, rep: int) -> Non
 
 # --- figures, targets, output --------------------------------------------------------------
 
+
 @dataclass(frozen=True, kw_only=True)
 class Figure:
     """One line of the table: a key of the samples, a label, a unit, an optional target."""
@@ -635,50 +738,83 @@ class Figure:
 
 
 def figures(plan: Plan) -> list[Figure]:
-    rows = [Figure(key=f"baseline_rate_{b}", label=f"baseline loop, batch {b}", unit="msg/s")
-            for b in plan.batch_sizes]
-    rows += [Figure(key=f"locking_rate_{b}", label=f"locking loop, batch {b}", unit="msg/s")
-             for b in plan.batch_sizes]
-    rows += [Figure(key=f"worker_rate_{b}", label=f"no-op worker, batch {b}", unit="jobs/s",
-                    **({"limit": 15_000, "at_least": True, "target": "1"} if b == DEFAULT_BATCH else {}))
-             for b in plan.batch_sizes]
-    rows += [Figure(key=f"ratio_{b}", label=f"worker / baseline, batch {b}", unit="x",
-                    **({"limit": 0.8, "at_least": True, "target": "1"} if b == DEFAULT_BATCH else {}))
-             for b in plan.batch_sizes]
-    rows += [Figure(key=f"locking_ratio_{b}", label=f"worker / locking loop, batch {b}", unit="x")
-             for b in plan.batch_sizes]
+    rows = [
+        Figure(key=f"baseline_rate_{b}", label=f"baseline loop, batch {b}", unit="msg/s")
+        for b in plan.batch_sizes
+    ]
+    rows += [
+        Figure(key=f"locking_rate_{b}", label=f"locking loop, batch {b}", unit="msg/s")
+        for b in plan.batch_sizes
+    ]
+    rows += [
+        Figure(
+            key=f"worker_rate_{b}",
+            label=f"no-op worker, batch {b}",
+            unit="jobs/s",
+            **({"limit": 15_000, "at_least": True, "target": "1"} if b == DEFAULT_BATCH else {}),
+        )
+        for b in plan.batch_sizes
+    ]
+    rows += [
+        Figure(
+            key=f"ratio_{b}",
+            label=f"worker / baseline, batch {b}",
+            unit="x",
+            **({"limit": 0.8, "at_least": True, "target": "1"} if b == DEFAULT_BATCH else {}),
+        )
+        for b in plan.batch_sizes
+    ]
+    rows += [
+        Figure(key=f"locking_ratio_{b}", label=f"worker / locking loop, batch {b}", unit="x")
+        for b in plan.batch_sizes
+    ]
     soak = f"{plan.soak_jobs:,}"
     return [
         *rows,
-        Figure(key="collectability_rate", label="collectability worker", unit="judgments/s",
-               limit=15_000, at_least=True, target="2"),
-        Figure(key="pickup_p50_notifications", label="pickup p50, notifications", unit="ms",
-               limit=5, target="3"),
-        Figure(key="pickup_p99_notifications", label="pickup p99, notifications", unit="ms",
-               limit=20, target="3"),
-        Figure(key="pickup_p50_polling", label="pickup p50, polling only", unit="ms", limit=60,
-               target="3"),
+        Figure(
+            key="collectability_rate",
+            label="collectability worker",
+            unit="judgments/s",
+            limit=15_000,
+            at_least=True,
+            target="2",
+        ),
+        Figure(
+            key="pickup_p50_notifications", label="pickup p50, notifications", unit="ms", limit=5, target="3"
+        ),
+        Figure(
+            key="pickup_p99_notifications", label="pickup p99, notifications", unit="ms", limit=20, target="3"
+        ),
+        Figure(key="pickup_p50_polling", label="pickup p50, polling only", unit="ms", limit=60, target="3"),
         Figure(key="pickup_p99_polling", label="pickup p99, polling only", unit="ms"),
-        Figure(key="idle_qps_notifications", label="idle statements/s besides heartbeats",
-               unit="/s", limit=2, target="3"),
-        Figure(key="idle_queries_notifications", label="  of which queries (no BEGIN/COMMIT)",
-               unit="/s"),
+        Figure(
+            key="idle_qps_notifications",
+            label="idle statements/s besides heartbeats",
+            unit="/s",
+            limit=2,
+            target="3",
+        ),
+        Figure(key="idle_queries_notifications", label="  of which queries (no BEGIN/COMMIT)", unit="/s"),
         Figure(key="idle_qps_polling", label="idle statements/s, polling only", unit="/s"),
-        Figure(key=f"worker_cpu_us_{DEFAULT_BATCH}", label=f"worker CPU per job, batch {DEFAULT_BATCH}",
-               unit="µs", limit=50, target="4"),
+        Figure(
+            key=f"worker_cpu_us_{DEFAULT_BATCH}",
+            label=f"worker CPU per job, batch {DEFAULT_BATCH}",
+            unit="µs",
+            limit=50,
+            target="4",
+        ),
         Figure(key="cpu_fit_per_job_us", label="  of which per job (fit over batch sizes)", unit="µs"),
         Figure(key="cpu_fit_per_batch_us", label="  and per batch (fit over batch sizes)", unit="µs"),
         Figure(key="soak_cpu_us", label=f"worker CPU per job, {soak}-job run", unit="µs"),
         Figure(key="collectability_cpu_us", label="collectability CPU per job", unit="µs"),
         Figure(key="rss_idle_mb", label="RSS idle after boot", unit="MB", limit=60, target="5"),
-        Figure(key="rss_growth_mb", label=f"RSS growth after {soak} jobs", unit="MB", limit=10,
-               target="5"),
+        Figure(key="rss_growth_mb", label=f"RSS growth after {soak} jobs", unit="MB", limit=10, target="5"),
         Figure(key="boot_s", label="boot to RUNNING", unit="s", limit=1.0, target="6"),
         Figure(key="exit_s", label="SIGTERM to exit, idle", unit="s", limit=0.5, target="6"),
-        Figure(key="enqueue_ms", label=f"enqueue_many of {plan.enqueue_batch:,} in one transaction",
-               unit="ms"),
-        Figure(key="enqueue_untriggered_ms", label="  the same without the insert-notify trigger",
-               unit="ms"),
+        Figure(
+            key="enqueue_ms", label=f"enqueue_many of {plan.enqueue_batch:,} in one transaction", unit="ms"
+        ),
+        Figure(key="enqueue_untriggered_ms", label="  the same without the insert-notify trigger", unit="ms"),
     ]
 
 
@@ -697,10 +833,16 @@ def summarise(out: Collected, plan: Plan) -> list[dict[str, Any]]:
     rows = []
     for fig in figures(plan):
         values = out.samples.get(fig.key, [])
-        row: dict[str, Any] = {"key": fig.key, "label": fig.label, "unit": fig.unit, "runs": len(values),
-                               "median": statistics.median(values) if values else None,
-                               "min": min(values) if values else None,
-                               "max": max(values) if values else None, "target": fig.target or None}
+        row: dict[str, Any] = {
+            "key": fig.key,
+            "label": fig.label,
+            "unit": fig.unit,
+            "runs": len(values),
+            "median": statistics.median(values) if values else None,
+            "min": min(values) if values else None,
+            "max": max(values) if values else None,
+            "target": fig.target or None,
+        }
         if fig.limit is not None:
             row["limit"] = fig.limit
             row["rule"] = f"{'>=' if fig.at_least else '<='} {_num(fig.limit)}"
@@ -730,13 +872,27 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     head = ("#", "figure", "unit", "median", "min", "max", "target", "status", "median/limit")
     lines = [head]
     for r in rows:
-        lines.append((r["target"] or "", r["label"], r["unit"], _num(r["median"]), _num(r["min"]),
-                      _num(r["max"]), r.get("rule", ""), r.get("status", ""),
-                      f"{r['ratio']:.2f}" if "ratio" in r else ""))
+        lines.append(
+            (
+                r["target"] or "",
+                r["label"],
+                r["unit"],
+                _num(r["median"]),
+                _num(r["min"]),
+                _num(r["max"]),
+                r.get("rule", ""),
+                r.get("status", ""),
+                f"{r['ratio']:.2f}" if "ratio" in r else "",
+            )
+        )
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     for n, line in enumerate(lines):
-        print("  ".join(cell.rjust(w) if i >= 3 else cell.ljust(w)
-                        for i, (cell, w) in enumerate(zip(line, widths, strict=True))).rstrip())
+        print(
+            "  ".join(
+                cell.rjust(w) if i >= 3 else cell.ljust(w)
+                for i, (cell, w) in enumerate(zip(line, widths, strict=True))
+            ).rstrip()
+        )
         if n == 0:
             print("  ".join("-" * w for w in widths))
 
@@ -750,21 +906,36 @@ def draw_chart(path: Path, rows: list[dict[str, Any]], out: Collected, plan: Pla
     by_key = {r["key"]: r for r in rows}
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
     sizes = list(plan.batch_sizes)
-    for prefix, label, color in (("baseline_rate", "plain pgmq loop (baseline)", "tab:gray"),
-                                 ("locking_rate", "plain locking loop", "tab:olive"),
-                                 ("worker_rate", "no-op worker (real process)", "tab:blue")):
+    for prefix, label, color in (
+        ("baseline_rate", "plain pgmq loop (baseline)", "tab:gray"),
+        ("locking_rate", "plain locking loop", "tab:olive"),
+        ("worker_rate", "no-op worker (real process)", "tab:blue"),
+    ):
         series = [by_key[f"{prefix}_{b}"] for b in sizes]
         med = [r["median"] or 0 for r in series]
-        err = [[m - (r["min"] or m) for m, r in zip(med, series, strict=True)],
-               [(r["max"] or m) - m for m, r in zip(med, series, strict=True)]]
+        err = [
+            [m - (r["min"] or m) for m, r in zip(med, series, strict=True)],
+            [(r["max"] or m) - m for m, r in zip(med, series, strict=True)],
+        ]
         left.errorbar(sizes, med, yerr=err, marker="o", capsize=4, label=label, color=color)
     score = by_key["collectability_rate"]
     if score["median"]:
-        left.plot([DEFAULT_BATCH], [score["median"]], marker="s", color="tab:green", linestyle="none",
-                  label="collectability worker")
+        left.plot(
+            [DEFAULT_BATCH],
+            [score["median"]],
+            marker="s",
+            color="tab:green",
+            linestyle="none",
+            label="collectability worker",
+        )
     left.axhline(15_000, color="tab:red", linestyle="--", linewidth=1, label="target 15,000 jobs/s")
-    left.set(xscale="log", xticks=sizes, xlabel="batch size (messages per read)",
-             ylabel="jobs per second", title="Throughput (median, min-max)")
+    left.set(
+        xscale="log",
+        xticks=sizes,
+        xlabel="batch size (messages per read)",
+        ylabel="jobs per second",
+        title="Throughput (median, min-max)",
+    )
     left.set_xticklabels([str(b) for b in sizes])
     left.legend(fontsize=8)
     left.grid(alpha=0.3)
@@ -772,16 +943,26 @@ def draw_chart(path: Path, rows: list[dict[str, Any]], out: Collected, plan: Pla
         values = sorted(out.latencies.get(mode, []))
         if values:
             ys = [(i + 1) / len(values) for i in range(len(values))]
-            right.step(values, ys, where="post", color=color,
-                       label=f"{mode} (p50 {percentile(values, 50):.1f} ms,"
-                             f" p99 {percentile(values, 99):.1f} ms)")
-    for limit, label in ((5, "p50 target, notifications"), (20, "p99 target, notifications"),
-                         (60, "p50 target, polling")):
+            right.step(
+                values,
+                ys,
+                where="post",
+                color=color,
+                label=f"{mode} (p50 {percentile(values, 50):.1f} ms, p99 {percentile(values, 99):.1f} ms)",
+            )
+    for limit, label in (
+        (5, "p50 target, notifications"),
+        (20, "p99 target, notifications"),
+        (60, "p50 target, polling"),
+    ):
         right.axvline(limit, linestyle=":", linewidth=1, color="gray")
         right.text(limit, 0.02, f" {label}", rotation=90, fontsize=7, color="gray", va="bottom")
-    right.set(xscale="log", xlabel="enqueue to handler start (ms)", ylabel="fraction of messages",
-              title=f"Pickup latency of an idle worker ({len(out.latencies.get('polling', []))}"
-                    " messages per mode)")
+    right.set(
+        xscale="log",
+        xlabel="enqueue to handler start (ms)",
+        ylabel="fraction of messages",
+        title=f"Pickup latency of an idle worker ({len(out.latencies.get('polling', []))} messages per mode)",
+    )
     right.legend(fontsize=8, loc="upper left")
     right.grid(alpha=0.3)
     fig.tight_layout()
@@ -795,14 +976,28 @@ def _progress(text: str) -> None:
 
 # --- profile (--profile) -------------------------------------------------------------------
 
-_GENERIC_FRAMES = ("_run_module_as_main", "_run_code", "<module>", "run_worker", "BaseWorker.run",
-                   "BaseWorker._loop", "Processor.process_batch", "Processor._transactional_batch",
-                   "Connection.wait ")
+_GENERIC_FRAMES = (
+    "_run_module_as_main",
+    "_run_code",
+    "<module>",
+    "run_worker",
+    "BaseWorker.run",
+    "BaseWorker._loop",
+    "Processor.process_batch",
+    "Processor._transactional_batch",
+    "Connection.wait ",
+)
 # psycopg's frames that write a query to the socket (py-spy --native shows send() below them)
-_SEND_FRAMES = ("BaseCursor._send_query_prepared ", "BaseCursor._send_prepare ",
-                "BaseCursor._execute_send ", "BaseConnection._exec_command ")
-_STEP_NAMES = {"_GeneratorContextManager.__enter__ (contextlib.py)": "transaction enter (BEGIN)",
-               "_GeneratorContextManager.__exit__ (contextlib.py)": "transaction exit (COMMIT)"}
+_SEND_FRAMES = (
+    "BaseCursor._send_query_prepared ",
+    "BaseCursor._send_prepare ",
+    "BaseCursor._execute_send ",
+    "BaseConnection._exec_command ",
+)
+_STEP_NAMES = {
+    "_GeneratorContextManager.__enter__ (contextlib.py)": "transaction enter (BEGIN)",
+    "_GeneratorContextManager.__exit__ (contextlib.py)": "transaction exit (COMMIT)",
+}
 
 
 def find_py_spy() -> str | None:
@@ -817,13 +1012,36 @@ def profile_run(db: BenchDatabase, plan: Plan, out_dir: Path) -> dict[str, Any]:
     db.reset(BENCH_QUEUE)
     db.fill_bench(BENCH_QUEUE, plan.jobs, "profile")
     before = db.statements() if db.counted_url else {}
-    worker = WorkerProcess(BENCH_MODULE, worker_env(db.counted_url or db.url,
-                                                    WORKER_BATCH_SIZE=str(DEFAULT_BATCH),
-                                                    WORKER_HEARTBEAT_INTERVAL_S="0.25"))
+    worker = WorkerProcess(
+        BENCH_MODULE,
+        worker_env(
+            db.counted_url or db.url, WORKER_BATCH_SIZE=str(DEFAULT_BATCH), WORKER_HEARTBEAT_INTERVAL_S="0.25"
+        ),
+    )
     spy_bin, raw = find_py_spy(), out_dir / "worker-profile.txt"
-    spy = (subprocess.Popen([spy_bin, "record", "--pid", str(worker.proc.pid), "--format", "raw",
-                             "--rate", "250", "--idle", "--threads", "--nonblocking", "-o", str(raw)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT) if spy_bin else None)
+    spy = (
+        subprocess.Popen(
+            [
+                spy_bin,
+                "record",
+                "--pid",
+                str(worker.proc.pid),
+                "--format",
+                "raw",
+                "--rate",
+                "250",
+                "--idle",
+                "--threads",
+                "--nonblocking",
+                "-o",
+                str(raw),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
+        if spy_bin
+        else None
+    )
     try:
         boot = worker.wait_boot()
         wait_processed(db, worker, boot["worker_id"], plan.jobs, timeout=120 + plan.jobs / 100)
@@ -835,12 +1053,20 @@ def profile_run(db: BenchDatabase, plan: Plan, out_dir: Path) -> dict[str, Any]:
     done, span = db.ledger_span(BENCH_QUEUE)
     batches = max(1, -(-done // DEFAULT_BATCH))
     delta = statement_delta(before, db.statements()) if db.counted_url else {}
-    statements = sorted(({"statement": " ".join(q.split())[:120], "per_batch": c / batches,
-                          "ms_per_batch": ms / batches} for q, (c, ms) in delta.items()),
-                        key=lambda r: -r["ms_per_batch"])
-    return {"jobs": done, "rate_while_profiled": (done - DEFAULT_BATCH) / span if span else None,
-            "statements": statements, "python": summarise_stacks(raw) if spy and raw.exists() else None,
-            "note": "" if spy_bin else "py-spy not found: pip install py-spy"}
+    statements = sorted(
+        (
+            {"statement": " ".join(q.split())[:120], "per_batch": c / batches, "ms_per_batch": ms / batches}
+            for q, (c, ms) in delta.items()
+        ),
+        key=lambda r: -r["ms_per_batch"],
+    )
+    return {
+        "jobs": done,
+        "rate_while_profiled": (done - DEFAULT_BATCH) / span if span else None,
+        "statements": statements,
+        "python": summarise_stacks(raw) if spy and raw.exists() else None,
+        "note": "" if spy_bin else "py-spy not found: pip install py-spy",
+    }
 
 
 def _main_loop_samples(raw: Path) -> list[tuple[list[str], int]]:
@@ -891,28 +1117,41 @@ def summarise_stacks(raw: Path) -> dict[str, Any]:
         steps.setdefault(_step(frames), [0, 0, 0])[kind] += n
         for f in {f for f in frames if not f.startswith(_GENERIC_FRAMES)} if kind == 2 else ():
             functions[f] = functions.get(f, 0) + n
-    by_step = [{"step": k, "wait_pct": 100 * w / total, "send_pct": 100 * sd / total,
-                "python_pct": 100 * c / total} for k, (w, sd, c) in steps.items()]
+    by_step = [
+        {"step": k, "wait_pct": 100 * w / total, "send_pct": 100 * sd / total, "python_pct": 100 * c / total}
+        for k, (w, sd, c) in steps.items()
+    ]
     top = sorted(functions.items(), key=lambda kv: -kv[1])[:30]
-    return {"samples": total, "outside_batch_samples": outside, "waiting_pct": 100 * kinds[0] / total,
-            "sending_pct": 100 * kinds[1] / total, "python_pct": 100 * kinds[2] / total,
-            "steps": sorted(by_step, key=lambda r: -(r["wait_pct"] + r["send_pct"] + r["python_pct"])),
-            "functions": [{"function": f, "pct_of_python": 100 * n / kinds[2]} for f, n in top]}
+    return {
+        "samples": total,
+        "outside_batch_samples": outside,
+        "waiting_pct": 100 * kinds[0] / total,
+        "sending_pct": 100 * kinds[1] / total,
+        "python_pct": 100 * kinds[2] / total,
+        "steps": sorted(by_step, key=lambda r: -(r["wait_pct"] + r["send_pct"] + r["python_pct"])),
+        "functions": [{"function": f, "pct_of_python": 100 * n / kinds[2]} for f, n in top],
+    }
 
 
 def print_profile(profile: dict[str, Any]) -> None:
-    print(f"\nprofile: no-op worker, batch {DEFAULT_BATCH}, {profile['jobs']:,} jobs"
-          f" ({_num(profile['rate_while_profiled'])} jobs/s while sampled) {profile['note']}")
+    print(
+        f"\nprofile: no-op worker, batch {DEFAULT_BATCH}, {profile['jobs']:,} jobs"
+        f" ({_num(profile['rate_while_profiled'])} jobs/s while sampled) {profile['note']}"
+    )
     py = profile.get("python") or {}
     if py.get("samples"):
-        print(f"  main thread inside batches: {py['waiting_pct']:.0f}% waiting for a result,"
-              f" {py['sending_pct']:.0f}% sending, {py['python_pct']:.0f}% Python ({py['samples']}"
-              f" samples; {py['outside_batch_samples']} outside batches not counted)")
+        print(
+            f"  main thread inside batches: {py['waiting_pct']:.0f}% waiting for a result,"
+            f" {py['sending_pct']:.0f}% sending, {py['python_pct']:.0f}% Python ({py['samples']}"
+            f" samples; {py['outside_batch_samples']} outside batches not counted)"
+        )
         print("  by step of a batch (% of main-thread time: waiting + sending + Python):")
         for r in py["steps"][:8]:
             both = r["wait_pct"] + r["send_pct"] + r["python_pct"]
-            print(f"    {both:5.1f}% ({r['wait_pct']:4.1f} + {r['send_pct']:4.1f} + {r['python_pct']:4.1f})"
-                  f"  {r['step']}")
+            print(
+                f"    {both:5.1f}% ({r['wait_pct']:4.1f} + {r['send_pct']:4.1f} + {r['python_pct']:4.1f})"
+                f"  {r['step']}"
+            )
         print("  Python functions, inclusive (% of Python samples):")
         for r in py["functions"][:20]:
             print(f"    {r['pct_of_python']:5.1f}%  {r['function']}")
@@ -923,6 +1162,7 @@ def print_profile(profile: dict[str, Any]) -> None:
 
 
 # --- the run -------------------------------------------------------------------------------
+
 
 def run_all(db: BenchDatabase, plan: Plan) -> Collected:
     out = Collected()
@@ -946,16 +1186,22 @@ def run_all(db: BenchDatabase, plan: Plan) -> Collected:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python scripts/bench.py", description=__doc__.split("\n")[0])
     parser.add_argument("--url", help="benchmark this database instead of an embedded one")
-    parser.add_argument("--wipe", action="store_true",
-                        help="with --url: allow the bench to empty the ledger, heartbeats, its queues"
-                             " and the demo tables of that database")
+    parser.add_argument(
+        "--wipe",
+        action="store_true",
+        help="with --url: allow the bench to empty the ledger, heartbeats, its queues"
+        " and the demo tables of that database",
+    )
     parser.add_argument("--quick", action="store_true", help="one run of each, smaller volumes (~1 min)")
     parser.add_argument("--repeat", type=int, help="runs per figure (default 3; 1 with --quick)")
     parser.add_argument("--jobs", type=int, help="jobs per throughput run at batch >= 50")
     parser.add_argument("--soak-jobs", type=int, help="jobs of the memory run (default 200,000)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder of bench.json and bench.png")
-    parser.add_argument("--profile", action="store_true",
-                        help="one more run under py-spy, with the worker's statements counted")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="one more run under py-spy, with the worker's statements counted",
+    )
     parser.add_argument("--keep-running", action="store_true", help="leave the embedded server running")
     args = parser.parse_args(argv)
     if args.url and not args.wipe:
@@ -979,14 +1225,19 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
 def code_state() -> dict[str, Any]:
     """The commit measured, and whether the runtime had uncommitted changes."""
+
     def git(*args: str) -> str:
         try:
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
-                                  timeout=10).stdout.strip()
+            return subprocess.run(
+                ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
-    return {"commit": git("rev-parse", "--short", "HEAD") or "unknown (not a git checkout)",
-            "runtime_changes": git("status", "--porcelain", "--", "backend").splitlines()}
+
+    return {
+        "commit": git("rev-parse", "--short", "HEAD") or "unknown (not a git checkout)",
+        "runtime_changes": git("status", "--porcelain", "--", "backend").splitlines(),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1016,32 +1267,55 @@ def main(argv: list[str] | None = None) -> int:
         if server is not None and not args.keep_running:
             server.stop()
     rows = summarise(out, plan)
-    meta = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "server": version,
-            "python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform(),
-            "load_before": load_before, "load_after": os.getloadavg(),
-            "duration_s": round(time.monotonic() - started, 1), "embedded": server is not None,
-            "code": code_state(),
-            "plan": asdict(plan)}
+    meta = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "server": version,
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "load_before": load_before,
+        "load_after": os.getloadavg(),
+        "duration_s": round(time.monotonic() - started, 1),
+        "embedded": server is not None,
+        "code": code_state(),
+        "plan": asdict(plan),
+    }
     code = meta["code"]
     dirty = f", {len(code['runtime_changes'])} uncommitted runtime file(s)" if code["runtime_changes"] else ""
-    print(f"\n{version}; commit {code['commit']}{dirty}; {meta['cpus']} CPUs;"
-          f" load {load_before[0]:.2f} -> {meta['load_after'][0]:.2f}; {meta['duration_s']:.0f} s;"
-          f" {plan.repeat} run(s) per figure\n")
+    print(
+        f"\n{version}; commit {code['commit']}{dirty}; {meta['cpus']} CPUs;"
+        f" load {load_before[0]:.2f} -> {meta['load_after'][0]:.2f}; {meta['duration_s']:.0f} s;"
+        f" {plan.repeat} run(s) per figure\n"
+    )
     print_table(rows)
     for note in out.notes:
         print(f"note: {note}")
     if out.profile:
         print_profile(out.profile)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench.json").write_text(json.dumps(
-        {"meta": meta, "figures": rows, "samples": out.samples, "latencies_ms": out.latencies,
-         "runs": out.runs, "notes": out.notes, "profile": out.profile}, indent=2, default=str))
+    (args.out / "bench.json").write_text(
+        json.dumps(
+            {
+                "meta": meta,
+                "figures": rows,
+                "samples": out.samples,
+                "latencies_ms": out.latencies,
+                "runs": out.runs,
+                "notes": out.notes,
+                "profile": out.profile,
+            },
+            indent=2,
+            default=str,
+        )
+    )
     try:
         draw_chart(args.out / "bench.png", rows, out, plan)
         print(f"\nwrote {args.out / 'bench.json'} and {args.out / 'bench.png'}")
     except ModuleNotFoundError:
-        print(f"\nwrote {args.out / 'bench.json'}; no chart: matplotlib is missing"
-              " (.venv/bin/pip install -e '.[bench]')")
+        print(
+            f"\nwrote {args.out / 'bench.json'}; no chart: matplotlib is missing"
+            " (.venv/bin/pip install -e '.[bench]')"
+        )
     return 1 if any(r.get("status") == "MISS" for r in rows) else 0
 
 

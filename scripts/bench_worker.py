@@ -34,8 +34,10 @@ class BenchWorker(TransactionalWorker):
         started = time.time()
         sent = job.payload.get("sent")
         if sent is not None:
-            log_event(PICKUP_EVENT, {"latency_ms": round((started - float(sent)) * 1000, 3),
-                                     "job_key": job.idempotency_key})
+            log_event(
+                PICKUP_EVENT,
+                {"latency_ms": round((started - float(sent)) * 1000, 3), "job_key": job.idempotency_key},
+            )
 
 
 if __name__ == "__main__":

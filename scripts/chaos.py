@@ -160,9 +160,20 @@ class Options:
 
     def replay_command(self) -> str:
         """The command line that replays this run (the URL without its password)."""
-        args = ["python", "scripts/chaos.py", "--seed", str(self.seed), "--duration", f"{self.duration_s:g}",
-                "--jobs", str(self.jobs), "--workers-per-kind", str(self.per_kind),
-                "--kill-interval", f"{self.kill_interval_s:g}"]
+        args = [
+            "python",
+            "scripts/chaos.py",
+            "--seed",
+            str(self.seed),
+            "--duration",
+            f"{self.duration_s:g}",
+            "--jobs",
+            str(self.jobs),
+            "--workers-per-kind",
+            str(self.per_kind),
+            "--kill-interval",
+            f"{self.kill_interval_s:g}",
+        ]
         if self.url:
             args += ["--url", redact_url(self.url)]
         if self.pgdata:
@@ -177,22 +188,32 @@ class Options:
 def parse_args(argv: Sequence[str] | None = None) -> Options:
     parser = argparse.ArgumentParser(
         prog="python scripts/chaos.py",
-        description="Kill workers and restart PostgreSQL under load; check exactly-once effects.")
+        description="Kill workers and restart PostgreSQL under load; check exactly-once effects.",
+    )
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of kills (default 60)")
-    parser.add_argument("--jobs", type=int, default=2000,
-                        help="distinct jobs enqueued (default 2000), besides copies, derived "
-                             "notifications and poison")
-    parser.add_argument("--workers-per-kind", type=int, default=2,
-                        help="replicas of each of the three workers (default 2)")
-    parser.add_argument("--kill-interval", type=float, default=4.0,
-                        help="mean seconds between kills (default 4)")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=2000,
+        help="distinct jobs enqueued (default 2000), besides copies, derived notifications and poison",
+    )
+    parser.add_argument(
+        "--workers-per-kind", type=int, default=2, help="replicas of each of the three workers (default 2)"
+    )
+    parser.add_argument(
+        "--kill-interval", type=float, default=4.0, help="mean seconds between kills (default 4)"
+    )
     parser.add_argument("--seed", type=int, help="seed of the workload and the kills (default: random)")
     parser.add_argument("--url", help="database to use (default: an embedded server in .data/chaos-pg)")
-    parser.add_argument("--pgdata", type=Path,
-                        help="folder of the embedded server behind --url: the one to restart")
+    parser.add_argument(
+        "--pgdata", type=Path, help="folder of the embedded server behind --url: the one to restart"
+    )
     parser.add_argument("--no-db-restart", action="store_true", help="do not restart PostgreSQL")
-    parser.add_argument("--reset", action="store_true",
-                        help="empty the workers and dragonfly tables and the queues of --url first")
+    parser.add_argument(
+        "--reset",
+        action="store_true",
+        help="empty the workers and dragonfly tables and the queues of --url first",
+    )
     parser.add_argument("--report", type=Path, help="JSON report (default chaos-results/chaos-<seed>.json)")
     args = parser.parse_args(argv)
     if args.duration <= 0 or args.kill_interval <= 0:
@@ -200,12 +221,23 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     if args.jobs < 10 or args.workers_per_kind < 1:
         parser.error("--jobs must be at least 10 and --workers-per-kind at least 1")
     if args.url and args.pgdata is None and not args.no_db_restart:
-        parser.error("restarting PostgreSQL behind --url needs --pgdata DIR (its embedded server's "
-                     "folder); or pass --no-db-restart")
+        parser.error(
+            "restarting PostgreSQL behind --url needs --pgdata DIR (its embedded server's "
+            "folder); or pass --no-db-restart"
+        )
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 1_000_000)
-    return Options(duration_s=args.duration, jobs=args.jobs, per_kind=args.workers_per_kind,
-                   kill_interval_s=args.kill_interval, seed=seed, url=args.url, pgdata=args.pgdata,
-                   db_restart=not args.no_db_restart, reset=args.reset, report=args.report)
+    return Options(
+        duration_s=args.duration,
+        jobs=args.jobs,
+        per_kind=args.workers_per_kind,
+        kill_interval_s=args.kill_interval,
+        seed=seed,
+        url=args.url,
+        pgdata=args.pgdata,
+        db_restart=not args.no_db_restart,
+        reset=args.reset,
+        report=args.report,
+    )
 
 
 # --- the database ---------------------------------------------------------------------------
@@ -215,8 +247,9 @@ Conn = psycopg.Connection[Any]
 
 
 def connect(url: str) -> Conn:
-    return psycopg.connect(url, autocommit=True, row_factory=dict_row, connect_timeout=5,
-                           application_name="chaos")
+    return psycopg.connect(
+        url, autocommit=True, row_factory=dict_row, connect_timeout=5, application_name="chaos"
+    )
 
 
 def reset_database(conn: Conn) -> None:
@@ -224,7 +257,8 @@ def reset_database(conn: Conn) -> None:
     rows = conn.execute(
         "SELECT format('%%I.%%I', schemaname, tablename) AS name FROM pg_tables"
         " WHERE schemaname = ANY(%s) AND tablename <> 'schema_migrations'",
-        (["workers", "dragonfly", "chaos"],)).fetchall()
+        (["workers", "dragonfly", "chaos"],),
+    ).fetchall()
     conn.execute(f"TRUNCATE {', '.join(r['name'] for r in rows)} RESTART IDENTITY CASCADE")
     for queue in QUEUES:
         conn.execute("SELECT pgmq.purge_queue(%s)", (queue,))
@@ -240,15 +274,17 @@ def leftovers(conn: Conn) -> list[str]:
         " (SELECT count(*) FROM dragonfly.judgments) AS judgments,"
         f" {depth} AS queued_messages,"
         " (SELECT count(*) FROM workers.heartbeats WHERE status IN ('BOOTING', 'RUNNING', 'DRAINING')"
-        "  AND last_heartbeat_at > clock_timestamp() - interval '5 seconds') AS live_workers").fetchone()
+        "  AND last_heartbeat_at > clock_timestamp() - interval '5 seconds') AS live_workers"
+    ).fetchone()
     assert row is not None
     return [f"{n} {name.replace('_', ' ')}" for name, n in row.items() if n]
 
 
 def queued(conn: Conn) -> int:
     """Messages in the three queues, visible or not."""
-    row = conn.execute("SELECT " + " + ".join(f'(SELECT count(*) FROM pgmq."q_{q}")' for q in QUEUES)
-                       + " AS n").fetchone()
+    row = conn.execute(
+        "SELECT " + " + ".join(f'(SELECT count(*) FROM pgmq."q_{q}")' for q in QUEUES) + " AS n"
+    ).fetchone()
     return int(row["n"]) if row else 0
 
 
@@ -309,11 +345,11 @@ class Database:
             apply_migrations(conn, queues=QUEUES)
             found = leftovers(conn)
             if any("live workers" in f for f in found):
-                raise SetupError(f"workers are running against this database ({', '.join(found)}); "
-                                 "stop them first")
+                raise SetupError(
+                    f"workers are running against this database ({', '.join(found)}); stop them first"
+                )
             if found and not (reset or self.owned):
-                raise SetupError(f"the database is not empty ({', '.join(found)}); "
-                                 "pass --reset to empty it")
+                raise SetupError(f"the database is not empty ({', '.join(found)}); pass --reset to empty it")
             if found or self.owned:
                 reset_database(conn)
             install_audit(conn)
@@ -335,8 +371,9 @@ class Database:
 class Producer(threading.Thread):
     """Enqueues the plan's waves at their times, as an application would, retrying outages."""
 
-    def __init__(self, url: str, plan: Plan, offsets: Sequence[float], t0: float,
-                 abort: threading.Event) -> None:
+    def __init__(
+        self, url: str, plan: Plan, offsets: Sequence[float], t0: float, abort: threading.Event
+    ) -> None:
         super().__init__(name="producer", daemon=True)
         self.url, self.plan, self.offsets, self.t0, self.abort = url, plan, offsets, t0, abort
         self.waves_done = 0
@@ -358,8 +395,7 @@ class Producer(threading.Thread):
             if conn is not None:
                 conn.close()
 
-    def _enqueue(self, conn: Conn | None, index: int,
-                 items: Sequence[Item]) -> Conn | None:
+    def _enqueue(self, conn: Conn | None, index: int, items: Sequence[Item]) -> Conn | None:
         while not self.abort.is_set():
             try:
                 conn = conn if conn is not None and not conn.closed else connect(self.url)
@@ -376,8 +412,14 @@ class Producer(threading.Thread):
 class DbRestarter(threading.Thread):
     """Stops PostgreSQL at the scheduled time and starts it again after the downtime."""
 
-    def __init__(self, server: EmbeddedPostgres, restart: DbRestart, t0: float,
-                 abort: threading.Event, log: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        server: EmbeddedPostgres,
+        restart: DbRestart,
+        t0: float,
+        abort: threading.Event,
+        log: Callable[[str], None],
+    ) -> None:
         super().__init__(name="db-restart", daemon=True)
         self.server, self.restart, self.t0, self.abort, self.log = server, restart, t0, abort, log
         self.stopped_wall: float | None = None
@@ -463,17 +505,31 @@ class Replica:
         if self.signal == "SIGKILL" and lines and not lines[-1].endswith("}"):
             lines.pop()  # a line cut by the kill
         bad = [ln for ln in lines if not ln.startswith("{") or (password and password in ln)]
-        drain = (self.exited_at - self.signalled_at
-                 if self.exited_at is not None and self.signalled_at is not None else None)
+        drain = (
+            self.exited_at - self.signalled_at
+            if self.exited_at is not None and self.signalled_at is not None
+            else None
+        )
         job_exit = bool(self.proc.named("CHAOS_JOB_EXIT")) and self.exit_code == 137
         return ProcessRecord(
-            kind=self.kind, slot=self.slot, pid=self.proc.pid, worker_id=self.worker_id, job_exit=job_exit,
-            booted=self.booted, signal=self.signal, final=self.final, exit_code=self.exit_code,
-            drain_s=None if drain is None else round(drain, 3), spawned_wall=self.spawned_wall,
-            signalled_wall=self.signalled_wall, shutdown_logged=shutdown,
+            kind=self.kind,
+            slot=self.slot,
+            pid=self.proc.pid,
+            worker_id=self.worker_id,
+            job_exit=job_exit,
+            booted=self.booted,
+            signal=self.signal,
+            final=self.final,
+            exit_code=self.exit_code,
+            drain_s=None if drain is None else round(drain, 3),
+            spawned_wall=self.spawned_wall,
+            signalled_wall=self.signalled_wall,
+            shutdown_logged=shutdown,
             crash=crashes[-1].get("error") if crashes else None,
-            outages=len(self.proc.named("DB_OUTAGE")), bad_lines=tuple(b[:200] for b in bad[:3]),
-            tail=tuple(line[:300] for line in lines[-6:]))
+            outages=len(self.proc.named("DB_OUTAGE")),
+            bad_lines=tuple(b[:200] for b in bad[:3]),
+            tail=tuple(line[:300] for line in lines[-6:]),
+        )
 
 
 class Supervisor:
@@ -509,8 +565,10 @@ class Supervisor:
             if replica is not None and replica.poll(now):
                 self.current[index] = None
                 if not replica.final:
-                    self.log(f"{replica.kind}/{replica.slot} pid {replica.proc.pid} exited "
-                             f"{replica.exit_code}" + (f" after {replica.signal}" if replica.signal else ""))
+                    self.log(
+                        f"{replica.kind}/{replica.slot} pid {replica.proc.pid} exited "
+                        f"{replica.exit_code}" + (f" after {replica.signal}" if replica.signal else "")
+                    )
                 self.restart_at[index] = now + self.rng.uniform(0.2, 1.0)
         for index, due in list(self.restart_at.items()):
             if self.restarting and now >= due:
@@ -525,9 +583,14 @@ class Supervisor:
         for step in range(len(self.slots)):
             replica = self.current[(slot + step) % len(self.slots)]
             # SIGTERM only after boot: before its handler is installed, Python dies of it.
-            if replica is not None and replica.alive() and replica.signal is None and (
-                    replica.frozen_until is None) and (replica.booted or name == "SIGKILL") and (
-                    name != "SIGSTOP" or (replica.booted and replica.kind in FREEZABLE)):
+            if (
+                replica is not None
+                and replica.alive()
+                and replica.signal is None
+                and (replica.frozen_until is None)
+                and (replica.booted or name == "SIGKILL")
+                and (name != "SIGSTOP" or (replica.booted and replica.kind in FREEZABLE))
+            ):
                 return replica
         return None
 
@@ -601,14 +664,24 @@ class Timeline:
 class ChaosRun:
     """Runs the schedule against the replicas while the producer enqueues the plan."""
 
-    def __init__(self, opts: Options, db: Database, plan: Plan, schedule: Schedule,
-                 receiver: Receiver, log: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        opts: Options,
+        db: Database,
+        plan: Plan,
+        schedule: Schedule,
+        receiver: Receiver,
+        log: Callable[[str], None],
+    ) -> None:
         self.opts, self.db, self.plan, self.schedule, self.log = opts, db, plan, schedule, log
         self.receiver = receiver
         env = {k: v for k, v in os.environ.items() if not k.startswith(_DROP_ENV)}
-        env.update(WORKER_ENV, SUPABASE_DB_URL=db.worker_url,
-                   OUTBOX_WEBHOOK_URL=receiver.url_for("/hooks/dragonfly"),
-                   OUTBOX_SLACK_WEBHOOK_URL=receiver.url_for("/slack/T000/B000/chaos"))
+        env.update(
+            WORKER_ENV,
+            SUPABASE_DB_URL=db.worker_url,
+            OUTBOX_WEBHOOK_URL=receiver.url_for("/hooks/dragonfly"),
+            OUTBOX_SLACK_WEBHOOK_URL=receiver.url_for("/slack/T000/B000/chaos"),
+        )
         self.supervisor = Supervisor(env, opts.per_kind, opts.seed, log)
         self.abort = threading.Event()
         self.timeline = Timeline()
@@ -619,8 +692,10 @@ class ChaosRun:
         try:
             self._boot()
             t0 = time.monotonic()
-            offsets = [i * WAVE_SPREAD * self.opts.duration_s / max(1, len(self.plan.waves) - 1)
-                       for i in range(len(self.plan.waves))]
+            offsets = [
+                i * WAVE_SPREAD * self.opts.duration_s / max(1, len(self.plan.waves) - 1)
+                for i in range(len(self.plan.waves))
+            ]
             producer = Producer(self.db.url, self.plan, offsets, t0, self.abort)
             producer.start()
             self.restarter = self._restarter(t0)
@@ -652,8 +727,9 @@ class ChaosRun:
         restart = self.schedule.db_restart
         if restart is None or self.db.server is None:
             return None
-        restarter = DbRestarter(self.db.server, restart, t0, self.abort,
-                                lambda m: self.log(f"{time.monotonic() - t0:7.1f}s  {m}"))
+        restarter = DbRestarter(
+            self.db.server, restart, t0, self.abort, lambda m: self.log(f"{time.monotonic() - t0:7.1f}s  {m}")
+        )
         restarter.start()
         return restarter
 
@@ -671,20 +747,38 @@ class ChaosRun:
                 kills.popleft()
                 if kill.signal == "SIGSTOP":
                     victim.freeze(now, kill.freeze_s)
-                    self.timeline.freezes.append({"at_s": round(now - t0, 3), "for_s": kill.freeze_s,
-                                                  "worker": victim.kind, "slot": victim.slot,
-                                                  "pid": victim.proc.pid})
-                    self.log(f"{now - t0:7.1f}s  SIGSTOP {victim.kind}/{victim.slot} pid {victim.proc.pid}"
-                             f" for {kill.freeze_s:g} s")
+                    self.timeline.freezes.append(
+                        {
+                            "at_s": round(now - t0, 3),
+                            "for_s": kill.freeze_s,
+                            "worker": victim.kind,
+                            "slot": victim.slot,
+                            "pid": victim.proc.pid,
+                        }
+                    )
+                    self.log(
+                        f"{now - t0:7.1f}s  SIGSTOP {victim.kind}/{victim.slot} pid {victim.proc.pid}"
+                        f" for {kill.freeze_s:g} s"
+                    )
                     continue
                 inside = self._inside_handler(victim)
                 victim.send(kill.signal, now)
-                self.timeline.kills.append({"at_s": round(now - t0, 3), "signal": kill.signal,
-                                            "aim": kill.aim, "worker": victim.kind, "slot": victim.slot,
-                                            "pid": victim.proc.pid, "booted": victim.booted,
-                                            "inside_external_handler": inside})
-                self.log(f"{now - t0:7.1f}s  {kill.signal} {victim.kind}/{victim.slot} pid {victim.proc.pid}"
-                         + (" inside its handler" if inside else ""))
+                self.timeline.kills.append(
+                    {
+                        "at_s": round(now - t0, 3),
+                        "signal": kill.signal,
+                        "aim": kill.aim,
+                        "worker": victim.kind,
+                        "slot": victim.slot,
+                        "pid": victim.proc.pid,
+                        "booted": victim.booted,
+                        "inside_external_handler": inside,
+                    }
+                )
+                self.log(
+                    f"{now - t0:7.1f}s  {kill.signal} {victim.kind}/{victim.slot} pid {victim.proc.pid}"
+                    + (" inside its handler" if inside else "")
+                )
             time.sleep(TICK_S)
         self.timeline.skipped_kills = len(kills)
 
@@ -692,8 +786,18 @@ class ChaosRun:
         """The replica to signal now, or None to wait: a kill aimed at a handler waits up to
         ``AIM_WAIT_S`` for an outbox replica inside one, then takes its scheduled slot."""
         if kill.aim == "handler":
-            inside = next((r for r in self.supervisor.current if r is not None and r.booted
-                           and r.alive() and r.signal is None and self._inside_handler(r)), None)
+            inside = next(
+                (
+                    r
+                    for r in self.supervisor.current
+                    if r is not None
+                    and r.booted
+                    and r.alive()
+                    and r.signal is None
+                    and self._inside_handler(r)
+                ),
+                None,
+            )
             if inside is not None or late_s < AIM_WAIT_S:
                 return inside
         return self.supervisor.victim(kill.slot, kill.signal)
@@ -701,8 +805,11 @@ class ChaosRun:
     def _inside_handler(self, replica: Replica) -> bool:
         """Whether the replica is waiting for one of the receiver's slow replies."""
         ports = self.receiver.waiting_ports()
-        return bool(ports) and replica.kind == "outbox_processor" and holds_connection(
-            replica.proc.pid, ports, self.receiver.port)
+        return (
+            bool(ports)
+            and replica.kind == "outbox_processor"
+            and holds_connection(replica.proc.pid, ports, self.receiver.port)
+        )
 
     def _join(self, producer: Producer, restarter: DbRestarter | None) -> None:
         while producer.is_alive() or (restarter is not None and restarter.is_alive()):
@@ -712,8 +819,11 @@ class ChaosRun:
             raise SetupError(f"the producer failed: {producer.error}")
         if restarter is not None and self.schedule.db_restart is not None:
             self.timeline.db_restart = {
-                **asdict(self.schedule.db_restart), "error": restarter.error,
-                "stopped_wall": restarter.stopped_wall, "started_wall": restarter.started_wall}
+                **asdict(self.schedule.db_restart),
+                "error": restarter.error,
+                "stopped_wall": restarter.stopped_wall,
+                "started_wall": restarter.started_wall,
+            }
 
     def _drain(self, producer: Producer) -> None:
         """Keep the replicas running (no more kills) until the queues are empty."""
@@ -733,17 +843,22 @@ class ChaosRun:
         if conn is not None:
             conn.close()
         self.timeline.drain_wait_s = round(time.monotonic() - started, 1)
-        self.log(f"queues {'drained' if self.timeline.drained else 'NOT drained'} in "
-                 f"{self.timeline.drain_wait_s:g} s; stopping the workers")
+        self.log(
+            f"queues {'drained' if self.timeline.drained else 'NOT drained'} in "
+            f"{self.timeline.drain_wait_s:g} s; stopping the workers"
+        )
 
     def _wait_for_leases(self) -> None:
         """Until every claim's lease and every SIGKILL'd heartbeat has had time to expire."""
         with connect(self.db.url) as conn:
-            row = conn.execute("SELECT extract(epoch FROM max(lease_expires_at))::float8 AS until"
-                               " FROM workers.processed_jobs WHERE status = 'processing'").fetchone()
+            row = conn.execute(
+                "SELECT extract(epoch FROM max(lease_expires_at))::float8 AS until"
+                " FROM workers.processed_jobs WHERE status = 'processing'"
+            ).fetchone()
         until = [row["until"] if row and row["until"] else 0.0]
-        until += [(r.signalled_wall or 0.0) + DEAD_AFTER_S for r in self.supervisor.history
-                  if r.signal == "SIGKILL"]
+        until += [
+            (r.signalled_wall or 0.0) + DEAD_AFTER_S for r in self.supervisor.history if r.signal == "SIGKILL"
+        ]
         wait = min(max(until) + 0.2 - time.time(), VISIBILITY_S + DEAD_AFTER_S + 1)
         if wait > 0:
             time.sleep(wait)
@@ -752,9 +867,16 @@ class ChaosRun:
 # --- the report -----------------------------------------------------------------------------
 
 
-def build_report(opts: Options, db: Database, plan: Plan, timeline: Timeline, effects: Mapping[str, Any],
-                 processes: Mapping[str, Any], recovery: float | None,
-                 stalls: Mapping[str, Any]) -> dict[str, Any]:
+def build_report(
+    opts: Options,
+    db: Database,
+    plan: Plan,
+    timeline: Timeline,
+    effects: Mapping[str, Any],
+    processes: Mapping[str, Any],
+    recovery: float | None,
+    stalls: Mapping[str, Any],
+) -> dict[str, Any]:
     kills = Counter(k["signal"] for k in timeline.kills)
     violations = list(effects["violations"]) + list(stalls["violations"])
     if processes["problem_count"]:
@@ -771,31 +893,57 @@ def build_report(opts: Options, db: Database, plan: Plan, timeline: Timeline, ef
             violations.append("no job completed after the database restart")
         restart["recovery_s"] = recovery
     return {
-        "seed": opts.seed, "command": opts.replay_command(), "passed": not violations,
-        "violations": violations, "finished_at": datetime.now(UTC).isoformat(),
+        "seed": opts.seed,
+        "command": opts.replay_command(),
+        "passed": not violations,
+        "violations": violations,
+        "finished_at": datetime.now(UTC).isoformat(),
         "elapsed_s": timeline.elapsed_s,
-        "options": {"duration_s": opts.duration_s, "jobs": opts.jobs, "workers_per_kind": opts.per_kind,
-                    "kill_interval_s": opts.kill_interval_s, "db_restart": opts.db_restart},
+        "options": {
+            "duration_s": opts.duration_s,
+            "jobs": opts.jobs,
+            "workers_per_kind": opts.per_kind,
+            "kill_interval_s": opts.kill_interval_s,
+            "db_restart": opts.db_restart,
+        },
         "database": {"url": redact_url(db.url), "own_server": db.owned},
         "freezes": {"count": len(timeline.freezes), "log": timeline.freezes},
-        "killer_jobs": {"count": len(plan.killers),
-                        "worker_exits": processes["job_exits"]},
+        "killer_jobs": {"count": len(plan.killers), "worker_exits": processes["job_exits"]},
         "stalls": stalls,
-        "kills": {"total": len(timeline.kills), "SIGTERM": kills["SIGTERM"], "SIGKILL": kills["SIGKILL"],
-                  "skipped": timeline.skipped_kills,
-                  "inside_external_handler": sum(1 for k in timeline.kills if k["inside_external_handler"]),
-                  "by_worker": dict(Counter(f"{k['worker']} {k['signal']}" for k in timeline.kills)),
-                  "log": timeline.kills},
+        "kills": {
+            "total": len(timeline.kills),
+            "SIGTERM": kills["SIGTERM"],
+            "SIGKILL": kills["SIGKILL"],
+            "skipped": timeline.skipped_kills,
+            "inside_external_handler": sum(1 for k in timeline.kills if k["inside_external_handler"]),
+            "by_worker": dict(Counter(f"{k['worker']} {k['signal']}" for k in timeline.kills)),
+            "log": timeline.kills,
+        },
         "processes": processes,
-        "jobs": {**effects["jobs"], "messages_enqueued": plan.messages, "copies": plan.copies,
-                 "poison": len(plan.poison), "slow": len(plan.slow), "flaky": len(plan.flaky),
-                 "by_worker": {"collectability": len(plan.scores), "escalation": len(plan.escalations),
-                               "outbox_processor": len(plan.deliveries),
-                               CHAOS_WORKER: len(plan.chaos_jobs)}},
-        "effects": effects["effects"], "duplicates": effects["duplicates"], "lost": effects["lost"],
-        "dead_letters": effects["dead_letters"], "stuck_claims": effects["stuck_claims"],
-        "drain": {**processes["drain"], "queues_drained": timeline.drained,
-                  "wait_after_chaos_s": timeline.drain_wait_s},
+        "jobs": {
+            **effects["jobs"],
+            "messages_enqueued": plan.messages,
+            "copies": plan.copies,
+            "poison": len(plan.poison),
+            "slow": len(plan.slow),
+            "flaky": len(plan.flaky),
+            "by_worker": {
+                "collectability": len(plan.scores),
+                "escalation": len(plan.escalations),
+                "outbox_processor": len(plan.deliveries),
+                CHAOS_WORKER: len(plan.chaos_jobs),
+            },
+        },
+        "effects": effects["effects"],
+        "duplicates": effects["duplicates"],
+        "lost": effects["lost"],
+        "dead_letters": effects["dead_letters"],
+        "stuck_claims": effects["stuck_claims"],
+        "drain": {
+            **processes["drain"],
+            "queues_drained": timeline.drained,
+            "wait_after_chaos_s": timeline.drain_wait_s,
+        },
         "db_restart": restart or None,
     }
 
@@ -811,15 +959,26 @@ def run(opts: Options, log: Callable[[str], None] = print) -> dict[str, Any]:
         n_scores, n_escalations, n_notes = split_jobs(opts.jobs)
         with connect(db.url) as conn:
             seeded = seed_demo(conn, judgments=n_scores, cases=n_escalations, org_id=ORG_ID, seed=opts.seed)
-        plan = build_plan(seed=opts.seed, judgment_ids=seeded["judgment_ids"], case_ids=seeded["case_ids"],
-                          notes=n_notes, waves=max(2, min(100, int(opts.duration_s / 2))))
+        plan = build_plan(
+            seed=opts.seed,
+            judgment_ids=seeded["judgment_ids"],
+            case_ids=seeded["case_ids"],
+            notes=n_notes,
+            waves=max(2, min(100, int(opts.duration_s / 2))),
+        )
         slots = len(KINDS) * opts.per_kind
-        schedule = build_schedule(seed=opts.seed, duration_s=opts.duration_s,
-                                  kill_interval_s=opts.kill_interval_s, slots=slots,
-                                  db_restart=opts.db_restart and db.server is not None,
-                                  visibility_s=VISIBILITY_S)
-        log(f"{len(plan.expected_keys)} jobs ({plan.messages} messages) in {len(plan.waves)} waves; "
-            f"{len(schedule.kills)} kills scheduled")
+        schedule = build_schedule(
+            seed=opts.seed,
+            duration_s=opts.duration_s,
+            kill_interval_s=opts.kill_interval_s,
+            slots=slots,
+            db_restart=opts.db_restart and db.server is not None,
+            visibility_s=VISIBILITY_S,
+        )
+        log(
+            f"{len(plan.expected_keys)} jobs ({plan.messages} messages) in {len(plan.waves)} waves; "
+            f"{len(schedule.kills)} kills scheduled"
+        )
         with Receiver() as receiver:
             chaos = ChaosRun(opts, db, plan, schedule, receiver, log)
             timeline = chaos.execute()
@@ -831,9 +990,13 @@ def run(opts: Options, log: Callable[[str], None] = print) -> dict[str, Any]:
             effects = check_effects(conn, plan, calls)
             processes = check_processes(records, load_heartbeats(conn), time.time())
             recovery = recovery_s(conn, restart.get("started_wall"))
-            stalls = check_stalls(conn, plan, retries, outage=(restart.get("stopped_wall"),
-                                                               restart.get("started_wall")),
-                                  limit_s=VISIBILITY_S + STALL_ALLOWANCE_S)
+            stalls = check_stalls(
+                conn,
+                plan,
+                retries,
+                outage=(restart.get("stopped_wall"), restart.get("started_wall")),
+                limit_s=VISIBILITY_S + STALL_ALLOWANCE_S,
+            )
         return build_report(opts, db, plan, timeline, effects, processes, recovery, stalls)
     finally:
         db.close()
@@ -857,4 +1020,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-

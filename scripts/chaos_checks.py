@@ -131,18 +131,21 @@ class _Tally:
         self.keys[key].append(why)
 
     def summary(self) -> dict[str, Any]:
-        return {"count": len(self.keys),
-                "examples": [{"key": k, "why": w} for k, w in sorted(self.keys.items())[:EXAMPLES]]}
+        return {
+            "count": len(self.keys),
+            "examples": [{"key": k, "why": w} for k, w in sorted(self.keys.items())[:EXAMPLES]],
+        }
 
 
 def _effects(conn: Conn) -> dict[tuple[str, str], tuple[int, float]]:
-    rows = conn.execute("SELECT kind, job_key, count(*) AS n, extract(epoch FROM min(at))::float8 AS first"
-                        " FROM chaos.effects WHERE job_key IS NOT NULL GROUP BY kind, job_key").fetchall()
+    rows = conn.execute(
+        "SELECT kind, job_key, count(*) AS n, extract(epoch FROM min(at))::float8 AS first"
+        " FROM chaos.effects WHERE job_key IS NOT NULL GROUP BY kind, job_key"
+    ).fetchall()
     return {(r["kind"], r["job_key"]): (int(r["n"]), float(r["first"])) for r in rows}
 
 
-def _once(effects: Effects, kind: str, key: str, what: str,
-          dup: _Tally, lost: _Tally) -> None:
+def _once(effects: Effects, kind: str, key: str, what: str, dup: _Tally, lost: _Tally) -> None:
     n = effects.get((kind, key), (0, 0.0))[0]
     if n == 0:
         lost.add(key, f"no {what}")
@@ -152,8 +155,12 @@ def _once(effects: Effects, kind: str, key: str, what: str,
 
 def _check_chaos_worker(conn: Conn, plan: Plan, dup: _Tally, lost: _Tally) -> Counter[str]:
     """Each chaos worker job's effect once; no killer job's effect ever committed."""
-    runs = Counter({r["job_key"]: int(r["n"]) for r in conn.execute(
-        "SELECT job_key, count(*) AS n FROM chaos.worker_effects GROUP BY job_key")})
+    runs = Counter(
+        {
+            r["job_key"]: int(r["n"])
+            for r in conn.execute("SELECT job_key, count(*) AS n FROM chaos.worker_effects GROUP BY job_key")
+        }
+    )
     for key in plan.chaos_jobs:
         if runs[key] == 0:
             lost.add(key, "no chaos worker effect")
@@ -177,8 +184,9 @@ def _check_domain(conn: Conn, plan: Plan, effects: Effects, dup: _Tally, lost: _
             lost.add(key, f"judgment {judgment} scored under key {rows[0]!r}")
         _once(effects, "score", key, "score written", dup, lost)
     events: dict[int, list[str | None]] = defaultdict(list)
-    for row in conn.execute("SELECT case_id, job_key FROM dragonfly.enforcement_events"
-                            " WHERE event_type = 'recommendation'"):
+    for row in conn.execute(
+        "SELECT case_id, job_key FROM dragonfly.enforcement_events WHERE event_type = 'recommendation'"
+    ):
         events[row["case_id"]].append(row["job_key"])
     for key, case in plan.escalations.items():
         rows = events.get(case, [])
@@ -189,15 +197,19 @@ def _check_domain(conn: Conn, plan: Plan, effects: Effects, dup: _Tally, lost: _
         _once(effects, "recommendation", key, "recommendation event", dup, lost)
         _once(effects, "outbox_message", notify_key(key), "outbox message for the recommendation", dup, lost)
     chaos_runs = _check_chaos_worker(conn, plan, dup, lost)
-    return {"chaos_worker_effects": sum(chaos_runs[k] for k in plan.chaos_jobs),
-            "score_rows": sum(len(v) for v in scores.values()),
-            "recommendations": sum(len(v) for v in events.values()),
-            "notifications_enqueued": sum(n for (kind, k), (n, _) in effects.items()
-                                          if kind == "outbox_message" and k.endswith(":notify"))}
+    return {
+        "chaos_worker_effects": sum(chaos_runs[k] for k in plan.chaos_jobs),
+        "score_rows": sum(len(v) for v in scores.values()),
+        "recommendations": sum(len(v) for v in events.values()),
+        "notifications_enqueued": sum(
+            n for (kind, k), (n, _) in effects.items() if kind == "outbox_message" and k.endswith(":notify")
+        ),
+    }
 
 
-def _check_receiver(plan: Plan, calls: Sequence[Call], effects: Effects,
-                    dup: _Tally, lost: _Tally) -> dict[str, Any]:
+def _check_receiver(
+    plan: Plan, calls: Sequence[Call], effects: Effects, dup: _Tally, lost: _Tally
+) -> dict[str, Any]:
     accepted = Counter(c.key for c in calls if c.accepted and c.key)
     for key in plan.deliveries:
         if not accepted[key]:
@@ -207,11 +219,14 @@ def _check_receiver(plan: Plan, calls: Sequence[Call], effects: Effects,
         if call.accepted and done and call.at > done[1] + LATE_TOLERANCE_S:
             dup.add(call.key or "", f"delivered again {call.at - done[1]:.2f} s after it was completed")
     called = Counter(c.key for c in calls)
-    return {"receiver_calls": len(calls), "receiver_accepted_keys": len(set(accepted) & plan.deliveries),
-            "receiver_redelivered_keys": sum(1 for n in called.values() if n > 1),
-            "receiver_refused_calls": sum(1 for c in calls if not c.accepted),
-            "receiver_callers_gone": sum(1 for c in calls if c.caller_gone),
-            "receiver_unexpected_keys": sorted(k for k in accepted if k not in plan.deliveries)[:EXAMPLES]}
+    return {
+        "receiver_calls": len(calls),
+        "receiver_accepted_keys": len(set(accepted) & plan.deliveries),
+        "receiver_redelivered_keys": sum(1 for n in called.values() if n > 1),
+        "receiver_refused_calls": sum(1 for c in calls if not c.accepted),
+        "receiver_callers_gone": sum(1 for c in calls if c.caller_gone),
+        "receiver_unexpected_keys": sorted(k for k in accepted if k not in plan.deliveries)[:EXAMPLES],
+    }
 
 
 def check_dead_letters(conn: Conn, plan: Plan) -> dict[str, Any]:
@@ -219,29 +234,60 @@ def check_dead_letters(conn: Conn, plan: Plan) -> dict[str, Any]:
     remaining = list(plan.poison)
     unexpected: list[dict[str, Any]] = []
     # Bodies compared as PostgreSQL writes them: some are beyond Python's JSON decoder.
-    rows = conn.execute("SELECT queue_name, job_key, message::text AS message, error, error_type"
-                        " FROM workers.dead_letters ORDER BY id").fetchall()
-    written = {id(p): conn.execute("SELECT %s::jsonb::text AS t", (p.text,)).fetchone()["t"]
-               for p in plan.poison if p.key is None}
+    rows = conn.execute(
+        "SELECT queue_name, job_key, message::text AS message, error, error_type"
+        " FROM workers.dead_letters ORDER BY id"
+    ).fetchall()
+    written = {
+        id(p): conn.execute("SELECT %s::jsonb::text AS t", (p.text,)).fetchone()["t"]
+        for p in plan.poison
+        if p.key is None
+    }
     for row in rows:
-        match = next((p for p in remaining if p.queue == row["queue_name"] and (
-            p.key == row["job_key"] if p.key else row["job_key"] is None
-            and row["message"] == written[id(p)])), None)
+        match = next(
+            (
+                p
+                for p in remaining
+                if p.queue == row["queue_name"]
+                and (
+                    p.key == row["job_key"]
+                    if p.key
+                    else row["job_key"] is None and row["message"] == written[id(p)]
+                )
+            ),
+            None,
+        )
         if match is None:
-            unexpected.append({"queue": row["queue_name"], "key": row["job_key"],
-                               "error": row["error"][:300]})
+            unexpected.append(
+                {"queue": row["queue_name"], "key": row["job_key"], "error": row["error"][:300]}
+            )
         elif match.key in plan.killers and row["error_type"] != "AttemptsExhausted":
-            unexpected.append({"queue": row["queue_name"], "key": row["job_key"],
-                               "error": f"a killer job dead-lettered as {row['error_type']}"})
+            unexpected.append(
+                {
+                    "queue": row["queue_name"],
+                    "key": row["job_key"],
+                    "error": f"a killer job dead-lettered as {row['error_type']}",
+                }
+            )
         else:
             remaining.remove(match)
-    ledger = {r["job_key"]: r["status"] for r in conn.execute(
-        "SELECT job_key, status FROM workers.processed_jobs WHERE job_key = ANY(%s)",
-        ([p.key for p in plan.poison if p.key],))}
+    ledger = {
+        r["job_key"]: r["status"]
+        for r in conn.execute(
+            "SELECT job_key, status FROM workers.processed_jobs WHERE job_key = ANY(%s)",
+            ([p.key for p in plan.poison if p.key],),
+        )
+    }
     not_dead = sorted(str(p.key) for p in plan.poison if p.key and ledger.get(p.key) != "dead")
-    return {"total": len(rows), "poison": len(plan.poison), "matched": len(plan.poison) - len(remaining),
-            "missing": [{"queue": p.queue, "key": p.key} for p in remaining], "ledger_not_dead": not_dead,
-            "unexpected": unexpected[:EXAMPLES], "unexpected_count": len(unexpected)}
+    return {
+        "total": len(rows),
+        "poison": len(plan.poison),
+        "matched": len(plan.poison) - len(remaining),
+        "missing": [{"queue": p.queue, "key": p.key} for p in remaining],
+        "ledger_not_dead": not_dead,
+        "unexpected": unexpected[:EXAMPLES],
+        "unexpected_count": len(unexpected),
+    }
 
 
 def check_effects(conn: Conn, plan: Plan, calls: Sequence[Call]) -> dict[str, Any]:
@@ -252,8 +298,9 @@ def check_effects(conn: Conn, plan: Plan, calls: Sequence[Call]) -> dict[str, An
     """
     effects = _effects(conn)
     dup, lost = _Tally(), _Tally()
-    ledger = {r["job_key"]: r["status"]
-              for r in conn.execute("SELECT job_key, status FROM workers.processed_jobs")}
+    ledger = {
+        r["job_key"]: r["status"] for r in conn.execute("SELECT job_key, status FROM workers.processed_jobs")
+    }
     for key in plan.expected_keys:
         if ledger.get(key) != "completed":
             lost.add(key, f"ledger status {ledger.get(key) or 'missing'}")
@@ -262,38 +309,58 @@ def check_effects(conn: Conn, plan: Plan, calls: Sequence[Call]) -> dict[str, An
     counts = _check_domain(conn, plan, effects, dup, lost)
     counts.update(_check_receiver(plan, calls, effects, dup, lost))
     letters = check_dead_letters(conn, plan)
-    stuck = [r["job_key"] for r in conn.execute(
-        "SELECT job_key FROM workers.processed_jobs WHERE status = 'processing'"
-        " AND lease_expires_at < clock_timestamp() ORDER BY job_key")]
+    stuck = [
+        r["job_key"]
+        for r in conn.execute(
+            "SELECT job_key FROM workers.processed_jobs WHERE status = 'processing'"
+            " AND lease_expires_at < clock_timestamp() ORDER BY job_key"
+        )
+    ]
     violations = []
     if dup.keys:
         violations.append(f"{len(dup.keys)} key(s) with an effect more than once")
     if lost.keys:
         violations.append(f"{len(lost.keys)} job(s) lost")
     if letters["unexpected_count"] or letters["missing"] or letters["ledger_not_dead"]:
-        violations.append(f"dead letters: {letters['matched']} of {letters['poison']} poison messages, "
-                          f"{letters['unexpected_count']} unexpected")
+        violations.append(
+            f"dead letters: {letters['matched']} of {letters['poison']} poison messages, "
+            f"{letters['unexpected_count']} unexpected"
+        )
     if counts["receiver_unexpected_keys"]:
         violations.append("the receiver accepted keys no job has")
     if stuck:
         violations.append(f"{len(stuck)} claim(s) stuck in processing after their lease expired")
-    return {"jobs": {"expected": len(plan.expected_keys),
-                     "completed": sum(1 for k in plan.expected_keys if ledger.get(k) == "completed")},
-            "effects": counts, "duplicates": dup.summary(), "lost": lost.summary(),
-            "dead_letters": letters, "stuck_claims": {"count": len(stuck), "examples": stuck[:EXAMPLES]},
-            "violations": violations}
+    return {
+        "jobs": {
+            "expected": len(plan.expected_keys),
+            "completed": sum(1 for k in plan.expected_keys if ledger.get(k) == "completed"),
+        },
+        "effects": counts,
+        "duplicates": dup.summary(),
+        "lost": lost.summary(),
+        "dead_letters": letters,
+        "stuck_claims": {"count": len(stuck), "examples": stuck[:EXAMPLES]},
+        "violations": violations,
+    }
 
 
-def check_stalls(conn: Conn, plan: Plan, retries: Sequence[Mapping[str, Any]],
-                 outage: tuple[float | None, float | None], limit_s: float) -> dict[str, Any]:
+def check_stalls(
+    conn: Conn,
+    plan: Plan,
+    retries: Sequence[Mapping[str, Any]],
+    outage: tuple[float | None, float | None],
+    limit_s: float,
+) -> dict[str, Any]:
     """How long each job waited beyond its enqueue: from its enqueue (its wave's commit; for
     a recommendation's notification, the recommendation's commit) to its completion, less
     the retry delays its failed attempts were given (``JOB_FAILED`` lines) and the time
     PostgreSQL was down. Queues are far faster than the producer, so this is the time a job
     was held up: a killed, frozen or cut-off worker's lease, a killer job's batch."""
     enqueued: dict[str, float] = {}
-    waves = {r["wave"]: r["at"] for r in conn.execute(
-        "SELECT wave, extract(epoch FROM at)::float8 AS at FROM chaos.waves")}
+    waves = {
+        r["wave"]: r["at"]
+        for r in conn.execute("SELECT wave, extract(epoch FROM at)::float8 AS at FROM chaos.waves")
+    }
     for index, wave in enumerate(plan.waves):
         for item in wave:
             if item.key and item.key not in enqueued and index in waves:
@@ -316,17 +383,23 @@ def check_stalls(conn: Conn, plan: Plan, retries: Sequence[Mapping[str, Any]],
         stalls[key] = max(0.0, end - start - delayed[key] - overlap)
     worst = max(stalls, key=lambda k: stalls[k], default=None)
     over = sorted((k for k, v in stalls.items() if v > limit_s), key=lambda k: -stalls[k])
-    return {"jobs": len(stalls), "longest_s": round(stalls[worst], 3) if worst else None,
-            "longest_key": worst, "limit_s": limit_s, "over_limit": len(over),
-            "examples": [{"key": k, "stall_s": round(stalls[k], 3)} for k in over[:EXAMPLES]],
-            "p99_s": round(sorted(stalls.values())[int(0.99 * (len(stalls) - 1))], 3) if stalls else None,
-            "violations": [f"{len(over)} job(s) stalled longer than {limit_s:g} s"] if over else []}
+    return {
+        "jobs": len(stalls),
+        "longest_s": round(stalls[worst], 3) if worst else None,
+        "longest_key": worst,
+        "limit_s": limit_s,
+        "over_limit": len(over),
+        "examples": [{"key": k, "stall_s": round(stalls[k], 3)} for k in over[:EXAMPLES]],
+        "p99_s": round(sorted(stalls.values())[int(0.99 * (len(stalls) - 1))], 3) if stalls else None,
+        "violations": [f"{len(over)} job(s) stalled longer than {limit_s:g} s"] if over else [],
+    }
 
 
 def load_heartbeats(conn: Conn) -> list[dict[str, Any]]:
     return conn.execute(
         "SELECT worker_id, pid, status, extract(epoch FROM started_at)::float8 AS started,"
-        " extract(epoch FROM last_heartbeat_at)::float8 AS beat FROM workers.heartbeats").fetchall()
+        " extract(epoch FROM last_heartbeat_at)::float8 AS beat FROM workers.heartbeats"
+    ).fetchall()
 
 
 def _heartbeat_of(record: ProcessRecord, heartbeats: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
@@ -334,12 +407,19 @@ def _heartbeat_of(record: ProcessRecord, heartbeats: Sequence[Mapping[str, Any]]
         if record.worker_id and row["worker_id"] == record.worker_id:
             return row
     # Killed before its boot line: the row, if any, is the one of its pid started after its spawn.
-    return next((row for row in heartbeats if row["pid"] == record.pid
-                 and row["started"] >= record.spawned_wall - 1.0), None)
+    return next(
+        (
+            row
+            for row in heartbeats
+            if row["pid"] == record.pid and row["started"] >= record.spawned_wall - 1.0
+        ),
+        None,
+    )
 
 
-def _process_problems(record: ProcessRecord, heartbeats: Sequence[Mapping[str, Any]],
-                      now: float) -> list[str]:
+def _process_problems(
+    record: ProcessRecord, heartbeats: Sequence[Mapping[str, Any]], now: float
+) -> list[str]:
     problems: list[str] = []
     if record.job_exit:
         pass  # one of its jobs ended it (exit 137), whatever it was sent: a drain runs them too
@@ -363,42 +443,67 @@ def _process_problems(record: ProcessRecord, heartbeats: Sequence[Mapping[str, A
         # No row at all (killed before its first write reached the database, during the
         # outage say) claims nothing: there is nothing to mistake for a live worker.
     else:
-        problems.append(f"exited {record.exit_code} without being signalled"
-                        + (f": {record.crash}" if record.crash else ""))
+        problems.append(
+            f"exited {record.exit_code} without being signalled"
+            + (f": {record.crash}" if record.crash else "")
+        )
     problems += [f"bad output line: {line}" for line in record.bad_lines]
     return problems
 
 
-def check_processes(records: Sequence[ProcessRecord], heartbeats: Sequence[Mapping[str, Any]],
-                    now: float) -> dict[str, Any]:
+def check_processes(
+    records: Sequence[ProcessRecord], heartbeats: Sequence[Mapping[str, Any]], now: float
+) -> dict[str, Any]:
     """Exit codes, shutdown lines and heartbeats of every replica, against what it was sent."""
     found = {id(r): _process_problems(r, heartbeats, now) for r in records}
-    problems = [{"process": r.name, "worker_id": r.worker_id, "problem": p, "last_lines": list(r.tail)}
-                for r in records for p in found[id(r)]]
+    problems = [
+        {"process": r.name, "worker_id": r.worker_id, "problem": p, "last_lines": list(r.tail)}
+        for r in records
+        for p in found[id(r)]
+    ]
     exits: dict[str, Counter[str]] = defaultdict(Counter)
     for r in records:
-        cause = ("killer job" if r.job_exit else "final SIGTERM" if r.final
-                 else f"after {r.signal}" if r.signal else "unsignalled")
+        cause = (
+            "killer job"
+            if r.job_exit
+            else "final SIGTERM"
+            if r.final
+            else f"after {r.signal}"
+            if r.signal
+            else "unsignalled"
+        )
         exits[cause][str(r.exit_code)] += 1
     drains = [r.drain_s for r in records if r.signal == "SIGTERM" and r.drain_s is not None]
     killed = [r for r in records if r.signal == "SIGKILL"]
     dead = sum(1 for r in killed if not any("heartbeat" in p for p in found[id(r)]))
     rowless = sum(1 for r in killed if _heartbeat_of(r, heartbeats) is None)
-    return {"started": len(records), "exit_codes": {k: dict(v) for k, v in exits.items()},
-            "job_exits": sum(1 for r in records if r.job_exit),
-            "sigkilled": len(killed), "recognised_dead": dead, "sigkilled_without_heartbeat_row": rowless,
-            "outage_logs": sum(r.outages for r in records),
-            "drain": {"count": len(drains), "worst_s": max(drains, default=None),
-                      "median_s": statistics.median(drains) if drains else None},
-            "problems": problems[:EXAMPLES], "problem_count": len(problems)}
+    return {
+        "started": len(records),
+        "exit_codes": {k: dict(v) for k, v in exits.items()},
+        "job_exits": sum(1 for r in records if r.job_exit),
+        "sigkilled": len(killed),
+        "recognised_dead": dead,
+        "sigkilled_without_heartbeat_row": rowless,
+        "outage_logs": sum(r.outages for r in records),
+        "drain": {
+            "count": len(drains),
+            "worst_s": max(drains, default=None),
+            "median_s": statistics.median(drains) if drains else None,
+        },
+        "problems": problems[:EXAMPLES],
+        "problem_count": len(problems),
+    }
 
 
 def recovery_s(conn: Conn, started_wall: float | None) -> float | None:
     """Seconds from PostgreSQL's start to the first job completed after it."""
     if started_wall is None:
         return None
-    row = conn.execute("SELECT extract(epoch FROM min(at))::float8 AS first FROM chaos.effects"
-                       " WHERE kind = 'completed' AND at > to_timestamp(%s)", (started_wall,)).fetchone()
+    row = conn.execute(
+        "SELECT extract(epoch FROM min(at))::float8 AS first FROM chaos.effects"
+        " WHERE kind = 'completed' AND at > to_timestamp(%s)",
+        (started_wall,),
+    ).fetchone()
     return round(row["first"] - started_wall, 3) if row and row["first"] else None
 
 
@@ -414,50 +519,88 @@ def render(report: Mapping[str, Any]) -> str:
     k, p, j, e = report["kills"], report["processes"], report["jobs"], report["effects"]
     stall = report["stalls"]
     letters, drain, restart = report["dead_letters"], report["drain"], report["db_restart"]
-    exits = "; ".join(f"{cause}: " + ", ".join(f"{code} x{n}" for code, n in sorted(codes.items()))
-                      for cause, codes in sorted(p["exit_codes"].items()))
+    exits = "; ".join(
+        f"{cause}: " + ", ".join(f"{code} x{n}" for code, n in sorted(codes.items()))
+        for cause, codes in sorted(p["exit_codes"].items())
+    )
     rows: list[tuple[str, str, str]] = [
         ("seed", str(report["seed"]), ""),
-        ("kills", f"{k['total']} (SIGTERM {k['SIGTERM']}, SIGKILL {k['SIGKILL']}, not fired {k['skipped']};"
-                  f" {k['inside_external_handler']} inside an outbox handler)",
-         _mark(k["SIGTERM"] > 0 and k["SIGKILL"] > 0)),
+        (
+            "kills",
+            f"{k['total']} (SIGTERM {k['SIGTERM']}, SIGKILL {k['SIGKILL']}, not fired {k['skipped']};"
+            f" {k['inside_external_handler']} inside an outbox handler)",
+            _mark(k["SIGTERM"] > 0 and k["SIGKILL"] > 0),
+        ),
         ("freezes", f"{report['freezes']['count']} (SIGSTOP longer than the visibility timeout)", ""),
-        ("killer jobs", f"{report['killer_jobs']['count']} jobs that end their worker:"
-                        f" {report['killer_jobs']['worker_exits']} worker exits", ""),
-        ("longest stall", f"{_seconds(stall['longest_s'])} ({stall['longest_key']};"
-                          f" p99 {_seconds(stall['p99_s'])}, limit {stall['limit_s']:g} s)",
-         _mark(not stall["over_limit"])),
-        ("processes", f"{p['started']} started, {p['problem_count']} problem(s)",
-         _mark(not p["problem_count"])),
+        (
+            "killer jobs",
+            f"{report['killer_jobs']['count']} jobs that end their worker:"
+            f" {report['killer_jobs']['worker_exits']} worker exits",
+            "",
+        ),
+        (
+            "longest stall",
+            f"{_seconds(stall['longest_s'])} ({stall['longest_key']};"
+            f" p99 {_seconds(stall['p99_s'])}, limit {stall['limit_s']:g} s)",
+            _mark(not stall["over_limit"]),
+        ),
+        (
+            "processes",
+            f"{p['started']} started, {p['problem_count']} problem(s)",
+            _mark(not p["problem_count"]),
+        ),
         ("exit codes", exits, ""),
-        ("SIGKILL'd heartbeats dead", f"{p['recognised_dead']} of {p['sigkilled']}"
-                                      f" ({p['sigkilled_without_heartbeat_row']} never wrote one)",
-         _mark(p["recognised_dead"] == p["sigkilled"])),
-        ("jobs", f"{j['completed']} of {j['expected']} completed ({j['messages_enqueued']} messages, "
-                 f"{j['copies']} copies, {j['slow']} slow, {j['flaky']} refused once)",
-         _mark(j["completed"] == j["expected"])),
-        ("effects", f"{e['score_rows']} scores, {e['recommendations']} recommendations, "
-                    f"{e['notifications_enqueued']} notifications enqueued", ""),
-        ("receiver", f"{e['receiver_accepted_keys']} keys accepted in {e['receiver_calls']} calls"
-                     f" ({e['receiver_redelivered_keys']} keys called again,"
-                     f" {e['receiver_refused_calls']} refused, {e['receiver_callers_gone']} callers killed"
-                     " while waiting)",
-         _mark(not e["receiver_unexpected_keys"])),
+        (
+            "SIGKILL'd heartbeats dead",
+            f"{p['recognised_dead']} of {p['sigkilled']}"
+            f" ({p['sigkilled_without_heartbeat_row']} never wrote one)",
+            _mark(p["recognised_dead"] == p["sigkilled"]),
+        ),
+        (
+            "jobs",
+            f"{j['completed']} of {j['expected']} completed ({j['messages_enqueued']} messages, "
+            f"{j['copies']} copies, {j['slow']} slow, {j['flaky']} refused once)",
+            _mark(j["completed"] == j["expected"]),
+        ),
+        (
+            "effects",
+            f"{e['score_rows']} scores, {e['recommendations']} recommendations, "
+            f"{e['notifications_enqueued']} notifications enqueued",
+            "",
+        ),
+        (
+            "receiver",
+            f"{e['receiver_accepted_keys']} keys accepted in {e['receiver_calls']} calls"
+            f" ({e['receiver_redelivered_keys']} keys called again,"
+            f" {e['receiver_refused_calls']} refused, {e['receiver_callers_gone']} callers killed"
+            " while waiting)",
+            _mark(not e["receiver_unexpected_keys"]),
+        ),
         ("duplicates", str(report["duplicates"]["count"]), _mark(not report["duplicates"]["count"])),
         ("lost", str(report["lost"]["count"]), _mark(not report["lost"]["count"])),
-        ("dead letters", f"{letters['total']} ({letters['matched']} of {letters['poison']} poison, "
-                         f"{letters['unexpected_count']} unexpected)",
-         _mark(letters["matched"] == letters["poison"] == letters["total"])),
+        (
+            "dead letters",
+            f"{letters['total']} ({letters['matched']} of {letters['poison']} poison, "
+            f"{letters['unexpected_count']} unexpected)",
+            _mark(letters["matched"] == letters["poison"] == letters["total"]),
+        ),
         ("stuck claims", str(report["stuck_claims"]["count"]), _mark(not report["stuck_claims"]["count"])),
-        ("worst drain (SIGTERM to exit)",
-         f"{_seconds(drain['worst_s'])} (median {_seconds(drain['median_s'])}, {drain['count']} drains)", ""),
+        (
+            "worst drain (SIGTERM to exit)",
+            f"{_seconds(drain['worst_s'])} (median {_seconds(drain['median_s'])}, {drain['count']} drains)",
+            "",
+        ),
         ("queues drained after chaos", f"{drain['wait_after_chaos_s']:g} s", _mark(drain["queues_drained"])),
     ]
     if restart:
-        rows.append(("database restart",
-                     f"{restart['mode']} at {restart['at_s']:g} s, down {restart['down_s']:g} s; first job"
-                     f" completed {_seconds(restart.get('recovery_s'))} after the start",
-                     _mark(restart.get("recovery_s") is not None and not restart.get("error"))))
+        rows.append(
+            (
+                "database restart",
+                f"{restart['mode']} at {restart['at_s']:g} s, down {restart['down_s']:g} s; first job"
+                f" completed {_seconds(restart.get('recovery_s'))} after the start",
+                _mark(restart.get("recovery_s") is not None and not restart.get("error")),
+            )
+        )
     rows.append(("result", "PASS" if report["passed"] else "FAIL: " + "; ".join(report["violations"]), ""))
     width = max(len(r[0]) for r in rows)
     lines = [f"  {label:<{width}}  {mark:<4}  {value}" for label, value, mark in rows]

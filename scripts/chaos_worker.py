@@ -31,8 +31,10 @@ class ChaosWorker(TransactionalWorker):
     name: ClassVar[str] = "chaos_worker"
 
     def handle(self, conn: psycopg.Connection[Any], job: Job) -> None:
-        conn.execute("INSERT INTO chaos.worker_effects (job_key, attempt) VALUES (%s, %s)",
-                     (job.idempotency_key, job.attempt))
+        conn.execute(
+            "INSERT INTO chaos.worker_effects (job_key, attempt) VALUES (%s, %s)",
+            (job.idempotency_key, job.attempt),
+        )
         if job.payload.get("exit_code") is not None:
             log_event(EXIT_EVENT, {"job_key": job.idempotency_key, "attempt": job.attempt})
             logging.shutdown()

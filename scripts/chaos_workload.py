@@ -100,8 +100,9 @@ def split_jobs(jobs: int) -> tuple[int, int, int]:
     return scores, escalations, jobs - scores - escalations
 
 
-def build_plan(*, seed: int, judgment_ids: Sequence[int], case_ids: Sequence[int], notes: int,
-               waves: int) -> Plan:
+def build_plan(
+    *, seed: int, judgment_ids: Sequence[int], case_ids: Sequence[int], notes: int, waves: int
+) -> Plan:
     """The workload for the seeded ids; the same seed and ids give the same plan."""
     rng = random.Random(f"{seed}:workload")
     note_keys = [f"note:{i}" for i in range(1, notes + 1)]
@@ -109,14 +110,23 @@ def build_plan(*, seed: int, judgment_ids: Sequence[int], case_ids: Sequence[int
     webhook_keys = set(webhook)
     # A dozen at least, so that even a short run has kills inside a slow delivery.
     hinted = rng.sample(webhook, min(len(webhook), max(12, round(notes * (SLOW_SHARE + FLAKY_SHARE)))))
-    slow, flaky = hinted[: len(hinted) // 2], hinted[len(hinted) // 2:]
+    slow, flaky = hinted[: len(hinted) // 2], hinted[len(hinted) // 2 :]
     hints: dict[str, dict[str, Any]] = {k: {"delay_s": round(rng.uniform(0.5, 2.5), 2)} for k in slow}
     hints.update({k: {"fail_first": 1} for k in flaky})
     items = [_job("q_collectability", "judgment", j, f"score:{j}") for j in judgment_ids]
-    items += [_job("q_escalation", "enforcement_case", c, f"escalate:{c}",
-                   payload={"notify_channel": "slack"} if rng.random() < 0.2 else {}) for c in case_ids]
-    items += [_note(k, channel="webhook" if k in webhook_keys else "slack", chaos=hints.get(k))
-              for k in note_keys]
+    items += [
+        _job(
+            "q_escalation",
+            "enforcement_case",
+            c,
+            f"escalate:{c}",
+            payload={"notify_channel": "slack"} if rng.random() < 0.2 else {},
+        )
+        for c in case_ids
+    ]
+    items += [
+        _note(k, channel="webhook" if k in webhook_keys else "slack", chaos=hints.get(k)) for k in note_keys
+    ]
     chaos_keys = [f"chaos:{i}" for i in range(1, max(20, round(len(items) * CHAOS_JOBS_SHARE)) + 1)]
     items += [_job(CHAOS_QUEUE, "chaos", i, key) for i, key in enumerate(chaos_keys)]
     rng.shuffle(items)
@@ -129,23 +139,34 @@ def build_plan(*, seed: int, judgment_ids: Sequence[int], case_ids: Sequence[int
     for item in poison:
         slices[rng.randrange(waves)].append(item)
     # Killers arrive in the middle waves, among the chaos worker's other jobs.
-    killers = tuple(_job(CHAOS_QUEUE, "chaos", 0, f"chaos:killer:{i}", payload={"exit_code": 137})
-                    for i in range(1, KILLERS + 1))
+    killers = tuple(
+        _job(CHAOS_QUEUE, "chaos", 0, f"chaos:killer:{i}", payload={"exit_code": 137})
+        for i in range(1, KILLERS + 1)
+    )
     for item in killers:
         slices[rng.randrange(waves // 4, max(waves // 4 + 1, 3 * waves // 4))].append(item)
     for wave in slices:
         rng.shuffle(wave)
-    return Plan(scores={f"score:{j}": j for j in judgment_ids},
-                escalations={f"escalate:{c}": c for c in case_ids}, notes=tuple(note_keys),
-                poison=poison + killers, waves=tuple(tuple(w) for w in slices), copies=len(copies),
-                slow=tuple(slow), flaky=tuple(flaky), chaos_jobs=tuple(chaos_keys),
-                killers=tuple(str(k.key) for k in killers))
+    return Plan(
+        scores={f"score:{j}": j for j in judgment_ids},
+        escalations={f"escalate:{c}": c for c in case_ids},
+        notes=tuple(note_keys),
+        poison=poison + killers,
+        waves=tuple(tuple(w) for w in slices),
+        copies=len(copies),
+        slow=tuple(slow),
+        flaky=tuple(flaky),
+        chaos_jobs=tuple(chaos_keys),
+        killers=tuple(str(k.key) for k in killers),
+    )
 
 
-def _job(queue: str, entity_type: str, entity_id: int, key: str, *,
-         payload: Mapping[str, Any] | None = None) -> Item:
-    body = build_envelope(entity_type=entity_type, entity_id=str(entity_id), org_id=ORG_ID,
-                          idempotency_key=key, payload=payload)
+def _job(
+    queue: str, entity_type: str, entity_id: int, key: str, *, payload: Mapping[str, Any] | None = None
+) -> Item:
+    body = build_envelope(
+        entity_type=entity_type, entity_id=str(entity_id), org_id=ORG_ID, idempotency_key=key, payload=payload
+    )
     return Item(queue=queue, body=body, key=key)
 
 
@@ -153,8 +174,9 @@ def _note(key: str, *, channel: str, chaos: Mapping[str, Any] | None = None) -> 
     payload: dict[str, Any] = {"channel": channel, "subject": f"Chaos {key}", "body": f"Body of {key}."}
     if chaos:
         payload["data"] = {"chaos": dict(chaos)}  # read by the receiver: delay or refuse
-    body = build_envelope(entity_type="notification", entity_id=key, org_id=ORG_ID,
-                          idempotency_key=key, payload=payload)
+    body = build_envelope(
+        entity_type="notification", entity_id=key, org_id=ORG_ID, idempotency_key=key, payload=payload
+    )
     return Item(queue="q_outbox_processor", body=body, key=key)
 
 
@@ -164,14 +186,23 @@ def _poison(missing_judgment: int, missing_case: int) -> tuple[Item, ...]:
     head = '{"idempotency_key": "poison:%s", "entity_type": "judgment", "entity_id": "1", "org_id": "o",'
     return (
         Item(queue="q_collectability", body=None, key=None, raw="[" * 5000 + "]" * 5000),
-        Item(queue="q_escalation", body=None, key=None,
-             raw=head % "huge-number" + ' "payload": {"n": ' + "7" * 5000 + "}}"),
-        Item(queue="q_outbox_processor", body=None, key=None,
-             raw=head % "oversized" + ' "payload": {"blob": "' + "x" * 300_000 + '"}}'),
+        Item(
+            queue="q_escalation",
+            body=None,
+            key=None,
+            raw=head % "huge-number" + ' "payload": {"n": ' + "7" * 5000 + "}}",
+        ),
+        Item(
+            queue="q_outbox_processor",
+            body=None,
+            key=None,
+            raw=head % "oversized" + ' "payload": {"blob": "' + "x" * 300_000 + '"}}',
+        ),
         Item(queue="q_collectability", body="not a job envelope", key=None),
         Item(queue="q_escalation", body={"hello": "world"}, key=None),
-        Item(queue="q_outbox_processor", body={"idempotency_key": 42, "entity_type": "notification"},
-             key=None),
+        Item(
+            queue="q_outbox_processor", body={"idempotency_key": 42, "entity_type": "notification"}, key=None
+        ),
         _job("q_collectability", "judgment", missing_judgment, "poison:missing-judgment"),
         _job("q_escalation", "enforcement_case", missing_case, "poison:missing-case"),
         _note("poison:discord", channel="discord"),  # no Discord webhook configured
@@ -208,31 +239,60 @@ class Schedule:
     db_restart: DbRestart | None
 
 
-def build_schedule(*, seed: int, duration_s: float, kill_interval_s: float, slots: int,
-                   db_restart: bool, visibility_s: float = 5.0) -> Schedule:
+def build_schedule(
+    *,
+    seed: int,
+    duration_s: float,
+    kill_interval_s: float,
+    slots: int,
+    db_restart: bool,
+    visibility_s: float = 5.0,
+) -> Schedule:
     """Kill times, signals and victims, freezes, and the database restart, all from the seed."""
     rng = random.Random(f"{seed}:chaos")
     kills: list[Kill] = []
     at = rng.uniform(0.5, 1.5) * kill_interval_s
     while at < duration_s:
         if rng.random() < FREEZE_SHARE:
-            kills.append(Kill(at_s=round(at, 3), signal="SIGSTOP", slot=rng.randrange(slots),
-                              freeze_s=round(visibility_s + rng.uniform(*FREEZE_BEYOND_S), 2)))
+            kills.append(
+                Kill(
+                    at_s=round(at, 3),
+                    signal="SIGSTOP",
+                    slot=rng.randrange(slots),
+                    freeze_s=round(visibility_s + rng.uniform(*FREEZE_BEYOND_S), 2),
+                )
+            )
         else:
-            kills.append(Kill(at_s=round(at, 3), signal=rng.choice(SIGNALS), slot=rng.randrange(slots),
-                              aim="handler" if rng.random() < HANDLER_KILL_SHARE else "any"))
+            kills.append(
+                Kill(
+                    at_s=round(at, 3),
+                    signal=rng.choice(SIGNALS),
+                    slot=rng.randrange(slots),
+                    aim="handler" if rng.random() < HANDLER_KILL_SHARE else "any",
+                )
+            )
         at += rng.uniform(0.5, 1.5) * kill_interval_s
     if len(kills) >= 3 and not any(k.signal == "SIGSTOP" for k in kills):  # every run freezes one
-        kills[1] = replace(kills[1], signal="SIGSTOP", aim="any",
-                           freeze_s=round(visibility_s + rng.uniform(*FREEZE_BEYOND_S), 2))
+        kills[1] = replace(
+            kills[1],
+            signal="SIGSTOP",
+            aim="any",
+            freeze_s=round(visibility_s + rng.uniform(*FREEZE_BEYOND_S), 2),
+        )
     ending = [i for i, k in enumerate(kills) if k.signal in SIGNALS]
     if len(ending) >= 2 and len({kills[i].signal for i in ending}) == 1:
         last = ending[-1]
         other = SIGNALS[1 - SIGNALS.index(kills[last].signal)]
         kills[last] = replace(kills[last], signal=other)  # every run tries both kinds
-    restart = DbRestart(at_s=round(rng.uniform(0.3, 0.55) * duration_s, 3),
-                        mode=rng.choice(("fast", "immediate")),
-                        down_s=round(rng.uniform(2.0, 4.0), 2)) if db_restart else None
+    restart = (
+        DbRestart(
+            at_s=round(rng.uniform(0.3, 0.55) * duration_s, 3),
+            mode=rng.choice(("fast", "immediate")),
+            down_s=round(rng.uniform(2.0, 4.0), 2),
+        )
+        if db_restart
+        else None
+    )
     return Schedule(kills=tuple(kills), db_restart=restart)
 
 
@@ -291,8 +351,9 @@ class Receiver:
         server = _Server(("127.0.0.1", 0), _Handler)
         server.receiver = self
         self._server = server
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                         name="receiver", daemon=True).start()
+        threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="receiver", daemon=True
+        ).start()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -330,8 +391,7 @@ class Receiver:
         delay = float(hints.get("delay_s", 0)) if status == 200 else 0.0
         gone = delay > 0 and self._wait(handler, key or "", delay)
         with self._lock:
-            self._calls.append(Call(key=key, path=handler.path, status=status, at=arrived,
-                                    caller_gone=gone))
+            self._calls.append(Call(key=key, path=handler.path, status=status, at=arrived, caller_gone=gone))
         if gone or self._stopping.is_set():
             return
         try:
@@ -341,7 +401,6 @@ class Receiver:
             handler.wfile.write(b"ok")
         except OSError:
             pass  # the worker was killed while waiting: its redelivery comes later
-
 
     def _wait(self, handler: _Handler, key: str, delay_s: float) -> bool:
         """Hold the reply for ``delay_s``; True when the caller went away meanwhile."""

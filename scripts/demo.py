@@ -67,8 +67,13 @@ def start_workers(env: dict[str, str], logs: Path) -> dict[str, subprocess.Popen
     procs = {}
     for name in WORKER_NAMES:
         out = (logs / f"{name}.log").open("wb")
-        procs[name] = subprocess.Popen([sys.executable, "-m", f"backend.workers.{name}"],
-                                       cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        procs[name] = subprocess.Popen(
+            [sys.executable, "-m", f"backend.workers.{name}"],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     return procs
 
 
@@ -85,8 +90,9 @@ def events(log: Path, name: str) -> list[dict[str, Any]]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--judgments", type=int, default=60)
     parser.add_argument("--cases", type=int, default=20)
     parser.add_argument("--timeout", type=float, default=90.0)
@@ -102,22 +108,57 @@ def main() -> int:
         seeded = seed_demo(conn, judgments=args.judgments, cases=args.cases, seed=int(time.time()))
         run = f"demo-{int(time.time())}"
         org = seeded["org_id"]
-        enqueue_many(conn, "q_collectability", [
-            build_envelope(entity_type="judgment", entity_id=str(j), org_id=org,
-                           idempotency_key=f"{run}:score:{j}") for j in seeded["judgment_ids"]])
-        enqueue_many(conn, "q_escalation", [
-            build_envelope(entity_type="enforcement_case", entity_id=str(c), org_id=org,
-                           idempotency_key=f"{run}:escalate:{c}") for c in seeded["case_ids"]])
-        enqueue_many(conn, "q_outbox_processor", [
-            build_envelope(entity_type="notification", entity_id="welcome", org_id=org,
-                           idempotency_key=f"{run}:welcome",
-                           payload={"channel": "webhook", "subject": "Demo started",
-                                    "body": f"{len(seeded['judgment_ids'])} judgments seeded"})])
-        print(f"seeded {len(seeded['judgment_ids'])} judgments and {len(seeded['case_ids'])} cases;"
-              f" queued {depth(conn)}")
+        enqueue_many(
+            conn,
+            "q_collectability",
+            [
+                build_envelope(
+                    entity_type="judgment", entity_id=str(j), org_id=org, idempotency_key=f"{run}:score:{j}"
+                )
+                for j in seeded["judgment_ids"]
+            ],
+        )
+        enqueue_many(
+            conn,
+            "q_escalation",
+            [
+                build_envelope(
+                    entity_type="enforcement_case",
+                    entity_id=str(c),
+                    org_id=org,
+                    idempotency_key=f"{run}:escalate:{c}",
+                )
+                for c in seeded["case_ids"]
+            ],
+        )
+        enqueue_many(
+            conn,
+            "q_outbox_processor",
+            [
+                build_envelope(
+                    entity_type="notification",
+                    entity_id="welcome",
+                    org_id=org,
+                    idempotency_key=f"{run}:welcome",
+                    payload={
+                        "channel": "webhook",
+                        "subject": "Demo started",
+                        "body": f"{len(seeded['judgment_ids'])} judgments seeded",
+                    },
+                )
+            ],
+        )
+        print(
+            f"seeded {len(seeded['judgment_ids'])} judgments and {len(seeded['case_ids'])} cases;"
+            f" queued {depth(conn)}"
+        )
 
-        env = {**os.environ, "SUPABASE_MODE": settings.mode, "OUTBOX_WEBHOOK_URL": webhook,
-               "PYTHONUNBUFFERED": "1"}
+        env = {
+            **os.environ,
+            "SUPABASE_MODE": settings.mode,
+            "OUTBOX_WEBHOOK_URL": webhook,
+            "PYTHONUNBUFFERED": "1",
+        }
         logs = ROOT / ".data" / "demo-logs" / run
         procs = start_workers(env, logs)
         started = time.monotonic()
@@ -142,28 +183,41 @@ def main() -> int:
             done = shutdown[-1]["jobs_processed"] if shutdown else "?"
             failed = shutdown[-1]["jobs_failed"] if shutdown else "?"
             print(f"{name:<18} {codes[name]:>4} {done:>9} {failed:>6}  {logs / (name + '.log')}")
-        tiers = conn.execute("SELECT tier, count(*) AS n, round(avg(score)) AS avg FROM"
-                             " dragonfly.collectability_scores WHERE job_key LIKE %s GROUP BY tier"
-                             " ORDER BY tier", (f"{run}:%",)).fetchall()
-        print("\ncollectability: " + ", ".join(f"tier {t['tier']}: {t['n']} (avg {t['avg']})"
-                                               for t in tiers))
-        actions = conn.execute("SELECT details->>'action' AS action, count(*) AS n FROM"
-                               " dragonfly.enforcement_events WHERE job_key LIKE %s"
-                               " GROUP BY 1 ORDER BY 2 DESC", (f"{run}:%",)).fetchall()
+        tiers = conn.execute(
+            "SELECT tier, count(*) AS n, round(avg(score)) AS avg FROM"
+            " dragonfly.collectability_scores WHERE job_key LIKE %s GROUP BY tier"
+            " ORDER BY tier",
+            (f"{run}:%",),
+        ).fetchall()
+        print("\ncollectability: " + ", ".join(f"tier {t['tier']}: {t['n']} (avg {t['avg']})" for t in tiers))
+        actions = conn.execute(
+            "SELECT details->>'action' AS action, count(*) AS n FROM"
+            " dragonfly.enforcement_events WHERE job_key LIKE %s"
+            " GROUP BY 1 ORDER BY 2 DESC",
+            (f"{run}:%",),
+        ).fetchall()
         print("escalation: " + ", ".join(f"{a['action']}: {a['n']}" for a in actions))
         delivered = {k: n for k, n in Receiver.received.items() if k.startswith(run)}
-        print(f"outbox: {len(delivered)} webhook deliveries received at {webhook}"
-              f" ({sum(delivered.values())} calls)")
-        ledger = conn.execute("SELECT status, count(*) AS n FROM workers.processed_jobs WHERE"
-                              " job_key LIKE %s GROUP BY 1 ORDER BY 1", (f"{run}:%",)).fetchall()
+        print(
+            f"outbox: {len(delivered)} webhook deliveries received at {webhook}"
+            f" ({sum(delivered.values())} calls)"
+        )
+        ledger = conn.execute(
+            "SELECT status, count(*) AS n FROM workers.processed_jobs WHERE"
+            " job_key LIKE %s GROUP BY 1 ORDER BY 1",
+            (f"{run}:%",),
+        ).fetchall()
         print("ledger: " + ", ".join(f"{r['status']}: {r['n']}" for r in ledger))
-        dead = conn.execute("SELECT count(*) AS n FROM workers.dead_letters WHERE job_key LIKE %s",
-                            (f"{run}:%",)).fetchone()["n"]
+        dead = conn.execute(
+            "SELECT count(*) AS n FROM workers.dead_letters WHERE job_key LIKE %s", (f"{run}:%",)
+        ).fetchone()["n"]
         print(f"dead letters: {dead}")
     receiver.shutdown()
     ok = all(code == 0 for code in codes.values()) and took <= args.timeout
-    print("\nhealth: python -m tools.worker_inspector   data: .data/pgdata   reset: "
-          "python -m backend.db.embedded reset")
+    print(
+        "\nhealth: python -m tools.worker_inspector   data: .data/pgdata   reset: "
+        "python -m backend.db.embedded reset"
+    )
     return 0 if ok else 1
 
 

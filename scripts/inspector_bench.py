@@ -91,8 +91,7 @@ FROM workers.processed_jobs WHERE status = 'dead'
 def seed(conn: psycopg.Connection[Any], *, workers: int, jobs: int, backlog: int) -> None:
     """Replace every runtime row and message with the bench's data set."""
     apply_migrations(conn, queues=BENCH_QUEUES)
-    conn.execute("TRUNCATE workers.heartbeats, workers.processed_jobs, workers.dead_letters"
-                 " RESTART IDENTITY")
+    conn.execute("TRUNCATE workers.heartbeats, workers.processed_jobs, workers.dead_letters RESTART IDENTITY")
     queues = list(BENCH_QUEUES)
     for queue in queues:
         conn.execute("SELECT pgmq.purge_queue(%s)", (queue,))
@@ -104,7 +103,8 @@ def seed(conn: psycopg.Connection[Any], *, workers: int, jobs: int, backlog: int
             "SELECT pgmq.send_batch(%s, array_agg(jsonb_build_object('idempotency_key',"
             " 'k-' || i, 'entity_type', 'judgment', 'entity_id', i::text, 'org_id', 'org-1',"
             " 'payload', '{}'::jsonb)), 0::integer) FROM generate_series(1, %s) i",
-            (queue, backlog))
+            (queue, backlog),
+        )
         conn.execute("SELECT count(*) FROM pgmq.read(%s, 600, %s)", (queue, backlog // 10))
     conn.execute("ANALYZE")
 
@@ -120,8 +120,7 @@ def timed(fn: Callable[[], object], runs: int) -> list[float]:
 
 
 def per_query(conn: psycopg.Connection[Any], options: Options) -> dict[str, Callable[[], object]]:
-    th = {"stale_s": options.stale_after_s, "dead_s": options.dead_after_s,
-          "since_s": options.since_s}
+    th = {"stale_s": options.stale_after_s, "dead_s": options.dead_after_s, "since_s": options.since_s}
     names = queries.queue_names(conn)
     return {
         "query workers": lambda: queries.worker_rows(conn, include_historic=False, **th),
@@ -138,8 +137,14 @@ def subprocess_run(url: str) -> Callable[[], object]:
     env |= {"SUPABASE_MODE": "dev", "SUPABASE_DB_URL": url}
 
     def run() -> None:
-        done = subprocess.run([sys.executable, "-m", "tools.worker_inspector", "--json"],
-                              cwd=ROOT, env=env, capture_output=True, timeout=60, check=False)
+        done = subprocess.run(
+            [sys.executable, "-m", "tools.worker_inspector", "--json"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
         if done.returncode not in (0, 1):
             raise SystemExit(f"inspector failed: {done.stderr.decode().strip()}")
 
@@ -155,29 +160,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=100_000)
     parser.add_argument("--backlog", type=int, default=1_000, help="messages per queue")
     parser.add_argument("--target", type=float, default=1.0, help="seconds")
-    parser.add_argument("--keep-running", action="store_true",
-                        help="leave the embedded server running")
+    parser.add_argument("--keep-running", action="store_true", help="leave the embedded server running")
     args = parser.parse_args(argv)
     if args.url and not args.wipe:
-        parser.error("--url's heartbeats, ledger, dead letters and queues are replaced: "
-                     "add --wipe to confirm")
+        parser.error(
+            "--url's heartbeats, ledger, dead letters and queues are replaced: add --wipe to confirm"
+        )
     server = None if args.url else EmbeddedPostgres(PGDATA)
     url = args.url or server.start()  # type: ignore[union-attr]
     try:
         with connect(url, "inspector-bench") as conn:
             start = time.perf_counter()
             seed(conn, workers=args.workers, jobs=args.jobs, backlog=args.backlog)
-            print(f"seeded {args.workers} heartbeats, {args.jobs} ledger rows, "
-                  f"{len(BENCH_QUEUES)} queues x {args.backlog} messages "
-                  f"in {time.perf_counter() - start:.1f}s")
+            print(
+                f"seeded {args.workers} heartbeats, {args.jobs} ledger rows, "
+                f"{len(BENCH_QUEUES)} queues x {args.backlog} messages "
+                f"in {time.perf_counter() - start:.1f}s"
+            )
             options = Options()
             report = build_report(conn, options)
-            print(f"report: {report.verdict}, {len(report.workers)} workers shown "
-                  f"({report.hidden_workers} hidden), {report.stuck_total} stuck claims, "
-                  f"{report.dead_letter_total} dead letters, {len(report.reasons)} reasons")
+            print(
+                f"report: {report.verdict}, {len(report.workers)} workers shown "
+                f"({report.hidden_workers} hidden), {report.stuck_total} stuck claims, "
+                f"{report.dead_letter_total} dead letters, {len(report.reasons)} reasons"
+            )
             results = {name: timed(fn, args.runs) for name, fn in per_query(conn, options).items()}
-            results["report, open connection"] = timed(lambda: build_report(conn, options),
-                                                       args.runs)
+            results["report, open connection"] = timed(lambda: build_report(conn, options), args.runs)
 
         def cold() -> None:
             with connect(url, "inspector-bench") as fresh:
@@ -190,13 +198,13 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
     print(f"\n{'timing (' + str(args.runs) + ' runs)':<28}{'median':>10}{'min':>10}{'max':>10}")
     for name, samples in results.items():
-        print(f"{name:<28}{_ms(statistics.median(samples))}{_ms(min(samples))}"
-              f"{_ms(max(samples))}")
-    slowest = max(statistics.median(results[k]) for k in
-                  ("report, connect + render", "subprocess --json"))
+        print(f"{name:<28}{_ms(statistics.median(samples))}{_ms(min(samples))}{_ms(max(samples))}")
+    slowest = max(statistics.median(results[k]) for k in ("report, connect + render", "subprocess --json"))
     met = slowest < args.target
-    print(f"\ntarget: under {args.target:g}s -> {'met' if met else 'MISSED'} "
-          f"(slowest median {slowest * 1000:.0f} ms)")
+    print(
+        f"\ntarget: under {args.target:g}s -> {'met' if met else 'MISSED'} "
+        f"(slowest median {slowest * 1000:.0f} ms)"
+    )
     return 0 if met else 1
 
 

@@ -20,10 +20,15 @@ from backend.workers.diagram import main, replace_embedded, state_diagram  # noq
 
 
 def run(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python scripts/state_diagram.py",
-                                     description="The worker lifecycle as a Mermaid diagram.")
-    parser.add_argument("--write", type=Path, metavar="DOC",
-                        help="replace the diagram between the state-diagram markers of DOC")
+    parser = argparse.ArgumentParser(
+        prog="python scripts/state_diagram.py", description="The worker lifecycle as a Mermaid diagram."
+    )
+    parser.add_argument(
+        "--write",
+        type=Path,
+        metavar="DOC",
+        help="replace the diagram between the state-diagram markers of DOC",
+    )
     args = parser.parse_args(argv)
     if args.write is None:
         main()

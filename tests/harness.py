@@ -31,8 +31,14 @@ def with_password(url: str, password: str = PASSWORD) -> str:
 
 def worker_env(db_url: str | None, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(_DROP)}
-    env.update({"SUPABASE_MODE": "dev", "WORKER_HEARTBEAT_INTERVAL_S": "0.2",
-                "WORKER_BOOT_TIMEOUT_S": "5", "PYTHONUNBUFFERED": "1"})
+    env.update(
+        {
+            "SUPABASE_MODE": "dev",
+            "WORKER_HEARTBEAT_INTERVAL_S": "0.2",
+            "WORKER_BOOT_TIMEOUT_S": "5",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     if db_url:
         env["SUPABASE_DB_URL"] = with_password(db_url)
     env.update(extra)
@@ -45,8 +51,14 @@ class WorkerProcess:
     def __init__(self, module: str, env: Mapping[str, str]) -> None:
         self.module = module
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", module], cwd=ROOT, env=dict(env), stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, bufsize=1)
+            [sys.executable, "-m", module],
+            cwd=ROOT,
+            env=dict(env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+        )
         self.lines: list[str] = []
         self.events: list[dict[str, Any]] = []
         self._cond = threading.Condition()
@@ -71,8 +83,9 @@ class WorkerProcess:
         with self._cond:
             self._cond.notify_all()
 
-    def wait_for(self, event: str, predicate: Callable[[dict[str, Any]], bool] = lambda d: True,
-                 timeout: float = 20.0) -> dict[str, Any]:
+    def wait_for(
+        self, event: str, predicate: Callable[[dict[str, Any]], bool] = lambda d: True, timeout: float = 20.0
+    ) -> dict[str, Any]:
         """The ``data`` of the first ``event`` matching ``predicate``; fails after ``timeout``."""
         deadline = time.monotonic() + timeout
         with self._cond:
@@ -82,8 +95,9 @@ class WorkerProcess:
                         return dict(e["data"])
                 left = deadline - time.monotonic()
                 if left <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
-                    raise AssertionError(f"{event} not seen within {timeout}s; output:\n"
-                                         + "\n".join(self.lines[-40:]))
+                    raise AssertionError(
+                        f"{event} not seen within {timeout}s; output:\n" + "\n".join(self.lines[-40:])
+                    )
                 self._cond.wait(min(left, 0.1))
 
     def named(self, event: str) -> list[dict[str, Any]]:
@@ -120,8 +134,9 @@ class WorkerProcess:
 
 def job(key: str, **payload: Any) -> dict[str, Any]:
     """A probe worker's job envelope (tests/workers/probe.py reads ``payload``)."""
-    return build_envelope(entity_type="probe", entity_id=key, org_id="org-test",
-                          idempotency_key=key, payload=payload)
+    return build_envelope(
+        entity_type="probe", entity_id=key, org_id="org-test", idempotency_key=key, payload=payload
+    )
 
 
 def one(db: Any, sql: str, *args: Any) -> Any:

@@ -74,8 +74,7 @@ class _Journal(Generic[_Record]):
     def wait_for(self, count: int, timeout_s: float) -> list[_Record]:
         with self._changed:
             if not self._changed.wait_for(lambda: len(self._records) >= count, timeout_s):
-                raise TimeoutError(f"{len(self._records)} of {count} records "
-                                   f"after {timeout_s:g}s")
+                raise TimeoutError(f"{len(self._records)} of {count} records after {timeout_s:g}s")
             return list(self._records)
 
 
@@ -119,10 +118,17 @@ class HttpRequestRecord:
         return json.loads(self.body)
 
     def to_log(self) -> dict[str, Any]:
-        return {"kind": "http", "method": self.method, "path": self.path,
-                "idempotency_key": self.idempotency_key, "status": self.status,
-                "accepted": self.accepted, "received_at": self.received_at,
-                "headers": dict(self.headers), "body": self.body.decode("utf-8", "replace")}
+        return {
+            "kind": "http",
+            "method": self.method,
+            "path": self.path,
+            "idempotency_key": self.idempotency_key,
+            "status": self.status,
+            "accepted": self.accepted,
+            "received_at": self.received_at,
+            "headers": dict(self.headers),
+            "body": self.body.decode("utf-8", "replace"),
+        }
 
 
 class _HttpServer(ThreadingHTTPServer):
@@ -153,8 +159,7 @@ class _HttpHandler(BaseHTTPRequestHandler):
 class HttpRecorder:
     """A real HTTP server on 127.0.0.1 that records every request and answers as told."""
 
-    def __init__(self, *, port: int = 0, log_path: Path | None = None,
-                 default: Reply | None = None) -> None:
+    def __init__(self, *, port: int = 0, log_path: Path | None = None, default: Reply | None = None) -> None:
         self._requested_port = port
         self._log = _JsonLog(log_path)
         self._journal: _Journal[HttpRequestRecord] = _Journal()
@@ -171,8 +176,9 @@ class HttpRecorder:
         server = _HttpServer((LOCALHOST, self._requested_port), _HttpHandler)
         server.recorder = self
         self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="http-recorder", daemon=True)
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="http-recorder", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -189,8 +195,9 @@ class HttpRecorder:
     def __enter__(self) -> HttpRecorder:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
     @property
@@ -207,12 +214,17 @@ class HttpRecorder:
 
     # behaviour
 
-    def reply(self, status: int = 200, *, delay_s: float = 0.0, body: bytes = b"ok",
-              headers: Mapping[str, str] | None = None) -> None:
+    def reply(
+        self,
+        status: int = 200,
+        *,
+        delay_s: float = 0.0,
+        body: bytes = b"ok",
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         """Answer every later request this way (after any scripted replies)."""
         with self._lock:
-            self._default = Reply(status=status, delay_s=delay_s, body=body,
-                                  headers=dict(headers or {}))
+            self._default = Reply(status=status, delay_s=delay_s, body=body, headers=dict(headers or {}))
 
     def script(self, *replies: Reply) -> None:
         """Answer the next requests with ``replies`` in order, then the default."""
@@ -227,9 +239,14 @@ class HttpRecorder:
         length = int(handler.headers.get("Content-Length") or 0)
         body = handler.rfile.read(length) if length else b""
         reply = self._next_reply()
-        record = HttpRequestRecord(method=handler.command, path=handler.path,
-                                   headers=dict(handler.headers.items()), body=body,
-                                   status=reply.status, received_at=time.time())
+        record = HttpRequestRecord(
+            method=handler.command,
+            path=handler.path,
+            headers=dict(handler.headers.items()),
+            body=body,
+            status=reply.status,
+            received_at=time.time(),
+        )
         self._journal.add(record)
         self._log.write(record.to_log())
         if reply.delay_s and self._stopping.wait(reply.delay_s):
@@ -323,11 +340,18 @@ class SmtpMessageRecord:
         return None if value is None else str(value)
 
     def to_log(self) -> dict[str, Any]:
-        return {"kind": "smtp", "mail_from": self.mail_from, "rcpt_tos": list(self.rcpt_tos),
-                "message_id": self.message_id, "idempotency_key": self.idempotency_key,
-                "reply": self.reply, "accepted": self.accepted, "login": self.login,
-                "received_at": self.received_at,
-                "content": base64.b64encode(self.content).decode()}
+        return {
+            "kind": "smtp",
+            "mail_from": self.mail_from,
+            "rcpt_tos": list(self.rcpt_tos),
+            "message_id": self.message_id,
+            "idempotency_key": self.idempotency_key,
+            "reply": self.reply,
+            "accepted": self.accepted,
+            "login": self.login,
+            "received_at": self.received_at,
+            "content": base64.b64encode(self.content).decode(),
+        }
 
 
 class _SmtpHandler:
@@ -345,8 +369,9 @@ class SmtpRecorder:
     accepts only that login.
     """
 
-    def __init__(self, *, port: int = 0, log_path: Path | None = None,
-                 credentials: tuple[str, str] | None = None) -> None:
+    def __init__(
+        self, *, port: int = 0, log_path: Path | None = None, credentials: tuple[str, str] | None = None
+    ) -> None:
         self._requested_port = port
         self._log = _JsonLog(log_path)
         self._journal: _Journal[SmtpMessageRecord] = _Journal()
@@ -361,8 +386,9 @@ class SmtpRecorder:
         kwargs: dict[str, Any] = {}
         if self._credentials is not None:
             kwargs.update(authenticator=self._authenticate, auth_require_tls=False)
-        self._controller = Controller(_SmtpHandler(self), hostname=LOCALHOST, port=self.port,
-                                      ready_timeout=10, **kwargs)
+        self._controller = Controller(
+            _SmtpHandler(self), hostname=LOCALHOST, port=self.port, ready_timeout=10, **kwargs
+        )
         self._controller.start()
         return self
 
@@ -374,8 +400,9 @@ class SmtpRecorder:
     def __enter__(self) -> SmtpRecorder:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
     @property
@@ -403,18 +430,27 @@ class SmtpRecorder:
         content = envelope.original_content or b""
         auth: Any = session.auth_data
         login = auth.login.decode() if isinstance(auth, LoginPassword) else None
-        record = SmtpMessageRecord(mail_from=str(envelope.mail_from),
-                                   rcpt_tos=tuple(envelope.rcpt_tos), content=content,
-                                   reply=self._reply, login=login, received_at=time.time())
+        record = SmtpMessageRecord(
+            mail_from=str(envelope.mail_from),
+            rcpt_tos=tuple(envelope.rcpt_tos),
+            content=content,
+            reply=self._reply,
+            login=login,
+            received_at=time.time(),
+        )
         self._journal.add(record)
         self._log.write(record.to_log())
         return record.reply
 
-    def _authenticate(self, server: SMTP, session: Session, envelope: Envelope,
-                      mechanism: str, auth_data: Any) -> AuthResult:
+    def _authenticate(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
+    ) -> AuthResult:
         expected = self._credentials
-        ok = (expected is not None and isinstance(auth_data, LoginPassword)
-              and (auth_data.login.decode(), auth_data.password.decode()) == expected)
+        ok = (
+            expected is not None
+            and isinstance(auth_data, LoginPassword)
+            and (auth_data.login.decode(), auth_data.password.decode()) == expected
+        )
         # handled=False: aiosmtpd then sends the 235 or 535 reply itself.
         return AuthResult(success=ok, handled=False, auth_data=auth_data if ok else None)
 
@@ -435,16 +471,15 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signum, lambda *_: stop.set())
     receiver: HttpRecorder | SmtpRecorder
     if args.kind == "http":
-        receiver = HttpRecorder(port=args.port, log_path=args.log,
-                                default=Reply(status=args.status, delay_s=args.delay))
+        receiver = HttpRecorder(
+            port=args.port, log_path=args.log, default=Reply(status=args.status, delay_s=args.delay)
+        )
         receiver.start()
-        ready = {"event": "RECEIVER_READY", "kind": "http", "url": receiver.url,
-                 "port": receiver.port}
+        ready = {"event": "RECEIVER_READY", "kind": "http", "url": receiver.url, "port": receiver.port}
     else:
         receiver = SmtpRecorder(port=args.port, log_path=args.log)
         receiver.start()
-        ready = {"event": "RECEIVER_READY", "kind": "smtp", "host": receiver.host,
-                 "port": receiver.port}
+        ready = {"event": "RECEIVER_READY", "kind": "smtp", "host": receiver.host, "port": receiver.port}
     print(json.dumps(ready), flush=True)
     try:
         while not stop.wait(0.5):
@@ -455,12 +490,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m tests.receivers",
-                                     description="Run a recording receiver until SIGTERM.")
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.receivers", description="Run a recording receiver until SIGTERM."
+    )
     parser.add_argument("kind", choices=("http", "smtp"))
     parser.add_argument("--port", type=int, default=0, help="0: any free port")
-    parser.add_argument("--log", type=Path, required=True,
-                        help="file that gets one JSON line per request or mail")
+    parser.add_argument(
+        "--log", type=Path, required=True, help="file that gets one JSON line per request or mail"
+    )
     parser.add_argument("--status", type=int, default=200, help="HTTP status to answer")
     parser.add_argument("--delay", type=float, default=0.0, help="seconds before answering")
     return parser

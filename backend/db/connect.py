@@ -25,14 +25,22 @@ from backend.logs import log_event
 
 # A dead server is noticed within ~20 s even when the network drops silently.
 # tcp_user_timeout covers a query in flight, which keepalives (idle only) do not.
-_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
-               "keepalives_count": 2, "tcp_user_timeout": 15000}
+_KEEPALIVES = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 2,
+    "tcp_user_timeout": 15000,
+}
 
 # Errors that mean "the database is unavailable", not "this statement is wrong": a lost
 # connection, a shutdown, and a server that went read-only (a failover to a standby, a
 # full disk). They are retried; anything else from the runtime's own SQL is a crash.
 DB_ERRORS: tuple[type[BaseException], ...] = (
-    psycopg.OperationalError, psycopg.InterfaceError, psycopg.errors.ReadOnlySqlTransaction)
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+    psycopg.errors.ReadOnlySqlTransaction,
+)
 
 
 def resolve_db_url(settings: Settings) -> str:
@@ -46,8 +54,11 @@ def resolve_db_url(settings: Settings) -> str:
 
 def connect_kwargs(url: str, application_name: str) -> dict[str, Any]:
     """psycopg connection options: no prepared statements behind the transaction pooler."""
-    kwargs: dict[str, Any] = {"application_name": application_name[:63], "connect_timeout": 5,
-                              "row_factory": dict_row}
+    kwargs: dict[str, Any] = {
+        "application_name": application_name[:63],
+        "connect_timeout": 5,
+        "row_factory": dict_row,
+    }
     if url.startswith(("postgres://", "postgresql://")) and "host=/" not in url:
         kwargs.update(_KEEPALIVES)
     if is_transaction_pooler(url):
@@ -64,9 +75,16 @@ def make_pool(url: str, application_name: str, *, size: int = 3) -> ConnectionPo
     """The worker's pool: the job loop, the housekeeping thread, and one spare."""
     kwargs = connect_kwargs(url, application_name)
     kwargs["autocommit"] = True
-    return ConnectionPool(url, min_size=size, max_size=size, kwargs=kwargs, open=False,
-                          check=ConnectionPool.check_connection, name=application_name,
-                          reconnect_timeout=3600.0)
+    return ConnectionPool(
+        url,
+        min_size=size,
+        max_size=size,
+        kwargs=kwargs,
+        open=False,
+        check=ConnectionPool.check_connection,
+        name=application_name,
+        reconnect_timeout=3600.0,
+    )
 
 
 def boot_retrying(timeout_s: float, stopping: threading.Event) -> Retrying:
@@ -105,9 +123,16 @@ def _log_retry(event: str) -> Callable[[RetryCallState], None]:
     def before_sleep(state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
         delay = state.next_action.sleep if state.next_action else 0.0
-        log_event(event, {"attempt": state.attempt_number, "delay_s": round(delay, 3),
-                          "error": _one_line(exc), "error_type": type(exc).__name__},
-                  logging.WARNING)
+        log_event(
+            event,
+            {
+                "attempt": state.attempt_number,
+                "delay_s": round(delay, 3),
+                "error": _one_line(exc),
+                "error_type": type(exc).__name__,
+            },
+            logging.WARNING,
+        )
 
     return before_sleep
 

@@ -87,8 +87,9 @@ def default_server() -> EmbeddedPostgres:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m backend.db.embedded",
-                                     description="Manage the embedded dev PostgreSQL.")
+    parser = argparse.ArgumentParser(
+        prog="python -m backend.db.embedded", description="Manage the embedded dev PostgreSQL."
+    )
     parser.add_argument("action", choices=["status", "start", "stop", "restart", "url", "reset"])
     args = parser.parse_args(argv)
     server = default_server()

@@ -109,14 +109,17 @@ def ensure_queue(conn: psycopg.Connection[Any], queue: str) -> None:
     if not _has_trigger(conn, queue, NOTIFY_TRIGGER):
         conn.execute(
             f"CREATE TRIGGER {NOTIFY_TRIGGER} AFTER INSERT ON {queue_table(queue)}"
-            " FOR EACH STATEMENT EXECUTE FUNCTION workers.notify_queue_insert()")
+            " FOR EACH STATEMENT EXECUTE FUNCTION workers.notify_queue_insert()"
+        )
 
 
 def _has_trigger(conn: psycopg.Connection[Any], queue: str, name: str) -> bool:
     row = conn.execute(
         "SELECT EXISTS (SELECT 1 FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
         " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'pgmq'"
-        " AND c.relname = 'q_' || %s AND t.tgname = %s) AS ok", (queue, name)).fetchone()
+        " AND c.relname = 'q_' || %s AND t.tgname = %s) AS ok",
+        (queue, name),
+    ).fetchone()
     return bool(row and _get(row, "ok"))
 
 
@@ -139,8 +142,10 @@ def apply_migrations(conn: psycopg.Connection[Any], queues: tuple[str, ...] = QU
                 continue
             with conn.transaction():
                 conn.execute(migration.sql.encode())
-                conn.execute("INSERT INTO workers.schema_migrations (version, name) VALUES (%s, %s)",
-                             (migration.version, migration.name))
+                conn.execute(
+                    "INSERT INTO workers.schema_migrations (version, name) VALUES (%s, %s)",
+                    (migration.version, migration.name),
+                )
             applied.append(migration.version)
             log_event("MIGRATION_APPLIED", {"version": migration.version, "name": migration.name})
         for queue in queues:
@@ -156,10 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     from backend.errors import ConfigError
     from backend.logs import add_secret, configure_logging
 
-    parser = argparse.ArgumentParser(prog="python -m backend.db.migrate",
-                                     description="Apply the workers schema migrations.")
-    parser.add_argument("--check", action="store_true",
-                        help="only report; exit 1 when migrations are pending")
+    parser = argparse.ArgumentParser(
+        prog="python -m backend.db.migrate", description="Apply the workers schema migrations."
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="only report; exit 1 when migrations are pending"
+    )
     args = parser.parse_args(argv)
     try:
         settings = load_settings()
@@ -168,9 +175,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     configure_logging(settings.log_level, secrets=[url_password(settings.db_url) or ""])
     if settings.uses_transaction_pooler:
-        print("configuration error: SUPABASE_DB_URL: migrations need a session connection (the advisory"
-              " lock and DDL); use the session pooler (port 5432) or the direct host, not port 6543",
-              file=sys.stderr)
+        print(
+            "configuration error: SUPABASE_DB_URL: migrations need a session connection (the advisory"
+            " lock and DDL); use the session pooler (port 5432) or the direct host, not port 6543",
+            file=sys.stderr,
+        )
         return 1
     try:
         url = resolve_db_url(settings)
@@ -178,15 +187,21 @@ def main(argv: list[str] | None = None) -> int:
         with connect(url, "dragonfly-migrate") as conn:
             if args.check:
                 current, latest = current_version(conn), latest_version()
-                log_event("MIGRATION_STATUS", {"current": current, "latest": latest,
-                                               "pending": latest - current})
+                log_event(
+                    "MIGRATION_STATUS", {"current": current, "latest": latest, "pending": latest - current}
+                )
                 return 0 if current >= latest else 1
             applied = apply_migrations(conn)
-            log_event("MIGRATIONS_DONE", {"applied": applied, "version": current_version(conn),
-                                          "queues": list(QUEUES)})
+            log_event(
+                "MIGRATIONS_DONE",
+                {"applied": applied, "version": current_version(conn), "queues": list(QUEUES)},
+            )
     except psycopg.Error as exc:
-        log_event("MIGRATION_FAILED", {"error": " ".join(str(exc).split()),
-                                       "error_type": type(exc).__name__}, logging.ERROR)
+        log_event(
+            "MIGRATION_FAILED",
+            {"error": " ".join(str(exc).split()), "error_type": type(exc).__name__},
+            logging.ERROR,
+        )
         return 1
     return 0
 

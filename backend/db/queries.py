@@ -61,13 +61,16 @@ class Failure:
 
 # --- pgmq -------------------------------------------------------------------------------
 
+
 def queue_table(queue: str) -> str:
     """The quoted name of ``queue``'s pgmq table (pgmq lowercases queue names)."""
     return 'pgmq."q_' + queue.lower().replace('"', '""') + '"'
 
 
-_BOUND = ("SELECT set_config('idle_in_transaction_session_timeout', %(ms)s, true),"
-          " set_config('statement_timeout', %(ms)s, true)")
+_BOUND = (
+    "SELECT set_config('idle_in_transaction_session_timeout', %(ms)s, true),"
+    " set_config('statement_timeout', %(ms)s, true)"
+)
 # How much of an oversized body is fetched, to name it in the dead letter.
 PREFIX_CHARS = 200
 # The body as text, once, and its size: the size is checked on the server, so an oversized
@@ -100,8 +103,9 @@ def lock_messages(conn: Conn, queue: str, *, qty: int, max_bytes: int, limit_ms:
     ``workers.deliveries`` was in a batch whose worker never finished it.
     """
     with conn.cursor(row_factory=tuple_row) as cur:
-        rows = cur.execute(_lock_sql(queue), {"qty": qty, "max": max_bytes, "queue": queue,
-                                              "ms": str(limit_ms)}).fetchall()
+        rows = cur.execute(
+            _lock_sql(queue), {"qty": qty, "max": max_bytes, "queue": queue, "ms": str(limit_ms)}
+        ).fetchall()
     rows.sort()  # oldest first, as locked; sorting here costs less than on the server
     return [Message(msg_id=m, text=t, size=n, delivered_before=d) for m, t, n, d in rows]
 
@@ -118,7 +122,8 @@ _NO_FLUSH = "no_flush AS MATERIALIZED (SELECT set_config('synchronous_commit', '
 RECORD_DELIVERY = (
     f"WITH {_NO_FLUSH} INSERT INTO workers.deliveries (worker_id, queue_name, msg_ids)"
     " SELECT $1, $2, $3::bigint[] FROM no_flush ON CONFLICT (worker_id) DO UPDATE"
-    " SET msg_ids = EXCLUDED.msg_ids, updated_at = clock_timestamp()").encode()
+    " SET msg_ids = EXCLUDED.msg_ids, updated_at = clock_timestamp()"
+).encode()
 # A worker's record goes when its batch ended with an outcome it saw itself.
 FORGET_DELIVERIES = b"DELETE FROM workers.deliveries WHERE worker_id = $1"
 
@@ -133,7 +138,8 @@ def prune_deliveries(conn: Conn, queue: str) -> int:
     return conn.execute(
         f"DELETE FROM workers.deliveries AS d WHERE queue_name = %s AND NOT EXISTS"
         f" (SELECT 1 FROM {queue_table(queue)} AS m WHERE m.msg_id = ANY(d.msg_ids))",
-        (queue,)).rowcount
+        (queue,),
+    ).rowcount
 
 
 @functools.cache
@@ -163,8 +169,9 @@ def fetch_messages(conn: Conn, queue: str, *, qty: int, vt_s: int, max_bytes: in
     own) and its ``read_ct`` is incremented before any handler runs.
     """
     with conn.cursor(row_factory=tuple_row) as cur:
-        rows = cur.execute(_fetch_sql(queue, False),
-                           {"qty": qty, "vt": vt_s, "max": max_bytes, "id": None}).fetchall()
+        rows = cur.execute(
+            _fetch_sql(queue, False), {"qty": qty, "vt": vt_s, "max": max_bytes, "id": None}
+        ).fetchall()
     return [Message(msg_id=m, text=t, size=n, delivered_before=d > 1) for m, t, n, d in rows]
 
 
@@ -172,8 +179,7 @@ def take_message(conn: Conn, queue: str, msg_id: int, *, vt_s: int) -> bool:
     """Lease one message by id for ``vt_s``, as ``fetch_messages`` does; False when it is
     gone, invisible, or locked by another worker."""
     with conn.cursor(row_factory=tuple_row) as cur:
-        rows = cur.execute(_fetch_sql(queue, True),
-                           {"qty": 1, "vt": vt_s, "max": 0, "id": msg_id}).fetchall()
+        rows = cur.execute(_fetch_sql(queue, True), {"qty": 1, "vt": vt_s, "max": 0, "id": msg_id}).fetchall()
     return bool(rows)
 
 
@@ -187,8 +193,10 @@ def delete_messages(conn: Conn, queue: str, msg_ids: Sequence[int]) -> None:
         conn.execute(_delete_sql(queue), (list(msg_ids),))
 
 
-_VISIBILITY_SQL = ("UPDATE {table} AS q SET vt = clock_timestamp() + make_interval(secs => t.d)"
-                   " FROM unnest(%b::bigint[], %b::int[]) AS t(m, d) WHERE q.msg_id = t.m")
+_VISIBILITY_SQL = (
+    "UPDATE {table} AS q SET vt = clock_timestamp() + make_interval(secs => t.d)"
+    " FROM unnest(%b::bigint[], %b::int[]) AS t(m, d) WHERE q.msg_id = t.m"
+)
 
 
 def set_visibility(conn: Conn, queue: str, msg_ids: Sequence[int], delays_s: Sequence[int]) -> None:
@@ -201,9 +209,11 @@ def release_messages(conn: Conn, queue: str, msg_ids: Sequence[int]) -> None:
     """Give back messages taken but never started (a drain): visible at once, and this
     delivery uncounted, so they are not mistaken for jobs that took their worker down."""
     if msg_ids:
-        conn.execute(f"UPDATE {queue_table(queue)} SET vt = clock_timestamp(),"
-                     " read_ct = greatest(read_ct - 1, 0) WHERE msg_id = ANY(%b::bigint[])",
-                     (list(msg_ids),))
+        conn.execute(
+            f"UPDATE {queue_table(queue)} SET vt = clock_timestamp(),"
+            " read_ct = greatest(read_ct - 1, 0) WHERE msg_id = ANY(%b::bigint[])",
+            (list(msg_ids),),
+        )
 
 
 def bound_transaction(conn: Conn, limit_ms: int) -> None:
@@ -229,8 +239,9 @@ def read_only(conn: Conn) -> bool:
 
 
 def queue_exists(conn: Conn, queue: str) -> bool:
-    row = conn.execute("SELECT to_regclass(format('pgmq.%%I', 'q_' || %s)) IS NOT NULL AS ok",
-                       (queue,)).fetchone()
+    row = conn.execute(
+        "SELECT to_regclass(format('pgmq.%%I', 'q_' || %s)) IS NOT NULL AS ok", (queue,)
+    ).fetchone()
     return bool(row and row["ok"])
 
 
@@ -240,7 +251,8 @@ def notifications_available(conn: Conn, queue: str) -> bool:
         "SELECT EXISTS (SELECT 1 FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
         " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'pgmq'"
         " AND c.relname = 'q_' || %s AND t.tgname = 'workers_notify_insert') AS ok",
-        (queue,)).fetchone()
+        (queue,),
+    ).fetchone()
     return bool(row and row["ok"])
 
 
@@ -281,8 +293,16 @@ RETURNING p.job_key, p.attempts
 """
 
 
-def claim(conn: Conn, *, queue: str, worker_id: str, keys: Sequence[str],
-          msg_ids: Sequence[int], lease_s: float, status: str = "processing") -> dict[str, int]:
+def claim(
+    conn: Conn,
+    *,
+    queue: str,
+    worker_id: str,
+    keys: Sequence[str],
+    msg_ids: Sequence[int],
+    lease_s: float,
+    status: str = "processing",
+) -> dict[str, int]:
     """Claim each key not completed, dead, held by a live lease or by another worker's open
     transaction; return key -> attempt.
 
@@ -295,9 +315,17 @@ def claim(conn: Conn, *, queue: str, worker_id: str, keys: Sequence[str],
     if not keys:
         return {}
     with conn.cursor(row_factory=tuple_row) as cur:
-        rows = cur.execute(_CLAIM, {"queue": queue, "worker": worker_id, "lease": lease_s,
-                                    "status": status, "keys": list(keys),
-                                    "ids": list(msg_ids)}).fetchall()
+        rows = cur.execute(
+            _CLAIM,
+            {
+                "queue": queue,
+                "worker": worker_id,
+                "lease": lease_s,
+                "status": status,
+                "keys": list(keys),
+                "ids": list(msg_ids),
+            },
+        ).fetchall()
     return dict(rows)
 
 
@@ -306,7 +334,9 @@ def ledger_status(conn: Conn, keys: Sequence[str]) -> dict[str, tuple[str, float
     rows = conn.execute(
         "SELECT job_key, status, greatest(0, extract(epoch FROM lease_expires_at"
         " - clock_timestamp()))::float8 AS lease_left FROM workers.processed_jobs"
-        " WHERE job_key = ANY(%s)", (list(keys),)).fetchall()
+        " WHERE job_key = ANY(%s)",
+        (list(keys),),
+    ).fetchall()
     return {r["job_key"]: (r["status"], r["lease_left"] or 0.0) for r in rows}
 
 
@@ -316,7 +346,9 @@ def owns_claim(conn: Conn, key: str, worker_id: str) -> bool:
     row = conn.execute(
         "SELECT 1 AS ok FROM workers.processed_jobs, pg_advisory_xact_lock(hashtextextended(%(k)s,"
         " 7310412001)) WHERE job_key = %(k)s AND worker_id = %(w)s AND status = 'processing'"
-        " FOR UPDATE OF processed_jobs", {"k": key, "w": worker_id}).fetchone()
+        " FOR UPDATE OF processed_jobs",
+        {"k": key, "w": worker_id},
+    ).fetchone()
     return row is not None
 
 
@@ -325,7 +357,9 @@ def complete(conn: Conn, keys: Sequence[str]) -> None:
         conn.execute(
             "UPDATE workers.processed_jobs SET status = 'completed', lease_expires_at = NULL,"
             " completed_at = clock_timestamp(), updated_at = clock_timestamp()"
-            " WHERE job_key = ANY(%s)", (list(keys),))
+            " WHERE job_key = ANY(%s)",
+            (list(keys),),
+        )
 
 
 def record_failures(conn: Conn, failures: Sequence[Failure]) -> None:
@@ -338,7 +372,8 @@ def record_failures(conn: Conn, failures: Sequence[Failure]) -> None:
         " lease_expires_at = clock_timestamp() + make_interval(secs => f.d),"
         " completed_at = NULL, updated_at = clock_timestamp()"
         " FROM unnest(%s::text[], %s::text[], %s::int[]) AS f(k, err, d) WHERE p.job_key = f.k",
-        ([f.job_key for f in failures], [f.error for f in failures], [f.delay_s for f in failures]))
+        ([f.job_key for f in failures], [f.error for f in failures], [f.delay_s for f in failures]),
+    )
 
 
 def release_claims(conn: Conn, worker_id: str, keys: Sequence[str]) -> None:
@@ -347,11 +382,14 @@ def release_claims(conn: Conn, worker_id: str, keys: Sequence[str]) -> None:
         conn.execute(
             "UPDATE workers.processed_jobs SET lease_expires_at = clock_timestamp(),"
             " updated_at = clock_timestamp() WHERE job_key = ANY(%s) AND worker_id = %s"
-            " AND status = 'processing'", (list(keys), worker_id))
+            " AND status = 'processing'",
+            (list(keys), worker_id),
+        )
 
 
-def extend_leases(conn: Conn, *, queue: str, worker_id: str, msg_ids: Sequence[int],
-                  keys: Sequence[str], lease_s: int) -> None:
+def extend_leases(
+    conn: Conn, *, queue: str, worker_id: str, msg_ids: Sequence[int], keys: Sequence[str], lease_s: int
+) -> None:
     """Keep running external jobs invisible and their claims live for another ``lease_s``."""
     set_visibility(conn, queue, msg_ids, [lease_s] * len(msg_ids))
     if keys:
@@ -359,10 +397,12 @@ def extend_leases(conn: Conn, *, queue: str, worker_id: str, msg_ids: Sequence[i
             "UPDATE workers.processed_jobs SET lease_expires_at = clock_timestamp()"
             " + make_interval(secs => %s), updated_at = clock_timestamp()"
             " WHERE job_key = ANY(%s) AND worker_id = %s AND status = 'processing'",
-            (lease_s, list(keys), worker_id))
+            (lease_s, list(keys), worker_id),
+        )
 
 
 # --- dead letters ------------------------------------------------------------------------
+
 
 def dead_letter(conn: Conn, *, queue: str, worker_id: str, letters: Iterable[DeadLetter]) -> None:
     """Move messages to ``workers.dead_letters`` with their body exactly as queued (copied on
@@ -381,9 +421,16 @@ def dead_letter(conn: Conn, *, queue: str, worker_id: str, letters: Iterable[Dea
         " UPDATE workers.processed_jobs p SET status = 'dead', last_error = moved.error,"
         " lease_expires_at = NULL, completed_at = NULL, updated_at = clock_timestamp()"
         " FROM moved WHERE p.job_key = moved.job_key AND p.status <> 'dead'",
-        {"queue": queue, "worker": worker_id, "ids": [d.msg_id for d in letters],
-         "keys": [d.job_key for d in letters], "errors": [d.error for d in letters],
-         "types": [d.error_type for d in letters], "attempts": [d.attempts for d in letters]})
+        {
+            "queue": queue,
+            "worker": worker_id,
+            "ids": [d.msg_id for d in letters],
+            "keys": [d.job_key for d in letters],
+            "errors": [d.error for d in letters],
+            "types": [d.error_type for d in letters],
+            "attempts": [d.attempts for d in letters],
+        },
+    )
     delete_messages(conn, queue, [d.msg_id for d in letters])
 
 
@@ -414,8 +461,9 @@ def upsert_heartbeat(conn: Conn, row: dict[str, Any]) -> None:
 _PRUNE_LOCK = 7_310_412_002
 
 
-def prune(conn: Conn, *, ledger_days: float, heartbeat_days: float, limit: int = 10000
-          ) -> tuple[int, int] | None:
+def prune(
+    conn: Conn, *, ledger_days: float, heartbeat_days: float, limit: int = 10000
+) -> tuple[int, int] | None:
     """Delete old completed ledger rows and old stopped heartbeats; None when another
     replica is pruning right now."""
     with conn.transaction():
@@ -426,8 +474,11 @@ def prune(conn: Conn, *, ledger_days: float, heartbeat_days: float, limit: int =
             "DELETE FROM workers.processed_jobs WHERE job_key IN (SELECT job_key"
             " FROM workers.processed_jobs WHERE status = 'completed' AND completed_at"
             " < clock_timestamp() - make_interval(secs => %s) LIMIT %s)",
-            (ledger_days * 86400, limit)).rowcount
+            (ledger_days * 86400, limit),
+        ).rowcount
         beats = conn.execute(
             "DELETE FROM workers.heartbeats WHERE stopped_at IS NOT NULL AND stopped_at"
-            " < clock_timestamp() - make_interval(secs => %s)", (heartbeat_days * 86400,)).rowcount
+            " < clock_timestamp() - make_interval(secs => %s)",
+            (heartbeat_days * 86400,),
+        ).rowcount
     return ledger, beats

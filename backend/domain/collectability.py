@@ -92,8 +92,7 @@ class ScoringRule:
 
 
 def _row(rule: str, tier: Tier, step: Step, when: str, points: int) -> ScoringRule:
-    return ScoringRule(rule=rule, tier=tier, step=step, when=parse_when(when, SCORING_FACTS),
-                       points=points)
+    return ScoringRule(rule=rule, tier=tier, step=step, when=parse_when(when, SCORING_FACTS), points=points)
 
 
 # age_years is the number of full years since the judgment date (anniversary reached).
@@ -140,8 +139,9 @@ def age_in_years(start: date, today: date) -> int:
     return today.year - start.year - ((today.month, today.day) < (start.month, start.day))
 
 
-def score_judgment(amount: Decimal, judgment_date: date, today: date,
-                   rules: Sequence[ScoringRule] = SCORING_RULES) -> Score:
+def score_judgment(
+    amount: Decimal, judgment_date: date, today: date, rules: Sequence[ScoringRule] = SCORING_RULES
+) -> Score:
     """Score one judgment by the rules table; ValueError on a non-positive amount or future date."""
     if amount <= 0:
         raise ValueError(f"amount must be positive, got {amount}")
@@ -171,8 +171,9 @@ SET score = EXCLUDED.score, tier = EXCLUDED.tier, reason = EXCLUDED.reason,
 """
 
 
-def score_and_store(conn: psycopg.Connection[Any], judgment_ids: Sequence[int],
-                    job_keys: Sequence[str], today: date) -> list[Score]:
+def score_and_store(
+    conn: psycopg.Connection[Any], judgment_ids: Sequence[int], job_keys: Sequence[str], today: date
+) -> list[Score]:
     """Score and upsert the judgments' current scores in two statements; scores in input order.
 
     Raises ``PermanentJobError`` when a judgment does not exist or cannot be scored, so that
@@ -199,8 +200,14 @@ def score_and_store(conn: psycopg.Connection[Any], judgment_ids: Sequence[int],
             except ValueError as exc:
                 raise PermanentJobError(f"judgment {row['id']} cannot be scored: {exc}") from exc
         ids = list(key_by_id)
-        cur.execute(_UPSERT_SCORES, (
-            ids, [scores[i].score for i in ids], [scores[i].tier for i in ids],
-            [scores[i].reason for i in ids], [key_by_id[i] for i in ids],
-        ))
+        cur.execute(
+            _UPSERT_SCORES,
+            (
+                ids,
+                [scores[i].score for i in ids],
+                [scores[i].tier for i in ids],
+                [scores[i].reason for i in ids],
+                [key_by_id[i] for i in ids],
+            ),
+        )
     return [scores[i] for i in judgment_ids]

@@ -47,8 +47,15 @@ class CaseFacts:
     judgment_age_years: int
 
 
-ESCALATION_FACTS = ("status", "score", "tier", "attempts_30d", "days_since_activity",
-                    "evidence_count", "judgment_age_years")
+ESCALATION_FACTS = (
+    "status",
+    "score",
+    "tier",
+    "attempts_30d",
+    "days_since_activity",
+    "evidence_count",
+    "judgment_age_years",
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,29 +70,69 @@ class EscalationRule:
 
 
 def _row(rule: str, action: Action, confidence: float, when: str, why: str) -> EscalationRule:
-    return EscalationRule(rule=rule, action=action, confidence=confidence,
-                          when=parse_when(when, ESCALATION_FACTS), why=why)
+    return EscalationRule(
+        rule=rule, action=action, confidence=confidence, when=parse_when(when, ESCALATION_FACTS), why=why
+    )
 
 
 ESCALATION_RULES: tuple[EscalationRule, ...] = (
-    _row("inactive_case", "attorney_review", 0.95, "status in paused,closed",
-         "the case is not open: counsel decides whether to resume enforcement"),
-    _row("old_judgment", "attorney_review", 0.90, "judgment_age_years >= 10",
-         "a judgment this old may need renewal before any enforcement"),
-    _row("repeated_attempts", "attorney_review", 0.80, "attempts_30d >= 3",
-         "repeated enforcement within 30 days: review before another attempt"),
-    _row("no_evidence", "skiptrace_refresh", 0.85, "evidence_count < 1",
-         "nothing on file to enforce against: locate employer and assets first"),
-    _row("stale_leads", "skiptrace_refresh", 0.70, "days_since_activity >= 90 and evidence_count < 3",
-         "few leads and no recent activity: refresh the debtor's whereabouts"),
-    _row("strong_levy", "levy", 0.85, "score >= 85 and evidence_count >= 2 and attempts_30d < 2",
-         "highly collectable with several assets on file: levy"),
-    _row("garnish", "garnishment", 0.75, "tier in A,B and evidence_count >= 1",
-         "collectable judgment with a lead on file: garnish"),
-    _row("garnish_low_tier", "garnishment", 0.50, "tier in C and evidence_count >= 3",
-         "low collectability but plenty of evidence: garnish"),
-    _row("fallback", "attorney_review", 0.40, "always",
-         "no enforcement rule applies: counsel decides"),
+    _row(
+        "inactive_case",
+        "attorney_review",
+        0.95,
+        "status in paused,closed",
+        "the case is not open: counsel decides whether to resume enforcement",
+    ),
+    _row(
+        "old_judgment",
+        "attorney_review",
+        0.90,
+        "judgment_age_years >= 10",
+        "a judgment this old may need renewal before any enforcement",
+    ),
+    _row(
+        "repeated_attempts",
+        "attorney_review",
+        0.80,
+        "attempts_30d >= 3",
+        "repeated enforcement within 30 days: review before another attempt",
+    ),
+    _row(
+        "no_evidence",
+        "skiptrace_refresh",
+        0.85,
+        "evidence_count < 1",
+        "nothing on file to enforce against: locate employer and assets first",
+    ),
+    _row(
+        "stale_leads",
+        "skiptrace_refresh",
+        0.70,
+        "days_since_activity >= 90 and evidence_count < 3",
+        "few leads and no recent activity: refresh the debtor's whereabouts",
+    ),
+    _row(
+        "strong_levy",
+        "levy",
+        0.85,
+        "score >= 85 and evidence_count >= 2 and attempts_30d < 2",
+        "highly collectable with several assets on file: levy",
+    ),
+    _row(
+        "garnish",
+        "garnishment",
+        0.75,
+        "tier in A,B and evidence_count >= 1",
+        "collectable judgment with a lead on file: garnish",
+    ),
+    _row(
+        "garnish_low_tier",
+        "garnishment",
+        0.50,
+        "tier in C and evidence_count >= 3",
+        "low collectability but plenty of evidence: garnish",
+    ),
+    _row("fallback", "attorney_review", 0.40, "always", "no enforcement rule applies: counsel decides"),
 )
 if ESCALATION_RULES[-1].when:
     raise ValueError("the last escalation rule must always apply")
@@ -109,8 +156,9 @@ def recommend(facts: CaseFacts, rules: Sequence[EscalationRule] = ESCALATION_RUL
     reasons += [f"{c.fact} is {values[c.fact]} ({c})" for c in rule.when]
     if facts.score is None:
         reasons.append("the judgment has no collectability score yet")
-    return Recommendation(action=rule.action, confidence=rule.confidence,
-                          reasons=tuple(reasons), rule=rule.rule)
+    return Recommendation(
+        action=rule.action, confidence=rule.confidence, reasons=tuple(reasons), rule=rule.rule
+    )
 
 
 _LOAD_FACTS = """
@@ -132,22 +180,33 @@ LEFT JOIN dragonfly.collectability_scores s ON s.judgment_id = c.judgment_id
 """
 
 
-def load_case_facts(conn: psycopg.Connection[Any], case_id: int, *,
-                    as_of: datetime | None = None) -> CaseFacts:
+def load_case_facts(
+    conn: psycopg.Connection[Any], case_id: int, *, as_of: datetime | None = None
+) -> CaseFacts:
     """The case's facts as of ``as_of`` (default: the transaction's start); one statement."""
     if not 0 < case_id <= _MAX_BIGINT:
         raise PermanentJobError(f"enforcement case {case_id} not found")
     with conn.cursor(row_factory=dict_row) as cur:
-        row = cur.execute(_LOAD_FACTS, {
-            "case_id": case_id, "as_of": as_of, "window": ATTEMPT_WINDOW_DAYS,
-            "attempts": list(ATTEMPT_EVENT_TYPES), "activity": list(ACTIVITY_EVENT_TYPES),
-        }).fetchone()
+        row = cur.execute(
+            _LOAD_FACTS,
+            {
+                "case_id": case_id,
+                "as_of": as_of,
+                "window": ATTEMPT_WINDOW_DAYS,
+                "attempts": list(ATTEMPT_EVENT_TYPES),
+                "activity": list(ACTIVITY_EVENT_TYPES),
+            },
+        ).fetchone()
     if row is None:
         raise PermanentJobError(f"enforcement case {case_id} not found")
     now: datetime = row["as_of"]
     return CaseFacts(
-        case_id=row["id"], org_id=row["org_id"], judgment_id=row["judgment_id"],
-        status=row["status"], score=row["score"], tier=row["tier"],
+        case_id=row["id"],
+        org_id=row["org_id"],
+        judgment_id=row["judgment_id"],
+        status=row["status"],
+        score=row["score"],
+        tier=row["tier"],
         attempts_30d=row["attempts_30d"],
         days_since_activity=max(0, (now - row["last_activity_at"]).days),
         evidence_count=row["evidence_count"],
@@ -164,20 +223,22 @@ class NotifyRoute:
 
     def __post_init__(self) -> None:
         if self.channel not in CHANNELS:
-            raise PermanentJobError(f"notify_channel must be one of {', '.join(CHANNELS)},"
-                                    f" got {self.channel!r}")
+            raise PermanentJobError(
+                f"notify_channel must be one of {', '.join(CHANNELS)}, got {self.channel!r}"
+            )
         if (self.channel == "email") != (self.to is not None):
-            raise PermanentJobError("notify_to (one email address) is required with the email"
-                                    " channel and refused with the others")
-        if self.to is not None and (not isinstance(self.to, str) or "@" not in self.to
-                                    or any(c.isspace() for c in self.to)):
+            raise PermanentJobError(
+                "notify_to (one email address) is required with the email channel and refused with the others"
+            )
+        if self.to is not None and (
+            not isinstance(self.to, str) or "@" not in self.to or any(c.isspace() for c in self.to)
+        ):
             raise PermanentJobError(f"notify_to must be one email address, got {self.to!r}")
 
 
 def notify_route(payload: Mapping[str, Any]) -> NotifyRoute:
     """The escalation job payload's ``notify_channel`` (default webhook) and ``notify_to``."""
-    return NotifyRoute(channel=payload.get("notify_channel", "webhook"),
-                       to=payload.get("notify_to"))
+    return NotifyRoute(channel=payload.get("notify_channel", "webhook"), to=payload.get("notify_to"))
 
 
 _INSERT_EVENT = """
@@ -196,18 +257,29 @@ FROM c LEFT JOIN ins ON true
 """
 
 
-def record_recommendation(conn: psycopg.Connection[Any], case_id: int, rec: Recommendation,
-                          job_key: str, *, route: NotifyRoute = NotifyRoute()) -> int:
+def record_recommendation(
+    conn: psycopg.Connection[Any],
+    case_id: int,
+    rec: Recommendation,
+    job_key: str,
+    *,
+    route: NotifyRoute = NotifyRoute(),
+) -> int:
     """Insert the recommendation event and enqueue its notification, in the caller's transaction.
 
     Returns the event id. A job key already recorded returns that event's id and enqueues
     nothing more: its notification went out with the transaction that inserted it.
     """
-    details = {"action": rec.action, "confidence": rec.confidence,
-               "reasons": list(rec.reasons), "rule": rec.rule}
+    details = {
+        "action": rec.action,
+        "confidence": rec.confidence,
+        "reasons": list(rec.reasons),
+        "rule": rec.rule,
+    }
     with conn.cursor(row_factory=dict_row) as cur:
-        row = cur.execute(_INSERT_EVENT, {"case_id": case_id, "details": Jsonb(details),
-                                          "job_key": job_key}).fetchone()
+        row = cur.execute(
+            _INSERT_EVENT, {"case_id": case_id, "details": Jsonb(details), "job_key": job_key}
+        ).fetchone()
     if row is None:
         raise PermanentJobError(f"enforcement case {case_id} not found")
     if row["id"] is None:
@@ -216,17 +288,31 @@ def record_recommendation(conn: psycopg.Connection[Any], case_id: int, rec: Reco
             raise RuntimeError(f"recommendation {job_key!r} is being recorded concurrently")
         return int(row["existing_id"])
     event_id = int(row["id"])
-    event = {"id": event_id, "type": "recommendation", "case_id": case_id,
-             "judgment_id": row["judgment_id"], "org_id": row["org_id"],
-             "created_at": row["created_at"].isoformat(), "job_key": job_key, **details}
-    payload: dict[str, Any] = {"channel": route.channel, "subject": _subject(case_id, rec),
-                               "body": _body(case_id, row["judgment_id"], rec),
-                               "data": {"event": event}}
+    event = {
+        "id": event_id,
+        "type": "recommendation",
+        "case_id": case_id,
+        "judgment_id": row["judgment_id"],
+        "org_id": row["org_id"],
+        "created_at": row["created_at"].isoformat(),
+        "job_key": job_key,
+        **details,
+    }
+    payload: dict[str, Any] = {
+        "channel": route.channel,
+        "subject": _subject(case_id, rec),
+        "body": _body(case_id, row["judgment_id"], rec),
+        "data": {"event": event},
+    }
     if route.to is not None:
         payload["to"] = route.to
-    envelope = build_envelope(entity_type="notification", entity_id=str(event_id),
-                              org_id=row["org_id"], idempotency_key=f"{job_key}:notify",
-                              payload=payload)
+    envelope = build_envelope(
+        entity_type="notification",
+        entity_id=str(event_id),
+        org_id=row["org_id"],
+        idempotency_key=f"{job_key}:notify",
+        payload=payload,
+    )
     enqueue(conn, OUTBOX_QUEUE, envelope)
     return event_id
 
@@ -236,8 +322,11 @@ def _subject(case_id: int, rec: Recommendation) -> str:
 
 
 def _body(case_id: int, judgment_id: int, rec: Recommendation) -> str:
-    lines = [f"Enforcement case {case_id} (judgment {judgment_id}): the recommended next"
-             f" action is {rec.action}, confidence {rec.confidence:.2f}, by rule {rec.rule}.",
-             "", "Reasons:", *(f"- {reason}" for reason in rec.reasons)]
+    lines = [
+        f"Enforcement case {case_id} (judgment {judgment_id}): the recommended next"
+        f" action is {rec.action}, confidence {rec.confidence:.2f}, by rule {rec.rule}.",
+        "",
+        "Reasons:",
+        *(f"- {reason}" for reason in rec.reasons),
+    ]
     return "\n".join(lines)
-

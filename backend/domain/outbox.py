@@ -42,20 +42,35 @@ _LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 _MESSAGE_FIELDS = frozenset({"channel", "subject", "body", "to", "data"})
 
 OUTBOX_VARIABLES: tuple[tuple[str, str | None, str], ...] = (
-    ("OUTBOX_WEBHOOK_URL", None,
-     "http(s) URL that receives the JSON of `webhook` messages; unset: channel disabled"),
-    ("OUTBOX_SLACK_WEBHOOK_URL", None,
-     "Slack incoming-webhook URL for `slack` messages; unset: channel disabled"),
-    ("OUTBOX_DISCORD_WEBHOOK_URL", None,
-     "Discord webhook URL for `discord` messages; unset: channel disabled"),
+    (
+        "OUTBOX_WEBHOOK_URL",
+        None,
+        "http(s) URL that receives the JSON of `webhook` messages; unset: channel disabled",
+    ),
+    (
+        "OUTBOX_SLACK_WEBHOOK_URL",
+        None,
+        "Slack incoming-webhook URL for `slack` messages; unset: channel disabled",
+    ),
+    (
+        "OUTBOX_DISCORD_WEBHOOK_URL",
+        None,
+        "Discord webhook URL for `discord` messages; unset: channel disabled",
+    ),
     ("OUTBOX_SMTP_HOST", None, "SMTP server for `email` messages; unset: channel disabled"),
-    ("OUTBOX_SMTP_PORT", str(DEFAULT_SMTP_PORT),
-     f"SMTP port; {DEFAULT_SMTPS_PORT} when unset and OUTBOX_SMTP_TLS=ssl"),
+    (
+        "OUTBOX_SMTP_PORT",
+        str(DEFAULT_SMTP_PORT),
+        f"SMTP port; {DEFAULT_SMTPS_PORT} when unset and OUTBOX_SMTP_TLS=ssl",
+    ),
     ("OUTBOX_SMTP_USERNAME", None, "SMTP login; unset: no AUTH"),
     ("OUTBOX_SMTP_PASSWORD", None, "SMTP password; required with OUTBOX_SMTP_USERNAME"),
     ("OUTBOX_SMTP_FROM", None, "sender address; required with OUTBOX_SMTP_HOST"),
-    ("OUTBOX_SMTP_TLS", "starttls",
-     "starttls, ssl (implicit TLS) or none (only without a login, or to a local host)"),
+    (
+        "OUTBOX_SMTP_TLS",
+        "starttls",
+        "starttls, ssl (implicit TLS) or none (only without a login, or to a local host)",
+    ),
     ("OUTBOX_HTTP_TIMEOUT_S", str(DEFAULT_TIMEOUT_S), "seconds before a webhook call is retried"),
     ("OUTBOX_SMTP_TIMEOUT_S", str(DEFAULT_TIMEOUT_S), "seconds before an SMTP exchange is retried"),
 )
@@ -131,8 +146,11 @@ class OutboxConfig:
 
     def url_for(self, channel: Channel) -> str | None:
         """The full URL (with its token) of an HTTP channel; never log it."""
-        return {"webhook": self.webhook_url, "slack": self.slack_webhook_url,
-                "discord": self.discord_webhook_url}.get(channel)
+        return {
+            "webhook": self.webhook_url,
+            "slack": self.slack_webhook_url,
+            "discord": self.discord_webhook_url,
+        }.get(channel)
 
     def safe_destination(self, channel: Channel) -> str:
         """The channel's destination without secrets: ``scheme://host[:port]``."""
@@ -145,16 +163,21 @@ class OutboxConfig:
         if self.smtp_host is None:
             return
         if self.smtp_from is None:
-            raise ConfigError("OUTBOX_SMTP_FROM", "required when OUTBOX_SMTP_HOST is set; "
-                              "set it to the sender address")
+            raise ConfigError(
+                "OUTBOX_SMTP_FROM", "required when OUTBOX_SMTP_HOST is set; set it to the sender address"
+            )
         if not _is_address(self.smtp_from):
             raise ConfigError("OUTBOX_SMTP_FROM", f"{self.smtp_from!r} is not an email address")
         if (self.smtp_username is None) != (self.smtp_password is None):
-            raise ConfigError("OUTBOX_SMTP_PASSWORD", "set OUTBOX_SMTP_USERNAME and "
-                              "OUTBOX_SMTP_PASSWORD together, or neither")
+            raise ConfigError(
+                "OUTBOX_SMTP_PASSWORD",
+                "set OUTBOX_SMTP_USERNAME and OUTBOX_SMTP_PASSWORD together, or neither",
+            )
         if self.smtp_username and self.smtp_tls == "none" and self.smtp_host not in _LOCAL_HOSTS:
-            raise ConfigError("OUTBOX_SMTP_TLS", "none would send the SMTP password in clear "
-                              f"text to {self.smtp_host}; use starttls or ssl")
+            raise ConfigError(
+                "OUTBOX_SMTP_TLS",
+                f"none would send the SMTP password in clear text to {self.smtp_host}; use starttls or ssl",
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -191,20 +214,26 @@ class DeliveryReceipt:
 def parse_message(payload: Any) -> OutboundMessage:
     """Validate a job's payload; raise ``PermanentJobError`` saying what is wrong."""
     if not isinstance(payload, Mapping):
-        raise PermanentJobError("outbox payload must be a JSON object, "
-                                f"got {type(payload).__name__}")
+        raise PermanentJobError(f"outbox payload must be a JSON object, got {type(payload).__name__}")
     unknown = sorted(str(k) for k in set(payload) - _MESSAGE_FIELDS)
     if unknown:
-        raise PermanentJobError(f"outbox payload has unknown field(s): {', '.join(unknown)}; "
-                                f"allowed: {', '.join(sorted(_MESSAGE_FIELDS))}")
+        raise PermanentJobError(
+            f"outbox payload has unknown field(s): {', '.join(unknown)}; "
+            f"allowed: {', '.join(sorted(_MESSAGE_FIELDS))}"
+        )
     channel = payload.get("channel")
     if channel not in CHANNELS:
         raise PermanentJobError(f"unknown channel {channel!r}; use one of {', '.join(CHANNELS)}")
     data = payload.get("data")
     if data is not None and not isinstance(data, Mapping):
         raise PermanentJobError("data must be a JSON object when present")
-    return OutboundMessage(channel=channel, subject=_subject(payload), body=_body(payload),
-                           to=_recipient(channel, payload.get("to")), data=data)
+    return OutboundMessage(
+        channel=channel,
+        subject=_subject(payload),
+        body=_body(payload),
+        to=_recipient(channel, payload.get("to")),
+        data=data,
+    )
 
 
 def stable_message_id(idempotency_key: str) -> str:
@@ -213,27 +242,35 @@ def stable_message_id(idempotency_key: str) -> str:
     return f"<{digest}@dragonfly.outbox>"
 
 
-def deliver(message: OutboundMessage, *, idempotency_key: str, config: OutboxConfig,
-            entity: EntityRef | None = None) -> DeliveryReceipt:
+def deliver(
+    message: OutboundMessage, *, idempotency_key: str, config: OutboxConfig, entity: EntityRef | None = None
+) -> DeliveryReceipt:
     """Send ``message`` on its channel and return the receiver's answer."""
     _check_key(idempotency_key)
     if message.channel not in CHANNELS:
         raise PermanentJobError(f"unknown channel {message.channel!r}")
     if not config.is_configured(message.channel):
-        raise PermanentJobError(f"channel {message.channel} is not configured: "
-                                f"set {_setting_hint(message.channel)}")
+        raise PermanentJobError(
+            f"channel {message.channel} is not configured: set {_setting_hint(message.channel)}"
+        )
     if message.channel == "email":
         return _send_email(message, idempotency_key, config)
     document = _http_document(message, idempotency_key, entity)
-    return _post_json(message.channel, config.url_for(message.channel) or "", document,
-                      idempotency_key, config.http_timeout_s)
+    return _post_json(
+        message.channel,
+        config.url_for(message.channel) or "",
+        document,
+        idempotency_key,
+        config.http_timeout_s,
+    )
 
 
 def deliver_job(job: Job, *, config: OutboxConfig) -> DeliveryReceipt:
     """Parse the job's payload and deliver it under the job's idempotency key."""
     entity = EntityRef(entity_type=job.entity_type, entity_id=job.entity_id, org_id=job.org_id)
-    return deliver(parse_message(job.payload), idempotency_key=job.idempotency_key,
-                   config=config, entity=entity)
+    return deliver(
+        parse_message(job.payload), idempotency_key=job.idempotency_key, config=config, entity=entity
+    )
 
 
 def redact_url(url: str) -> str:
@@ -355,8 +392,9 @@ def _is_address(value: str) -> bool:
 def _check_key(key: str) -> None:
     # The key travels in an HTTP or mail header: printable ASCII only, one line.
     if not key or not key.isascii() or not key.isprintable():
-        raise PermanentJobError("idempotency_key must be printable ASCII to be sent "
-                                "in the Idempotency-Key header")
+        raise PermanentJobError(
+            "idempotency_key must be printable ASCII to be sent in the Idempotency-Key header"
+        )
 
 
 # --- HTTP channels ---------------------------------------------------------------------
@@ -365,17 +403,22 @@ def _check_key(key: str) -> None:
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     # Following a redirect turns a POST into a body-less GET: a delivery that did not
     # happen would look like a success. The 3xx surfaces as an HTTPError instead.
-    def redirect_request(self, req: urllib.request.Request, fp: IO[bytes], code: int,
-                         msg: str, headers: http.client.HTTPMessage,
-                         newurl: str) -> urllib.request.Request | None:
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: IO[bytes],
+        code: int,
+        msg: str,
+        headers: http.client.HTTPMessage,
+        newurl: str,
+    ) -> urllib.request.Request | None:
         return None
 
 
 _OPENER = urllib.request.build_opener(_NoRedirect)
 
 
-def _http_document(message: OutboundMessage, key: str,
-                   entity: EntityRef | None) -> dict[str, Any]:
+def _http_document(message: OutboundMessage, key: str, entity: EntityRef | None) -> dict[str, Any]:
     if message.channel == "slack":
         return {"text": f"*{message.subject}*\n{message.body}"}
     if message.channel == "discord":
@@ -393,18 +436,23 @@ def _http_document(message: OutboundMessage, key: str,
         "data": dict(message.data) if message.data is not None else None,
     }
     if entity is not None:
-        document.update(entity_type=entity.entity_type, entity_id=entity.entity_id,
-                        org_id=entity.org_id)
+        document.update(entity_type=entity.entity_type, entity_id=entity.entity_id, org_id=entity.org_id)
     return document
 
 
-def _post_json(channel: Channel, url: str, document: Mapping[str, Any], key: str,
-               timeout_s: float) -> DeliveryReceipt:
+def _post_json(
+    channel: Channel, url: str, document: Mapping[str, Any], key: str, timeout_s: float
+) -> DeliveryReceipt:
     destination = redact_url(url)
     request = urllib.request.Request(
-        url, data=json.dumps(document).encode(), method="POST",
-        headers={"Content-Type": "application/json", "Idempotency-Key": key,
-                 "User-Agent": f"dragonfly-outbox/{__version__}"},
+        url,
+        data=json.dumps(document).encode(),
+        method="POST",
+        headers={
+            "Content-Type": "application/json",
+            "Idempotency-Key": key,
+            "User-Agent": f"dragonfly-outbox/{__version__}",
+        },
     )
     try:
         # The status line is the receiver's verdict; the body is not needed.
@@ -413,14 +461,19 @@ def _post_json(channel: Channel, url: str, document: Mapping[str, Any], key: str
     except urllib.error.HTTPError as exc:
         raise _http_failure(channel, destination, exc) from None
     except (OSError, http.client.HTTPException) as exc:
-        raise DeliveryError(f"{channel} delivery to {destination} failed: "
-                            f"{_network_reason(exc, timeout_s)}; will retry") from None
-    return DeliveryReceipt(channel=channel, destination=destination, status=status,
-                           response=reason, message_id=stable_message_id(key))
+        raise DeliveryError(
+            f"{channel} delivery to {destination} failed: {_network_reason(exc, timeout_s)}; will retry"
+        ) from None
+    return DeliveryReceipt(
+        channel=channel,
+        destination=destination,
+        status=status,
+        response=reason,
+        message_id=stable_message_id(key),
+    )
 
 
-def _http_failure(channel: Channel, destination: str,
-                  exc: urllib.error.HTTPError) -> WorkerError:
+def _http_failure(channel: Channel, destination: str, exc: urllib.error.HTTPError) -> WorkerError:
     try:
         detail = exc.read(200).decode("utf-8", "replace").strip()
     except (OSError, http.client.HTTPException):
@@ -430,11 +483,13 @@ def _http_failure(channel: Channel, destination: str,
     text = f"{channel} delivery to {destination} got HTTP {exc.code}"
     text += f" ({detail})" if detail else ""
     if exc.code >= 500 or exc.code in RETRYABLE_4XX:
-        return DeliveryError(f"{text}; will retry",
-                             retry_after_s=_retry_after(exc.headers.get("Retry-After")))
+        return DeliveryError(
+            f"{text}; will retry", retry_after_s=_retry_after(exc.headers.get("Retry-After"))
+        )
     if 300 <= exc.code < 400:
-        return PermanentJobError(f"{text}: redirects are not followed; set "
-                                 f"{_URL_VARIABLES[channel]} to the final URL")
+        return PermanentJobError(
+            f"{text}: redirects are not followed; set {_URL_VARIABLES[channel]} to the final URL"
+        )
     return PermanentJobError(f"{text}: the receiver rejected the message")
 
 
@@ -484,11 +539,16 @@ def _send_email(message: OutboundMessage, key: str, config: OutboxConfig) -> Del
     except smtplib.SMTPNotSupportedError as exc:
         raise PermanentJobError(f"{where}: {exc}; check OUTBOX_SMTP_TLS") from None
     except (smtplib.SMTPException, OSError) as exc:
-        raise DeliveryError(f"{where} failed: "
-                            f"{_network_reason(exc, config.smtp_timeout_s)}; will retry") from None
-    return DeliveryReceipt(channel="email", destination=destination, status=code,
-                           response=reply.decode("utf-8", "replace"),
-                           message_id=str(mail["Message-ID"]))
+        raise DeliveryError(
+            f"{where} failed: {_network_reason(exc, config.smtp_timeout_s)}; will retry"
+        ) from None
+    return DeliveryReceipt(
+        channel="email",
+        destination=destination,
+        status=code,
+        response=reply.decode("utf-8", "replace"),
+        message_id=str(mail["Message-ID"]),
+    )
 
 
 def _email_message(message: OutboundMessage, key: str, sender: str) -> EmailMessage:

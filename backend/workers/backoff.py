@@ -6,8 +6,7 @@ import math
 import random
 
 
-def retry_delay_s(attempt: int, *, base_s: float, max_s: float,
-                  rng: random.Random | None = None) -> int:
+def retry_delay_s(attempt: int, *, base_s: float, max_s: float, rng: random.Random | None = None) -> int:
     """Whole seconds to wait after failed attempt ``attempt`` (1-based).
 
     The delay is ``base * 2**(attempt-1)`` capped at ``max_s``, jittered to between half and

@@ -51,8 +51,7 @@ from backend.workers.processing import (
 from backend.workers.signals import SignalWatcher
 
 EXIT_OK, EXIT_FAILURE, EXIT_SIGNAL = 0, 1, 143
-SIGNAL_REASONS = {signal.SIGTERM: "SIGTERM (Deployment/Scale-down)",
-                  signal.SIGINT: "SIGINT (Interrupt)"}
+SIGNAL_REASONS = {signal.SIGTERM: "SIGTERM (Deployment/Scale-down)", signal.SIGINT: "SIGINT (Interrupt)"}
 MEMORY_REASON = "memory soft limit"
 # Short pool waits: during an outage every one of them delays a SIGTERM's exit.
 _STATUS_WRITE_TIMEOUT_S = 1.0
@@ -84,17 +83,28 @@ class BaseWorker:
         self._wake_w.setblocking(False)
         self.lifecycle = Lifecycle(emit=self._emit, write_status=self._write_status)
         self._db_url: str | None = None
-        self.deliveries = (DeliveryLog(queue_name=self.queue, worker_id=self.worker_id,
-                                       open_conn=self._deliveries_conn)
-                           if self.kind == "transactional" else None)
+        self.deliveries = (
+            DeliveryLog(queue_name=self.queue, worker_id=self.worker_id, open_conn=self._deliveries_conn)
+            if self.kind == "transactional"
+            else None
+        )
         self.processor = Processor(
-            queue=self.queue, worker_id=self.worker_id, kind=self.kind, handler=self,  # type: ignore[arg-type]
+            queue=self.queue,
+            worker_id=self.worker_id,
+            kind=self.kind,
+            handler=self,  # type: ignore[arg-type]
             deliveries=self.deliveries,
             options=ProcessingOptions(
-                batch_size=settings.batch_size, visibility_timeout_s=settings.visibility_timeout_s,
-                max_attempts=settings.max_attempts, retry_base_s=settings.retry_base_s,
-                retry_max_s=settings.retry_max_s, max_payload_bytes=settings.max_payload_bytes),
-            counters=self.counters, held=self.held)
+                batch_size=settings.batch_size,
+                visibility_timeout_s=settings.visibility_timeout_s,
+                max_attempts=settings.max_attempts,
+                retry_base_s=settings.retry_base_s,
+                retry_max_s=settings.retry_max_s,
+                max_payload_bytes=settings.max_payload_bytes,
+            ),
+            counters=self.counters,
+            held=self.held,
+        )
 
     def _deliveries_conn(self) -> psycopg.Connection[Any]:
         assert self._db_url is not None, "deliveries are recorded only after boot"
@@ -109,9 +119,16 @@ class BaseWorker:
 
     def identity(self) -> dict[str, Any]:
         s = self.settings
-        return {"worker_name": self.queue, "worker_id": self.worker_id, "version": s.version,
-                "git_sha": s.git_sha, "mode": s.mode, "hostname": s.hostname, "pid": os.getpid(),
-                "concurrency": 1}
+        return {
+            "worker_name": self.queue,
+            "worker_id": self.worker_id,
+            "version": s.version,
+            "git_sha": s.git_sha,
+            "mode": s.mode,
+            "hostname": s.hostname,
+            "pid": os.getpid(),
+            "concurrency": 1,
+        }
 
     def _emit(self, event: str, data: Any, level: int) -> None:
         log_event(event, {**self.identity(), **data}, level)
@@ -119,11 +136,21 @@ class BaseWorker:
     def heartbeat_row(self) -> dict[str, Any]:
         s = self.settings
         rss = self.housekeeper.last_rss if self.housekeeper and self.housekeeper.last_rss else rss_bytes()
-        return {"worker_id": self.worker_id, "worker_name": self.queue, "queue_name": self.queue,
-                "status": self.lifecycle.state.value, "hostname": s.hostname, "pid": os.getpid(),
-                "version": s.version, "git_sha": s.git_sha, "started_at": self.started_at,
-                "jobs_processed": self.counters.processed, "jobs_failed": self.counters.failed,
-                "rss_bytes": rss, "metadata": dict(s.railway)}
+        return {
+            "worker_id": self.worker_id,
+            "worker_name": self.queue,
+            "queue_name": self.queue,
+            "status": self.lifecycle.state.value,
+            "hostname": s.hostname,
+            "pid": os.getpid(),
+            "version": s.version,
+            "git_sha": s.git_sha,
+            "started_at": self.started_at,
+            "jobs_processed": self.counters.processed,
+            "jobs_failed": self.counters.failed,
+            "rss_bytes": rss,
+            "metadata": dict(s.railway),
+        }
 
     def _write_status(self, state: State) -> None:
         """Every transition writes the heartbeat row at once; best effort on the way down."""
@@ -133,17 +160,29 @@ class BaseWorker:
             with self.pool.connection(timeout=_STATUS_WRITE_TIMEOUT_S) as conn:
                 q.upsert_heartbeat(conn, self.heartbeat_row())
         except psycopg.Error as exc:
-            log_event("HEARTBEAT_FAILED", {"worker_id": self.worker_id, "status": state.value,
-                                           "error": " ".join(str(exc).split()),
-                                           "error_type": type(exc).__name__}, logging.WARNING)
+            log_event(
+                "HEARTBEAT_FAILED",
+                {
+                    "worker_id": self.worker_id,
+                    "status": state.value,
+                    "error": " ".join(str(exc).split()),
+                    "error_type": type(exc).__name__,
+                },
+                logging.WARNING,
+            )
 
     def _uptime(self) -> float:
         return round(time.monotonic() - self._started, 3)
 
     def _shutdown_data(self, *, drained: bool, exit_code: int) -> dict[str, Any]:
-        return {"reason": self.stop_reason, "drained": drained, "uptime_s": self._uptime(),
-                "jobs_processed": self.counters.processed, "jobs_failed": self.counters.failed,
-                "exit_code": exit_code}
+        return {
+            "reason": self.stop_reason,
+            "drained": drained,
+            "uptime_s": self._uptime(),
+            "jobs_processed": self.counters.processed,
+            "jobs_failed": self.counters.failed,
+            "exit_code": exit_code,
+        }
 
     # --- signals and stopping ------------------------------------------------------------
 
@@ -173,9 +212,11 @@ class BaseWorker:
         has not got that far, by the main thread before it finishes: whichever is first
         emits WORKER_DRAINING, the other's trigger is refused."""
         if self.lifecycle.state in (State.BOOTING, State.RUNNING):
-            self.lifecycle.drain(reason=self.stop_reason,
-                                 in_flight=self.processor.in_flight if in_flight is None else in_flight,
-                                 drain_timeout_s=self.settings.drain_timeout_s)
+            self.lifecycle.drain(
+                reason=self.stop_reason,
+                in_flight=self.processor.in_flight if in_flight is None else in_flight,
+                drain_timeout_s=self.settings.drain_timeout_s,
+            )
 
     def _drain_deadline(self) -> None:
         if not self.loop_done.wait(self.settings.drain_timeout_s):
@@ -191,8 +232,11 @@ class BaseWorker:
             changed = self.lifecycle.crash(**self._memory_crash_data(drained=False, abandoned=why))
             code = EXIT_FAILURE
         else:
-            changed = self.lifecycle.abandon(**self._shutdown_data(drained=False, exit_code=EXIT_SIGNAL),
-                                             abandoned=why, in_flight=self.processor.in_flight)
+            changed = self.lifecycle.abandon(
+                **self._shutdown_data(drained=False, exit_code=EXIT_SIGNAL),
+                abandoned=why,
+                in_flight=self.processor.in_flight,
+            )
             code = EXIT_SIGNAL
         if not changed:
             return
@@ -212,18 +256,28 @@ class BaseWorker:
                 q.set_visibility(conn, self.queue, msg_ids, [0] * len(msg_ids))
                 q.release_claims(conn, self.worker_id, keys)
         except psycopg.Error as exc:
-            log_event("RELEASE_FAILED", {"worker_id": self.worker_id, "messages": len(msg_ids),
-                                         "claims": len(keys), "error": " ".join(str(exc).split()),
-                                         "error_type": type(exc).__name__,
-                                         "consequence": "they return when their leases end"},
-                      logging.WARNING)
+            log_event(
+                "RELEASE_FAILED",
+                {
+                    "worker_id": self.worker_id,
+                    "messages": len(msg_ids),
+                    "claims": len(keys),
+                    "error": " ".join(str(exc).split()),
+                    "error_type": type(exc).__name__,
+                    "consequence": "they return when their leases end",
+                },
+                logging.WARNING,
+            )
 
     def _on_memory_exceeded(self, verdict: MemoryVerdict) -> None:
         # Already stopping for a signal: that drain ends the process anyway (exit 0).
         if self.memory is None and not self.stop_requested.is_set():
             self.memory = verdict
-            log_event("WORKER_MEMORY_SOFT_LIMIT", {"worker_id": self.worker_id, **verdict.figures()},
-                      logging.WARNING)
+            log_event(
+                "WORKER_MEMORY_SOFT_LIMIT",
+                {"worker_id": self.worker_id, **verdict.figures()},
+                logging.WARNING,
+            )
             self.request_stop(MEMORY_REASON)
 
     def _wake(self) -> None:
@@ -251,20 +305,32 @@ class BaseWorker:
         else:
             current, latest = current_version(conn), latest_version()
             if current < latest:
-                raise BootError(f"workers schema is at version {current}, this worker needs {latest}:"
-                                " run `python -m backend.db.migrate`")
+                raise BootError(
+                    f"workers schema is at version {current}, this worker needs {latest}:"
+                    " run `python -m backend.db.migrate`"
+                )
             if not q.queue_exists(conn, self.queue):
                 raise BootError(f"queue {self.queue} does not exist: run `python -m backend.db.migrate`")
-        self.notifications = (self.settings.notifications == "auto"
-                              and not self.settings.uses_transaction_pooler
-                              and q.notifications_available(conn, self.queue))
+        self.notifications = (
+            self.settings.notifications == "auto"
+            and not self.settings.uses_transaction_pooler
+            and q.notifications_available(conn, self.queue)
+        )
 
     def _boot_failed(self, exc: BaseException) -> int:
         data = {"db_status": "error", **self._crash_data(exc)}
         if not self.lifecycle.boot_failed(**data):
             # A signal arrived while booting (DRAINING): the failure is still reported.
-            self._emit("WORKER_BOOT", {"from": self.lifecycle.state.value, "to": State.CRASHED.value,
-                                       "trigger": "boot_failed", **data}, logging.ERROR)
+            self._emit(
+                "WORKER_BOOT",
+                {
+                    "from": self.lifecycle.state.value,
+                    "to": State.CRASHED.value,
+                    "trigger": "boot_failed",
+                    **data,
+                },
+                logging.ERROR,
+            )
             self.lifecycle.crash(**data)
         self._close()
         return EXIT_FAILURE
@@ -280,16 +346,24 @@ class BaseWorker:
             return self._boot_failed(exc)
         except Exception as exc:
             return self._boot_failed(exc)
-        booted = self.lifecycle.booted(db_status="ok", notifications=self.notifications,
-                                       railway=dict(self.settings.railway),
-                                       boot_s=self._uptime(), queue=self.queue,
-                                       db_url=self.settings.safe_db_url or "embedded")
+        booted = self.lifecycle.booted(
+            db_status="ok",
+            notifications=self.notifications,
+            railway=dict(self.settings.railway),
+            boot_s=self._uptime(),
+            queue=self.queue,
+            db_url=self.settings.safe_db_url or "embedded",
+        )
         if not booted and self.lifecycle.state is not State.DRAINING:
             return EXIT_FAILURE
         assert self.pool is not None
-        self.housekeeper = Housekeeper(self._housekeeping_plan(), self.pool,
-                                       heartbeat_row=self.heartbeat_row, held=self.held,
-                                       on_memory_exceeded=self._on_memory_exceeded)
+        self.housekeeper = Housekeeper(
+            self._housekeeping_plan(),
+            self.pool,
+            heartbeat_row=self.heartbeat_row,
+            held=self.held,
+            on_memory_exceeded=self._on_memory_exceeded,
+        )
         self.housekeeper.start()
         try:
             self._loop()
@@ -322,16 +396,23 @@ class BaseWorker:
             pass
 
     def _crash_data(self, exc: BaseException, **extra: Any) -> dict[str, Any]:
-        return {"error": " ".join(str(exc).split()) or type(exc).__name__,
-                "error_type": type(exc).__name__, "traceback": _tb(exc),
-                "state_before": self.lifecycle.state.value, "exit_code": EXIT_FAILURE,
-                "jobs_processed": self.counters.processed, "jobs_failed": self.counters.failed,
-                **extra}
+        return {
+            "error": " ".join(str(exc).split()) or type(exc).__name__,
+            "error_type": type(exc).__name__,
+            "traceback": _tb(exc),
+            "state_before": self.lifecycle.state.value,
+            "exit_code": EXIT_FAILURE,
+            "jobs_processed": self.counters.processed,
+            "jobs_failed": self.counters.failed,
+            **extra,
+        }
 
     def _memory_crash_data(self, **extra: Any) -> dict[str, Any]:
         assert self.memory is not None
-        error = MemoryError(f"RSS {self.memory.figures()['rss_mb']} MB above the soft limit of"
-                            f" {self.memory.figures()['soft_limit_mb']} MB")
+        error = MemoryError(
+            f"RSS {self.memory.figures()['rss_mb']} MB above the soft limit of"
+            f" {self.memory.figures()['soft_limit_mb']} MB"
+        )
         return {**self._crash_data(error), **self.memory.figures(), **extra}
 
     def _crash(self, exc: BaseException) -> int:
@@ -350,11 +431,17 @@ class BaseWorker:
     def _housekeeping_plan(self) -> HousekeepingPlan:
         s = self.settings
         return HousekeepingPlan(
-            queue=self.queue, worker_id=self.worker_id, heartbeat_interval_s=s.heartbeat_interval_s,
-            lease_s=s.visibility_timeout_s, memory_limit_bytes=s.memory_limit_bytes,
-            memory_soft_pct=s.memory_soft_limit_pct, memory_check_interval_s=s.memory_check_interval_s,
-            prune_interval_s=s.prune_interval_s, ledger_retention_days=s.ledger_retention_days,
-            heartbeat_retention_days=s.heartbeat_retention_days)
+            queue=self.queue,
+            worker_id=self.worker_id,
+            heartbeat_interval_s=s.heartbeat_interval_s,
+            lease_s=s.visibility_timeout_s,
+            memory_limit_bytes=s.memory_limit_bytes,
+            memory_soft_pct=s.memory_soft_limit_pct,
+            memory_check_interval_s=s.memory_check_interval_s,
+            prune_interval_s=s.prune_interval_s,
+            ledger_retention_days=s.ledger_retention_days,
+            heartbeat_retention_days=s.heartbeat_retention_days,
+        )
 
     def _loop(self) -> None:
         conn: psycopg.Connection[Any] | None = None
@@ -366,8 +453,10 @@ class BaseWorker:
                     conn = self._acquire()
                 read = self.processor.process_batch(conn, self.stop_requested.is_set)
                 if outage_since is not None:
-                    log_event("DB_RECOVERED", {"worker_id": self.worker_id,
-                                               "outage_s": round(time.monotonic() - outage_since, 3)})
+                    log_event(
+                        "DB_RECOVERED",
+                        {"worker_id": self.worker_id, "outage_s": round(time.monotonic() - outage_since, 3)},
+                    )
                     outage_since = None
                 if read == 0:
                     self._wait_for_work(conn)
@@ -384,9 +473,15 @@ class BaseWorker:
                 if outage_since is None:
                     outage_since = time.monotonic()
                     failures = 0
-                    log_event("DB_OUTAGE", {"worker_id": self.worker_id,
-                                            "error": " ".join(str(exc).split()),
-                                            "error_type": type(exc).__name__}, logging.ERROR)
+                    log_event(
+                        "DB_OUTAGE",
+                        {
+                            "worker_id": self.worker_id,
+                            "error": " ".join(str(exc).split()),
+                            "error_type": type(exc).__name__,
+                        },
+                        logging.ERROR,
+                    )
                 else:
                     # It answered again but failed again: keep backing off, never spin.
                     failures += 1
@@ -399,17 +494,32 @@ class BaseWorker:
         """The server ended this worker's transaction: it paused (a frozen process, a cut
         network, a handler busy outside the database) or ran one statement longer than the
         visibility timeout. Its locks went with it; its messages were delivered again."""
-        log_event("TRANSACTION_TIMED_OUT", {
-            "worker_id": self.worker_id, "queue": self.queue, "error": " ".join(str(exc).split()),
-            "error_type": type(exc).__name__, "limit_s": self.settings.visibility_timeout_s,
-            "consequence": "rolled back; the jobs are delivered again, each run counted",
-            "fix": "if a handler needs longer, raise WORKER_VISIBILITY_TIMEOUT_S"}, logging.ERROR)
+        log_event(
+            "TRANSACTION_TIMED_OUT",
+            {
+                "worker_id": self.worker_id,
+                "queue": self.queue,
+                "error": " ".join(str(exc).split()),
+                "error_type": type(exc).__name__,
+                "limit_s": self.settings.visibility_timeout_s,
+                "consequence": "rolled back; the jobs are delivered again, each run counted",
+                "fix": "if a handler needs longer, raise WORKER_VISIBILITY_TIMEOUT_S",
+            },
+            logging.ERROR,
+        )
 
     def _back_off(self, failures: int, exc: BaseException) -> None:
         delay = jittered(min(10.0, 0.25 * 2 ** min(failures, 6)))
-        log_event("DB_RETRY", {"attempt": failures, "delay_s": round(delay, 3),
-                               "error": " ".join(str(exc).split()),
-                               "error_type": type(exc).__name__}, logging.WARNING)
+        log_event(
+            "DB_RETRY",
+            {
+                "attempt": failures,
+                "delay_s": round(delay, 3),
+                "error": " ".join(str(exc).split()),
+                "error_type": type(exc).__name__,
+            },
+            logging.WARNING,
+        )
         self.stop_requested.wait(delay)
 
     def _acquire(self) -> psycopg.Connection[Any]:
@@ -422,7 +532,8 @@ class BaseWorker:
                 conn.execute(f'LISTEN "{q.notify_channel(self.queue)}"')
             if q.read_only(conn):
                 raise psycopg.errors.ReadOnlySqlTransaction(
-                    "the database is read-only (a failover to a standby, or a full disk)")
+                    "the database is read-only (a failover to a standby, or a full disk)"
+                )
         except BaseException:
             self.pool.putconn(conn)
             raise

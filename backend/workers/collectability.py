@@ -38,8 +38,7 @@ class CollectabilityWorker(TransactionalWorker):
 
     def handle_batch(self, conn: psycopg.Connection[Any], jobs: list[Job]) -> None:
         ids = [entity_id(job, "judgment") for job in jobs]
-        score_and_store(conn, ids, [job.idempotency_key for job in jobs],
-                        today=datetime.now(UTC).date())
+        score_and_store(conn, ids, [job.idempotency_key for job in jobs], today=datetime.now(UTC).date())
 
 
 if __name__ == "__main__":

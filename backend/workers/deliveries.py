@@ -35,8 +35,9 @@ class DeliveryLog:
 
     def record(self, msg_ids: Sequence[int]) -> None:
         """Send the record of the messages about to run; ``confirm`` before running them."""
-        self._send(q.RECORD_DELIVERY, [self.worker_id.encode(), self.queue_name.encode(),
-                                       q.int_array(msg_ids)])
+        self._send(
+            q.RECORD_DELIVERY, [self.worker_id.encode(), self.queue_name.encode(), q.int_array(msg_ids)]
+        )
 
     def forget(self, timeout_s: float) -> None:
         """Drop this worker's record (its batch ended with an outcome), and wait for it."""

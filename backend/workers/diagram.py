@@ -27,9 +27,11 @@ def initial_state() -> State:
     return Lifecycle(emit=_ignore_event, write_status=_ignore_status).state
 
 
-def state_diagram(transitions: Sequence[Transition] = TRANSITIONS,
-                  events: Mapping[State, str] = EVENTS,
-                  initial: State | None = None) -> str:
+def state_diagram(
+    transitions: Sequence[Transition] = TRANSITIONS,
+    events: Mapping[State, str] = EVENTS,
+    initial: State | None = None,
+) -> str:
     """Mermaid text of the machine: one arrow per (source, destination) pair, labelled
     with its triggers and the event the destination emits; final states lead to ``[*]``.
 
@@ -53,8 +55,7 @@ def state_diagram(transitions: Sequence[Transition] = TRANSITIONS,
             label += f" / {event}"
         lines.append(f"    {source.value} --> {dest.value} : {label}")
     origins = {source for source, _ in edges}
-    finals = [state for state in order if state not in origins
-              and any(dest is state for _, dest in edges)]
+    finals = [state for state in order if state not in origins and any(dest is state for _, dest in edges)]
     lines.extend(f"    {state.value} --> [*]" for state in finals)
     return "\n".join(lines) + "\n"
 
@@ -71,10 +72,10 @@ def extract_embedded(document: str) -> str:
     end = document.find(END_MARKER)
     if start < 0 or end < start:
         raise ValueError(f"no {START_MARKER} ... {END_MARKER} block")
-    inner = document[start + len(START_MARKER):end].strip()
+    inner = document[start + len(START_MARKER) : end].strip()
     if not (inner.startswith(_FENCE_OPEN + "\n") and inner.endswith("\n" + _FENCE_CLOSE)):
         raise ValueError(f"the block between the markers is not one {_FENCE_OPEN} fence")
-    return inner[len(_FENCE_OPEN) + 1:-len(_FENCE_CLOSE)].rstrip() + "\n"
+    return inner[len(_FENCE_OPEN) + 1 : -len(_FENCE_CLOSE)].rstrip() + "\n"
 
 
 def replace_embedded(document: str, diagram: str) -> str:
@@ -83,7 +84,7 @@ def replace_embedded(document: str, diagram: str) -> str:
     end = document.find(END_MARKER)
     if start < 0 or end < start:
         raise ValueError(f"no {START_MARKER} ... {END_MARKER} block")
-    return document[:start] + embedded_block(diagram) + document[end + len(END_MARKER):]
+    return document[:start] + embedded_block(diagram) + document[end + len(END_MARKER) :]
 
 
 def main() -> None:

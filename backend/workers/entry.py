@@ -36,18 +36,29 @@ class BareIdentity:
         self.queue = f"q_{worker_cls.name}"
 
     def fail(self, exc: ConfigError) -> None:
-        identity = {"worker_name": self.queue, "worker_id": None,
-                    "version": os.environ.get("WORKER_VERSION") or _package_version(),
-                    "git_sha": os.environ.get("RAILWAY_GIT_COMMIT_SHA"),
-                    "mode": os.environ.get("SUPABASE_MODE"), "hostname": socket.gethostname(),
-                    "pid": os.getpid(), "concurrency": 1}
+        identity = {
+            "worker_name": self.queue,
+            "worker_id": None,
+            "version": os.environ.get("WORKER_VERSION") or _package_version(),
+            "git_sha": os.environ.get("RAILWAY_GIT_COMMIT_SHA"),
+            "mode": os.environ.get("SUPABASE_MODE"),
+            "hostname": socket.gethostname(),
+            "pid": os.getpid(),
+            "concurrency": 1,
+        }
 
         def emit(event: str, data: Any, level: int) -> None:
             log_event(event, {**identity, **data}, level)
 
         Lifecycle(emit=emit, write_status=lambda _s: None).boot_failed(
-            db_status="error", error=str(exc), error_type="ConfigError", variable=exc.variable,
-            traceback="", state_before=State.BOOTING.value, exit_code=EXIT_FAILURE)
+            db_status="error",
+            error=str(exc),
+            error_type="ConfigError",
+            variable=exc.variable,
+            traceback="",
+            state_before=State.BOOTING.value,
+            exit_code=EXIT_FAILURE,
+        )
 
 
 def _package_version() -> str:

@@ -44,17 +44,22 @@ class HousekeepingPlan:
 
     @property
     def tick_s(self) -> float:
-        return max(0.01, min(self.heartbeat_interval_s, self.memory_check_interval_s,
-                             self.lease_s / 3))
+        return max(0.01, min(self.heartbeat_interval_s, self.memory_check_interval_s, self.lease_s / 3))
 
 
 class Housekeeper:
     """Runs the periodic duties until ``stop`` is called."""
 
-    def __init__(self, plan: HousekeepingPlan, pool: ConnectionPool[Any], *,
-                 heartbeat_row: Callable[[], dict[str, Any]], held: HeldJobs,
-                 on_memory_exceeded: Callable[[MemoryVerdict], None],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        plan: HousekeepingPlan,
+        pool: ConnectionPool[Any],
+        *,
+        heartbeat_row: Callable[[], dict[str, Any]],
+        held: HeldJobs,
+        on_memory_exceeded: Callable[[MemoryVerdict], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.plan = plan
         self.pool = pool
         self.heartbeat_row = heartbeat_row
@@ -76,8 +81,12 @@ class Housekeeper:
 
     def _run(self) -> None:
         now = self.clock()
-        due = {"beat": now + self.plan.heartbeat_interval_s, "lease": now + self.plan.lease_s / 3,
-               "memory": now, "prune": now + min(5.0, self.plan.prune_interval_s)}
+        due = {
+            "beat": now + self.plan.heartbeat_interval_s,
+            "lease": now + self.plan.lease_s / 3,
+            "memory": now,
+            "prune": now + min(5.0, self.plan.prune_interval_s),
+        }
         while True:
             sleep_s = self._sleep_until(min(due.values()))
             asleep_at = self.clock()
@@ -102,10 +111,16 @@ class Housekeeper:
         """A wait that ended far later than asked: the whole process did not run (SIGSTOP, a
         stalled container, a starved CPU). Said once it runs again, since nothing else would."""
         if late_s > _STALL_MIN_S:
-            log_event("WORKER_STALLED", {
-                "worker_id": self.plan.worker_id, "stalled_s": round(late_s, 3),
-                "consequence": "a transaction open for longer than the visibility timeout was ended"
-                               " by the server, and its work went to other workers"}, logging.WARNING)
+            log_event(
+                "WORKER_STALLED",
+                {
+                    "worker_id": self.plan.worker_id,
+                    "stalled_s": round(late_s, 3),
+                    "consequence": "a transaction open for longer than the visibility timeout was ended"
+                    " by the server, and its work went to other workers",
+                },
+                logging.WARNING,
+            )
 
     def _sleep_until(self, when: float) -> float:
         return max(0.0, min(self.plan.tick_s, when - self.clock()))
@@ -117,8 +132,15 @@ class Housekeeper:
         except (psycopg.Error, OSError) as exc:
             if event not in self._failing:
                 self._failing.add(event)
-                log_event(event, {"worker_id": self.plan.worker_id, "error": " ".join(str(exc).split()),
-                                  "error_type": type(exc).__name__}, logging.WARNING)
+                log_event(
+                    event,
+                    {
+                        "worker_id": self.plan.worker_id,
+                        "error": " ".join(str(exc).split()),
+                        "error_type": type(exc).__name__,
+                    },
+                    logging.WARNING,
+                )
             return
         if event in self._failing:
             self._failing.discard(event)
@@ -139,13 +161,22 @@ class Housekeeper:
         if not msg_ids and not keys:
             return
         with self.pool.connection(timeout=_POOL_WAIT_S) as conn:
-            q.extend_leases(conn, queue=self.plan.queue, worker_id=self.plan.worker_id,
-                            msg_ids=msg_ids, keys=keys, lease_s=self.plan.lease_s)
+            q.extend_leases(
+                conn,
+                queue=self.plan.queue,
+                worker_id=self.plan.worker_id,
+                msg_ids=msg_ids,
+                keys=keys,
+                lease_s=self.plan.lease_s,
+            )
 
     def _prune(self) -> None:
         with self.pool.connection(timeout=_POOL_WAIT_S) as conn:
-            result = q.prune(conn, ledger_days=self.plan.ledger_retention_days,
-                             heartbeat_days=self.plan.heartbeat_retention_days)
+            result = q.prune(
+                conn,
+                ledger_days=self.plan.ledger_retention_days,
+                heartbeat_days=self.plan.heartbeat_retention_days,
+            )
             q.prune_deliveries(conn, self.plan.queue)
         if result and any(result):
             log_event("RETENTION_PRUNED", {"ledger_rows": result[0], "heartbeat_rows": result[1]})

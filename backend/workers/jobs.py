@@ -59,8 +59,7 @@ def validate_envelope(body: Any, *, max_bytes: int, size: int | None = None) -> 
     return body
 
 
-def job_from_envelope(envelope: Mapping[str, Any], *, msg_id: int, queue_name: str,
-                      attempt: int = 1) -> Job:
+def job_from_envelope(envelope: Mapping[str, Any], *, msg_id: int, queue_name: str, attempt: int = 1) -> Job:
     return Job(
         msg_id=msg_id,
         queue_name=queue_name,
@@ -78,8 +77,14 @@ def job_from_envelope(envelope: Mapping[str, Any], *, msg_id: int, queue_name: s
 def _json_type(value: Any) -> str:
     if value is None:
         return "null"
-    return {dict: "object", list: "array", str: "string", bool: "boolean",
-            int: "number", float: "number"}.get(type(value), type(value).__name__)
+    return {
+        dict: "object",
+        list: "array",
+        str: "string",
+        bool: "boolean",
+        int: "number",
+        float: "number",
+    }.get(type(value), type(value).__name__)
 
 
 class TransactionalHandler(Protocol):

@@ -93,10 +93,8 @@ class Lifecycle:
         source = State(event.transition.source if event.transition else self.state)
         dest = self.state
         trigger = event.event.name if event.event else ""
-        data: dict[str, Any] = {"from": source.value, "to": dest.value, "trigger": trigger,
-                                **event.kwargs}
+        data: dict[str, Any] = {"from": source.value, "to": dest.value, "trigger": trigger, **event.kwargs}
         self._write_status(dest)
         if trigger == "boot_failed":
-            self._emit("WORKER_BOOT", {**data, "db_status": data.get("db_status", "error")},
-                       logging.ERROR)
+            self._emit("WORKER_BOOT", {**data, "db_status": data.get("db_status", "error")}, logging.ERROR)
         self._emit(EVENTS[dest], data, _LEVELS.get(dest, logging.INFO))

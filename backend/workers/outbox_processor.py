@@ -28,15 +28,26 @@ class OutboxWorker(ExternalWorker):
 
     def setup(self) -> None:
         self.config = OutboxConfig.from_env(os.environ)
-        log_event("OUTBOX_CHANNELS", {"worker_id": self.worker_id, **self.config.describe()},
-                  logging.INFO if self.config.channels else logging.WARNING)
+        log_event(
+            "OUTBOX_CHANNELS",
+            {"worker_id": self.worker_id, **self.config.describe()},
+            logging.INFO if self.config.channels else logging.WARNING,
+        )
 
     def handle(self, job: Job) -> None:
         receipt = deliver_job(job, config=self.config)
-        log_event("OUTBOX_DELIVERED", {"job_key": job.idempotency_key, "msg_id": job.msg_id,
-                                       "channel": receipt.channel, "destination": receipt.destination,
-                                       "status": receipt.status, "message_id": receipt.message_id,
-                                       "attempt": job.attempt})
+        log_event(
+            "OUTBOX_DELIVERED",
+            {
+                "job_key": job.idempotency_key,
+                "msg_id": job.msg_id,
+                "channel": receipt.channel,
+                "destination": receipt.destination,
+                "status": receipt.status,
+                "message_id": receipt.message_id,
+                "attempt": job.attempt,
+            },
+        )
 
 
 if __name__ == "__main__":

@@ -148,10 +148,19 @@ class _Outcome:
 class Processor:
     """Processes one delivery at a time for one queue; the run loop calls ``process_batch``."""
 
-    def __init__(self, *, queue: str, worker_id: str, kind: HandlerKind,
-                 handler: TransactionalHandler | ExternalHandler, options: ProcessingOptions,
-                 deliveries: DeliveryLog | None = None, counters: Counters | None = None,
-                 held: HeldJobs | None = None, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        queue: str,
+        worker_id: str,
+        kind: HandlerKind,
+        handler: TransactionalHandler | ExternalHandler,
+        options: ProcessingOptions,
+        deliveries: DeliveryLog | None = None,
+        counters: Counters | None = None,
+        held: HeldJobs | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
         if kind == "transactional" and deliveries is None:
             raise ValueError("a transactional processor records its deliveries: give it a DeliveryLog")
         self.queue = queue
@@ -184,8 +193,13 @@ class Processor:
             # Not pipelined with BEGIN: a statement sent in pipeline mode leaves the session
             # "active" until a Sync, and the idle-in-transaction bound never starts.
             with conn.transaction():
-                messages = q.lock_messages(conn, self.queue, qty=o.batch_size, max_bytes=o.max_payload_bytes,
-                                           limit_ms=o.transaction_limit_ms)
+                messages = q.lock_messages(
+                    conn,
+                    self.queue,
+                    qty=o.batch_size,
+                    max_bytes=o.max_payload_bytes,
+                    limit_ms=o.transaction_limit_ms,
+                )
                 if not messages:
                     return 0
                 self.in_flight = len(messages)
@@ -206,8 +220,9 @@ class Processor:
 
     def _external_delivery(self, conn: Conn, should_stop: Callable[[], bool]) -> int:
         o = self.options
-        messages = q.fetch_messages(conn, self.queue, qty=1, vt_s=o.visibility_timeout_s,
-                                    max_bytes=o.max_payload_bytes)
+        messages = q.fetch_messages(
+            conn, self.queue, qty=1, vt_s=o.visibility_timeout_s, max_bytes=o.max_payload_bytes
+        )
         if not messages:
             return 0
         self.held.take([m.msg_id for m in messages])
@@ -235,11 +250,19 @@ class Processor:
         seen: set[str] = set()
         for msg in messages:
             try:
-                envelope = validate_envelope(self._decode(msg), max_bytes=self.options.max_payload_bytes,
-                                             size=msg.size)
+                envelope = validate_envelope(
+                    self._decode(msg), max_bytes=self.options.max_payload_bytes, size=msg.size
+                )
             except InvalidEnvelope as exc:
-                out.letters.append(q.DeadLetter(msg_id=msg.msg_id, job_key=None, error=str(exc),
-                                                error_type=type(exc).__name__, attempts=0))
+                out.letters.append(
+                    q.DeadLetter(
+                        msg_id=msg.msg_id,
+                        job_key=None,
+                        error=str(exc),
+                        error_type=type(exc).__name__,
+                        attempts=0,
+                    )
+                )
                 continue
             key = envelope["idempotency_key"]
             if key in seen:
@@ -256,33 +279,53 @@ class Processor:
         digits than Python converts, ...)."""
         limit = self.options.max_payload_bytes
         if msg.too_large(limit):
-            raise PayloadTooLarge(f"body is {msg.size} bytes, over WORKER_MAX_PAYLOAD_BYTES ({limit});"
-                                  f" it starts {_preview(msg.text)}")
+            raise PayloadTooLarge(
+                f"body is {msg.size} bytes, over WORKER_MAX_PAYLOAD_BYTES ({limit});"
+                f" it starts {_preview(msg.text)}"
+            )
         if msg.text is None:
             return None
         try:
             return json.loads(msg.text)
         except (ValueError, RecursionError, MemoryError) as exc:
-            raise UndecodableMessage(f"body cannot be decoded ({type(exc).__name__}: {_describe(exc)});"
-                                     f" it starts {_preview(msg.text)}") from None
+            raise UndecodableMessage(
+                f"body cannot be decoded ({type(exc).__name__}: {_describe(exc)});"
+                f" it starts {_preview(msg.text)}"
+            ) from None
 
     # --- claims and outcomes, shared -----------------------------------------------------
 
-    def _claim(self, conn: Conn, pending: Sequence[Pending], out: _Outcome, *, status: str,
-               expired: list[Pending] | None = None) -> tuple[list[Job], list[int], dict[int, int]]:
+    def _claim(
+        self,
+        conn: Conn,
+        pending: Sequence[Pending],
+        out: _Outcome,
+        *,
+        status: str,
+        expired: list[Pending] | None = None,
+    ) -> tuple[list[Job], list[int], dict[int, int]]:
         """Claim the pending envelopes' keys; return (claimed jobs with their attempt, msg ids
         whose key is already completed, msg id -> delay for keys someone else holds). A
         message whose key is already dead goes to ``out.letters``. A batch's claim leaves a
         ``processing`` claim whose lease expired (a run alone that ended with its worker gone
         or its transaction ended) to the ``expired`` list: such a job runs alone again,
         counted, never merely delayed."""
-        attempts = q.claim(conn, queue=self.queue, worker_id=self.worker_id, status=status,
-                           keys=[env["idempotency_key"] for env, _ in pending],
-                           msg_ids=[msg_id for _, msg_id in pending],
-                           lease_s=self.options.visibility_timeout_s)
-        claimed = [job_from_envelope(env, msg_id=msg_id, queue_name=self.queue,
-                                     attempt=attempts[env["idempotency_key"]])
-                   for env, msg_id in pending if env["idempotency_key"] in attempts]
+        attempts = q.claim(
+            conn,
+            queue=self.queue,
+            worker_id=self.worker_id,
+            status=status,
+            keys=[env["idempotency_key"] for env, _ in pending],
+            msg_ids=[msg_id for _, msg_id in pending],
+            lease_s=self.options.visibility_timeout_s,
+        )
+        claimed = [
+            job_from_envelope(
+                env, msg_id=msg_id, queue_name=self.queue, attempt=attempts[env["idempotency_key"]]
+            )
+            for env, msg_id in pending
+            if env["idempotency_key"] in attempts
+        ]
         others = [(env, msg_id) for env, msg_id in pending if env["idempotency_key"] not in attempts]
         completed: list[int] = []
         later: dict[int, int] = {}
@@ -294,10 +337,15 @@ class Processor:
                 if state == "completed":
                     completed.append(msg_id)
                 elif state == "dead":
-                    out.letters.append(q.DeadLetter(
-                        msg_id=msg_id, job_key=env["idempotency_key"],
-                        error="idempotency key already dead-lettered; replay that dead letter",
-                        error_type="DeadKey", attempts=0))
+                    out.letters.append(
+                        q.DeadLetter(
+                            msg_id=msg_id,
+                            job_key=env["idempotency_key"],
+                            error="idempotency key already dead-lettered; replay that dead letter",
+                            error_type="DeadKey",
+                            attempts=0,
+                        )
+                    )
                 elif state == "processing" and lease_left <= 0 and expired is not None:
                     expired.append((env, msg_id))
                 else:
@@ -309,22 +357,46 @@ class Processor:
         permanent = isinstance(exc, PermanentJobError)
         if permanent or job.attempt >= self.options.max_attempts:
             reason = error if permanent else f"{error} (attempt {job.attempt} of {self.options.max_attempts})"
-            out.letters.append(q.DeadLetter(msg_id=job.msg_id, job_key=job.idempotency_key,
-                                            error=reason, error_type=type(exc).__name__,
-                                            attempts=job.attempt))
+            out.letters.append(
+                q.DeadLetter(
+                    msg_id=job.msg_id,
+                    job_key=job.idempotency_key,
+                    error=reason,
+                    error_type=type(exc).__name__,
+                    attempts=job.attempt,
+                )
+            )
             return
-        delay = retry_delay_s(job.attempt, base_s=self.options.retry_base_s,
-                              max_s=self.options.retry_max_s, rng=self.rng)
-        out.failures.append(q.Failure(job_key=job.idempotency_key, msg_id=job.msg_id,
-                                      error=error, delay_s=delay))
-        log_event("JOB_FAILED", {"queue": self.queue, "job_key": job.idempotency_key,
-                                 "msg_id": job.msg_id, "attempt": job.attempt,
-                                 "max_attempts": self.options.max_attempts,
-                                 "error": error, "error_type": type(exc).__name__,
-                                 "retry_in_s": delay}, logging.WARNING)
+        delay = retry_delay_s(
+            job.attempt, base_s=self.options.retry_base_s, max_s=self.options.retry_max_s, rng=self.rng
+        )
+        out.failures.append(
+            q.Failure(job_key=job.idempotency_key, msg_id=job.msg_id, error=error, delay_s=delay)
+        )
+        log_event(
+            "JOB_FAILED",
+            {
+                "queue": self.queue,
+                "job_key": job.idempotency_key,
+                "msg_id": job.msg_id,
+                "attempt": job.attempt,
+                "max_attempts": self.options.max_attempts,
+                "error": error,
+                "error_type": type(exc).__name__,
+                "retry_in_s": delay,
+            },
+            logging.WARNING,
+        )
 
-    def _settle(self, conn: Conn, out: _Outcome, *, delete: Sequence[int] = (),
-                later: dict[int, int] | None = None, complete: bool = True) -> None:
+    def _settle(
+        self,
+        conn: Conn,
+        out: _Outcome,
+        *,
+        delete: Sequence[int] = (),
+        later: dict[int, int] | None = None,
+        complete: bool = True,
+    ) -> None:
         """Write every outcome: completions, failures, dead letters, deletions."""
         if complete:
             q.complete(conn, [j.idempotency_key for j in out.done])
@@ -339,10 +411,18 @@ class Processor:
         self.counters.processed += len(out.done)
         self.counters.failed += len(out.failures) + sum(1 for d in out.letters if d.job_key)
         for letter in out.letters:
-            log_event("JOB_DEAD_LETTERED", {"queue": self.queue, "job_key": letter.job_key,
-                                            "msg_id": letter.msg_id, "attempts": letter.attempts,
-                                            "error": letter.error,
-                                            "error_type": letter.error_type}, logging.ERROR)
+            log_event(
+                "JOB_DEAD_LETTERED",
+                {
+                    "queue": self.queue,
+                    "job_key": letter.job_key,
+                    "msg_id": letter.msg_id,
+                    "attempts": letter.attempts,
+                    "error": letter.error,
+                    "error_type": letter.error_type,
+                },
+                logging.ERROR,
+            )
 
     # --- a batch (transactional) ---------------------------------------------------------
 
@@ -355,8 +435,7 @@ class Processor:
         if recorded:
             deliveries.record([msg_id for _, msg_id in batch.fresh])
         expired: list[Pending] = []
-        claimed, completed, later = self._claim(conn, batch.fresh, out, status="completed",
-                                                expired=expired)
+        claimed, completed, later = self._claim(conn, batch.fresh, out, status="completed", expired=expired)
         if expired:  # after the commit, alone, their copies with them
             batch.alone.extend(expired)
             batch.fresh = [p for p in batch.fresh if p not in expired]
@@ -372,7 +451,8 @@ class Processor:
             q.complete(conn, [j.idempotency_key for j in out.done])  # fresh completed_at
         already = set(completed)
         done_keys = {j.idempotency_key for j in out.done} | {
-            env["idempotency_key"] for env, msg_id in batch.fresh if msg_id in already}
+            env["idempotency_key"] for env, msg_id in batch.fresh if msg_id in already
+        }
         copies_done = [m for k, ids in batch.duplicates.items() if k in done_keys for m in ids]
         later.update(_copies_wait(batch.fresh, batch.duplicates, out, later))
         self._settle(conn, out, delete=[*completed, *copies_done], later=later, complete=False)
@@ -388,9 +468,16 @@ class Processor:
             raise
         except Exception as exc:
             _reraise_if_connection_lost(conn, exc)
-            log_event("BATCH_RETRIED_ONE_BY_ONE", {"queue": self.queue, "jobs": len(jobs),
-                                                   "error": _describe(exc),
-                                                   "error_type": type(exc).__name__}, logging.DEBUG)
+            log_event(
+                "BATCH_RETRIED_ONE_BY_ONE",
+                {
+                    "queue": self.queue,
+                    "jobs": len(jobs),
+                    "error": _describe(exc),
+                    "error_type": type(exc).__name__,
+                },
+                logging.DEBUG,
+            )
             raise _BatchFailed from exc
 
     def _run_one_by_one(self, conn: Conn, jobs: list[Job], out: _Outcome) -> None:
@@ -436,8 +523,9 @@ class Processor:
         if len(pending) < 2:
             return list(pending)
         ledger = q.ledger_status(conn, [env["idempotency_key"] for env, _ in pending])
-        return sorted(pending, key=lambda p: (ledger.get(p[0]["idempotency_key"], ("",))[0] == "processing",
-                                              p[1]))
+        return sorted(
+            pending, key=lambda p: (ledger.get(p[0]["idempotency_key"], ("",))[0] == "processing", p[1])
+        )
 
     def _run_alone(self, conn: Conn, pending: Pending) -> tuple[bool, int]:
         """Claim one job (its attempt counted and committed), run it, settle it; return whether
@@ -459,9 +547,16 @@ class Processor:
             job = claimed[0]
             run = self._run_transactional_alone if self.kind == "transactional" else self._run_external
             if not run(conn, job, out):
-                log_event("JOB_CLAIM_LOST", {"queue": self.queue, "job_key": job.idempotency_key,
-                                             "msg_id": job.msg_id, "attempt": job.attempt},
-                          logging.WARNING)
+                log_event(
+                    "JOB_CLAIM_LOST",
+                    {
+                        "queue": self.queue,
+                        "job_key": job.idempotency_key,
+                        "msg_id": job.msg_id,
+                        "attempt": job.attempt,
+                    },
+                    logging.WARNING,
+                )
                 return False, 0
         self._after_commit(out)
         waits = [f.delay_s for f in out.failures] + list(later.values())
@@ -472,10 +567,14 @@ class Processor:
         (a job that kills or freezes the process): never run it again."""
         last = job.attempt - 1
         return q.DeadLetter(
-            msg_id=job.msg_id, job_key=job.idempotency_key, error_type="AttemptsExhausted",
+            msg_id=job.msg_id,
+            job_key=job.idempotency_key,
+            error_type="AttemptsExhausted",
             error=f"attempt {last} of {self.options.max_attempts} ended with its worker gone before"
-                  " the handler finished (killed, crashed, frozen or cut off for longer than"
-                  " WORKER_VISIBILITY_TIMEOUT_S); not run again", attempts=last)
+            " the handler finished (killed, crashed, frozen or cut off for longer than"
+            " WORKER_VISIBILITY_TIMEOUT_S); not run again",
+            attempts=last,
+        )
 
     def _run_transactional_alone(self, conn: Conn, job: Job, out: _Outcome) -> bool:
         """Run and settle in one transaction that holds the claim; False when the claim was
@@ -518,8 +617,9 @@ class Processor:
         return True
 
 
-def _copies_wait(pending: Sequence[Pending], duplicates: dict[str, list[int]], out: _Outcome,
-                 later: dict[int, int]) -> dict[int, int]:
+def _copies_wait(
+    pending: Sequence[Pending], duplicates: dict[str, list[int]], out: _Outcome, later: dict[int, int]
+) -> dict[int, int]:
     """Msg id -> delay for the later copies of keys whose first message of the batch waits:
     a failed attempt's backoff, or another worker's lease. Without it a copy would be
     delivered again at once and run the key's next attempt without its backoff."""

@@ -13,8 +13,9 @@ def spawn(clean_db: str) -> Iterator[Callable[..., WorkerProcess]]:
     """Start worker processes against the test database; all are killed after the test."""
     started: list[WorkerProcess] = []
 
-    def start(module: str = "tests.workers.probe", *, db_url: str | None = clean_db,
-              **env: Any) -> WorkerProcess:
+    def start(
+        module: str = "tests.workers.probe", *, db_url: str | None = clean_db, **env: Any
+    ) -> WorkerProcess:
         proc = WorkerProcess(module, worker_env(db_url, **{k: str(v) for k, v in env.items()}))
         started.append(proc)
         return proc

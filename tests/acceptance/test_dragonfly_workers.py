@@ -37,69 +37,114 @@ def stop(worker: WorkerProcess) -> None:
 
 def test_collectability_scores_every_seeded_judgment(spawn: Spawn, db: Conn) -> None:
     seeded = seed_demo(db, judgments=300, cases=0)
-    enqueue_many(db, "q_collectability", [
-        build_envelope(entity_type="judgment", entity_id=str(j), org_id=seeded["org_id"],
-                       idempotency_key=f"score:{j}") for j in seeded["judgment_ids"]])
-    enqueue(db, "q_collectability", build_envelope(entity_type="judgment", entity_id="999999",
-                                                   org_id="o", idempotency_key="score:missing"))
+    enqueue_many(
+        db,
+        "q_collectability",
+        [
+            build_envelope(
+                entity_type="judgment",
+                entity_id=str(j),
+                org_id=seeded["org_id"],
+                idempotency_key=f"score:{j}",
+            )
+            for j in seeded["judgment_ids"]
+        ],
+    )
+    enqueue(
+        db,
+        "q_collectability",
+        build_envelope(
+            entity_type="judgment", entity_id="999999", org_id="o", idempotency_key="score:missing"
+        ),
+    )
     worker = spawn("backend.workers.collectability")
     wait_until(drained(db, "q_collectability"), timeout=30)
     stop(worker)
-    rows = db.execute("SELECT j.id, j.amount, j.judgment_date, s.score, s.tier, s.reason,"
-                      " s.scored_at, s.job_key FROM dragonfly.judgments j"
-                      " JOIN dragonfly.collectability_scores s ON s.judgment_id = j.id").fetchall()
+    rows = db.execute(
+        "SELECT j.id, j.amount, j.judgment_date, s.score, s.tier, s.reason,"
+        " s.scored_at, s.job_key FROM dragonfly.judgments j"
+        " JOIN dragonfly.collectability_scores s ON s.judgment_id = j.id"
+    ).fetchall()
     assert len(rows) == 300
     today = datetime.now(UTC).date()
     for row in rows:
         expected = score_judgment(row["amount"], row["judgment_date"], today)
-        assert (row["score"], row["tier"], row["reason"]) == (expected.score, expected.tier,
-                                                              expected.reason)
+        assert (row["score"], row["tier"], row["reason"]) == (expected.score, expected.tier, expected.reason)
         assert row["scored_at"] is not None and row["job_key"] == f"score:{row['id']}"
     letter = db.execute("SELECT * FROM workers.dead_letters").fetchone()
     assert letter["job_key"] == "score:missing" and "not found" in letter["error"]
 
 
-def test_escalation_records_a_recommendation_and_enqueues_its_notification(
-        spawn: Spawn, db: Conn) -> None:
+def test_escalation_records_a_recommendation_and_enqueues_its_notification(spawn: Spawn, db: Conn) -> None:
     seeded = seed_demo(db, judgments=40, cases=25)
-    enqueue_many(db, "q_escalation", [
-        build_envelope(entity_type="enforcement_case", entity_id=str(c), org_id=seeded["org_id"],
-                       idempotency_key=f"escalate:{c}") for c in seeded["case_ids"]])
+    enqueue_many(
+        db,
+        "q_escalation",
+        [
+            build_envelope(
+                entity_type="enforcement_case",
+                entity_id=str(c),
+                org_id=seeded["org_id"],
+                idempotency_key=f"escalate:{c}",
+            )
+            for c in seeded["case_ids"]
+        ],
+    )
     worker = spawn("backend.workers.escalation")
     wait_until(drained(db, "q_escalation"), timeout=30)
     stop(worker)
-    recs = db.execute("SELECT case_id, details, job_key FROM dragonfly.enforcement_events"
-                      " WHERE event_type = 'recommendation'").fetchall()
+    recs = db.execute(
+        "SELECT case_id, details, job_key FROM dragonfly.enforcement_events"
+        " WHERE event_type = 'recommendation'"
+    ).fetchall()
     assert sorted(r["case_id"] for r in recs) == sorted(seeded["case_ids"])
     for rec in recs:
-        assert rec["details"]["action"] in {"garnishment", "levy", "skiptrace_refresh",
-                                            "attorney_review"}
+        assert rec["details"]["action"] in {"garnishment", "levy", "skiptrace_refresh", "attorney_review"}
         assert 0 < rec["details"]["confidence"] <= 1 and rec["details"]["reasons"]
-    keys = {r["message"]["idempotency_key"] for r in
-            db.execute("SELECT message FROM pgmq.q_q_outbox_processor").fetchall()}
+    keys = {
+        r["message"]["idempotency_key"]
+        for r in db.execute("SELECT message FROM pgmq.q_q_outbox_processor").fetchall()
+    }
     assert keys == {f"escalate:{c}:notify" for c in seeded["case_ids"]}
 
 
 def outbox_env(http: HttpRecorder, smtp: SmtpRecorder, **extra: Any) -> dict[str, Any]:
-    return {"OUTBOX_WEBHOOK_URL": http.url_for("/hooks/dragonfly"),
-            "OUTBOX_SLACK_WEBHOOK_URL": http.url_for("/slack/T000/B000/secret"),
-            "OUTBOX_SMTP_HOST": "127.0.0.1", "OUTBOX_SMTP_PORT": smtp.port,
-            "OUTBOX_SMTP_TLS": "none", "OUTBOX_SMTP_FROM": "noreply@dragonfly.test",
-            "OUTBOX_HTTP_TIMEOUT_S": 5, "WORKER_RETRY_BASE_S": 1, **extra}
+    return {
+        "OUTBOX_WEBHOOK_URL": http.url_for("/hooks/dragonfly"),
+        "OUTBOX_SLACK_WEBHOOK_URL": http.url_for("/slack/T000/B000/secret"),
+        "OUTBOX_SMTP_HOST": "127.0.0.1",
+        "OUTBOX_SMTP_PORT": smtp.port,
+        "OUTBOX_SMTP_TLS": "none",
+        "OUTBOX_SMTP_FROM": "noreply@dragonfly.test",
+        "OUTBOX_HTTP_TIMEOUT_S": 5,
+        "WORKER_RETRY_BASE_S": 1,
+        **extra,
+    }
 
 
 def note(key: str, channel: str, **extra: Any) -> dict[str, Any]:
-    return build_envelope(entity_type="notification", entity_id=key, org_id="org-test",
-                          idempotency_key=key, payload={"channel": channel, "subject": f"re {key}",
-                                                        "body": f"body of {key}", **extra})
+    return build_envelope(
+        entity_type="notification",
+        entity_id=key,
+        org_id="org-test",
+        idempotency_key=key,
+        payload={"channel": channel, "subject": f"re {key}", "body": f"body of {key}", **extra},
+    )
 
 
 def test_outbox_delivers_to_real_http_and_smtp_receivers(
-        spawn: Spawn, db: Conn, http: HttpRecorder, smtp: SmtpRecorder) -> None:
-    enqueue_many(db, "q_outbox_processor", [
-        note("n-webhook", "webhook"), note("n-slack", "slack"),
-        note("n-email", "email", to="creditor@example.com"),
-        note("n-discord", "discord")])  # discord is not configured
+    spawn: Spawn, db: Conn, http: HttpRecorder, smtp: SmtpRecorder
+) -> None:
+    enqueue_many(
+        db,
+        "q_outbox_processor",
+        [
+            note("n-webhook", "webhook"),
+            note("n-slack", "slack"),
+            note("n-email", "email", to="creditor@example.com"),
+            note("n-discord", "discord"),
+        ],
+    )  # discord is not configured
     worker = spawn("backend.workers.outbox_processor", **outbox_env(http, smtp))
     wait_until(drained(db, "q_outbox_processor"), timeout=30)
     stop(worker)
@@ -108,17 +153,24 @@ def test_outbox_delivers_to_real_http_and_smtp_receivers(
     assert hook.path == "/hooks/dragonfly" and hook.json()["body"] == "body of n-webhook"
     assert [m.idempotency_key for m in smtp.messages] == ["n-email"]
     assert smtp.messages[0].message_id and "dragonfly.outbox" in smtp.messages[0].message_id
-    done = {r["job_key"]: r["status"] for r in
-            db.execute("SELECT job_key, status FROM workers.processed_jobs").fetchall()}
-    assert done == {"n-webhook": "completed", "n-slack": "completed", "n-email": "completed",
-                    "n-discord": "dead"}
+    done = {
+        r["job_key"]: r["status"]
+        for r in db.execute("SELECT job_key, status FROM workers.processed_jobs").fetchall()
+    }
+    assert done == {
+        "n-webhook": "completed",
+        "n-slack": "completed",
+        "n-email": "completed",
+        "n-discord": "dead",
+    }
     letter = db.execute("SELECT * FROM workers.dead_letters").fetchone()
     assert letter["job_key"] == "n-discord" and "OUTBOX_DISCORD_WEBHOOK_URL" in letter["error"]
     assert letter["attempts"] == 1
 
 
 def test_outbox_dead_letters_4xx_and_retries_5xx(
-        spawn: Spawn, db: Conn, http: HttpRecorder, smtp: SmtpRecorder) -> None:
+    spawn: Spawn, db: Conn, http: HttpRecorder, smtp: SmtpRecorder
+) -> None:
     http.script(Reply(status=422), Reply(status=503), Reply(status=200))
     enqueue(db, "q_outbox_processor", note("n-rejected", "webhook"))
     worker = spawn("backend.workers.outbox_processor", **outbox_env(http, smtp))
@@ -136,7 +188,8 @@ def test_outbox_dead_letters_4xx_and_retries_5xx(
 
 
 def test_outbox_redelivery_after_a_kill_reaches_the_receiver_with_the_same_key(
-        spawn: Spawn, db: Conn, http: HttpRecorder, smtp: SmtpRecorder) -> None:
+    spawn: Spawn, db: Conn, http: HttpRecorder, smtp: SmtpRecorder
+) -> None:
     http.script(Reply(status=200, delay_s=30), Reply(status=200))
     enqueue(db, "q_outbox_processor", note("n-killed", "webhook"))
     env = outbox_env(http, smtp, WORKER_VISIBILITY_TIMEOUT_S=2, OUTBOX_HTTP_TIMEOUT_S=60)

@@ -36,8 +36,7 @@ def test_sigkill_inside_a_transactional_handler_leaves_one_effect(spawn: Spawn, 
     assert one(db, "SELECT status FROM workers.processed_jobs WHERE job_key = 'tx-kill'") == "completed"
 
 
-def test_sigkill_inside_an_external_handler_redelivers_with_the_same_key(
-        spawn: Spawn, db: Conn) -> None:
+def test_sigkill_inside_an_external_handler_redelivers_with_the_same_key(spawn: Spawn, db: Conn) -> None:
     worker = spawn(PROBE_KIND="external", WORKER_VISIBILITY_TIMEOUT_S=2)
     worker.wait_for("WORKER_BOOT")
     enqueue(db, "q_probe", job("ext-kill", sleep_s=30))
@@ -48,8 +47,12 @@ def test_sigkill_inside_an_external_handler_redelivers_with_the_same_key(
 
     db.execute("UPDATE pgmq.q_q_probe SET message = jsonb_set(message, '{payload,sleep_s}', '0')")
     again = spawn(PROBE_KIND="external", WORKER_VISIBILITY_TIMEOUT_S=2)
-    wait_until(lambda: one(db, "SELECT status FROM workers.processed_jobs"
-                               " WHERE job_key = 'ext-kill'") == "completed", timeout=20)
+    wait_until(
+        lambda: (
+            one(db, "SELECT status FROM workers.processed_jobs WHERE job_key = 'ext-kill'") == "completed"
+        ),
+        timeout=20,
+    )
     again.send(signal.SIGTERM)
     assert again.wait_exit() == 0
     receiver = db.execute("SELECT * FROM probe.receiver").fetchall()
@@ -64,8 +67,10 @@ def test_an_external_job_longer_than_the_visibility_timeout_runs_once(spawn: Spa
     for w in workers:
         w.wait_for("WORKER_BOOT")
     enqueue(db, "q_probe", job("long", sleep_s=3.5))
-    wait_until(lambda: one(db, "SELECT status FROM workers.processed_jobs"
-                               " WHERE job_key = 'long'") == "completed", timeout=40)
+    wait_until(
+        lambda: one(db, "SELECT status FROM workers.processed_jobs WHERE job_key = 'long'") == "completed",
+        timeout=40,
+    )
     for w in workers:
         w.send(signal.SIGTERM)
         assert w.wait_exit() == 0
@@ -76,7 +81,7 @@ def test_an_external_job_longer_than_the_visibility_timeout_runs_once(spawn: Spa
 def test_three_replicas_process_two_thousand_jobs_exactly_once(spawn: Spawn, db: Conn) -> None:
     envelopes = [job(f"rep-{i}") for i in range(2000)]
     for start in range(0, 2000, 500):
-        enqueue_many(db, "q_probe", envelopes[start:start + 500])
+        enqueue_many(db, "q_probe", envelopes[start : start + 500])
     workers = [spawn(WORKER_BATCH_SIZE=50) for _ in range(3)]
     wait_until(lambda: one(db, "SELECT count(*) FROM pgmq.q_q_probe") == 0, timeout=60)
     for w in workers:

@@ -22,17 +22,28 @@ Conn = psycopg.Connection[Any]
 
 
 def inspector(url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "tools.worker_inspector", *args], cwd=ROOT,
-                          env=worker_env(url), capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        [sys.executable, "-m", "tools.worker_inspector", *args],
+        cwd=ROOT,
+        env=worker_env(url),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 def test_a_dead_letter_replayed_from_the_inspector_completes_once(
-        spawn: Spawn, db: Conn, clean_db: str) -> None:
+    spawn: Spawn, db: Conn, clean_db: str
+) -> None:
     seeded = seed_demo(db, judgments=1, cases=0)
     missing = seeded["judgment_ids"][0] + 1000
-    enqueue(db, "q_collectability", build_envelope(
-        entity_type="judgment", entity_id=str(missing), org_id="org-test",
-        idempotency_key="score:late"))
+    enqueue(
+        db,
+        "q_collectability",
+        build_envelope(
+            entity_type="judgment", entity_id=str(missing), org_id="org-test", idempotency_key="score:late"
+        ),
+    )
     worker = spawn("backend.workers.collectability")
     wait_until(lambda: db.execute("SELECT count(*) AS n FROM workers.dead_letters").fetchone()["n"])
     listed = json.loads(inspector(clean_db, "dead-letters", "list", "--json").stdout)
@@ -41,33 +52,51 @@ def test_a_dead_letter_replayed_from_the_inspector_completes_once(
     assert inspector(clean_db).returncode == 1, "a dead letter makes the verdict unhealthy"
 
     # The fault is removed: the judgment now exists.
-    db.execute("INSERT INTO dragonfly.judgments (id, org_id, plaintiff_id, debtor_id, amount,"
-               " judgment_date) OVERRIDING SYSTEM VALUE SELECT %s, org_id, plaintiff_id,"
-               " debtor_id, 12000, current_date - 400 FROM dragonfly.judgments LIMIT 1",
-               (missing,))
+    db.execute(
+        "INSERT INTO dragonfly.judgments (id, org_id, plaintiff_id, debtor_id, amount,"
+        " judgment_date) OVERRIDING SYSTEM VALUE SELECT %s, org_id, plaintiff_id,"
+        " debtor_id, 12000, current_date - 400 FROM dragonfly.judgments LIMIT 1",
+        (missing,),
+    )
     replay = inspector(clean_db, "dead-letters", "replay", "--id", str(letters[0]["id"]))
     assert replay.returncode == 0, replay.stderr
-    wait_until(lambda: db.execute("SELECT status FROM workers.processed_jobs"
-                                  " WHERE job_key = 'score:late'").fetchone()["status"] == "completed")
+    wait_until(
+        lambda: (
+            db.execute("SELECT status FROM workers.processed_jobs WHERE job_key = 'score:late'").fetchone()[
+                "status"
+            ]
+            == "completed"
+        )
+    )
     again = inspector(clean_db, "dead-letters", "replay", "--id", str(letters[0]["id"]))
     worker.send(signal.SIGTERM)
     assert worker.wait_exit() == 0
     assert "already replayed" in again.stdout, again.stdout + again.stderr
-    scores = db.execute("SELECT job_key FROM dragonfly.collectability_scores"
-                        " WHERE judgment_id = %s", (missing,)).fetchall()
+    scores = db.execute(
+        "SELECT job_key FROM dragonfly.collectability_scores WHERE judgment_id = %s", (missing,)
+    ).fetchall()
     assert [s["job_key"] for s in scores] == ["score:late"]
     assert db.execute("SELECT count(*) AS n FROM pgmq.q_q_collectability").fetchone()["n"] == 0
 
 
 def test_a_dead_letter_keeps_and_replays_the_body_exactly_as_sent(
-        spawn: Spawn, db: Conn, clean_db: str) -> None:
+    spawn: Spawn, db: Conn, clean_db: str
+) -> None:
     """Fields the envelope does not know (top level and payload) survive dead-lettering and
     replay: the letter and the re-sent message are the original JSON."""
     seeded = seed_demo(db, judgments=1, cases=0)
     missing = seeded["judgment_ids"][0] + 1000
-    body = {**build_envelope(entity_type="judgment", entity_id=str(missing), org_id="org-test",
-                             idempotency_key="score:extra", payload={"source": "import", "n": [1, 2.5]}),
-            "schema_version": 3, "source": {"system": "crm", "batch": None}}
+    body = {
+        **build_envelope(
+            entity_type="judgment",
+            entity_id=str(missing),
+            org_id="org-test",
+            idempotency_key="score:extra",
+            payload={"source": "import", "n": [1, 2.5]},
+        ),
+        "schema_version": 3,
+        "source": {"system": "crm", "batch": None},
+    }
     original = db.execute("SELECT %s::jsonb::text AS t", (json.dumps(body),)).fetchone()["t"]
     db.execute("SELECT pgmq.send('q_collectability', %s::jsonb)", (json.dumps(body),))
     worker = spawn("backend.workers.collectability")

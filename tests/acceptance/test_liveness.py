@@ -43,8 +43,14 @@ def effects_per_key(db: Conn, kind: str) -> dict[str, int]:
 
 def inspector(url: str, *args: str) -> tuple[int, Any]:
     """Run the inspector as an operator would; its exit code and JSON document."""
-    done = subprocess.run([sys.executable, "-m", "tools.worker_inspector", *args, "--json"], cwd=ROOT,
-                          env=worker_env(url), capture_output=True, text=True, timeout=30)
+    done = subprocess.run(
+        [sys.executable, "-m", "tools.worker_inspector", *args, "--json"],
+        cwd=ROOT,
+        env=worker_env(url),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert PASSWORD not in done.stdout + done.stderr
     return done.returncode, json.loads(done.stdout)
 
@@ -63,7 +69,8 @@ def completed(db: Conn) -> int:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_job_that_kills_its_worker_is_isolated_and_dead_lettered(
-        spawn: Spawn, db: Conn, clean_db: str, kind: str) -> None:
+    spawn: Spawn, db: Conn, clean_db: str, kind: str
+) -> None:
     """1 killer among 20 jobs, the worker restarted after every exit as Railway would: the
     killer runs at most max_attempts + 1 times, the 19 others complete exactly once."""
     max_attempts = 3
@@ -73,8 +80,7 @@ def test_a_job_that_kills_its_worker_is_isolated_and_dead_lettered(
     while depth(db) > 0:
         runs += 1
         assert runs <= 12, "the queue is still stalled after 12 restarts"
-        worker = spawn(PROBE_KIND=kind, WORKER_VISIBILITY_TIMEOUT_S=1,
-                       WORKER_MAX_ATTEMPTS=max_attempts)
+        worker = spawn(PROBE_KIND=kind, WORKER_VISIBILITY_TIMEOUT_S=1, WORKER_MAX_ATTEMPTS=max_attempts)
         worker.wait_for("WORKER_BOOT")
         wait_until(lambda w=worker: w.proc.poll() is not None or depth(db) == 0, timeout=30)
         if worker.proc.poll() is None:
@@ -105,7 +111,8 @@ def _rss_kb(pid: int, field: str) -> int:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_poison_messages_are_dead_lettered_without_touching_memory(
-        spawn: Spawn, db: Conn, clean_db: str, kind: str) -> None:
+    spawn: Spawn, db: Conn, clean_db: str, kind: str
+) -> None:
     worker = spawn(PROBE_KIND=kind)
     worker.wait_for("WORKER_BOOT")
     enqueue_many(db, "q_probe", [job(f"warm{i}") for i in range(20)])
@@ -115,27 +122,40 @@ def test_poison_messages_are_dead_lettered_without_touching_memory(
 
     head = {"idempotency_key": "x", "entity_type": "probe", "entity_id": "1", "org_id": "o"}
     nested = "[" * 5000 + "]" * 5000
-    huge_number = '{"idempotency_key": "num", "entity_type": "probe", "entity_id": "1",' \
-                  ' "org_id": "o", "payload": {"n": ' + "7" * 5000 + "}}"
+    huge_number = (
+        '{"idempotency_key": "num", "entity_type": "probe", "entity_id": "1",'
+        ' "org_id": "o", "payload": {"n": ' + "7" * 5000 + "}}"
+    )
     db.execute("SELECT pgmq.send('q_probe', %s::jsonb)", (nested,))
     db.execute("SELECT pgmq.send('q_probe', %s::jsonb)", (huge_number,))
     for key, mb in (("six-mb", 6), ("fifty-mb", 50)):
-        db.execute("SELECT pgmq.send('q_probe', %s::jsonb || jsonb_build_object('idempotency_key', %s::text,"
-                   " 'payload', jsonb_build_object('blob', repeat('x', %s))))",
-                   (psycopg.types.json.Jsonb(head), key, mb * 1024 * 1024))
+        db.execute(
+            "SELECT pgmq.send('q_probe', %s::jsonb || jsonb_build_object('idempotency_key', %s::text,"
+            " 'payload', jsonb_build_object('blob', repeat('x', %s))))",
+            (psycopg.types.json.Jsonb(head), key, mb * 1024 * 1024),
+        )
     enqueue_many(db, "q_probe", [job(f"after{i}") for i in range(20)])
     wait_until(lambda: depth(db) == 0, timeout=60)
     peak_kb = _rss_kb(worker.pid, "VmHWM")
 
     # (the letters' bodies stay in SQL: the nested one is beyond Python's decoder too)
-    letters = {r["error_type"]: r for r in db.execute(
-        "SELECT error_type, error FROM workers.dead_letters ORDER BY id")}
+    letters = {
+        r["error_type"]: r
+        for r in db.execute("SELECT error_type, error FROM workers.dead_letters ORDER BY id")
+    }
     kinds = [r["error_type"] for r in db.execute("SELECT error_type FROM workers.dead_letters ORDER BY id")]
     assert kinds == ["UndecodableMessage", "UndecodableMessage", "PayloadTooLarge", "PayloadTooLarge"]
-    assert "RecursionError" in letters["UndecodableMessage"]["error"] or "ValueError" in \
-        letters["UndecodableMessage"]["error"]
-    sizes = [r["n"] for r in db.execute("SELECT octet_length(message::text) AS n FROM workers.dead_letters"
-                                        " WHERE error_type = 'PayloadTooLarge' ORDER BY id")]
+    assert (
+        "RecursionError" in letters["UndecodableMessage"]["error"]
+        or "ValueError" in letters["UndecodableMessage"]["error"]
+    )
+    sizes = [
+        r["n"]
+        for r in db.execute(
+            "SELECT octet_length(message::text) AS n FROM workers.dead_letters"
+            " WHERE error_type = 'PayloadTooLarge' ORDER BY id"
+        )
+    ]
     assert sizes[0] > 6 * 1024 * 1024 and sizes[1] > 50 * 1024 * 1024, "the full body is kept"
     assert "bytes, over WORKER_MAX_PAYLOAD_BYTES" in letters["PayloadTooLarge"]["error"]
     assert all(n == 1 for k, n in effects_per_key(db, kind).items() if k.startswith("after"))
@@ -170,8 +190,14 @@ def _freeze_mid_batch(db: Conn, spawn: Spawn, extra: dict[str, Any]) -> tuple[Wo
 
 def _sessions_in_transaction(db: Conn, worker: WorkerProcess) -> int:
     worker_id = worker.wait_for("WORKER_BOOT")["worker_id"]
-    return int(one(db, "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
-                       " AND state LIKE 'idle in transaction%%'", worker_id))
+    return int(
+        one(
+            db,
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
+            " AND state LIKE 'idle in transaction%%'",
+            worker_id,
+        )
+    )
 
 
 def test_a_frozen_workers_batch_moves_to_another_within_ten_seconds(spawn: Spawn, db: Conn) -> None:
@@ -197,8 +223,7 @@ def test_a_frozen_workers_batch_moves_to_another_within_ten_seconds(spawn: Spawn
     assert moved_s < 10
 
 
-def test_a_cut_off_workers_batch_moves_to_another(
-        spawn: Spawn, db: Conn, proxy: CuttableProxy) -> None:
+def test_a_cut_off_workers_batch_moves_to_another(spawn: Spawn, db: Conn, proxy: CuttableProxy) -> None:
     a, keys = _freeze_mid_batch(db, spawn, {"SUPABASE_DB_URL": proxy.url(PASSWORD)})
     proxy.cut()
     cut_at = time.monotonic()
@@ -219,8 +244,7 @@ def test_a_cut_off_workers_batch_moves_to_another(
     assert moved_s < 10
 
 
-def test_a_healthy_replica_goes_on_while_a_frozen_one_holds_a_key_it_meets(
-        spawn: Spawn, db: Conn) -> None:
+def test_a_healthy_replica_goes_on_while_a_frozen_one_holds_a_key_it_meets(spawn: Spawn, db: Conn) -> None:
     enqueue(db, "q_probe", job("shared", sleep_s=1))
     a = spawn()  # the default lease: A's transaction would hold the key for 30 s
     a.wait_for("PROBE_IN_HANDLER")
@@ -233,9 +257,13 @@ def test_a_healthy_replica_goes_on_while_a_frozen_one_holds_a_key_it_meets(
         wait_until(lambda: completed(db) == 50, timeout=15)
         took_s = time.monotonic() - started
         assert one(db, "SELECT count(*) FROM probe.effects WHERE job_key = 'shared'") == 0
-        waiting = [r["wait_event_type"] for r in db.execute(
-            "SELECT wait_event_type FROM pg_stat_activity WHERE application_name LIKE 'probe-%%'"
-            " AND state = 'active'")]
+        waiting = [
+            r["wait_event_type"]
+            for r in db.execute(
+                "SELECT wait_event_type FROM pg_stat_activity WHERE application_name LIKE 'probe-%%'"
+                " AND state = 'active'"
+            )
+        ]
         assert "Lock" not in waiting, "a healthy replica waits on the frozen one's lock"
     finally:
         a.send(signal.SIGKILL)
@@ -247,8 +275,7 @@ def test_a_healthy_replica_goes_on_while_a_frozen_one_holds_a_key_it_meets(
     assert took_s < 15
 
 
-def test_a_transactional_job_longer_than_its_lease_yet_busy_completes_once(
-        spawn: Spawn, db: Conn) -> None:
+def test_a_transactional_job_longer_than_its_lease_yet_busy_completes_once(spawn: Spawn, db: Conn) -> None:
     """A transaction that keeps talking to the server is never ended, however long it runs,
     and a replica that meets its key waits for it instead of running it again."""
     workers = [spawn(WORKER_VISIBILITY_TIMEOUT_S=1) for _ in range(2)]
@@ -270,8 +297,10 @@ def test_a_transactional_job_idle_past_its_lease_never_loops(spawn: Spawn, db: C
     worker.wait_for("WORKER_BOOT")
     enqueue(db, "q_probe", job("dawdler", sleep_s=2))
     enqueue(db, "q_probe", job("brisk"))
-    wait_until(lambda: one(db, "SELECT status FROM workers.processed_jobs WHERE job_key = 'dawdler'")
-               == "dead", timeout=40)
+    wait_until(
+        lambda: one(db, "SELECT status FROM workers.processed_jobs WHERE job_key = 'dawdler'") == "dead",
+        timeout=40,
+    )
     assert worker.named("TRANSACTION_TIMED_OUT")
     worker.send(signal.SIGTERM)
     assert worker.wait_exit() == 0

@@ -20,17 +20,20 @@ Spawn = Callable[..., WorkerProcess]
 
 def heartbeat(db: psycopg.Connection[Any], worker_id: str) -> dict[str, Any] | None:
     row: dict[str, Any] | None = db.execute(
-        "SELECT * FROM workers.heartbeats WHERE worker_id = %s", (worker_id,)).fetchone()
+        "SELECT * FROM workers.heartbeats WHERE worker_id = %s", (worker_id,)
+    ).fetchone()
     return row
 
 
 def job(key: str, **payload: Any) -> dict[str, Any]:
-    return build_envelope(entity_type="probe", entity_id=key, org_id="org-test",
-                          idempotency_key=key, payload=payload)
+    return build_envelope(
+        entity_type="probe", entity_id=key, org_id="org-test", idempotency_key=key, payload=payload
+    )
 
 
 def test_boot_logs_worker_boot_and_keeps_the_heartbeat_fresh(
-        spawn: Spawn, db: psycopg.Connection[Any]) -> None:
+    spawn: Spawn, db: psycopg.Connection[Any]
+) -> None:
     worker = spawn(WORKER_HEARTBEAT_INTERVAL_S=0.2)
     boot = worker.wait_for("WORKER_BOOT")
     assert boot["db_status"] == "ok"
@@ -41,8 +44,9 @@ def test_boot_logs_worker_boot_and_keeps_the_heartbeat_fresh(
     first = wait_until(lambda: heartbeat(db, boot["worker_id"]))
     assert first["status"] == "RUNNING"
     seen = {first["last_heartbeat_at"]}
-    wait_until(lambda: seen.add(heartbeat(db, boot["worker_id"])["last_heartbeat_at"])
-               or len(seen) >= 4, timeout=5)
+    wait_until(
+        lambda: seen.add(heartbeat(db, boot["worker_id"])["last_heartbeat_at"]) or len(seen) >= 4, timeout=5
+    )
     worker.send(signal.SIGTERM)
     assert worker.wait_exit() == 0
 
@@ -78,8 +82,7 @@ def test_sigterm_during_a_slow_job_lets_it_finish(spawn: Spawn, db: psycopg.Conn
     assert db.execute("SELECT count(*) AS n FROM pgmq.q_q_probe").fetchone()["n"] == 0
 
 
-def test_second_sigterm_abandons_the_job_and_its_writes(
-        spawn: Spawn, db: psycopg.Connection[Any]) -> None:
+def test_second_sigterm_abandons_the_job_and_its_writes(spawn: Spawn, db: psycopg.Connection[Any]) -> None:
     worker = spawn()
     worker.wait_for("WORKER_BOOT")
     enqueue(db, "q_probe", job("slow-2", sleep_s=30))
@@ -122,17 +125,25 @@ def test_unreachable_database_fails_boot_within_the_budget(spawn: Spawn) -> None
     assert 2 <= elapsed < 2 + 8
 
 
-@pytest.mark.parametrize(("env", "variable"), [
-    ({"SUPABASE_MODE": "prod", "SUPABASE_DB_URL": ""}, "SUPABASE_DB_URL"),
-    ({"WORKER_BATCH_SIZE": "lots"}, "WORKER_BATCH_SIZE"),
-    ({"WORKER_HEARTBEAT_INTERVAL_S": "30s"}, "WORKER_HEARTBEAT_INTERVAL_S"),
-    ({"SUPABASE_MODE": "staging"}, "SUPABASE_MODE"),
-    ({"SUPABASE_MODE": "prod", "SUPABASE_DB_URL":
-      "postgresql://u:s3cret-Pw-do-not-print@db.example.com:5432/postgres?sslmode=disable"},
-     "SUPABASE_DB_URL"),
-])
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"SUPABASE_MODE": "prod", "SUPABASE_DB_URL": ""}, "SUPABASE_DB_URL"),
+        ({"WORKER_BATCH_SIZE": "lots"}, "WORKER_BATCH_SIZE"),
+        ({"WORKER_HEARTBEAT_INTERVAL_S": "30s"}, "WORKER_HEARTBEAT_INTERVAL_S"),
+        ({"SUPABASE_MODE": "staging"}, "SUPABASE_MODE"),
+        (
+            {
+                "SUPABASE_MODE": "prod",
+                "SUPABASE_DB_URL": "postgresql://u:s3cret-Pw-do-not-print@db.example.com:5432/postgres?sslmode=disable",
+            },
+            "SUPABASE_DB_URL",
+        ),
+    ],
+)
 def test_bad_configuration_is_one_clear_error_and_exit_one(
-        spawn: Spawn, env: dict[str, str], variable: str) -> None:
+    spawn: Spawn, env: dict[str, str], variable: str
+) -> None:
     worker = spawn(**env)
     assert worker.wait_exit() == 1
     boot = worker.wait_for("WORKER_BOOT")
@@ -142,8 +153,9 @@ def test_bad_configuration_is_one_clear_error_and_exit_one(
     assert not any("Traceback" in line for line in worker.lines)
 
 
-def test_database_outage_is_survived(spawn: Spawn, db: psycopg.Connection[Any],
-                                     pg_server: EmbeddedPostgres) -> None:
+def test_database_outage_is_survived(
+    spawn: Spawn, db: psycopg.Connection[Any], pg_server: EmbeddedPostgres
+) -> None:
     worker = spawn(WORKER_HEARTBEAT_INTERVAL_S=0.2)
     boot = worker.wait_for("WORKER_BOOT")
     db.close()
@@ -155,11 +167,15 @@ def test_database_outage_is_survived(spawn: Spawn, db: psycopg.Connection[Any],
     assert worker.named("DB_RETRY"), "each retry is logged with its attempt and delay"
     assert {"attempt", "delay_s"} <= set(worker.named("DB_RETRY")[0])
     with psycopg.connect(url, autocommit=True) as conn:
+
         def beat() -> Any:
-            row = conn.execute("SELECT last_heartbeat_at > clock_timestamp() - interval '1 second'"
-                               " AS fresh FROM workers.heartbeats WHERE worker_id = %s",
-                               (boot["worker_id"],)).fetchone()
+            row = conn.execute(
+                "SELECT last_heartbeat_at > clock_timestamp() - interval '1 second'"
+                " AS fresh FROM workers.heartbeats WHERE worker_id = %s",
+                (boot["worker_id"],),
+            ).fetchone()
             return row and row[0]
+
         wait_until(beat, timeout=15)
         enqueue(conn, "q_probe", job("after-outage"))
         wait_until(lambda: conn.execute("SELECT count(*) FROM probe.effects").fetchone()[0] == 1)
@@ -179,7 +195,8 @@ def test_memory_soft_limit_drains_then_crashes_with_memory_error(spawn: Spawn) -
 
 
 def test_sigterm_during_an_outage_still_drains_and_exits_zero(
-        spawn: Spawn, db: psycopg.Connection[Any], pg_server: EmbeddedPostgres) -> None:
+    spawn: Spawn, db: psycopg.Connection[Any], pg_server: EmbeddedPostgres
+) -> None:
     worker = spawn(WORKER_DRAIN_TIMEOUT_S=10)
     worker.wait_for("WORKER_BOOT")
     db.close()
@@ -197,9 +214,11 @@ def test_sigterm_during_an_outage_still_drains_and_exits_zero(
 
 
 def test_railway_ids_are_recorded_in_the_boot_event_and_the_heartbeat(
-        spawn: Spawn, db: psycopg.Connection[Any]) -> None:
-    worker = spawn(RAILWAY_REPLICA_ID="replica-7", RAILWAY_SERVICE_NAME="collectability",
-                   RAILWAY_GIT_COMMIT_SHA="abc123")
+    spawn: Spawn, db: psycopg.Connection[Any]
+) -> None:
+    worker = spawn(
+        RAILWAY_REPLICA_ID="replica-7", RAILWAY_SERVICE_NAME="collectability", RAILWAY_GIT_COMMIT_SHA="abc123"
+    )
     boot = worker.wait_for("WORKER_BOOT")
     assert boot["railway"]["RAILWAY_REPLICA_ID"] == "replica-7" and boot["git_sha"] == "abc123"
     row = wait_until(lambda: heartbeat(db, boot["worker_id"]))
@@ -209,9 +228,9 @@ def test_railway_ids_are_recorded_in_the_boot_event_and_the_heartbeat(
 
 
 def test_memory_drain_that_cannot_finish_still_ends_as_a_memory_crash(
-        spawn: Spawn, db: psycopg.Connection[Any]) -> None:
-    worker = spawn(WORKER_MEMORY_LIMIT_MB=160, WORKER_MEMORY_CHECK_INTERVAL_S=0.05,
-                   WORKER_DRAIN_TIMEOUT_S=1)
+    spawn: Spawn, db: psycopg.Connection[Any]
+) -> None:
+    worker = spawn(WORKER_MEMORY_LIMIT_MB=160, WORKER_MEMORY_CHECK_INTERVAL_S=0.05, WORKER_DRAIN_TIMEOUT_S=1)
     worker.wait_for("WORKER_BOOT")
     enqueue(db, "q_probe", job("hog", rss_mb=150, sleep_s=30))
     assert worker.wait_exit() == 1

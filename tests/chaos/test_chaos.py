@@ -37,12 +37,30 @@ Conn = psycopg.Connection[Any]
 @pytest.mark.slow
 @pytest.mark.timeout(150)
 def test_a_ci_sized_chaos_run_loses_nothing_and_doubles_nothing(
-        clean_db: str, pg_server: EmbeddedPostgres, tmp_path: Path) -> None:
+    clean_db: str, pg_server: EmbeddedPostgres, tmp_path: Path
+) -> None:
     seed = int(os.environ.get("CHAOS_SEED") or random.randrange(1, 1_000_000))
     report_path = tmp_path / f"chaos-{seed}.json"
-    command = [sys.executable, str(SCRIPT), "--url", clean_db, "--pgdata", str(pg_server.pgdata),
-               "--seed", str(seed), "--duration", "15", "--jobs", "600", "--workers-per-kind", "2",
-               "--kill-interval", "0.8", "--report", str(report_path)]
+    command = [
+        sys.executable,
+        str(SCRIPT),
+        "--url",
+        clean_db,
+        "--pgdata",
+        str(pg_server.pgdata),
+        "--seed",
+        str(seed),
+        "--duration",
+        "15",
+        "--jobs",
+        "600",
+        "--workers-per-kind",
+        "2",
+        "--kill-interval",
+        "0.8",
+        "--report",
+        str(report_path),
+    ]
     started = time.monotonic()
     try:
         run = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=140)
@@ -69,8 +87,11 @@ def test_a_ci_sized_chaos_run_loses_nothing_and_doubles_nothing(
     effects = report["effects"]
     assert effects["receiver_accepted_keys"] == report["jobs"]["by_worker"]["outbox_processor"], output
     assert effects["score_rows"] == report["jobs"]["by_worker"]["collectability"], output
-    assert effects["recommendations"] == effects["notifications_enqueued"] \
-        == report["jobs"]["by_worker"]["escalation"], output
+    assert (
+        effects["recommendations"]
+        == effects["notifications_enqueued"]
+        == report["jobs"]["by_worker"]["escalation"]
+    ), output
 
 
 # --- the checks themselves, on a database state built by hand ------------------------------
@@ -86,52 +107,79 @@ def audited(db: Conn) -> Iterator[Conn]:
 
 def _small_plan(db: Conn) -> Plan:
     seeded = seed_demo(db, judgments=4, cases=2, org_id=ORG_ID, seed=3)
-    return build_plan(seed=3, judgment_ids=seeded["judgment_ids"], case_ids=seeded["case_ids"],
-                            notes=3, waves=2)
+    return build_plan(
+        seed=3, judgment_ids=seeded["judgment_ids"], case_ids=seeded["case_ids"], notes=3, waves=2
+    )
 
 
 def _complete(db: Conn, key: str) -> None:
-    db.execute("INSERT INTO workers.processed_jobs (job_key, queue_name, msg_id, status, attempts)"
-               " VALUES (%s, 'q_test', 0, 'processing', 1)", (key,))
-    db.execute("UPDATE workers.processed_jobs SET status = 'completed', completed_at = clock_timestamp()"
-               " WHERE job_key = %s", (key,))
+    db.execute(
+        "INSERT INTO workers.processed_jobs (job_key, queue_name, msg_id, status, attempts)"
+        " VALUES (%s, 'q_test', 0, 'processing', 1)",
+        (key,),
+    )
+    db.execute(
+        "UPDATE workers.processed_jobs SET status = 'completed', completed_at = clock_timestamp()"
+        " WHERE job_key = %s",
+        (key,),
+    )
 
 
 def _score(db: Conn, judgment_id: int, key: str) -> None:
-    db.execute("INSERT INTO dragonfly.collectability_scores (judgment_id, score, tier, reason, job_key)"
-               " VALUES (%s, 50, 'B', 'test', %s) ON CONFLICT (judgment_id) DO UPDATE"
-               " SET job_key = EXCLUDED.job_key, scored_at = clock_timestamp()", (judgment_id, key))
+    db.execute(
+        "INSERT INTO dragonfly.collectability_scores (judgment_id, score, tier, reason, job_key)"
+        " VALUES (%s, 50, 'B', 'test', %s) ON CONFLICT (judgment_id) DO UPDATE"
+        " SET job_key = EXCLUDED.job_key, scored_at = clock_timestamp()",
+        (judgment_id, key),
+    )
 
 
 def _recommend(db: Conn, case_id: int, key: str) -> None:
-    db.execute("INSERT INTO dragonfly.enforcement_events (case_id, event_type, details, job_key)"
-               " VALUES (%s, 'recommendation', '{}', %s)", (case_id, key))
+    db.execute(
+        "INSERT INTO dragonfly.enforcement_events (case_id, event_type, details, job_key)"
+        " VALUES (%s, 'recommendation', '{}', %s)",
+        (case_id, key),
+    )
 
 
 def play_correct_run(db: Conn, plan: Plan) -> list[Call]:
     """Leave the state a correct run leaves: every job done once, the poison dead-lettered;
     return the receiver's calls (each delivery accepted before its key was completed)."""
-    calls = [Call(key=key, path="/hooks/dragonfly", status=200, at=time.time())
-             for key in sorted(plan.deliveries)]
+    calls = [
+        Call(key=key, path="/hooks/dragonfly", status=200, at=time.time()) for key in sorted(plan.deliveries)
+    ]
     for key, judgment_id in plan.scores.items():
         _score(db, judgment_id, key)
     for key, case_id in plan.escalations.items():
         _recommend(db, case_id, key)
-        enqueue(db, "q_outbox_processor", build_envelope(
-            entity_type="notification", entity_id=str(case_id), org_id=ORG_ID,
-            idempotency_key=notify_key(key), payload={"channel": "webhook"}))
+        enqueue(
+            db,
+            "q_outbox_processor",
+            build_envelope(
+                entity_type="notification",
+                entity_id=str(case_id),
+                org_id=ORG_ID,
+                idempotency_key=notify_key(key),
+                payload={"channel": "webhook"},
+            ),
+        )
     for key in plan.chaos_jobs:
         db.execute("INSERT INTO chaos.worker_effects (job_key, attempt) VALUES (%s, 1)", (key,))
     for key in sorted(plan.expected_keys):
         _complete(db, key)
     for item in plan.poison:
         kind = "AttemptsExhausted" if item.key in plan.killers else "Test"
-        db.execute("INSERT INTO workers.dead_letters (queue_name, msg_id, job_key, message, error,"
-                   " error_type) VALUES (%s, 0, %s, %s::jsonb, 'poison', %s)",
-                   (item.queue, item.key, item.text, kind))
+        db.execute(
+            "INSERT INTO workers.dead_letters (queue_name, msg_id, job_key, message, error,"
+            " error_type) VALUES (%s, 0, %s, %s::jsonb, 'poison', %s)",
+            (item.queue, item.key, item.text, kind),
+        )
         if item.key:
-            db.execute("INSERT INTO workers.processed_jobs (job_key, queue_name, msg_id, status)"
-                       " VALUES (%s, %s, 0, 'dead')", (item.key, item.queue))
+            db.execute(
+                "INSERT INTO workers.processed_jobs (job_key, queue_name, msg_id, status)"
+                " VALUES (%s, %s, 0, 'dead')",
+                (item.key, item.queue),
+            )
     db.execute("SELECT pgmq.purge_queue('q_outbox_processor')")
     return calls
 
@@ -151,8 +199,10 @@ def test_the_checks_pass_a_correct_run(audited: Conn) -> None:
 def test_the_stall_check_reports_a_job_held_up_and_forgives_retry_delays(audited: Conn) -> None:
     plan = _small_plan(audited)
     play_correct_run(audited, plan)
-    audited.execute("INSERT INTO chaos.waves (wave, at) VALUES (0, clock_timestamp()),"
-                    " (1, clock_timestamp() - interval '100 seconds')")
+    audited.execute(
+        "INSERT INTO chaos.waves (wave, at) VALUES (0, clock_timestamp()),"
+        " (1, clock_timestamp() - interval '100 seconds')"
+    )
     early = {i.key for i in plan.waves[0] if i.key}
     held = sorted({i.key for i in plan.waves[1] if i.key} & plan.expected_keys - early)
     assert held
@@ -175,11 +225,11 @@ def test_the_checks_report_a_planted_duplicate_of_each_kind(audited: Conn) -> No
     # (its effect and its completion twice, as when the ledger is bypassed); a notification
     # the receiver accepted again after its key was completed.
     _recommend(audited, case_id, f"{case_key}:again")
-    audited.execute("UPDATE workers.processed_jobs SET status = 'processing' WHERE job_key = %s",
-                    (score_key,))
+    audited.execute(
+        "UPDATE workers.processed_jobs SET status = 'processing' WHERE job_key = %s", (score_key,)
+    )
     _score(audited, judgment_id, score_key)
-    audited.execute("UPDATE workers.processed_jobs SET status = 'completed' WHERE job_key = %s",
-                    (score_key,))
+    audited.execute("UPDATE workers.processed_jobs SET status = 'completed' WHERE job_key = %s", (score_key,))
     calls.append(Call(key=note, path="/hooks/dragonfly", status=200, at=time.time() + 1))
 
     found = check_effects(audited, plan, calls)
@@ -199,13 +249,17 @@ def test_the_checks_report_lost_jobs_stuck_claims_and_unexpected_dead_letters(au
     (score_key, _), *_ = plan.scores.items()
     escalation_key = next(iter(plan.escalations))
     audited.execute("DELETE FROM workers.processed_jobs WHERE job_key = %s", (score_key,))
-    audited.execute("UPDATE workers.processed_jobs SET status = 'processing',"
-                    " lease_expires_at = clock_timestamp() - interval '1 minute' WHERE job_key = %s",
-                    (escalation_key,))
+    audited.execute(
+        "UPDATE workers.processed_jobs SET status = 'processing',"
+        " lease_expires_at = clock_timestamp() - interval '1 minute' WHERE job_key = %s",
+        (escalation_key,),
+    )
     lost_delivery = plan.notes[-1]
     calls = [c for c in calls if c.key != lost_delivery]
-    audited.execute("INSERT INTO workers.dead_letters (queue_name, msg_id, job_key, message, error,"
-                    " error_type) VALUES ('q_outbox_processor', 0, 'note:1', '{}', 'boom', 'Test')")
+    audited.execute(
+        "INSERT INTO workers.dead_letters (queue_name, msg_id, job_key, message, error,"
+        " error_type) VALUES ('q_outbox_processor', 0, 'note:1', '{}', 'boom', 'Test')"
+    )
 
     found = check_effects(audited, plan, calls)
 
@@ -216,10 +270,22 @@ def test_the_checks_report_lost_jobs_stuck_claims_and_unexpected_dead_letters(au
 
 
 def _record(**fields: Any) -> ProcessRecord:
-    values: dict[str, Any] = {"kind": "outbox_processor", "slot": 0, "pid": 4242, "worker_id": "w-1",
-                              "booted": True, "signal": None, "final": False, "exit_code": 0,
-                              "drain_s": None, "spawned_wall": 1000.0, "signalled_wall": None,
-                              "shutdown_logged": False, "crash": None, "outages": 0}
+    values: dict[str, Any] = {
+        "kind": "outbox_processor",
+        "slot": 0,
+        "pid": 4242,
+        "worker_id": "w-1",
+        "booted": True,
+        "signal": None,
+        "final": False,
+        "exit_code": 0,
+        "drain_s": None,
+        "spawned_wall": 1000.0,
+        "signalled_wall": None,
+        "shutdown_logged": False,
+        "crash": None,
+        "outages": 0,
+    }
     values.update(fields)
     return ProcessRecord(**values)
 
@@ -234,8 +300,9 @@ def test_the_process_checks_report_bad_exits_and_live_looking_heartbeats() -> No
         _record(worker_id="crashed", exit_code=1, crash="boom"),
         # Ended by one of its own jobs (the chaos worker's killers), even while draining.
         _record(worker_id="killer-job", kind="chaos_worker", exit_code=137, job_exit=True),
-        _record(worker_id="killer-in-drain", kind="chaos_worker", signal="SIGTERM", exit_code=137,
-                job_exit=True),
+        _record(
+            worker_id="killer-in-drain", kind="chaos_worker", signal="SIGTERM", exit_code=137, job_exit=True
+        ),
         # Killed before its first heartbeat reached the database: no row claims it is alive.
         _record(worker_id="kill-rowless", signal="SIGKILL", exit_code=-9, signalled_wall=1800.0),
     ]

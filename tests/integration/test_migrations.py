@@ -13,14 +13,19 @@ def test_migrations_are_idempotent_and_create_the_queues(db: psycopg.Connection[
     assert current_version(db) == latest_version() >= 1
     names = {r["queue_name"] for r in db.execute("SELECT queue_name FROM pgmq.list_queues()")}
     assert set(QUEUES) <= names
-    cols = {r["column_name"] for r in db.execute(
-        "SELECT column_name FROM information_schema.columns"
-        " WHERE table_schema = 'workers' AND table_name = 'processed_jobs'")}
+    cols = {
+        r["column_name"]
+        for r in db.execute(
+            "SELECT column_name FROM information_schema.columns"
+            " WHERE table_schema = 'workers' AND table_name = 'processed_jobs'"
+        )
+    }
     assert {"job_key", "status", "attempts", "lease_expires_at", "completed_at"} <= cols
 
 
-def test_every_queue_notifies_once_per_inserting_statement(db: psycopg.Connection[Any],
-                                                            clean_db: str) -> None:
+def test_every_queue_notifies_once_per_inserting_statement(
+    db: psycopg.Connection[Any], clean_db: str
+) -> None:
     from backend.db import queries as q
 
     for queue in QUEUES:
@@ -40,8 +45,10 @@ def test_pgmq_row_level_notifications_are_replaced(db: psycopg.Connection[Any]) 
     db.execute("SELECT pgmq.create('q_legacy')")
     db.execute("SELECT pgmq.enable_notify_insert('q_legacy', 0)")
     ensure_queue(db, "q_legacy")
-    triggers = {r["tgname"] for r in db.execute(
-        "SELECT tgname FROM pg_trigger WHERE tgrelid = 'pgmq.q_q_legacy'::regclass")}
+    triggers = {
+        r["tgname"]
+        for r in db.execute("SELECT tgname FROM pg_trigger WHERE tgrelid = 'pgmq.q_q_legacy'::regclass")
+    }
     assert triggers == {"workers_notify_insert"}
     assert q.notifications_available(db, "q_legacy")
     db.execute("SELECT pgmq.drop_queue('q_legacy')")

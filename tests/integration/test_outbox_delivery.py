@@ -29,23 +29,27 @@ KEY = "judgment-42:notice:1"
 
 
 def http_config(http: HttpRecorder, **extra: str) -> OutboxConfig:
-    return OutboxConfig.from_env({
-        "OUTBOX_WEBHOOK_URL": http.url_for(f"/hooks/{TOKEN}"),
-        "OUTBOX_SLACK_WEBHOOK_URL": http.url_for(f"/services/T000/B000/{TOKEN}"),
-        "OUTBOX_DISCORD_WEBHOOK_URL": http.url_for(f"/api/webhooks/1/{TOKEN}"),
-        **extra,
-    })
+    return OutboxConfig.from_env(
+        {
+            "OUTBOX_WEBHOOK_URL": http.url_for(f"/hooks/{TOKEN}"),
+            "OUTBOX_SLACK_WEBHOOK_URL": http.url_for(f"/services/T000/B000/{TOKEN}"),
+            "OUTBOX_DISCORD_WEBHOOK_URL": http.url_for(f"/api/webhooks/1/{TOKEN}"),
+            **extra,
+        }
+    )
 
 
 def smtp_config(smtp: SmtpRecorder, **extra: str) -> OutboxConfig:
-    return OutboxConfig.from_env({
-        "OUTBOX_SMTP_HOST": smtp.host,
-        "OUTBOX_SMTP_PORT": str(smtp.port),
-        "OUTBOX_SMTP_TLS": "none",
-        "OUTBOX_SMTP_FROM": "Dragonfly <outbox@dragonfly.example>",
-        "OUTBOX_SMTP_TIMEOUT_S": "5",
-        **extra,
-    })
+    return OutboxConfig.from_env(
+        {
+            "OUTBOX_SMTP_HOST": smtp.host,
+            "OUTBOX_SMTP_PORT": str(smtp.port),
+            "OUTBOX_SMTP_TLS": "none",
+            "OUTBOX_SMTP_FROM": "Dragonfly <outbox@dragonfly.example>",
+            "OUTBOX_SMTP_TIMEOUT_S": "5",
+            **extra,
+        }
+    )
 
 
 def message(channel: str, **fields: Any) -> OutboundMessage:
@@ -54,16 +58,27 @@ def message(channel: str, **fields: Any) -> OutboundMessage:
 
 
 def job(payload: dict[str, Any], key: str = KEY) -> Job:
-    return Job(msg_id=7, queue_name="q_outbox_processor", idempotency_key=key,
-               entity_type="judgment", entity_id="J-42", org_id="org-1", payload=payload)
+    return Job(
+        msg_id=7,
+        queue_name="q_outbox_processor",
+        idempotency_key=key,
+        entity_type="judgment",
+        entity_id="J-42",
+        org_id="org-1",
+        payload=payload,
+    )
 
 
 # --- HTTP channels ---------------------------------------------------------------------
 
 
 def test_webhook_delivers_the_full_message_with_the_key(http: HttpRecorder) -> None:
-    payload = {"channel": "webhook", "subject": "Writ issued", "body": "Levy scheduled.",
-               "data": {"amount_cents": 125000}}
+    payload = {
+        "channel": "webhook",
+        "subject": "Writ issued",
+        "body": "Levy scheduled.",
+        "data": {"amount_cents": 125000},
+    }
 
     receipt = deliver_job(job(payload), config=http_config(http))
 
@@ -73,9 +88,15 @@ def test_webhook_delivers_the_full_message_with_the_key(http: HttpRecorder) -> N
     assert request.idempotency_key == KEY
     assert request.header("Content-Type") == "application/json"
     assert request.json() == {
-        "idempotency_key": KEY, "message_id": stable_message_id(KEY), "channel": "webhook",
-        "subject": "Writ issued", "body": "Levy scheduled.", "data": {"amount_cents": 125000},
-        "entity_type": "judgment", "entity_id": "J-42", "org_id": "org-1",
+        "idempotency_key": KEY,
+        "message_id": stable_message_id(KEY),
+        "channel": "webhook",
+        "subject": "Writ issued",
+        "body": "Levy scheduled.",
+        "data": {"amount_cents": 125000},
+        "entity_type": "judgment",
+        "entity_id": "J-42",
+        "org_id": "org-1",
     }
     assert receipt.status == 200
     assert receipt.destination == http.url
@@ -156,8 +177,9 @@ def test_a_slow_receiver_times_out_as_retryable(http: HttpRecorder) -> None:
     http.reply(200, delay_s=5)
 
     with pytest.raises(DeliveryError, match=r"no answer within 0\.2s") as raised:
-        deliver(message("webhook"), idempotency_key=KEY,
-                config=http_config(http, OUTBOX_HTTP_TIMEOUT_S="0.2"))
+        deliver(
+            message("webhook"), idempotency_key=KEY, config=http_config(http, OUTBOX_HTTP_TIMEOUT_S="0.2")
+        )
 
     assert TOKEN not in str(raised.value)
     assert http.total_calls == 1
@@ -187,18 +209,21 @@ def test_a_closed_port_is_retryable() -> None:
 # --- configuration and validation at delivery ------------------------------------------
 
 
-@pytest.mark.parametrize(("channel", "variable"), [
-    ("webhook", "OUTBOX_WEBHOOK_URL"),
-    ("slack", "OUTBOX_SLACK_WEBHOOK_URL"),
-    ("discord", "OUTBOX_DISCORD_WEBHOOK_URL"),
-    ("email", "OUTBOX_SMTP_HOST"),
-])
+@pytest.mark.parametrize(
+    ("channel", "variable"),
+    [
+        ("webhook", "OUTBOX_WEBHOOK_URL"),
+        ("slack", "OUTBOX_SLACK_WEBHOOK_URL"),
+        ("discord", "OUTBOX_DISCORD_WEBHOOK_URL"),
+        ("email", "OUTBOX_SMTP_HOST"),
+    ],
+)
 def test_an_unconfigured_channel_is_permanent_and_names_the_variable(
-        http: HttpRecorder, channel: str, variable: str) -> None:
+    http: HttpRecorder, channel: str, variable: str
+) -> None:
     extra = {"to": "debtor@example.com"} if channel == "email" else {}
 
-    with pytest.raises(PermanentJobError, match=f"channel {channel} is not configured: set "
-                                                f"{variable}"):
+    with pytest.raises(PermanentJobError, match=f"channel {channel} is not configured: set {variable}"):
         deliver(message(channel, **extra), idempotency_key=KEY, config=OutboxConfig())
 
     assert http.total_calls == 0
@@ -206,27 +231,34 @@ def test_an_unconfigured_channel_is_permanent_and_names_the_variable(
 
 def test_an_unknown_channel_is_permanent(http: HttpRecorder) -> None:
     with pytest.raises(PermanentJobError, match="unknown channel 'sms'"):
-        deliver_job(job({"channel": "sms", "subject": "s", "body": "b"}),
-                    config=http_config(http))
+        deliver_job(job({"channel": "sms", "subject": "s", "body": "b"}), config=http_config(http))
 
     assert http.total_calls == 0
 
 
-@pytest.mark.parametrize("payload", [
-    {"subject": "s", "body": "b"},
-    {"channel": "webhook", "body": "b"},
-    {"channel": "webhook", "subject": "s", "body": ""},
-    {"channel": "webhook", "subject": "s", "body": "b", "data": [1, 2]},
-    {"channel": "email", "subject": "s", "body": "b"},
-    {"channel": "email", "subject": "s", "body": "b", "to": "not an address"},
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"subject": "s", "body": "b"},
+        {"channel": "webhook", "body": "b"},
+        {"channel": "webhook", "subject": "s", "body": ""},
+        {"channel": "webhook", "subject": "s", "body": "b", "data": [1, 2]},
+        {"channel": "email", "subject": "s", "body": "b"},
+        {"channel": "email", "subject": "s", "body": "b", "to": "not an address"},
+    ],
+)
 def test_an_invalid_payload_is_permanent_and_sends_nothing(
-        http: HttpRecorder, smtp: SmtpRecorder, payload: dict[str, Any]) -> None:
-    config = OutboxConfig.from_env({"OUTBOX_WEBHOOK_URL": http.url_for("/hook"),
-                                    "OUTBOX_SMTP_HOST": smtp.host,
-                                    "OUTBOX_SMTP_PORT": str(smtp.port),
-                                    "OUTBOX_SMTP_TLS": "none",
-                                    "OUTBOX_SMTP_FROM": "outbox@dragonfly.example"})
+    http: HttpRecorder, smtp: SmtpRecorder, payload: dict[str, Any]
+) -> None:
+    config = OutboxConfig.from_env(
+        {
+            "OUTBOX_WEBHOOK_URL": http.url_for("/hook"),
+            "OUTBOX_SMTP_HOST": smtp.host,
+            "OUTBOX_SMTP_PORT": str(smtp.port),
+            "OUTBOX_SMTP_TLS": "none",
+            "OUTBOX_SMTP_FROM": "outbox@dragonfly.example",
+        }
+    )
 
     with pytest.raises(PermanentJobError):
         deliver_job(job(payload), config=config)
@@ -269,8 +301,7 @@ def test_email_arrives_with_a_stable_message_id(smtp: SmtpRecorder) -> None:
 
 def test_email_logs_in_when_credentials_are_set() -> None:
     with SmtpRecorder(credentials=("outbox", "pa55-w0rd")) as smtp:
-        config = smtp_config(smtp, OUTBOX_SMTP_USERNAME="outbox",
-                             OUTBOX_SMTP_PASSWORD="pa55-w0rd")
+        config = smtp_config(smtp, OUTBOX_SMTP_USERNAME="outbox", OUTBOX_SMTP_PASSWORD="pa55-w0rd")
         deliver(message("email", to="debtor@example.com"), idempotency_key=KEY, config=config)
 
         [mail] = smtp.messages
@@ -279,11 +310,9 @@ def test_email_logs_in_when_credentials_are_set() -> None:
 
 def test_email_with_a_wrong_password_is_permanent_and_hides_it() -> None:
     with SmtpRecorder(credentials=("outbox", "right")) as smtp:
-        config = smtp_config(smtp, OUTBOX_SMTP_USERNAME="outbox",
-                             OUTBOX_SMTP_PASSWORD="wrong-pa55")
+        config = smtp_config(smtp, OUTBOX_SMTP_USERNAME="outbox", OUTBOX_SMTP_PASSWORD="wrong-pa55")
         with pytest.raises(PermanentJobError, match="SMTP 535") as raised:
-            deliver(message("email", to="debtor@example.com"), idempotency_key=KEY,
-                    config=config)
+            deliver(message("email", to="debtor@example.com"), idempotency_key=KEY, config=config)
 
         assert "wrong-pa55" not in str(raised.value)
         assert "wrong-pa55" not in repr(config)
@@ -294,8 +323,7 @@ def test_smtp_5xx_is_permanent(smtp: SmtpRecorder) -> None:
     smtp.reply("554 5.7.1 Message rejected")
 
     with pytest.raises(PermanentJobError, match="SMTP 554"):
-        deliver(message("email", to="debtor@example.com"), idempotency_key=KEY,
-                config=smtp_config(smtp))
+        deliver(message("email", to="debtor@example.com"), idempotency_key=KEY, config=smtp_config(smtp))
 
     assert smtp.messages == []
 
@@ -304,8 +332,7 @@ def test_smtp_4xx_is_retryable(smtp: SmtpRecorder) -> None:
     smtp.reply("451 4.3.0 Try again later")
 
     with pytest.raises(DeliveryError, match="SMTP 451") as raised:
-        deliver(message("email", to="debtor@example.com"), idempotency_key=KEY,
-                config=smtp_config(smtp))
+        deliver(message("email", to="debtor@example.com"), idempotency_key=KEY, config=smtp_config(smtp))
 
     assert not isinstance(raised.value, PermanentJobError)
     assert len(smtp.records) == 1
@@ -326,7 +353,10 @@ def test_the_http_recorder_runs_as_a_process_and_logs_each_request(tmp_path: Pat
     log = tmp_path / "requests.jsonl"
     process = subprocess.Popen(
         [sys.executable, "-m", "tests.receivers", "http", "--port", "0", "--log", str(log)],
-        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2])
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parents[2],
+    )
     try:
         assert process.stdout is not None
         ready = json.loads(process.stdout.readline())

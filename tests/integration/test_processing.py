@@ -33,8 +33,10 @@ class Recorder:
 
     def handle(self, conn: Conn, job: Job) -> None:
         self.calls.append((job.idempotency_key, job.attempt, time.monotonic()))
-        conn.execute("INSERT INTO probe.effects (job_key, worker_id, attempt) VALUES (%s, 'w', %s)",
-                     (job.idempotency_key, job.attempt))
+        conn.execute(
+            "INSERT INTO probe.effects (job_key, worker_id, attempt) VALUES (%s, 'w', %s)",
+            (job.idempotency_key, job.attempt),
+        )
         if self.fail.get(job.idempotency_key, 0) >= job.attempt:
             raise RuntimeError(f"planned failure of {job.idempotency_key}")
         if self.fail.get(job.idempotency_key) == -1:
@@ -56,31 +58,45 @@ def _close_delivery_logs() -> Any:
         _LOGS.pop().close()
 
 
-def processor(conn_url: str, handler: Any, kind: HandlerKind = "transactional", **opts: Any
-              ) -> Processor:
+def processor(conn_url: str, handler: Any, kind: HandlerKind = "transactional", **opts: Any) -> Processor:
     options = ProcessingOptions(**{"visibility_timeout_s": 5, "retry_base_s": 1.0, **opts})
-    deliveries = DeliveryLog(queue_name=QUEUE, worker_id="test-worker",
-                             open_conn=lambda: psycopg.connect(conn_url, autocommit=True))
+    deliveries = DeliveryLog(
+        queue_name=QUEUE,
+        worker_id="test-worker",
+        open_conn=lambda: psycopg.connect(conn_url, autocommit=True),
+    )
     _LOGS.append(deliveries)
-    return Processor(queue=QUEUE, worker_id="test-worker", kind=kind, handler=handler,
-                     options=options, deliveries=deliveries, rng=random.Random(7))
+    return Processor(
+        queue=QUEUE,
+        worker_id="test-worker",
+        kind=kind,
+        handler=handler,
+        options=options,
+        deliveries=deliveries,
+        rng=random.Random(7),
+    )
 
 
 def send(db: Conn, key: str, **payload: Any) -> int:
-    return enqueue(db, QUEUE, build_envelope(entity_type="probe", entity_id=key, org_id="o",
-                                             idempotency_key=key, payload=payload))
+    return enqueue(
+        db,
+        QUEUE,
+        build_envelope(entity_type="probe", entity_id=key, org_id="o", idempotency_key=key, payload=payload),
+    )
 
 
 def effects(db: Conn, key: str | None = None) -> int:
     if key is None:
         return int(db.execute("SELECT count(*) AS n FROM probe.effects").fetchone()["n"])
-    return int(db.execute("SELECT count(*) AS n FROM probe.effects WHERE job_key = %s",
-                          (key,)).fetchone()["n"])
+    return int(
+        db.execute("SELECT count(*) AS n FROM probe.effects WHERE job_key = %s", (key,)).fetchone()["n"]
+    )
 
 
 def ledger(db: Conn, key: str) -> dict[str, Any]:
-    row: dict[str, Any] = db.execute("SELECT * FROM workers.processed_jobs WHERE job_key = %s",
-                                     (key,)).fetchone()
+    row: dict[str, Any] = db.execute(
+        "SELECT * FROM workers.processed_jobs WHERE job_key = %s", (key,)
+    ).fetchone()
     return row
 
 
@@ -108,25 +124,51 @@ def test_a_batch_completes_every_job_once(db: Conn, work_conn: Conn, clean_db: s
     proc = processor(clean_db, Recorder())
     run_until(proc, work_conn, lambda: queue_depth(db) == 0)
     assert effects(db) == 250
-    assert db.execute("SELECT count(*) AS n FROM workers.processed_jobs WHERE status = 'completed'"
-                      " AND attempts = 1").fetchone()["n"] == 250
+    assert (
+        db.execute(
+            "SELECT count(*) AS n FROM workers.processed_jobs WHERE status = 'completed' AND attempts = 1"
+        ).fetchone()["n"]
+        == 250
+    )
     assert proc.counters.processed == 250
 
 
-@pytest.mark.parametrize(("body", "reason", "error_type"), [
-    ("just a string", "must be a JSON object, got string", "InvalidEnvelope"),
-    ([1, 2, 3], "must be a JSON object, got array", "InvalidEnvelope"),
-    ({"entity_type": "x", "entity_id": "1", "org_id": "o", "payload": {}},
-     "missing field(s): idempotency_key", "InvalidEnvelope"),
-    ({"idempotency_key": 7, "entity_type": "x", "entity_id": "1", "org_id": "o", "payload": {}},
-     "idempotency_key must be a non-empty string, got number", "InvalidEnvelope"),
-    ({"idempotency_key": "k", "entity_type": "x", "entity_id": "1", "org_id": "o", "payload": []},
-     "payload must be a JSON object, got array", "InvalidEnvelope"),
-    ({"idempotency_key": "k", "entity_type": "x", "entity_id": "1", "org_id": "o",
-      "payload": {"blob": "x" * 300_000}}, "over WORKER_MAX_PAYLOAD_BYTES (262144)", "PayloadTooLarge"),
-])
+@pytest.mark.parametrize(
+    ("body", "reason", "error_type"),
+    [
+        ("just a string", "must be a JSON object, got string", "InvalidEnvelope"),
+        ([1, 2, 3], "must be a JSON object, got array", "InvalidEnvelope"),
+        (
+            {"entity_type": "x", "entity_id": "1", "org_id": "o", "payload": {}},
+            "missing field(s): idempotency_key",
+            "InvalidEnvelope",
+        ),
+        (
+            {"idempotency_key": 7, "entity_type": "x", "entity_id": "1", "org_id": "o", "payload": {}},
+            "idempotency_key must be a non-empty string, got number",
+            "InvalidEnvelope",
+        ),
+        (
+            {"idempotency_key": "k", "entity_type": "x", "entity_id": "1", "org_id": "o", "payload": []},
+            "payload must be a JSON object, got array",
+            "InvalidEnvelope",
+        ),
+        (
+            {
+                "idempotency_key": "k",
+                "entity_type": "x",
+                "entity_id": "1",
+                "org_id": "o",
+                "payload": {"blob": "x" * 300_000},
+            },
+            "over WORKER_MAX_PAYLOAD_BYTES (262144)",
+            "PayloadTooLarge",
+        ),
+    ],
+)
 def test_malformed_messages_are_dead_lettered_with_their_reason(
-        db: Conn, work_conn: Conn, clean_db: str, body: Any, reason: str, error_type: str) -> None:
+    db: Conn, work_conn: Conn, clean_db: str, body: Any, reason: str, error_type: str
+) -> None:
     db.execute("SELECT pgmq.send(%s, %s)", (QUEUE, Jsonb(body)))
     send(db, "good")
     proc = processor(clean_db, Recorder())
@@ -151,7 +193,8 @@ def test_same_key_enqueued_twice_has_one_effect(db: Conn, work_conn: Conn, clean
 
 
 def test_a_batch_is_recorded_and_held_by_lock_before_the_handler_runs(
-        db: Conn, work_conn: Conn, clean_db: str) -> None:
+    db: Conn, work_conn: Conn, clean_db: str
+) -> None:
     """While the batch runs, every other reader skips its messages, its delivery record is
     committed, and the messages are not rewritten (pgmq.read would set vt and read_ct of
     each); a batch whose handler raises is rolled back and forgotten, and the next batch
@@ -161,13 +204,13 @@ def test_a_batch_is_recorded_and_held_by_lock_before_the_handler_runs(
     class Peek(Recorder):
         def handle_batch(self, conn: Conn, jobs: list[Job]) -> None:
             with psycopg.connect(clean_db, autocommit=True) as other:
-                seen["pgmq.read"] = other.execute("SELECT * FROM pgmq.read(%s, 30, 10)",
-                                                  (QUEUE,)).fetchall()
-                seen["record"] = other.execute("SELECT msg_ids FROM workers.deliveries"
-                                               " WHERE worker_id = 'test-worker'").fetchone()
-            seen["updated"] = conn.execute("SELECT n_tup_upd FROM pg_stat_xact_user_tables"
-                                           " WHERE relid = 'pgmq.q_q_probe'::regclass"
-                                           ).fetchone()["n_tup_upd"]
+                seen["pgmq.read"] = other.execute("SELECT * FROM pgmq.read(%s, 30, 10)", (QUEUE,)).fetchall()
+                seen["record"] = other.execute(
+                    "SELECT msg_ids FROM workers.deliveries WHERE worker_id = 'test-worker'"
+                ).fetchone()
+            seen["updated"] = conn.execute(
+                "SELECT n_tup_upd FROM pg_stat_xact_user_tables WHERE relid = 'pgmq.q_q_probe'::regclass"
+            ).fetchone()["n_tup_upd"]
             raise RuntimeError("roll this batch back")  # the next batch runs one by one
 
     ids = [send(db, f"held{i}") for i in range(3)]
@@ -176,47 +219,58 @@ def test_a_batch_is_recorded_and_held_by_lock_before_the_handler_runs(
     assert seen["pgmq.read"] == []
     assert seen["record"] == (ids,)
     assert seen["updated"] == 0, "the batch wrote new versions of its messages"
-    assert db.execute("SELECT count(*) AS n FROM pgmq.q_q_probe WHERE read_ct = 0"
-                      " AND vt <= clock_timestamp()").fetchone()["n"] == 3
+    assert (
+        db.execute(
+            "SELECT count(*) AS n FROM pgmq.q_q_probe WHERE read_ct = 0 AND vt <= clock_timestamp()"
+        ).fetchone()["n"]
+        == 3
+    )
     assert db.execute("SELECT count(*) AS n FROM workers.deliveries").fetchone()["n"] == 0
     run_until(proc, work_conn, lambda: queue_depth(db) == 0)
     assert effects(db) == 3
 
 
 def test_a_batch_whose_worker_died_runs_alone_each_attempt_counted(
-        db: Conn, work_conn: Conn, clean_db: str) -> None:
+    db: Conn, work_conn: Conn, clean_db: str
+) -> None:
     """A delivery record left by a worker that never finished its batch: each of its jobs
     runs alone, claimed (attempt counted) before its handler, the others in a batch."""
     ids = [send(db, f"orphan{i}") for i in range(3)]
     send(db, "fresh")
-    db.execute("INSERT INTO workers.deliveries (worker_id, queue_name, msg_ids)"
-               " VALUES ('dead-worker', %s, %s)", (QUEUE, ids))
+    db.execute(
+        "INSERT INTO workers.deliveries (worker_id, queue_name, msg_ids) VALUES ('dead-worker', %s, %s)",
+        (QUEUE, ids),
+    )
     recorder = Recorder()
     proc = processor(clean_db, recorder)
     run_until(proc, work_conn, lambda: queue_depth(db) == 0)
     assert effects(db) == 4
     rows = {r["job_key"]: r for r in db.execute("SELECT * FROM workers.processed_jobs")}
-    assert all(rows[f"orphan{i}"]["attempts"] == 1 and rows[f"orphan{i}"]["status"] == "completed"
-               for i in range(3))
+    assert all(
+        rows[f"orphan{i}"]["attempts"] == 1 and rows[f"orphan{i}"]["status"] == "completed" for i in range(3)
+    )
     assert recorder.batches == [["fresh"]], "the orphans ran alone, the fresh job in a batch"
     with psycopg.connect(clean_db, autocommit=True) as conn:
         assert q.prune_deliveries(conn, QUEUE) == 2, "records none of whose messages is left go"
 
 
 def test_a_failed_transactional_job_is_delayed_by_its_backoff(
-        db: Conn, work_conn: Conn, clean_db: str) -> None:
+    db: Conn, work_conn: Conn, clean_db: str
+) -> None:
     send(db, "once")
     proc = processor(clean_db, Recorder(fail={"once": 1}), retry_base_s=4.0)
     proc.process_batch(work_conn)  # optimistic: rolled back
     proc.process_batch(work_conn)  # one by one: attempt 1 fails and commits
-    row = db.execute("SELECT extract(epoch FROM vt - clock_timestamp())::float8 AS wait"
-                     " FROM pgmq.q_q_probe").fetchone()
+    row = db.execute(
+        "SELECT extract(epoch FROM vt - clock_timestamp())::float8 AS wait FROM pgmq.q_q_probe"
+    ).fetchone()
     assert 1.0 <= row["wait"] <= 4.0  # jittered to half..all of 4 s, whole seconds
     assert ledger(db, "once")["status"] == "failed"
 
 
 def test_failures_retry_with_backoff_then_complete(
-        db: Conn, work_conn: Conn, clean_db: str, caplog: pytest.LogCaptureFixture) -> None:
+    db: Conn, work_conn: Conn, clean_db: str, caplog: pytest.LogCaptureFixture
+) -> None:
     handler = Recorder(fail={"flaky": 2})
     send(db, "flaky")
     for i in range(5):
@@ -229,8 +283,11 @@ def test_failures_retry_with_backoff_then_complete(
     assert effects(db, "flaky") == 1, "the failed attempts' writes were rolled back"
     # A batch runs optimistically first, so attempt 1 may run twice (the first rolled back).
     runs = sorted({a: t for key, a, t in handler.calls if key == "flaky"}.values())
-    delays = [r.data["retry_in_s"] for r in caplog.records  # type: ignore[attr-defined]
-              if getattr(r, "event", "") == "JOB_FAILED"]
+    delays = [
+        r.data["retry_in_s"]
+        for r in caplog.records  # type: ignore[attr-defined]
+        if getattr(r, "event", "") == "JOB_FAILED"
+    ]
     assert len(runs) == 3 and len(delays) == 2
     for (before, after), delay in zip(itertools.pairwise(runs), delays, strict=True):
         assert after - before >= delay - 0.05
@@ -249,7 +306,8 @@ class ExternalFailingOnce:
 
 @pytest.mark.parametrize("kind", ["transactional", "external"])
 def test_copies_of_a_failed_key_wait_out_its_backoff(
-        db: Conn, work_conn: Conn, clean_db: str, kind: HandlerKind) -> None:
+    db: Conn, work_conn: Conn, clean_db: str, kind: HandlerKind
+) -> None:
     """A key sent twice whose first attempt fails: the copy waits with the first message,
     so the next attempt still comes after the backoff, not at once."""
     send(db, "twin")
@@ -264,8 +322,12 @@ def test_copies_of_a_failed_key_wait_out_its_backoff(
     for _ in range(3):  # external jobs are taken one at a time: the copy is taken and put off
         proc.process_batch(work_conn)
     assert ledger(db, "twin")["attempts"] == 1, "a copy ran during the backoff"
-    waits = [r["wait"] for r in db.execute(
-        "SELECT extract(epoch FROM vt - clock_timestamp())::float8 AS wait FROM pgmq.q_q_probe")]
+    waits = [
+        r["wait"]
+        for r in db.execute(
+            "SELECT extract(epoch FROM vt - clock_timestamp())::float8 AS wait FROM pgmq.q_q_probe"
+        )
+    ]
     assert len(waits) == 2 and all(w >= 1.0 for w in waits)
     assert ledger(db, "twin")["attempts"] == 1
     run_until(proc, work_conn, lambda: queue_depth(db) == 0, timeout=30)
@@ -273,7 +335,8 @@ def test_copies_of_a_failed_key_wait_out_its_backoff(
 
 
 def test_always_failing_job_is_dead_lettered_and_replay_completes_it_once(
-        db: Conn, work_conn: Conn, clean_db: str) -> None:
+    db: Conn, work_conn: Conn, clean_db: str
+) -> None:
     handler = Recorder(fail={"doomed": 99})
     send(db, "doomed")
     proc = processor(clean_db, handler, max_attempts=3)
@@ -313,13 +376,16 @@ class External:
 
 
 def test_an_expired_claim_is_visible_as_stuck_then_taken_over(
-        db: Conn, work_conn: Conn, clean_db: str) -> None:
+    db: Conn, work_conn: Conn, clean_db: str
+) -> None:
     msg_id = send(db, "orphan")
     # A worker that died after committing its claim: the message and the claim stay leased.
     q.fetch_messages(db, QUEUE, qty=1, vt_s=1, max_bytes=1000)
     q.claim(db, queue=QUEUE, worker_id="dead-worker", keys=["orphan"], msg_ids=[msg_id], lease_s=1)
-    stuck = ("SELECT job_key FROM workers.processed_jobs WHERE status = 'processing'"
-             " AND lease_expires_at < clock_timestamp()")
+    stuck = (
+        "SELECT job_key FROM workers.processed_jobs WHERE status = 'processing'"
+        " AND lease_expires_at < clock_timestamp()"
+    )
     assert db.execute(stuck).fetchall() == []
     handler = External()
     proc = processor(clean_db, handler, kind="external")
@@ -344,11 +410,15 @@ def test_a_null_message_is_dead_lettered_not_a_crash(db: Conn, work_conn: Conn, 
 
 
 def test_an_external_job_whose_workers_keep_dying_is_dead_lettered(
-        db: Conn, work_conn: Conn, clean_db: str) -> None:
+    db: Conn, work_conn: Conn, clean_db: str
+) -> None:
     msg_id = send(db, "killer")
-    db.execute("INSERT INTO workers.processed_jobs (job_key, queue_name, msg_id, status, attempts,"
-               " worker_id, lease_expires_at) VALUES ('killer', %s, %s, 'processing', 3,"
-               " 'dead-worker', clock_timestamp() - interval '1 second')", (QUEUE, msg_id))
+    db.execute(
+        "INSERT INTO workers.processed_jobs (job_key, queue_name, msg_id, status, attempts,"
+        " worker_id, lease_expires_at) VALUES ('killer', %s, %s, 'processing', 3,"
+        " 'dead-worker', clock_timestamp() - interval '1 second')",
+        (QUEUE, msg_id),
+    )
     handler = External()
     proc = processor(clean_db, handler, kind="external", max_attempts=3)
     run_until(proc, work_conn, lambda: queue_depth(db) == 0)
@@ -366,12 +436,16 @@ class Overtaken:
 
     def handle(self, job: Job) -> None:
         with psycopg.connect(self.url, autocommit=True) as other:
-            other.execute("UPDATE workers.processed_jobs SET worker_id = 'replica-b', attempts ="
-                          " attempts + 1 WHERE job_key = %s", (job.idempotency_key,))
+            other.execute(
+                "UPDATE workers.processed_jobs SET worker_id = 'replica-b', attempts ="
+                " attempts + 1 WHERE job_key = %s",
+                (job.idempotency_key,),
+            )
 
 
 def test_an_external_worker_that_lost_its_claim_leaves_it_alone(
-        db: Conn, work_conn: Conn, clean_db: str) -> None:
+    db: Conn, work_conn: Conn, clean_db: str
+) -> None:
     send(db, "overtaken")
     proc = processor(clean_db, Overtaken(clean_db), kind="external")
     assert proc.process_batch(work_conn) == 1
@@ -381,7 +455,8 @@ def test_an_external_worker_that_lost_its_claim_leaves_it_alone(
 
 
 def test_every_transaction_bounds_itself_and_leaves_the_session_unbounded(
-        db: Conn, work_conn: Conn, clean_db: str) -> None:
+    db: Conn, work_conn: Conn, clean_db: str
+) -> None:
     """The bound is set per transaction (SET LOCAL), as it must be behind a transaction
     pooler, where the next transaction on the server connection may be another client's."""
     seen: dict[str, str] = {}
@@ -390,30 +465,43 @@ def test_every_transaction_bounds_itself_and_leaves_the_session_unbounded(
         def handle(self, conn: Conn, job: Job) -> None:
             for name in ("idle_in_transaction_session_timeout", "statement_timeout"):
                 seen[f"{job.idempotency_key}:{name}"] = conn.execute(
-                    "SELECT current_setting(%s) AS v", (name,)).fetchone()["v"]
+                    "SELECT current_setting(%s) AS v", (name,)
+                ).fetchone()["v"]
 
     send(db, "batched")
     proc = processor(clean_db, Look(), visibility_timeout_s=7)
     run_until(proc, work_conn, lambda: queue_depth(db) == 0)
-    db.execute("INSERT INTO workers.deliveries (worker_id, queue_name, msg_ids)"
-               " VALUES ('dead-worker', %s, ARRAY[%s::bigint])", (QUEUE, send(db, "alone")))
+    db.execute(
+        "INSERT INTO workers.deliveries (worker_id, queue_name, msg_ids)"
+        " VALUES ('dead-worker', %s, ARRAY[%s::bigint])",
+        (QUEUE, send(db, "alone")),
+    )
     run_until(proc, work_conn, lambda: queue_depth(db) == 0)
-    assert seen == {f"{k}:{n}": "7s" for k in ("batched", "alone")
-                    for n in ("idle_in_transaction_session_timeout", "statement_timeout")}
-    after = work_conn.execute("SELECT current_setting('idle_in_transaction_session_timeout') AS i,"
-                              " current_setting('statement_timeout') AS s").fetchone()
+    assert seen == {
+        f"{k}:{n}": "7s"
+        for k in ("batched", "alone")
+        for n in ("idle_in_transaction_session_timeout", "statement_timeout")
+    }
+    after = work_conn.execute(
+        "SELECT current_setting('idle_in_transaction_session_timeout') AS i,"
+        " current_setting('statement_timeout') AS s"
+    ).fetchone()
     assert (after["i"], after["s"]) == ("0", "0")
 
 
 def test_a_key_whose_run_alone_ended_without_an_outcome_runs_alone_again_counted(
-        db: Conn, work_conn: Conn, clean_db: str) -> None:
+    db: Conn, work_conn: Conn, clean_db: str
+) -> None:
     """A claim left expired by a run alone (its worker lost its transaction, or died, and
     no delivery record names the message) sends the job alone again, its attempt counted:
     never merely delayed, which would bounce it forever uncounted."""
     msg_id = send(db, "orphan")
-    db.execute("INSERT INTO workers.processed_jobs (job_key, queue_name, msg_id, status, attempts,"
-               " worker_id, lease_expires_at) VALUES ('orphan', %s, %s, 'processing', 2,"
-               " 'lost-worker', clock_timestamp() - interval '1 second')", (QUEUE, msg_id))
+    db.execute(
+        "INSERT INTO workers.processed_jobs (job_key, queue_name, msg_id, status, attempts,"
+        " worker_id, lease_expires_at) VALUES ('orphan', %s, %s, 'processing', 2,"
+        " 'lost-worker', clock_timestamp() - interval '1 second')",
+        (QUEUE, msg_id),
+    )
     send(db, "fresh")
     recorder = Recorder()
     proc = processor(clean_db, recorder)

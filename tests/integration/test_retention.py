@@ -18,16 +18,20 @@ def test_prune_deletes_only_old_completed_rows_and_old_stopped_heartbeats(db: Co
         " ('old-done', 'q', 1, 'completed', 1, now() - interval '10 days'),"
         " ('new-done', 'q', 2, 'completed', 1, now() - interval '1 day'),"
         " ('old-dead', 'q', 3, 'dead', 5, NULL),"
-        " ('old-claim', 'q', 4, 'processing', 1, NULL)")
+        " ('old-claim', 'q', 4, 'processing', 1, NULL)"
+    )
     db.execute("UPDATE workers.processed_jobs SET updated_at = now() - interval '10 days'")
-    row = ("INSERT INTO workers.heartbeats (worker_id, worker_name, queue_name, status, hostname,"
-           " pid, version, started_at, last_heartbeat_at, stopped_at) VALUES"
-           " (%s, 'q', 'q', %s, 'h', 1, 'v', now(), now() - %s::interval, %s)")
+    row = (
+        "INSERT INTO workers.heartbeats (worker_id, worker_name, queue_name, status, hostname,"
+        " pid, version, started_at, last_heartbeat_at, stopped_at) VALUES"
+        " (%s, 'q', 'q', %s, 'h', 1, 'v', now(), now() - %s::interval, %s)"
+    )
     db.execute(row, ("stopped-old", "STOPPED", "10 days", "-infinity"))
     db.execute("UPDATE workers.heartbeats SET stopped_at = now() - interval '10 days'")
     db.execute(row, ("stopped-new", "STOPPED", "1 hour", None))
-    db.execute("UPDATE workers.heartbeats SET stopped_at = now() - interval '1 hour'"
-               " WHERE worker_id = 'stopped-new'")
+    db.execute(
+        "UPDATE workers.heartbeats SET stopped_at = now() - interval '1 hour' WHERE worker_id = 'stopped-new'"
+    )
     db.execute(row, ("running-silent", "RUNNING", "10 days", None))
 
     assert q.prune(db, ledger_days=7, heartbeat_days=7) == (1, 1)

@@ -23,13 +23,18 @@ ROOT = Path(__file__).resolve().parents[2]
 Conn = psycopg.Connection[Any]
 
 
-def inspector(url: str, *args: str, env: dict[str, str] | None = None
-              ) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items()
-            if not k.startswith(("SUPABASE_", "RAILWAY_", "WORKER_"))}
+def inspector(url: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SUPABASE_", "RAILWAY_", "WORKER_"))}
     base |= {"SUPABASE_MODE": "dev", "SUPABASE_DB_URL": url, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "tools.worker_inspector", *args], cwd=ROOT,
-                          env=base, capture_output=True, text=True, timeout=60, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "tools.worker_inspector", *args],
+        cwd=ROOT,
+        env=base,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def report(url: str, *args: str) -> tuple[int, dict[str, Any]]:
@@ -38,8 +43,7 @@ def report(url: str, *args: str) -> tuple[int, dict[str, Any]]:
     return done.returncode, json.loads(done.stdout)
 
 
-def add_worker(db: Conn, worker_id: str, queue: str, status: str, age_s: float, **extra: Any
-               ) -> None:
+def add_worker(db: Conn, worker_id: str, queue: str, status: str, age_s: float, **extra: Any) -> None:
     db.execute(
         "INSERT INTO workers.heartbeats (worker_id, worker_name, queue_name, status, hostname,"
         " pid, version, git_sha, started_at, last_heartbeat_at, stopped_at, jobs_processed,"
@@ -49,16 +53,22 @@ def add_worker(db: Conn, worker_id: str, queue: str, status: str, age_s: float, 
         " CASE WHEN %(status)s IN ('STOPPED', 'CRASHED')"
         "   THEN now() - make_interval(secs => %(age)s) END,"
         " %(done)s, %(failed)s, %(rss)s, %(meta)s)",
-        {"id": worker_id, "q": queue, "status": status, "age": age_s,
-         "sha": extra.get("git_sha"), "done": extra.get("done", 0),
-         "failed": extra.get("failed", 0), "rss": extra.get("rss"),
-         "meta": Jsonb(extra.get("metadata", {}))},
+        {
+            "id": worker_id,
+            "q": queue,
+            "status": status,
+            "age": age_s,
+            "sha": extra.get("git_sha"),
+            "done": extra.get("done", 0),
+            "failed": extra.get("failed", 0),
+            "rss": extra.get("rss"),
+            "meta": Jsonb(extra.get("metadata", {})),
+        },
     )
 
 
 def send(db: Conn, queue: str, body: Any, delay: int = 0) -> int:
-    row = db.execute("SELECT pgmq.send(%s, %s, %s::integer) AS id",
-                     (queue, Jsonb(body), delay)).fetchone()
+    row = db.execute("SELECT pgmq.send(%s, %s, %s::integer) AS id", (queue, Jsonb(body), delay)).fetchone()
     assert row is not None
     return int(row["id"])
 
@@ -85,8 +95,13 @@ def add_dead_letter(db: Conn, queue: str, key: str | None, body: Any) -> int:
 
 
 def envelope(key: str) -> dict[str, Any]:
-    return {"idempotency_key": key, "entity_type": "judgment", "entity_id": "42",
-            "org_id": "org-1", "payload": {"n": 1}}
+    return {
+        "idempotency_key": key,
+        "entity_type": "judgment",
+        "entity_id": "42",
+        "org_id": "org-1",
+        "payload": {"n": 1},
+    }
 
 
 def queue_bodies(db: Conn, queue: str) -> list[Any]:
@@ -105,7 +120,7 @@ def column(lines: list[str], header: str, name: str) -> str:
     """The cell under ``name`` in the row starting with ``header``'s table, by offset."""
     head = next(i for i, line in enumerate(lines) if line.startswith("NAME "))
     start = lines[head].index(name)
-    row = next(line for line in lines[head + 1:] if header in line)
+    row = next(line for line in lines[head + 1 :] if header in line)
     return row[start:].split("  ")[0]
 
 
@@ -117,6 +132,7 @@ def empty_queues(db: Conn) -> None:
 
 
 # --- the report ---------------------------------------------------------------------------
+
 
 def test_healthy_database_exits_0_and_hides_old_history(db: Conn, clean_db: str) -> None:
     for queue in ("q_collectability", "q_escalation", "q_outbox_processor"):
@@ -140,15 +156,30 @@ def test_healthy_database_exits_0_and_hides_old_history(db: Conn, clean_db: str)
 
     code, doc = report(clean_db)
     assert (code, doc["verdict"], doc["reasons"]) == (0, "healthy", [])
-    assert set(by_id(doc)) == {"alive-q_collectability", "alive-q_escalation",
-                               "alive-q_outbox_processor", "stopped-recent"}
-    assert doc["worker_summary"] == {"total": 5, "shown": 4, "hidden": 1, "by_verdict": {
-        "dead": 0, "stale": 0, "alive": 3, "crashed": 0, "stopped": 2}}
+    assert set(by_id(doc)) == {
+        "alive-q_collectability",
+        "alive-q_escalation",
+        "alive-q_outbox_processor",
+        "stopped-recent",
+    }
+    assert doc["worker_summary"] == {
+        "total": 5,
+        "shown": 4,
+        "hidden": 1,
+        "by_verdict": {"dead": 0, "stale": 0, "alive": 3, "crashed": 0, "stopped": 2},
+    }
     queue = next(q for q in doc["queues"] if q["queue_name"] == "q_collectability")
     assert queue | {"oldest_age_s": 0, "oldest_enqueued_at": ""} == {
-        "queue_name": "q_collectability", "depth": 3, "visible": 1, "in_flight": 1,
-        "delayed": 1, "oldest_age_s": 0, "oldest_enqueued_at": "", "dead_letters": 0,
-        "workers_alive": 1}
+        "queue_name": "q_collectability",
+        "depth": 3,
+        "visible": 1,
+        "in_flight": 1,
+        "delayed": 1,
+        "oldest_age_s": 0,
+        "oldest_enqueued_at": "",
+        "dead_letters": 0,
+        "workers_alive": 1,
+    }
     assert 0 <= queue["oldest_age_s"] < 60
     assert doc["stuck_claims"] == {"count": 0, "items": []}
     assert doc["dead_letters"] == {"count": 0, "queues": []}
@@ -159,8 +190,17 @@ def test_healthy_database_exits_0_and_hides_old_history(db: Conn, clean_db: str)
 
 
 def test_every_worker_verdict_and_a_killed_worker_is_unhealthy(db: Conn, clean_db: str) -> None:
-    add_worker(db, "w-alive", "q_collectability", "RUNNING", 5, git_sha="abcdef0123456789",
-               rss=100 * 1048576, metadata={"RAILWAY_REPLICA_ID": "replica-7"}, done=3)
+    add_worker(
+        db,
+        "w-alive",
+        "q_collectability",
+        "RUNNING",
+        5,
+        git_sha="abcdef0123456789",
+        rss=100 * 1048576,
+        metadata={"RAILWAY_REPLICA_ID": "replica-7"},
+        done=3,
+    )
     add_worker(db, "w-booting", "q_collectability", "BOOTING", 1)
     add_worker(db, "w-stale", "q_collectability", "RUNNING", 90)
     add_worker(db, "w-killed", "q_collectability", "RUNNING", 600)
@@ -170,18 +210,27 @@ def test_every_worker_verdict_and_a_killed_worker_is_unhealthy(db: Conn, clean_d
     code, doc = report(clean_db)
     workers = by_id(doc)
     assert {k: w["verdict"] for k, w in workers.items()} == {
-        "w-alive": "alive", "w-booting": "alive", "w-stale": "stale", "w-killed": "dead",
-        "w-stopped": "stopped", "w-crashed": "crashed"}
+        "w-alive": "alive",
+        "w-booting": "alive",
+        "w-stale": "stale",
+        "w-killed": "dead",
+        "w-stopped": "stopped",
+        "w-crashed": "crashed",
+    }
     alive = workers["w-alive"]
-    assert (alive["git_sha"], alive["rss_mb"], alive["replica_id"], alive["jobs_processed"],
-            alive["version"], alive["status"]) == ("abcdef0", 100.0, "replica-7", 3, "0.1.0",
-                                                   "RUNNING")
+    assert (
+        alive["git_sha"],
+        alive["rss_mb"],
+        alive["replica_id"],
+        alive["jobs_processed"],
+        alive["version"],
+        alive["status"],
+    ) == ("abcdef0", 100.0, "replica-7", 3, "0.1.0", "RUNNING")
     assert 595 <= workers["w-killed"]["heartbeat_age_s"] < 700
     assert "OOM kill or SIGKILL" in workers["w-killed"]["note"]
     assert code == 1 and doc["verdict"] == "unhealthy"
     assert codes(doc["reasons"]) == {("dead_worker", "w-killed")}
-    assert codes(doc["warnings"]) == {("stale_worker", "w-stale"),
-                                      ("crashed_workers", "q_collectability")}
+    assert codes(doc["warnings"]) == {("stale_worker", "w-stale"), ("crashed_workers", "q_collectability")}
 
     text = inspector(clean_db)
     assert text.returncode == 1
@@ -199,8 +248,7 @@ def test_every_worker_verdict_and_a_killed_worker_is_unhealthy(db: Conn, clean_d
     assert by_id(doc)["w-stale"]["verdict"] == "alive"
 
 
-def test_a_worker_dead_before_the_window_is_hidden_and_only_a_warning(
-        db: Conn, clean_db: str) -> None:
+def test_a_worker_dead_before_the_window_is_hidden_and_only_a_warning(db: Conn, clean_db: str) -> None:
     add_worker(db, "w-long-gone", "q_escalation", "RUNNING", 2 * 86400)
     code, doc = report(clean_db)
     assert code == 0
@@ -226,8 +274,7 @@ def test_stuck_claims_are_counted_listed_and_unhealthy(db: Conn, clean_db: str) 
     assert stuck["count"] == 3
     assert [s["job_key"] for s in stuck["items"]] == ["stuck-1", "stuck-2"]
     first = stuck["items"][0]
-    assert (first["queue_name"], first["worker_id"], first["attempts"]) == (
-        "q_collectability", "w-gone", 2)
+    assert (first["queue_name"], first["worker_id"], first["attempts"]) == ("q_collectability", "w-gone", 2)
     assert 295 <= first["age_s"] < 400
 
     text = inspector(clean_db)
@@ -246,19 +293,20 @@ def test_dead_letters_are_counted_per_queue_and_unhealthy(db: Conn, clean_db: st
     assert code == 1
     assert codes(doc["reasons"]) == {("dead_letters", "q_escalation")}
     assert doc["dead_letters"]["count"] == 2
-    assert [(g["queue_name"], g["count"]) for g in doc["dead_letters"]["queues"]] == [
-        ("q_escalation", 2)]
+    assert [(g["queue_name"], g["count"]) for g in doc["dead_letters"]["queues"]] == [("q_escalation", 2)]
     queues = {q["queue_name"]: q["dead_letters"] for q in doc["queues"]}
     assert {q: queues[q] for q in QUEUES} == {
-        "q_collectability": 0, "q_escalation": 2, "q_outbox_processor": 0}
+        "q_collectability": 0,
+        "q_escalation": 2,
+        "q_outbox_processor": 0,
+    }
 
     text = inspector(clean_db)
     assert "DEAD LETTERS  2 unreplayed" in text.stdout
     assert "queue q_escalation has 2 unreplayed dead letter(s)" in text.stdout
 
 
-def test_a_backlog_without_an_alive_worker_or_too_old_is_unhealthy(
-        db: Conn, clean_db: str) -> None:
+def test_a_backlog_without_an_alive_worker_or_too_old_is_unhealthy(db: Conn, clean_db: str) -> None:
     add_worker(db, "w-dead", "q_outbox_processor", "STOPPED", 30)
     send(db, "q_outbox_processor", envelope("waiting"))
     code, doc = report(clean_db)
@@ -275,21 +323,28 @@ def test_a_backlog_without_an_alive_worker_or_too_old_is_unhealthy(
 
 # --- failures: one line on stderr, exit 2 -------------------------------------------------
 
+
 def test_an_unreachable_database_is_one_line_without_the_password(clean_db: str) -> None:
     done = inspector("postgresql://u:secretpw@127.0.0.1:1/x")
     assert done.returncode == 2
     assert done.stdout == ""
     assert len(done.stderr.splitlines()) == 1
-    assert done.stderr.startswith(
-        "worker_inspector: cannot connect to postgresql://u:***@127.0.0.1:1/x: ")
+    assert done.stderr.startswith("worker_inspector: cannot connect to postgresql://u:***@127.0.0.1:1/x: ")
     assert "refused" in done.stderr.lower()
     assert "secretpw" not in done.stderr and "Traceback" not in done.stderr
 
 
-@pytest.mark.parametrize("args", [["--bogus"], ["--since", "forever"], ["dead-letters"],
-                                  ["dead-letters", "replay"],
-                                  ["dead-letters", "replay", "--queue", "q_escalation"],
-                                  ["--stale-after", "5m", "--dead-after", "1m"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--bogus"],
+        ["--since", "forever"],
+        ["dead-letters"],
+        ["dead-letters", "replay"],
+        ["dead-letters", "replay", "--queue", "q_escalation"],
+        ["--stale-after", "5m", "--dead-after", "1m"],
+    ],
+)
 def test_bad_usage_exits_2_with_the_usage(clean_db: str, args: list[str]) -> None:
     done = inspector(clean_db, *args)
     assert done.returncode == 2
@@ -301,12 +356,11 @@ def test_bad_configuration_exits_2_in_one_line(clean_db: str) -> None:
     done = inspector(clean_db, env={"SUPABASE_MODE": "staging"})
     assert done.returncode == 2
     assert done.stderr.splitlines() == [
-        "worker_inspector: configuration error: SUPABASE_MODE: unknown mode 'staging'; "
-        "use dev or prod"]
+        "worker_inspector: configuration error: SUPABASE_MODE: unknown mode 'staging'; use dev or prod"
+    ]
 
 
-def test_a_database_without_the_schema_or_a_queue_says_which_command_to_run(
-        db: Conn, clean_db: str) -> None:
+def test_a_database_without_the_schema_or_a_queue_says_which_command_to_run(db: Conn, clean_db: str) -> None:
     db.execute("DROP DATABASE IF EXISTS inspector_empty")
     db.execute("CREATE DATABASE inspector_empty")
     try:
@@ -322,11 +376,14 @@ def test_a_database_without_the_schema_or_a_queue_says_which_command_to_run(
     assert "run python -m backend.db.migrate" in bare.stderr
     assert "Traceback" not in bare.stderr
     assert code == 1
-    assert codes(doc["reasons"]) == {("queue_missing", "q_escalation"),
-                                     ("queue_missing", "q_outbox_processor")}
+    assert codes(doc["reasons"]) == {
+        ("queue_missing", "q_escalation"),
+        ("queue_missing", "q_outbox_processor"),
+    }
 
 
 # --- dead letters: list and replay --------------------------------------------------------
+
 
 def test_dead_letters_list_shows_unreplayed_letters_newest_first(db: Conn, clean_db: str) -> None:
     first = add_dead_letter(db, "q_escalation", "k-1", envelope("k-1"))
@@ -341,36 +398,34 @@ def test_dead_letters_list_shows_unreplayed_letters_newest_first(db: Conn, clean
     assert lines[1].split()[:4] == ["ID", "QUEUE", "MSG", "ID"]
     assert [line.split()[0] for line in lines[2:]] == [str(third), str(first)]
 
-    done = inspector(clean_db, "dead-letters", "list", "--queue", "q_escalation", "--limit", "1",
-                     "--json")
+    done = inspector(clean_db, "dead-letters", "list", "--queue", "q_escalation", "--limit", "1", "--json")
     doc = json.loads(done.stdout)
     assert doc["count"] == 2
     assert [(i["id"], i["job_key"], i["message"]) for i in doc["items"]] == [(third, None, [1, 2])]
 
-    doc = json.loads(inspector(clean_db, "dead-letters", "list", "--include-replayed",
-                               "--json").stdout)
+    doc = json.loads(inspector(clean_db, "dead-letters", "list", "--include-replayed", "--json").stdout)
     assert [i["id"] for i in doc["items"]] == [third, second, first]
     assert doc["items"][1]["replayed_at"] is not None
 
 
-def test_replay_resends_the_message_marks_it_and_resets_the_ledger(
-        db: Conn, clean_db: str) -> None:
+def test_replay_resends_the_message_marks_it_and_resets_the_ledger(db: Conn, clean_db: str) -> None:
     body = envelope("k-dead")
     letter = add_dead_letter(db, "q_escalation", "k-dead", body)
-    db.execute("INSERT INTO workers.processed_jobs (job_key, queue_name, msg_id, status,"
-               " attempts, last_error) VALUES ('k-dead', 'q_escalation', 7, 'dead', 5, 'boom')")
+    db.execute(
+        "INSERT INTO workers.processed_jobs (job_key, queue_name, msg_id, status,"
+        " attempts, last_error) VALUES ('k-dead', 'q_escalation', 7, 'dead', 5, 'boom')"
+    )
 
     done = inspector(clean_db, "dead-letters", "replay", "--id", str(letter))
     assert done.returncode == 0, done.stderr
     assert queue_bodies(db, "q_escalation") == [body]
     msg_id = db.execute("SELECT msg_id FROM pgmq.q_q_escalation").fetchone()["msg_id"]
-    assert f"replayed dead letter {letter} (queue q_escalation, job k-dead) as msg_id {msg_id}" \
-        in done.stdout
-    row = db.execute("SELECT replayed_at FROM workers.dead_letters WHERE id = %s",
-                     (letter,)).fetchone()
+    assert f"replayed dead letter {letter} (queue q_escalation, job k-dead) as msg_id {msg_id}" in done.stdout
+    row = db.execute("SELECT replayed_at FROM workers.dead_letters WHERE id = %s", (letter,)).fetchone()
     assert row["replayed_at"] is not None
-    ledger = db.execute("SELECT status, attempts FROM workers.processed_jobs"
-                        " WHERE job_key = 'k-dead'").fetchone()
+    ledger = db.execute(
+        "SELECT status, attempts FROM workers.processed_jobs WHERE job_key = 'k-dead'"
+    ).fetchone()
     assert ledger == {"status": "failed", "attempts": 0}
 
     again = inspector(clean_db, "dead-letters", "replay", "--id", str(letter), "--json")
@@ -390,21 +445,20 @@ def test_replay_a_whole_queue_including_an_unreadable_envelope(db: Conn, clean_d
     unreadable = add_dead_letter(db, "q_collectability", None, "garbage")
     other_queue = add_dead_letter(db, "q_escalation", "k-3", envelope("k-3"))
     done_key = add_dead_letter(db, "q_collectability", "k-done", envelope("k-done"))
-    db.execute("INSERT INTO workers.processed_jobs (job_key, queue_name, msg_id, status,"
-               " attempts) VALUES ('k-done', 'q_collectability', 9, 'completed', 1)")
+    db.execute(
+        "INSERT INTO workers.processed_jobs (job_key, queue_name, msg_id, status,"
+        " attempts) VALUES ('k-done', 'q_collectability', 9, 'completed', 1)"
+    )
 
-    dry = inspector(clean_db, "dead-letters", "replay", "--queue", "q_collectability", "--all",
-                    "--dry-run")
+    dry = inspector(clean_db, "dead-letters", "replay", "--queue", "q_collectability", "--all", "--dry-run")
     assert dry.returncode == 0 and "would replay 3" in dry.stdout
     assert queue_bodies(db, "q_collectability") == []
 
-    done = inspector(clean_db, "dead-letters", "replay", "--queue", "q_collectability", "--all",
-                     "--json")
+    done = inspector(clean_db, "dead-letters", "replay", "--queue", "q_collectability", "--all", "--json")
     assert done.returncode == 0, done.stderr
     doc = json.loads(done.stdout)
     assert [r["dead_letter_id"] for r in doc["replayed"]] == [good, unreadable, done_key]
-    assert queue_bodies(db, "q_collectability") == [envelope("k-1"), "garbage",
-                                                    envelope("k-done")]
+    assert queue_bodies(db, "q_collectability") == [envelope("k-1"), "garbage", envelope("k-done")]
     assert queue_bodies(db, "q_escalation") == []
     # A completed key stays completed: the worker deletes the message without a rerun.
     ledger = db.execute("SELECT status FROM workers.processed_jobs WHERE job_key = 'k-done'")
@@ -417,19 +471,16 @@ def test_replay_dead_letter_function_sends_once(db: Conn) -> None:
     letter = add_dead_letter(db, "q_outbox_processor", "k-1", envelope("k-1"))
     msg_id = replay_dead_letter(db, letter)
     assert msg_id is not None
-    assert [r["msg_id"] for r in db.execute("SELECT msg_id FROM pgmq.q_q_outbox_processor")] == [
-        msg_id]
+    assert [r["msg_id"] for r in db.execute("SELECT msg_id FROM pgmq.q_q_outbox_processor")] == [msg_id]
     assert replay_dead_letter(db, letter) is None
     assert replay_dead_letter(db, letter + 1000) is None
     assert len(queue_bodies(db, "q_outbox_processor")) == 1
 
 
-def test_replay_to_a_queue_that_no_longer_exists_fails_and_changes_nothing(
-        db: Conn, clean_db: str) -> None:
+def test_replay_to_a_queue_that_no_longer_exists_fails_and_changes_nothing(db: Conn, clean_db: str) -> None:
     letter = add_dead_letter(db, "q_gone", "k-1", envelope("k-1"))
     done = inspector(clean_db, "dead-letters", "replay", "--id", str(letter))
     assert done.returncode == 1
     assert f"FAILED dead letter {letter}:" in done.stdout and "q_gone" in done.stdout
-    row = db.execute("SELECT replayed_at FROM workers.dead_letters WHERE id = %s",
-                     (letter,)).fetchone()
+    row = db.execute("SELECT replayed_at FROM workers.dead_letters WHERE id = %s", (letter,)).fetchone()
     assert row == {"replayed_at": None}

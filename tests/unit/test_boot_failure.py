@@ -12,16 +12,18 @@ from backend.workers.lifecycle import State
 from tests.workers.probe import ProbeTransactional
 
 
-def test_boot_failure_after_a_signal_during_boot_is_still_logged(
-        caplog: pytest.LogCaptureFixture) -> None:
+def test_boot_failure_after_a_signal_during_boot_is_still_logged(caplog: pytest.LogCaptureFixture) -> None:
     settings = load_settings({"SUPABASE_MODE": "dev", "WORKER_DRAIN_TIMEOUT_S": "600"})
     worker = ProbeTransactional(settings)
     with caplog.at_level(logging.INFO, logger="dragonfly.events"):
         worker.request_stop("SIGTERM (Deployment/Scale-down)")
         assert worker.lifecycle.state is State.DRAINING
         assert worker._boot_failed(BootError("schema missing")) == 1
-    events = [(r.event, r.data) for r in caplog.records  # type: ignore[attr-defined]
-              if r.name == "dragonfly.events"]
+    events = [
+        (r.event, r.data)
+        for r in caplog.records  # type: ignore[attr-defined]
+        if r.name == "dragonfly.events"
+    ]
     names = [name for name, _ in events]
     assert names == ["WORKER_DRAINING", "WORKER_BOOT", "WORKER_CRASH"]
     boot = events[1][1]
@@ -31,7 +33,8 @@ def test_boot_failure_after_a_signal_during_boot_is_still_logged(
 
 
 def test_a_stop_that_races_the_end_of_boot_still_drains_and_shuts_down(
-        caplog: pytest.LogCaptureFixture) -> None:
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     # The signal thread has set the stop flag but not yet moved the machine to DRAINING
     # when the main thread finishes booting and then stopping.
     settings = load_settings({"SUPABASE_MODE": "dev"})

@@ -41,7 +41,8 @@ CODE_DIRS = (ROOT / "backend", ROOT / "tools")
 # Names an environment variable of this project can have; PYTHON* has no underscore.
 ENV_MENTION = re.compile(
     r"(?<![\w./$-])((?:SUPABASE|WORKER|RAILWAY|OUTBOX|DRAGONFLY|NIXPACKS)_[A-Z0-9_]*[A-Z0-9]"
-    r"|PYTHON[A-Z]+)\b(?![\w.]*\.md)")
+    r"|PYTHON[A-Z]+)\b(?![\w.]*\.md)"
+)
 ENV_NAME = re.compile(r"^[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)*$")
 COMMAND = re.compile(r"\bpython3?\s+-m\s+([A-Za-z_][\w.]*)(<?)")
 MAIN_GUARD = re.compile(r"""^if\s+__name__\s*==\s*["']__main__["']\s*:""", re.MULTILINE)
@@ -67,12 +68,16 @@ def section(path: Path, heading: str) -> list[str]:
     level = len(heading) - len(heading.lstrip("#"))
     body: list[str] = []
     fenced = False
-    for line in lines[lines.index(heading) + 1:]:
+    for line in lines[lines.index(heading) + 1 :]:
         if line.startswith("```"):
             fenced = not fenced
         stripped = line.lstrip("#")
-        if (not fenced and line.startswith("#") and stripped.startswith(" ")
-                and len(line) - len(stripped) <= level):
+        if (
+            not fenced
+            and line.startswith("#")
+            and stripped.startswith(" ")
+            and len(line) - len(stripped) <= level
+        ):
             break
         body.append(line)
     return body
@@ -143,8 +148,11 @@ class Module:
         """Module-level ``NAME = "text"`` assignments."""
         out: dict[str, str] = {}
         for node in self.tree.body:
-            if (isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
-                    and isinstance(node.value.value, str)):
+            if (
+                isinstance(node, ast.Assign)
+                and isinstance(node.value, ast.Constant)
+                and isinstance(node.value.value, str)
+            ):
                 for target in node.targets:
                     if isinstance(target, ast.Name):
                         out[target.id] = node.value.value
@@ -175,8 +183,9 @@ def text_of(node: ast.AST | None, module: Module) -> str | None:
 
 
 def _is_environ(node: ast.AST) -> bool:
-    return ((isinstance(node, ast.Name) and node.id in ENV_RECEIVERS)
-            or (isinstance(node, ast.Attribute) and node.attr == "environ"))
+    return (isinstance(node, ast.Name) and node.id in ENV_RECEIVERS) or (
+        isinstance(node, ast.Attribute) and node.attr == "environ"
+    )
 
 
 def _environment_reads(module: Module) -> Iterator[str]:
@@ -225,8 +234,11 @@ def python_names() -> set[str]:
     names: set[str] = set()
     for module in code_modules():
         for node in module.tree.body:
-            targets = node.targets if isinstance(node, ast.Assign) else (
-                [node.target] if isinstance(node, ast.AnnAssign) else [])
+            targets = (
+                node.targets
+                if isinstance(node, ast.Assign)
+                else ([node.target] if isinstance(node, ast.AnnAssign) else [])
+            )
             for target in targets:
                 for leaf in ast.walk(target):
                     if isinstance(leaf, ast.Name):
@@ -259,7 +271,8 @@ def _forwards(data: ast.AST | None, param: str) -> bool:
         return data.id == param
     return isinstance(data, ast.Dict) and any(
         key is None and isinstance(value, ast.Name) and value.id == param
-        for key, value in zip(data.keys, data.values, strict=True))
+        for key, value in zip(data.keys, data.values, strict=True)
+    )
 
 
 class EventScan:
@@ -308,7 +321,8 @@ class EventScan:
                             forwarded = [p for p in params if _forwards(data, p)]
                             self.emitters[name] = Emitter(
                                 event=params.index(arg.id),
-                                data=params.index(forwarded[0]) if forwarded else None)
+                                data=params.index(forwarded[0]) if forwarded else None,
+                            )
                             changed = True
                         fields = self.emitter_fields.setdefault(name, Fields())
                         self._add_data(fields, self._data_of(call, emitter), params)
@@ -329,8 +343,7 @@ class EventScan:
                 return keyword.value
         return call.args[emitter.data] if len(call.args) > emitter.data else None
 
-    def _add_data(self, fields: Fields, data: ast.AST | None,
-                  passthrough: Iterable[str] = ()) -> None:
+    def _add_data(self, fields: Fields, data: ast.AST | None, passthrough: Iterable[str] = ()) -> None:
         """Add the keys of the dict literal given as the event's data."""
         if isinstance(data, ast.Dict):
             self._add_dict(fields, data, set(passthrough))
@@ -351,8 +364,12 @@ class EventScan:
     def _add_returned(self, fields: Fields, value: ast.AST) -> None:
         """The keys of ``**f(...)`` when every definition of ``f`` returns a dict literal."""
         name = callee(value) if isinstance(value, ast.Call) else None
-        returns = [r.value for func in self.functions.get(name or "", [])
-                   for r in ast.walk(func) if isinstance(r, ast.Return)]
+        returns = [
+            r.value
+            for func in self.functions.get(name or "", [])
+            for r in ast.walk(func)
+            if isinstance(r, ast.Return)
+        ]
         if not returns or not all(isinstance(r, ast.Dict) for r in returns):
             fields.complete = False
             return
@@ -395,8 +412,12 @@ class EventScan:
             for node in ast.walk(module.tree):
                 if isinstance(node, ast.Dict):
                     for key, value in zip(node.keys, node.values, strict=True):
-                        if (isinstance(key, ast.Constant) and key.value == "event"
-                                and isinstance(value, ast.Constant) and isinstance(value.value, str)):
+                        if (
+                            isinstance(key, ast.Constant)
+                            and key.value == "event"
+                            and isinstance(value, ast.Constant)
+                            and isinstance(value.value, str)
+                        ):
                             self._event(value.value)
 
     def _scan_lifecycle(self) -> None:
@@ -408,11 +429,15 @@ class EventScan:
         transition = Fields()
         for func in self.functions.get("_after_transition", []):
             for node in ast.walk(func):
-                targets = node.targets if isinstance(node, ast.Assign) else (
-                    [node.target] if isinstance(node, ast.AnnAssign) else [])
+                targets = (
+                    node.targets
+                    if isinstance(node, ast.Assign)
+                    else ([node.target] if isinstance(node, ast.AnnAssign) else [])
+                )
                 value = getattr(node, "value", None)
                 if isinstance(value, ast.Dict) and any(
-                        isinstance(t, ast.Name) and t.id == "data" for t in targets):
+                    isinstance(t, ast.Name) and t.id == "data" for t in targets
+                ):
                     self._add_dict(transition, value, set())
         assert identity.names and transition.names, "identity() or _after_transition moved"
         for trigger, events in self._trigger_events().items():
@@ -433,8 +458,12 @@ class EventScan:
                 if not (isinstance(node, ast.If) and isinstance(node.test, ast.Compare)):
                     continue
                 left, right = node.test.left, node.test.comparators[0]
-                if (isinstance(left, ast.Name) and left.id == "trigger"
-                        and isinstance(right, ast.Constant) and right.value in mapping):
+                if (
+                    isinstance(left, ast.Name)
+                    and left.id == "trigger"
+                    and isinstance(right, ast.Constant)
+                    and right.value in mapping
+                ):
                     for call in self._calls(ast.Module(body=node.body, type_ignores=[])):
                         emitter = self.emitters.get(callee(call) or "")
                         if emitter is not None and len(call.args) > emitter.event:
@@ -451,8 +480,9 @@ class EventScan:
                 if not (isinstance(func, ast.Attribute) and func.attr == trigger):
                     continue
                 owner = func.value
-                if ((isinstance(owner, ast.Attribute) and owner.attr == "lifecycle")
-                        or (isinstance(owner, ast.Call) and callee(owner) == "Lifecycle")):
+                if (isinstance(owner, ast.Attribute) and owner.attr == "lifecycle") or (
+                    isinstance(owner, ast.Call) and callee(owner) == "Lifecycle"
+                ):
                     yield call
 
     def _add_keywords(self, fields: Fields, call: ast.Call, depth: int) -> None:
@@ -468,9 +498,14 @@ class EventScan:
 
     def _add_forwarded(self, fields: Fields, call: ast.Call, kwargs: str, depth: int) -> None:
         """``**kwargs`` of the enclosing function: the keywords its callers pass."""
-        enclosing = [f for defs in self.functions.values() for f in defs
-                     if f.args.kwarg is not None and f.args.kwarg.arg == kwargs
-                     and any(sub is call for sub in ast.walk(f))]
+        enclosing = [
+            f
+            for defs in self.functions.values()
+            for f in defs
+            if f.args.kwarg is not None
+            and f.args.kwarg.arg == kwargs
+            and any(sub is call for sub in ast.walk(f))
+        ]
         if not enclosing:
             fields.complete = False
             return
@@ -521,8 +556,11 @@ def documented_commands() -> dict[str, set[str]]:
     found: dict[str, set[str]] = {}
     for doc in documents():
         for module, template in COMMAND.findall(doc.read_text("utf-8")):
-            names = ([f"{module}{name}" for name in WORKER_NAMES]
-                     if template and module == "backend.workers." else [module.rstrip(".")])
+            names = (
+                [f"{module}{name}" for name in WORKER_NAMES]
+                if template and module == "backend.workers."
+                else [module.rstrip(".")]
+            )
             for name in names:
                 found.setdefault(name, set()).add(doc.name)
     return found
@@ -563,10 +601,10 @@ def guide_variables() -> dict[str, list[str]]:
 
 def test_every_variable_the_docs_mention_exists() -> None:
     known = code_variables() | deployment_variables().keys()
-    unknown = {name: sorted(docs) for name, docs in mentioned_variables().items()
-               if name not in known}
-    assert unknown == {}, (f"variables in the docs that the code never reads and the "
-                           f"deployment never sets: {unknown}")
+    unknown = {name: sorted(docs) for name, docs in mentioned_variables().items() if name not in known}
+    assert unknown == {}, (
+        f"variables in the docs that the code never reads and the deployment never sets: {unknown}"
+    )
 
 
 def test_every_variable_the_code_reads_or_the_deployment_sets_is_in_the_guide() -> None:
@@ -580,8 +618,14 @@ def test_every_variable_the_code_reads_or_the_deployment_sets_is_in_the_guide() 
 def test_the_scan_finds_variables_read_outside_the_tables() -> None:
     # Guards the syntax-tree scan: these are read with env.get, os.environ.get, a helper
     # taking the environment, and a module constant holding the name.
-    assert {"SUPABASE_MODE", "SUPABASE_DB_URL", "WORKER_VERSION", "DRAGONFLY_DATA_DIR",
-            "OUTBOX_SMTP_PASSWORD", "OUTBOX_SMTP_TLS"} <= code_variables()
+    assert {
+        "SUPABASE_MODE",
+        "SUPABASE_DB_URL",
+        "WORKER_VERSION",
+        "DRAGONFLY_DATA_DIR",
+        "OUTBOX_SMTP_PASSWORD",
+        "OUTBOX_SMTP_TLS",
+    } <= code_variables()
 
 
 def _same_value(text: str, value: Any) -> bool:
@@ -605,8 +649,9 @@ def test_documented_defaults_are_the_code_s() -> None:
     defaults: dict[str, Any] = {t.variable: t.default for t in TUNABLES}
     defaults.update({name: default for name, default, _ in OUTBOX_VARIABLES})
     defaults["DRAGONFLY_DATA_DIR"] = data_dir({}).relative_to(PROJECT_ROOT).as_posix()
-    problems = [p for name, default in defaults.items()
-                if (p := _default_problem(name, rows[name][1], default))]
+    problems = [
+        p for name, default in defaults.items() if (p := _default_problem(name, rows[name][1], default))
+    ]
     assert problems == [], "\n".join(problems)
 
 
@@ -639,8 +684,12 @@ def code_exit_codes() -> dict[str, int]:
                 if isinstance(target, ast.Tuple) and isinstance(node.value, ast.Tuple):
                     pairs = list(zip(target.elts, node.value.elts, strict=True))
                 for name, value in pairs:
-                    if (isinstance(name, ast.Name) and name.id.startswith("EXIT_")
-                            and isinstance(value, ast.Constant) and isinstance(value.value, int)):
+                    if (
+                        isinstance(name, ast.Name)
+                        and name.id.startswith("EXIT_")
+                        and isinstance(value, ast.Constant)
+                        and isinstance(value.value, int)
+                    ):
                         found[name.id] = value.value
     return found
 
@@ -650,8 +699,9 @@ def test_the_exit_code_table_is_exactly_the_code_s() -> None:
     assert {"EXIT_OK", "EXIT_FAILURE", "EXIT_SIGNAL"} <= constants.keys()
     documented = sorted(int(code) for code in table_by_first_column(GUIDE, "## Exit codes", "code"))
     expected = sorted({*constants.values(), EXIT_SIGKILL})
-    assert documented == expected, (f"the guide's exit codes {documented}, the code's "
-                                    f"{constants} plus {EXIT_SIGKILL} (SIGKILL)")
+    assert documented == expected, (
+        f"the guide's exit codes {documented}, the code's {constants} plus {EXIT_SIGKILL} (SIGKILL)"
+    )
 
 
 # --- log events --------------------------------------------------------------------------
@@ -666,8 +716,11 @@ def test_every_event_the_code_emits_is_documented_and_no_other() -> None:
 def test_the_scan_finds_events_emitted_through_wrappers() -> None:
     # Guards the scan: lifecycle events, events named through _guard and _log_retry,
     # the formatter's default, and plain log_event calls.
-    assert set(EVENTS.values()) | {"HEARTBEAT_FAILED", "PRUNE_FAILED", "DB_RETRY",
-                                   "DB_BOOT_RETRY", "LOG", "JOB_FAILED"} <= code_events().keys()
+    assert (
+        set(EVENTS.values())
+        | {"HEARTBEAT_FAILED", "PRUNE_FAILED", "DB_RETRY", "DB_BOOT_RETRY", "LOG", "JOB_FAILED"}
+        <= code_events().keys()
+    )
 
 
 def test_documented_fields_are_the_code_s() -> None:
@@ -684,13 +737,23 @@ def test_documented_fields_are_the_code_s() -> None:
 
 def test_lifecycle_events_carry_the_contract_s_fields() -> None:
     events = code_events()
-    assert {"from", "to", "trigger", "worker_name", "worker_id", "db_status", "error",
-            "error_type"} <= events["WORKER_BOOT"].names
+    assert {
+        "from",
+        "to",
+        "trigger",
+        "worker_name",
+        "worker_id",
+        "db_status",
+        "error",
+        "error_type",
+    } <= events["WORKER_BOOT"].names
     assert {"reason", "in_flight", "drain_timeout_s"} <= events["WORKER_DRAINING"].names
-    assert {"reason", "drained", "uptime_s", "jobs_processed", "jobs_failed",
-            "exit_code"} <= events["WORKER_SHUTDOWN"].names
-    assert {"error", "error_type", "traceback", "state_before", "exit_code",
-            "rss_mb"} <= events["WORKER_CRASH"].names
+    assert {"reason", "drained", "uptime_s", "jobs_processed", "jobs_failed", "exit_code"} <= events[
+        "WORKER_SHUTDOWN"
+    ].names
+    assert {"error", "error_type", "traceback", "state_before", "exit_code", "rss_mb"} <= events[
+        "WORKER_CRASH"
+    ].names
 
 
 # --- the state diagram -------------------------------------------------------------------
@@ -702,7 +765,8 @@ def test_the_architecture_diagram_is_the_generated_one() -> None:
     embedded = extract_embedded(ARCHITECTURE.read_text("utf-8"))
     assert embedded == state_diagram(), (
         "docs/ARCHITECTURE.md is out of date: "
-        "run python scripts/state_diagram.py --write docs/ARCHITECTURE.md")
+        "run python scripts/state_diagram.py --write docs/ARCHITECTURE.md"
+    )
 
 
 def test_the_architecture_diagram_draws_the_transition_table() -> None:
@@ -732,8 +796,7 @@ def test_the_architecture_diagram_draws_the_transition_table() -> None:
 
 def test_the_architecture_lists_every_runtime_module() -> None:
     text = ARCHITECTURE.read_text("utf-8")
-    modules = sorted(p.name for p in (ROOT / "backend" / "workers").glob("*.py")
-                     if p.name != "__init__.py")
+    modules = sorted(p.name for p in (ROOT / "backend" / "workers").glob("*.py") if p.name != "__init__.py")
     unlisted = [m for m in modules if m not in text]
     assert unlisted == [], f"backend/workers modules missing from ARCHITECTURE.md: {unlisted}"
 
@@ -745,8 +808,11 @@ def worker_classes() -> dict[str, type[BaseWorker]]:
     found: dict[str, type[BaseWorker]] = {}
     for name in WORKER_NAMES:
         module = importlib.import_module(f"backend.workers.{name}")
-        classes = [c for _, c in inspect.getmembers(module, inspect.isclass)
-                   if issubclass(c, BaseWorker) and c.__module__ == module.__name__]
+        classes = [
+            c
+            for _, c in inspect.getmembers(module, inspect.isclass)
+            if issubclass(c, BaseWorker) and c.__module__ == module.__name__
+        ]
         assert len(classes) == 1, f"backend.workers.{name} defines {classes}"
         found[name] = classes[0]
     return found
@@ -755,8 +821,10 @@ def worker_classes() -> dict[str, type[BaseWorker]]:
 def test_the_quick_reference_is_the_code_s() -> None:
     rows = table_by_first_column(GUIDE, "## Quick reference", "service")
     documented = {name: [first_span(cell) or cell for cell in row[1:]] for name, row in rows.items()}
-    expected = {name: [f"python -m backend.workers.{name}", f"q_{cls.name}", cls.kind]
-                for name, cls in worker_classes().items()}
+    expected = {
+        name: [f"python -m backend.workers.{name}", f"q_{cls.name}", cls.kind]
+        for name, cls in worker_classes().items()
+    }
     assert documented == expected, f"the guide: {documented}\nthe code: {expected}"
 
 
@@ -770,13 +838,15 @@ def _service_settings(resource: dict[str, Any]) -> dict[str, str]:
     settings = {
         "start command": str(deploy.get("startCommand")).replace(resource["name"], "<name>"),
         "pre-deploy command": " && ".join(pre_deploy) if isinstance(pre_deploy, list) else str(pre_deploy),
-        "healthcheck": "none" if not (deploy.get("healthcheckPath") or deploy.get("healthcheckTimeout"))
+        "healthcheck": "none"
+        if not (deploy.get("healthcheckPath") or deploy.get("healthcheckTimeout"))
         else str(deploy.get("healthcheckPath")),
         "replicas": str(deploy.get("numReplicas")),
         "restart policy": str(deploy.get("restartPolicyType")),
         "restart retries": str(deploy.get("restartPolicyMaxRetries")),
-        "draining window (s)": _one_value(deploy.get("drainingSeconds"),
-                                          variables.get("RAILWAY_DEPLOYMENT_DRAINING_SECONDS")),
+        "draining window (s)": _one_value(
+            deploy.get("drainingSeconds"), variables.get("RAILWAY_DEPLOYMENT_DRAINING_SECONDS")
+        ),
         "CPU (vCPU)": f"{limits.get('cpu', 0):g}",
         "memory (MB)": f"{limits.get('memoryBytes', 0) / 1_000_000:g}",
     }
@@ -792,14 +862,15 @@ def _variable_text(value: dict[str, Any]) -> str:
 
 
 def _one_value(setting: Any, variable: dict[str, Any] | None) -> str:
-    values = {f"{float(setting):g}" if setting is not None else "unset",
-              f"{float(_variable_text(variable)):g}" if variable else "unset"}
+    values = {
+        f"{float(setting):g}" if setting is not None else "unset",
+        f"{float(_variable_text(variable)):g}" if variable else "unset",
+    }
     return values.pop() if len(values) == 1 else f"disagree: {sorted(values)}"
 
 
 def test_the_deployment_checklist_is_the_railway_file_s() -> None:
-    rows = [row for _, rows in tables(section(GUIDE, "## Deployment checklist"), "setting")
-            for row in rows]
+    rows = [row for _, rows in tables(section(GUIDE, "## Deployment checklist"), "setting") for row in rows]
     assert rows, "no checklist table"
     checklist = {first_span(row[0]) or row[0]: first_span(row[1]) or row[1] for row in rows}
     services = [r for r in deployment()["resources"] if r.get("type") == "service"]
@@ -811,8 +882,9 @@ def test_the_deployment_checklist_is_the_railway_file_s() -> None:
             if setting not in actual:
                 problems.append(f"{resource['name']}: no {setting!r} in .railway/railway.py")
             elif actual[setting] != value:
-                problems.append(f"{resource['name']}: {setting} is {actual[setting]!r}, "
-                                f"the guide says {value!r}")
+                problems.append(
+                    f"{resource['name']}: {setting} is {actual[setting]!r}, the guide says {value!r}"
+                )
     assert problems == [], "\n".join(problems)
 
 

@@ -20,7 +20,7 @@ def table_after(heading: str, header: tuple[str, ...]) -> list[tuple[str, ...]]:
     start = lines.index(heading)
     rows: list[tuple[str, ...]] = []
     in_table = False
-    for line in lines[start + 1:]:
+    for line in lines[start + 1 :]:
         if line.startswith("## ") and not in_table:
             break
         if not line.startswith("|"):
@@ -38,15 +38,16 @@ def table_after(heading: str, header: tuple[str, ...]) -> list[tuple[str, ...]]:
 
 def test_scoring_table_matches_the_code() -> None:
     doc = table_after("## Collectability rules", ("rule", "tier", "step", "when", "points"))
-    code = [(r.rule, r.tier, r.step, render_when(r.when),
-             str(r.points) if r.step == "base" else f"{r.points:+d}") for r in SCORING_RULES]
+    code = [
+        (r.rule, r.tier, r.step, render_when(r.when), str(r.points) if r.step == "base" else f"{r.points:+d}")
+        for r in SCORING_RULES
+    ]
     assert doc == code
 
 
 def test_escalation_table_matches_the_code() -> None:
     doc = table_after("## Escalation rules", ("rule", "action", "confidence", "when", "why"))
-    code = [(r.rule, r.action, f"{r.confidence:.2f}", render_when(r.when), r.why)
-            for r in ESCALATION_RULES]
+    code = [(r.rule, r.action, f"{r.confidence:.2f}", render_when(r.when), r.why) for r in ESCALATION_RULES]
     assert doc == code
 
 
@@ -54,7 +55,6 @@ EXAMPLES = table_after("## Collectability rules", ("amount", "judgment date", "s
 
 
 @pytest.mark.parametrize(("amount", "judgment_date", "score", "tier"), EXAMPLES)
-def test_documented_examples_score_as_stated(amount: str, judgment_date: str, score: str,
-                                             tier: str) -> None:
+def test_documented_examples_score_as_stated(amount: str, judgment_date: str, score: str, tier: str) -> None:
     result = score_judgment(Decimal(amount), date.fromisoformat(judgment_date), date(2025, 6, 1))
     assert (result.score, result.tier) == (int(score), tier)

@@ -11,9 +11,18 @@ import pytest
 from backend.workers.housekeeping import Housekeeper, HousekeepingPlan
 from backend.workers.processing import HeldJobs
 
-PLAN = HousekeepingPlan(queue="q_test", worker_id="w-1", heartbeat_interval_s=3600.0, lease_s=3600,
-                        memory_limit_bytes=None, memory_soft_pct=90.0, memory_check_interval_s=0.05,
-                        prune_interval_s=3600.0, ledger_retention_days=7.0, heartbeat_retention_days=7.0)
+PLAN = HousekeepingPlan(
+    queue="q_test",
+    worker_id="w-1",
+    heartbeat_interval_s=3600.0,
+    lease_s=3600,
+    memory_limit_bytes=None,
+    memory_soft_pct=90.0,
+    memory_check_interval_s=0.05,
+    prune_interval_s=3600.0,
+    ledger_retention_days=7.0,
+    heartbeat_retention_days=7.0,
+)
 
 
 class FrozenOnce:
@@ -29,8 +38,14 @@ class FrozenOnce:
 
 
 def stalls(jump_s: float, caplog: pytest.LogCaptureFixture) -> list[Any]:
-    keeper = Housekeeper(PLAN, pool=None, heartbeat_row=dict, held=HeldJobs(),  # type: ignore[arg-type]
-                         on_memory_exceeded=lambda _v: None, clock=FrozenOnce(jump_s))
+    keeper = Housekeeper(
+        PLAN,
+        pool=None,
+        heartbeat_row=dict,
+        held=HeldJobs(),  # type: ignore[arg-type]
+        on_memory_exceeded=lambda _v: None,
+        clock=FrozenOnce(jump_s),
+    )
     with caplog.at_level(logging.INFO, logger="dragonfly.events"):
         keeper.start()
         time.sleep(0.8)  # 16 ticks of 0.05 s; the first retention pass (5 s) is out of reach

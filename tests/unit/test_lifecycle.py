@@ -23,8 +23,13 @@ class Recorder:
 def machine_in(state: State) -> tuple[Lifecycle, Recorder]:
     rec = Recorder()
     life = Lifecycle(emit=rec.emit, write_status=rec.write_status)
-    path = {State.BOOTING: [], State.RUNNING: ["booted"], State.DRAINING: ["drain"],
-            State.STOPPED: ["drain", "finish"], State.CRASHED: ["crash"]}[state]
+    path = {
+        State.BOOTING: [],
+        State.RUNNING: ["booted"],
+        State.DRAINING: ["drain"],
+        State.STOPPED: ["drain", "finish"],
+        State.CRASHED: ["crash"],
+    }[state]
     for trigger in path:
         assert getattr(life, trigger)() is True
     rec.events.clear()

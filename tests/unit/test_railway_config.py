@@ -94,8 +94,12 @@ def expected_workers(root: Path = ROOT) -> set[str]:
     return names
 
 
-def checklist_problems(rendered: dict[str, Any], *, workers: Iterable[str] | None = None,
-                       default_drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S) -> list[str]:
+def checklist_problems(
+    rendered: dict[str, Any],
+    *,
+    workers: Iterable[str] | None = None,
+    default_drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S,
+) -> list[str]:
     """Every way the rendered project (the graph ``to_graph()`` returns) breaks the
     deployment checklist; empty when it complies."""
     expected = set(expected_workers() if workers is None else workers)
@@ -113,13 +117,11 @@ def checklist_problems(rendered: dict[str, Any], *, workers: Iterable[str] | Non
     for name in sorted(services.keys() - expected):
         problems.append(f"{name}: service runs no worker entry point")
     for name, resource in sorted(services.items()):
-        problems.extend(f"{name}: {p}" for p in service_problems(name, resource,
-                                                                 default_drain_timeout_s))
+        problems.extend(f"{name}: {p}" for p in service_problems(name, resource, default_drain_timeout_s))
     return problems
 
 
-def service_problems(name: str, resource: dict[str, Any],
-                     default_drain_timeout_s: float) -> list[str]:
+def service_problems(name: str, resource: dict[str, Any], default_drain_timeout_s: float) -> list[str]:
     deploy = resource.get("deploy") or {}
     variables = resource.get("variables") or {}
     return [
@@ -135,8 +137,10 @@ def service_problems(name: str, resource: dict[str, Any],
 
 def _start_problems(name: str, command: Any) -> list[str]:
     if not isinstance(command, str) or not _runs_directly(command, f"backend.workers.{name}"):
-        return [f"start command {command!r} must be `python -m backend.workers.{name}` "
-                "(or `exec` it from a shell) so that Python itself receives SIGTERM"]
+        return [
+            f"start command {command!r} must be `python -m backend.workers.{name}` "
+            "(or `exec` it from a shell) so that Python itself receives SIGTERM"
+        ]
     return []
 
 
@@ -157,8 +161,7 @@ def _runs_directly(command: str, module: str) -> bool:
 
 
 def _healthcheck_problems(deploy: dict[str, Any]) -> list[str]:
-    declared = {k: deploy[k] for k in ("healthcheckPath", "healthcheckTimeout")
-                if deploy.get(k) is not None}
+    declared = {k: deploy[k] for k in ("healthcheckPath", "healthcheckTimeout") if deploy.get(k) is not None}
     if declared:
         return [f"declares a healthcheck {declared}; workers serve no HTTP"]
     return []
@@ -180,8 +183,7 @@ def _replica_problems(deploy: dict[str, Any]) -> list[str]:
 def _restart_problems(deploy: dict[str, Any]) -> list[str]:
     problems = []
     if deploy.get("restartPolicyType") != "ON_FAILURE":
-        problems.append(f"restart policy {deploy.get('restartPolicyType')!r} "
-                        "must be ON_FAILURE")
+        problems.append(f"restart policy {deploy.get('restartPolicyType')!r} must be ON_FAILURE")
     retries = deploy.get("restartPolicyMaxRetries")
     if isinstance(retries, bool) or not isinstance(retries, int) or retries < 1:
         problems.append(f"restart policy needs a retry limit, has {retries!r}")
@@ -200,27 +202,35 @@ def _pre_deploy_problems(commands: Any) -> list[str]:
     return [f"pre-deploy command {commands!r} must run `python -m backend.db.migrate`"]
 
 
-def _draining_problems(deploy: dict[str, Any], variables: dict[str, Any],
-                       default_drain_timeout_s: float) -> list[str]:
+def _draining_problems(
+    deploy: dict[str, Any], variables: dict[str, Any], default_drain_timeout_s: float
+) -> list[str]:
     drain_timeout = default_drain_timeout_s
     if "WORKER_DRAIN_TIMEOUT_S" in variables:
         configured = _number(_literal(variables["WORKER_DRAIN_TIMEOUT_S"]))
         if configured is None:
-            return ["WORKER_DRAIN_TIMEOUT_S must be a literal number so that the "
-                    "draining window can be checked against it"]
+            return [
+                "WORKER_DRAIN_TIMEOUT_S must be a literal number so that the "
+                "draining window can be checked against it"
+            ]
         drain_timeout = configured
     windows = {}
     if "drainingSeconds" in deploy:
         windows["deploy.drainingSeconds"] = _number(deploy["drainingSeconds"])
     if "RAILWAY_DEPLOYMENT_DRAINING_SECONDS" in variables:
         windows["RAILWAY_DEPLOYMENT_DRAINING_SECONDS"] = _number(
-            _literal(variables["RAILWAY_DEPLOYMENT_DRAINING_SECONDS"]))
+            _literal(variables["RAILWAY_DEPLOYMENT_DRAINING_SECONDS"])
+        )
     if not windows:
-        return ["no draining window: Railway's default of 0 sends SIGKILL right after "
-                "SIGTERM; set RAILWAY_DEPLOYMENT_DRAINING_SECONDS / deploy.drainingSeconds"]
-    problems = [f"{label} is {seconds!r}, must exceed the drain timeout ({drain_timeout:g} s)"
-                for label, seconds in windows.items()
-                if seconds is None or seconds <= drain_timeout]
+        return [
+            "no draining window: Railway's default of 0 sends SIGKILL right after "
+            "SIGTERM; set RAILWAY_DEPLOYMENT_DRAINING_SECONDS / deploy.drainingSeconds"
+        ]
+    problems = [
+        f"{label} is {seconds!r}, must exceed the drain timeout ({drain_timeout:g} s)"
+        for label, seconds in windows.items()
+        if seconds is None or seconds <= drain_timeout
+    ]
     if len(set(windows.values())) > 1:
         problems.append(f"draining windows disagree: {windows}")
     return problems
@@ -312,12 +322,13 @@ def test_secrets_compile_to_shared_variable_references(rendered: dict[str, Any])
     # The CLI turns {"type": "sharedReference", "name": X} into ${{shared.X}}.
     for resource in rendered["resources"]:
         assert resource["variables"]["SUPABASE_DB_URL"] == {
-            "type": "sharedReference", "name": "SUPABASE_DB_URL"}
+            "type": "sharedReference",
+            "name": "SUPABASE_DB_URL",
+        }
     outbox = _service(rendered, "outbox_processor")["variables"]
     assert {outbox[key]["name"] for key in OUTBOX_VARIABLES} == set(OUTBOX_VARIABLES)
     assert all(outbox[key]["type"] == "sharedReference" for key in OUTBOX_VARIABLES)
-    assert not any(key.startswith("OUTBOX_")
-                   for key in _service(rendered, "collectability")["variables"])
+    assert not any(key.startswith("OUTBOX_") for key in _service(rendered, "collectability")["variables"])
 
 
 def test_the_file_manages_only_its_own_partial(evaluated: dict[str, Any]) -> None:
@@ -332,10 +343,8 @@ def test_workers_run_on_half_a_vcpu_and_512_mb(rendered: dict[str, Any]) -> None
         assert limits == {"cpu": 0.5, "memoryBytes": 512_000_000}
 
 
-def test_the_build_installs_the_package_with_a_supported_python(
-        rendered: dict[str, Any]) -> None:
-    requires = tomllib.loads((ROOT / "pyproject.toml").read_text("utf-8"))["project"][
-        "requires-python"]
+def test_the_build_installs_the_package_with_a_supported_python(rendered: dict[str, Any]) -> None:
+    requires = tomllib.loads((ROOT / "pyproject.toml").read_text("utf-8"))["project"]["requires-python"]
     match = re.fullmatch(r">=\s*(\d+)\.(\d+)", requires)
     assert match, f"unexpected requires-python {requires!r}"
     minimum = tuple(int(part) for part in match.groups())
@@ -367,7 +376,8 @@ def test_checklist_reports_a_healthcheck_path(rendered: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("where", ["setting", "variable", "both"])
 def test_checklist_reports_a_draining_window_below_the_drain_timeout(
-        rendered: dict[str, Any], where: str) -> None:
+    rendered: dict[str, Any], where: str
+) -> None:
     service = _service(rendered, "collectability")
     if where in ("setting", "both"):
         service["deploy"]["drainingSeconds"] = 20
@@ -377,8 +387,7 @@ def test_checklist_reports_a_draining_window_below_the_drain_timeout(
     assert any("must exceed the drain timeout (25 s)" in p for p in problems)
 
 
-def test_checklist_measures_the_window_against_the_file_s_drain_timeout(
-        rendered: dict[str, Any]) -> None:
+def test_checklist_measures_the_window_against_the_file_s_drain_timeout(rendered: dict[str, Any]) -> None:
     service = _service(rendered, "collectability")
     service["variables"]["WORKER_DRAIN_TIMEOUT_S"]["value"] = "45"
     problems = _problems_of(rendered, "collectability")
@@ -407,27 +416,33 @@ def test_checklist_reports_two_replicas(rendered: dict[str, Any]) -> None:
     assert problems == ["outbox_processor: must run exactly one replica, declares 2"]
 
 
-@pytest.mark.parametrize("command", [
-    'sh -c "python -m backend.workers.collectability"',
-    "/bin/bash -c 'python -m backend.workers.collectability'",
-    "cd /app && python -m backend.workers.collectability",
-    "python -m backend.workers.escalation",
-    "gunicorn backend.workers.collectability",
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        'sh -c "python -m backend.workers.collectability"',
+        "/bin/bash -c 'python -m backend.workers.collectability'",
+        "cd /app && python -m backend.workers.collectability",
+        "python -m backend.workers.escalation",
+        "gunicorn backend.workers.collectability",
+    ],
+)
 def test_checklist_reports_a_start_command_that_is_not_the_worker_itself(
-        rendered: dict[str, Any], command: str) -> None:
+    rendered: dict[str, Any], command: str
+) -> None:
     _service(rendered, "collectability")["deploy"]["startCommand"] = command
     problems = _problems_of(rendered, "collectability")
     assert len(problems) == 1 and "start command" in problems[0]
 
 
-@pytest.mark.parametrize("command", [
-    "exec python -m backend.workers.collectability",
-    'sh -c "exec python -m backend.workers.collectability"',
-    "/bin/bash -c 'exec python -m backend.workers.collectability'",
-])
-def test_checklist_accepts_a_shell_that_execs_the_worker(
-        rendered: dict[str, Any], command: str) -> None:
+@pytest.mark.parametrize(
+    "command",
+    [
+        "exec python -m backend.workers.collectability",
+        'sh -c "exec python -m backend.workers.collectability"',
+        "/bin/bash -c 'exec python -m backend.workers.collectability'",
+    ],
+)
+def test_checklist_accepts_a_shell_that_execs_the_worker(rendered: dict[str, Any], command: str) -> None:
     _service(rendered, "collectability")["deploy"]["startCommand"] = command
     assert _problems_of(rendered, "collectability") == []
 
@@ -441,8 +456,7 @@ def test_checklist_reports_a_restart_policy_without_a_limit(rendered: dict[str, 
 
 
 def test_checklist_reports_a_missing_migration(rendered: dict[str, Any]) -> None:
-    _service(rendered, "escalation")["deploy"]["preDeployCommand"] = [
-        "python -m backend.db.migrate --check"]
+    _service(rendered, "escalation")["deploy"]["preDeployCommand"] = ["python -m backend.db.migrate --check"]
     assert any("pre-deploy" in p for p in _problems_of(rendered, "escalation"))
 
 
@@ -458,32 +472,36 @@ def test_checklist_reports_a_literal_database_url(rendered: dict[str, Any]) -> N
 
 def test_checklist_accepts_a_template_reference(rendered: dict[str, Any]) -> None:
     _service(rendered, "escalation")["variables"]["SUPABASE_DB_URL"] = {
-        "type": "literal", "value": "${{shared.SUPABASE_DB_URL}}"}
+        "type": "literal",
+        "value": "${{shared.SUPABASE_DB_URL}}",
+    }
     assert _problems_of(rendered, "escalation") == []
 
 
 def test_checklist_reports_a_literal_outbox_secret(rendered: dict[str, Any]) -> None:
     _service(rendered, "outbox_processor")["variables"]["OUTBOX_SMTP_PASSWORD"] = {
-        "type": "literal", "value": "s3cret"}
+        "type": "literal",
+        "value": "s3cret",
+    }
     problems = _problems_of(rendered, "outbox_processor")
-    assert problems == ["outbox_processor: OUTBOX_SMTP_PASSWORD must reference a shared "
-                        "variable, not hold a value"]
+    assert problems == [
+        "outbox_processor: OUTBOX_SMTP_PASSWORD must reference a shared variable, not hold a value"
+    ]
 
 
 def test_checklist_reports_dev_mode(rendered: dict[str, Any]) -> None:
     _service(rendered, "escalation")["variables"]["SUPABASE_MODE"]["value"] = "dev"
-    assert _problems_of(rendered, "escalation") == [
-        "escalation: SUPABASE_MODE must be the literal prod"]
+    assert _problems_of(rendered, "escalation") == ["escalation: SUPABASE_MODE must be the literal prod"]
 
 
 def test_checklist_reports_a_worker_without_a_service(rendered: dict[str, Any]) -> None:
     rendered["resources"] = [r for r in rendered["resources"] if r["name"] != "escalation"]
-    assert checklist_problems(rendered) == [
-        "escalation: worker entry point without a Railway service"]
+    assert checklist_problems(rendered) == ["escalation: worker entry point without a Railway service"]
 
 
 def test_entry_points_found_in_backend_workers_need_a_service(
-        rendered: dict[str, Any], tmp_path: Path) -> None:
+    rendered: dict[str, Any], tmp_path: Path
+) -> None:
     workers = tmp_path / "backend" / "workers"
     workers.mkdir(parents=True)
     (workers / "__init__.py").write_text("")
@@ -493,4 +511,5 @@ def test_entry_points_found_in_backend_workers_need_a_service(
     found = expected_workers(tmp_path)
     assert found == {*WORKER_NAMES, "reconciler"}
     assert checklist_problems(rendered, workers=found) == [
-        "reconciler: worker entry point without a Railway service"]
+        "reconciler: worker entry point without a Railway service"
+    ]

@@ -48,8 +48,10 @@ CREATE TABLE IF NOT EXISTS probe.attempts (
 
 def _behave(job: Job, worker_id: str, note: psycopg.Connection[Any]) -> None:
     p = job.payload
-    note.execute("INSERT INTO probe.attempts (job_key, attempt, worker_id) VALUES (%s, %s, %s)",
-                 (job.idempotency_key, job.attempt, worker_id))
+    note.execute(
+        "INSERT INTO probe.attempts (job_key, attempt, worker_id) VALUES (%s, %s, %s)",
+        (job.idempotency_key, job.attempt, worker_id),
+    )
     if p.get("permanent"):
         raise PermanentJobError(f"probe: permanent failure of {job.idempotency_key}")
     if job.attempt <= int(p.get("fail_times", 0)):
@@ -70,8 +72,10 @@ def _busy(job: Job, conn: psycopg.Connection[Any]) -> None:
 
 def _pause(job: Job, worker_id: str) -> None:
     if job.payload.get("sleep_s"):
-        log_event("PROBE_IN_HANDLER", {"job_key": job.idempotency_key, "worker_id": worker_id,
-                                       "attempt": job.attempt})
+        log_event(
+            "PROBE_IN_HANDLER",
+            {"job_key": job.idempotency_key, "worker_id": worker_id, "attempt": job.attempt},
+        )
         time.sleep(float(job.payload["sleep_s"]))
 
 
@@ -93,8 +97,10 @@ class ProbeTransactional(TransactionalWorker):
 
     def handle(self, conn: psycopg.Connection[Any], job: Job) -> None:
         _behave(job, self.worker_id, self.notes.conn(self.settings))
-        conn.execute("INSERT INTO probe.effects (job_key, worker_id, attempt) VALUES (%s, %s, %s)",
-                     (job.idempotency_key, self.worker_id, job.attempt))
+        conn.execute(
+            "INSERT INTO probe.effects (job_key, worker_id, attempt) VALUES (%s, %s, %s)",
+            (job.idempotency_key, self.worker_id, job.attempt),
+        )
         _busy(job, conn)
         _pause(job, self.worker_id)
 
@@ -106,8 +112,11 @@ class ProbeExternal(ExternalWorker):
     def handle(self, job: Job) -> None:
         note = self.notes.conn(self.settings)
         _behave(job, self.worker_id, note)
-        note.execute("INSERT INTO probe.receiver (job_key) VALUES (%s) ON CONFLICT (job_key)"
-                     " DO UPDATE SET calls = probe.receiver.calls + 1", (job.idempotency_key,))
+        note.execute(
+            "INSERT INTO probe.receiver (job_key) VALUES (%s) ON CONFLICT (job_key)"
+            " DO UPDATE SET calls = probe.receiver.calls + 1",
+            (job.idempotency_key,),
+        )
         _pause(job, self.worker_id)
 
 

@@ -30,8 +30,12 @@ PROG = "python -m tools.worker_inspector"
 APP_NAME = "dragonfly-inspector"
 EXIT_HEALTHY, EXIT_UNHEALTHY, EXIT_UNUSABLE = 0, 1, 2
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_MISSING_SCHEMA = (pg_errors.UndefinedTable, pg_errors.UndefinedFunction,
-                   pg_errors.InvalidSchemaName, pg_errors.UndefinedColumn)
+_MISSING_SCHEMA = (
+    pg_errors.UndefinedTable,
+    pg_errors.UndefinedFunction,
+    pg_errors.InvalidSchemaName,
+    pg_errors.UndefinedColumn,
+)
 
 
 class Unusable(Exception):
@@ -61,53 +65,83 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Health of the workers, queues, claims and dead letters of a database "
-                    "(SUPABASE_DB_URL; the embedded dev server when unset). Read-only, "
-                    "except dead-letters replay.",
+        "(SUPABASE_DB_URL; the embedded dev server when unset). Read-only, "
+        "except dead-letters replay.",
         epilog="exit codes: 0 healthy, 1 unhealthy, 2 bad usage or cannot connect. "
-               "See docs/WORKER_INSPECTOR.md.",
+        "See docs/WORKER_INSPECTOR.md.",
     )
     parser.add_argument("--json", action="store_true", help="one JSON document on stdout")
-    parser.add_argument("--stale-after", type=duration_arg, metavar="DURATION",
-                        help="heartbeat age that makes a worker stale "
-                             "(default 2 x WORKER_HEARTBEAT_INTERVAL_S = 60s)")
-    parser.add_argument("--dead-after", type=duration_arg, metavar="DURATION",
-                        help="heartbeat age that makes a worker dead "
-                             "(default 3 x --stale-after = 180s)")
-    parser.add_argument("--since", type=duration_arg, metavar="DURATION", default=86400.0,
-                        help="window of interest: stopped, crashed or dead workers last seen "
-                             "before it are hidden (counted) and do not affect the verdict "
-                             "(default 24h)")
-    parser.add_argument("--max-age", type=duration_arg, metavar="DURATION", default=600.0,
-                        help="a queue whose oldest message is older is unhealthy (default 10m)")
-    parser.add_argument("--all", action="store_true", dest="show_all",
-                        help="show every worker row, also the hidden history")
-    parser.add_argument("--stuck-limit", type=count_arg, metavar="N", default=20,
-                        help="stuck claims listed (all are counted; default 20)")
-    parser.add_argument("--timeout", type=duration_arg, metavar="DURATION", default=10.0,
-                        help="statement timeout of each query (default 10s)")
+    parser.add_argument(
+        "--stale-after",
+        type=duration_arg,
+        metavar="DURATION",
+        help="heartbeat age that makes a worker stale (default 2 x WORKER_HEARTBEAT_INTERVAL_S = 60s)",
+    )
+    parser.add_argument(
+        "--dead-after",
+        type=duration_arg,
+        metavar="DURATION",
+        help="heartbeat age that makes a worker dead (default 3 x --stale-after = 180s)",
+    )
+    parser.add_argument(
+        "--since",
+        type=duration_arg,
+        metavar="DURATION",
+        default=86400.0,
+        help="window of interest: stopped, crashed or dead workers last seen "
+        "before it are hidden (counted) and do not affect the verdict "
+        "(default 24h)",
+    )
+    parser.add_argument(
+        "--max-age",
+        type=duration_arg,
+        metavar="DURATION",
+        default=600.0,
+        help="a queue whose oldest message is older is unhealthy (default 10m)",
+    )
+    parser.add_argument(
+        "--all", action="store_true", dest="show_all", help="show every worker row, also the hidden history"
+    )
+    parser.add_argument(
+        "--stuck-limit",
+        type=count_arg,
+        metavar="N",
+        default=20,
+        help="stuck claims listed (all are counted; default 20)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=duration_arg,
+        metavar="DURATION",
+        default=10.0,
+        help="statement timeout of each query (default 10s)",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     letters = commands.add_parser("dead-letters", help="list or replay dead letters")
     actions = letters.add_subparsers(dest="action", metavar="ACTION", required=True)
 
     listing = actions.add_parser("list", help="list dead letters, newest first")
     listing.add_argument("--queue", metavar="Q", help="only this queue")
-    listing.add_argument("--limit", type=count_arg, metavar="N", default=50,
-                         help="letters listed (default 50)")
-    listing.add_argument("--include-replayed", action="store_true",
-                         help="also letters already replayed")
-    listing.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                         help="one JSON document, with each letter's message")
+    listing.add_argument(
+        "--limit", type=count_arg, metavar="N", default=50, help="letters listed (default 50)"
+    )
+    listing.add_argument("--include-replayed", action="store_true", help="also letters already replayed")
+    listing.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="one JSON document, with each letter's message",
+    )
 
     replay = actions.add_parser(
-        "replay", help="re-send dead letters to their queue with a fresh attempt budget")
+        "replay", help="re-send dead letters to their queue with a fresh attempt budget"
+    )
     which = replay.add_mutually_exclusive_group(required=True)
     which.add_argument("--id", type=int, dest="letter_id", metavar="ID", help="one letter")
     which.add_argument("--queue", metavar="Q", help="with --all: every unreplayed letter of Q")
-    replay.add_argument("--all", action="store_true", dest="replay_all",
-                        help="required with --queue")
+    replay.add_argument("--all", action="store_true", dest="replay_all", help="required with --queue")
     replay.add_argument("--dry-run", action="store_true", help="say what would be replayed")
-    replay.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                        help="one JSON document")
+    replay.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="one JSON document")
     return parser, {"dead-letters": letters, "list": listing, "replay": replay}
 
 
@@ -117,12 +151,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.command == "dead-letters" and args.action == "replay":
         if args.queue is not None and not args.replay_all:
-            subs["replay"].error("--queue replays every unreplayed letter of the queue: "
-                                 "add --all to confirm")
+            subs["replay"].error("--queue replays every unreplayed letter of the queue: add --all to confirm")
         if args.letter_id is not None and args.replay_all:
             subs["replay"].error("--all goes with --queue, not --id")
-    if (args.stale_after is not None and args.dead_after is not None
-            and args.dead_after <= args.stale_after):
+    if args.stale_after is not None and args.dead_after is not None and args.dead_after <= args.stale_after:
         parser.error("--dead-after must be longer than --stale-after")
     return args
 
@@ -132,9 +164,15 @@ def report_options(args: argparse.Namespace, settings: Settings) -> Options:
     dead = args.dead_after or 3 * stale
     if dead <= stale:
         raise Unusable(f"--dead-after ({dead:g}s) must be longer than --stale-after ({stale:g}s)")
-    return Options(stale_after_s=stale, dead_after_s=dead, since_s=args.since,
-                   max_age_s=args.max_age, show_all=args.show_all,
-                   stuck_limit=args.stuck_limit, statement_timeout_s=args.timeout)
+    return Options(
+        stale_after_s=stale,
+        dead_after_s=dead,
+        since_s=args.since,
+        max_age_s=args.max_age,
+        show_all=args.show_all,
+        stuck_limit=args.stuck_limit,
+        statement_timeout_s=args.timeout,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -179,8 +217,10 @@ def _run(args: argparse.Namespace) -> int:
                 return _list(conn, args)
             return _replay(conn, args)
         except _MISSING_SCHEMA as exc:
-            raise Unusable(f"{safe} lacks the workers schema or pgmq ({one_line(exc, secret)}); "
-                           "run python -m backend.db.migrate") from None
+            raise Unusable(
+                f"{safe} lacks the workers schema or pgmq ({one_line(exc, secret)}); "
+                "run python -m backend.db.migrate"
+            ) from None
         except psycopg.Error as exc:
             raise Unusable(f"query failed on {safe}: {one_line(exc, secret)}") from None
 
@@ -194,8 +234,9 @@ def _emit(args: argparse.Namespace, document: Any, text: str) -> None:
 
 
 def _list(conn: queries.Conn, args: argparse.Namespace) -> int:
-    total, rows = queries.list_dead_letters(conn, queue=args.queue, limit=args.limit,
-                                            include_replayed=args.include_replayed)
+    total, rows = queries.list_dead_letters(
+        conn, queue=args.queue, limit=args.limit, include_replayed=args.include_replayed
+    )
     document = {"count": total, "items": [jsonable(r) for r in rows]}
     _emit(args, document, render_dead_letters(total, rows))
     return EXIT_HEALTHY
@@ -212,8 +253,10 @@ def _replay(conn: queries.Conn, args: argparse.Namespace) -> int:
             letter = queries.dead_letter(conn, letter_id)
             if letter is not None and letter["replayed_at"] is None:
                 done.append(jsonable(letter))
-                lines.append(f"would replay dead letter {letter_id} "
-                             f"(queue {letter['queue_name']}, {_job(letter['job_key'])})")
+                lines.append(
+                    f"would replay dead letter {letter_id} "
+                    f"(queue {letter['queue_name']}, {_job(letter['job_key'])})"
+                )
                 continue
         else:
             try:
@@ -229,7 +272,8 @@ def _replay(conn: queries.Conn, args: argparse.Namespace) -> int:
                 lines.append(
                     f"replayed dead letter {letter_id} (queue {replayed.queue_name}, "
                     f"{_job(replayed.job_key)}) as msg_id {replayed.msg_id}"
-                    + ("; ledger reset to failed with 0 attempts" if replayed.ledger_reset else ""))
+                    + ("; ledger reset to failed with 0 attempts" if replayed.ledger_reset else "")
+                )
                 continue
         letter = queries.dead_letter(conn, letter_id)
         if letter is None:
@@ -237,8 +281,13 @@ def _replay(conn: queries.Conn, args: argparse.Namespace) -> int:
             lines.append(f"FAILED dead letter {letter_id}: no such dead letter")
         else:
             when = timestamp(letter["replayed_at"])
-            skipped.append({"id": letter_id, "reason": "already replayed",
-                            "replayed_at": jsonable(letter)["replayed_at"]})
+            skipped.append(
+                {
+                    "id": letter_id,
+                    "reason": "already replayed",
+                    "replayed_at": jsonable(letter)["replayed_at"],
+                }
+            )
             lines.append(f"skipped dead letter {letter_id}: already replayed at {when}")
     if not ids:
         lines.append(f"no unreplayed dead letters in queue {args.queue}")

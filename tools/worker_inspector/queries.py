@@ -58,10 +58,13 @@ def snapshot_start(conn: Conn, statement_timeout_s: float) -> Any:
     return row["now"]
 
 
-def worker_rows(conn: Conn, *, stale_s: float, dead_s: float, since_s: float,
-                include_historic: bool) -> list[Row]:
+def worker_rows(
+    conn: Conn, *, stale_s: float, dead_s: float, since_s: float, include_historic: bool
+) -> list[Row]:
     """Heartbeat rows with ``verdict``, ``age_s`` and ``historic``; history only on demand."""
-    query = _CLASSIFIED + """
+    query = (
+        _CLASSIFIED
+        + """
     SELECT worker_id, worker_name, queue_name, status, verdict, age_s, historic, hostname, pid,
            version, git_sha, started_at, last_heartbeat_at, stopped_at, jobs_processed,
            jobs_failed, rss_bytes, metadata ->> 'RAILWAY_REPLICA_ID' AS replica_id
@@ -70,17 +73,20 @@ def worker_rows(conn: Conn, *, stale_s: float, dead_s: float, since_s: float,
     ORDER BY array_position(ARRAY['dead', 'stale', 'alive', 'crashed', 'stopped'], verdict),
              worker_name, last_heartbeat_at DESC
     """
-    params = {"stale": stale_s, "dead": dead_s, "since": since_s,
-              "include_historic": include_historic}
+    )
+    params = {"stale": stale_s, "dead": dead_s, "since": since_s, "include_historic": include_historic}
     return conn.execute(query, params).fetchall()
 
 
 def worker_counts(conn: Conn, *, stale_s: float, dead_s: float, since_s: float) -> list[Row]:
     """Counts of heartbeat rows per (queue_name, verdict, historic), over every row."""
-    query = _CLASSIFIED + """
+    query = (
+        _CLASSIFIED
+        + """
     SELECT queue_name, verdict, historic, count(*) AS count
     FROM judged GROUP BY queue_name, verdict, historic
     """
+    )
     return conn.execute(query, {"stale": stale_s, "dead": dead_s, "since": since_s}).fetchall()
 
 
@@ -105,8 +111,7 @@ def queue_stats(conn: Conn, names: Sequence[str]) -> list[Row]:
         " FROM {table}"
     )
     query = sql.SQL(" UNION ALL ").join(
-        part.format(name=sql.Literal(name), table=sql.Identifier("pgmq", f"q_{name}"))
-        for name in names
+        part.format(name=sql.Literal(name), table=sql.Identifier("pgmq", f"q_{name}")) for name in names
     )
     return conn.execute(query).fetchall()
 
@@ -149,17 +154,19 @@ def dead_letter_counts(conn: Conn) -> list[Row]:
     ).fetchall()
 
 
-def list_dead_letters(conn: Conn, *, queue: str | None, limit: int,
-                      include_replayed: bool) -> tuple[int, list[Row]]:
+def list_dead_letters(
+    conn: Conn, *, queue: str | None, limit: int, include_replayed: bool
+) -> tuple[int, list[Row]]:
     """The newest dead letters (unreplayed unless asked), and how many match in all."""
-    where = (" WHERE (%(queue)s::text IS NULL OR queue_name = %(queue)s)"
-             " AND (%(replayed)s OR replayed_at IS NULL)")
+    where = (
+        " WHERE (%(queue)s::text IS NULL OR queue_name = %(queue)s) AND (%(replayed)s OR replayed_at IS NULL)"
+    )
     params = {"queue": queue, "replayed": include_replayed, "limit": limit}
-    total = conn.execute("SELECT count(*) AS total FROM workers.dead_letters" + where,
-                         params).fetchone()
+    total = conn.execute("SELECT count(*) AS total FROM workers.dead_letters" + where, params).fetchone()
     rows = conn.execute(
         "SELECT id, queue_name, msg_id, job_key, error, error_type, attempts, worker_id,"
-        " dead_at, replayed_at, message::text AS message FROM workers.dead_letters" + where
+        " dead_at, replayed_at, message::text AS message FROM workers.dead_letters"
+        + where
         + " ORDER BY id DESC LIMIT %(limit)s",
         params,
     ).fetchall()
@@ -180,8 +187,8 @@ def _decoded(text: str | None) -> Any:
 def unreplayed_ids(conn: Conn, queue: str) -> list[int]:
     """Ids of the queue's dead letters not yet replayed, oldest first."""
     rows = conn.execute(
-        "SELECT id FROM workers.dead_letters WHERE queue_name = %s AND replayed_at IS NULL"
-        " ORDER BY id", (queue,)
+        "SELECT id FROM workers.dead_letters WHERE queue_name = %s AND replayed_at IS NULL ORDER BY id",
+        (queue,),
     ).fetchall()
     return [int(r["id"]) for r in rows]
 
@@ -241,8 +248,13 @@ def replay(conn: Conn, dead_letter_id: int) -> Replay | None:
                 " WHERE job_key = %s AND status IN ('dead', 'failed')",
                 (letter["job_key"],),
             ).rowcount
-    return Replay(dead_letter_id=dead_letter_id, queue_name=letter["queue_name"],
-                  job_key=letter["job_key"], msg_id=int(sent["msg_id"]), ledger_reset=reset > 0)
+    return Replay(
+        dead_letter_id=dead_letter_id,
+        queue_name=letter["queue_name"],
+        job_key=letter["job_key"],
+        msg_id=int(sent["msg_id"]),
+        ledger_reset=reset > 0,
+    )
 
 
 def replay_dead_letter(conn: Conn, dead_letter_id: int) -> int | None:

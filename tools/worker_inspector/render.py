@@ -11,16 +11,14 @@ from tools.worker_inspector.report import Finding, Report, duration
 Cell = str | int | float | None
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[Cell]],
-          numeric: Sequence[str] = ()) -> list[str]:
+def table(headers: Sequence[str], rows: Sequence[Sequence[Cell]], numeric: Sequence[str] = ()) -> list[str]:
     """Aligned lines: a header, then one line per row; numeric columns align right."""
     cells = [[_cell(v) for v in row] for row in rows]
     widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
     right = [h in numeric for h in headers]
 
     def line(values: Sequence[str]) -> str:
-        parts = [v.rjust(w) if r else v.ljust(w) for v, w, r in zip(values, widths, right,
-                                                                    strict=True)]
+        parts = [v.rjust(w) if r else v.ljust(w) for v, w, r in zip(values, widths, right, strict=True)]
         return "  ".join(parts).rstrip()
 
     return [line(list(headers)), *(line(r) for r in cells)]
@@ -58,8 +56,7 @@ def render_report(report: Report) -> str:
         f"max message age {duration(o.max_age_s)}",
     ]
     lines += _findings("reasons", report.reasons) + _findings("warnings", report.warnings)
-    lines += ["", *_workers(report), "", *_queues(report), "", *_stuck(report), "",
-              *_dead_letters(report)]
+    lines += ["", *_workers(report), "", *_queues(report), "", *_stuck(report), "", *_dead_letters(report)]
     return "\n".join(lines) + "\n"
 
 
@@ -72,15 +69,43 @@ def _findings(title: str, findings: list[Finding]) -> list[str]:
 def _workers(report: Report) -> list[str]:
     title = f"WORKERS  {len(report.workers)} shown"
     if report.hidden_workers:
-        title += (f", {report.hidden_workers} hidden (stopped, crashed or dead before the "
-                  f"last {duration(report.options.since_s)}; --all shows them)")
+        title += (
+            f", {report.hidden_workers} hidden (stopped, crashed or dead before the "
+            f"last {duration(report.options.since_s)}; --all shows them)"
+        )
     if not report.workers:
         return [title, "  (none)"]
-    rows = [[w.worker_name, w.worker_id, w.status, w.verdict, duration(w.heartbeat_age_s),
-             w.jobs_processed, w.jobs_failed, w.rss_mb, w.version, w.git_sha, w.replica_id,
-             w.note] for w in report.workers]
-    headers = ["NAME", "WORKER ID", "STATUS", "VERDICT", "HEARTBEAT", "DONE", "FAILED",
-               "RSS MB", "VERSION", "SHA", "REPLICA", "NOTE"]
+    rows = [
+        [
+            w.worker_name,
+            w.worker_id,
+            w.status,
+            w.verdict,
+            duration(w.heartbeat_age_s),
+            w.jobs_processed,
+            w.jobs_failed,
+            w.rss_mb,
+            w.version,
+            w.git_sha,
+            w.replica_id,
+            w.note,
+        ]
+        for w in report.workers
+    ]
+    headers = [
+        "NAME",
+        "WORKER ID",
+        "STATUS",
+        "VERDICT",
+        "HEARTBEAT",
+        "DONE",
+        "FAILED",
+        "RSS MB",
+        "VERSION",
+        "SHA",
+        "REPLICA",
+        "NOTE",
+    ]
     return [title, *table(headers, rows, numeric=("HEARTBEAT", "DONE", "FAILED", "RSS MB"))]
 
 
@@ -88,10 +113,20 @@ def _queues(report: Report) -> list[str]:
     title = f"QUEUES  {len(report.queues)}"
     if not report.queues:
         return [title, "  (none)"]
-    rows = [[q.queue_name, q.depth, q.visible, q.in_flight, q.delayed, _ago(q.oldest_age_s),
-             q.dead_letters, q.workers_alive] for q in report.queues]
-    headers = ["QUEUE", "DEPTH", "VISIBLE", "IN FLIGHT", "DELAYED", "OLDEST", "DEAD LETTERS",
-               "ALIVE WORKERS"]
+    rows = [
+        [
+            q.queue_name,
+            q.depth,
+            q.visible,
+            q.in_flight,
+            q.delayed,
+            _ago(q.oldest_age_s),
+            q.dead_letters,
+            q.workers_alive,
+        ]
+        for q in report.queues
+    ]
+    headers = ["QUEUE", "DEPTH", "VISIBLE", "IN FLIGHT", "DELAYED", "OLDEST", "DEAD LETTERS", "ALIVE WORKERS"]
     return [title, *table(headers, rows, numeric=headers[1:])]
 
 
@@ -101,8 +136,10 @@ def _stuck(report: Report) -> list[str]:
     title = f"STUCK CLAIMS  {report.stuck_total}"
     if len(report.stuck_items) < report.stuck_total:
         title += f" (the {len(report.stuck_items)} oldest shown; --stuck-limit shows more)"
-    rows = [[s.job_key, s.queue_name, s.msg_id, s.worker_id, s.attempts,
-             _ago(s.age_s) or "no lease"] for s in report.stuck_items]
+    rows = [
+        [s.job_key, s.queue_name, s.msg_id, s.worker_id, s.attempts, _ago(s.age_s) or "no lease"]
+        for s in report.stuck_items
+    ]
     headers = ["JOB KEY", "QUEUE", "MSG ID", "WORKER ID", "ATTEMPTS", "LEASE EXPIRED"]
     return [title, *table(headers, rows, numeric=("MSG ID", "ATTEMPTS", "LEASE EXPIRED"))]
 
@@ -110,13 +147,16 @@ def _stuck(report: Report) -> list[str]:
 def _dead_letters(report: Report) -> list[str]:
     if not report.dead_letters:
         return ["DEAD LETTERS  none"]
-    rows = [[g.queue_name, g.count, timestamp(g.oldest_dead_at), timestamp(g.newest_dead_at), g.kinds()]
-            for g in report.dead_letters]
-    return [f"DEAD LETTERS  {report.dead_letter_total} unreplayed",
-            *table(["QUEUE", "COUNT", "OLDEST", "NEWEST", "ERRORS"], rows, numeric=("COUNT",)),
-            "  list: python -m tools.worker_inspector dead-letters list [--queue Q]",
-            "  replay: python -m tools.worker_inspector dead-letters replay "
-            "(--id ID | --queue Q --all)"]
+    rows = [
+        [g.queue_name, g.count, timestamp(g.oldest_dead_at), timestamp(g.newest_dead_at), g.kinds()]
+        for g in report.dead_letters
+    ]
+    return [
+        f"DEAD LETTERS  {report.dead_letter_total} unreplayed",
+        *table(["QUEUE", "COUNT", "OLDEST", "NEWEST", "ERRORS"], rows, numeric=("COUNT",)),
+        "  list: python -m tools.worker_inspector dead-letters list [--queue Q]",
+        "  replay: python -m tools.worker_inspector dead-letters replay (--id ID | --queue Q --all)",
+    ]
 
 
 def render_dead_letters(total: int, rows: list[dict[str, Any]]) -> str:
@@ -124,11 +164,31 @@ def render_dead_letters(total: int, rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "no dead letters\n"
     title = f"DEAD LETTERS  {len(rows)} of {total} shown, newest first"
-    body = [[r["id"], r["queue_name"], r["msg_id"], r["job_key"], r["attempts"],
-             r["error_type"], timestamp(r["dead_at"]), timestamp(r["replayed_at"]),
-             _cut(r["error"], 60)] for r in rows]
-    headers = ["ID", "QUEUE", "MSG ID", "JOB KEY", "ATTEMPTS", "ERROR TYPE", "DEAD AT",
-               "REPLAYED AT", "ERROR"]
+    body = [
+        [
+            r["id"],
+            r["queue_name"],
+            r["msg_id"],
+            r["job_key"],
+            r["attempts"],
+            r["error_type"],
+            timestamp(r["dead_at"]),
+            timestamp(r["replayed_at"]),
+            _cut(r["error"], 60),
+        ]
+        for r in rows
+    ]
+    headers = [
+        "ID",
+        "QUEUE",
+        "MSG ID",
+        "JOB KEY",
+        "ATTEMPTS",
+        "ERROR TYPE",
+        "DEAD AT",
+        "REPLAYED AT",
+        "ERROR",
+    ]
     return "\n".join([title, *table(headers, body, numeric=("ID", "MSG ID", "ATTEMPTS"))]) + "\n"
 
 

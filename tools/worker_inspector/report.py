@@ -149,17 +149,25 @@ class Report:
             "warnings": [_plain(f) for f in self.warnings],
             "generated_at": _iso(self.generated_at),
             "database": self.database,
-            "thresholds": {"stale_after_s": o.stale_after_s, "dead_after_s": o.dead_after_s,
-                           "since_s": o.since_s, "max_age_s": o.max_age_s},
+            "thresholds": {
+                "stale_after_s": o.stale_after_s,
+                "dead_after_s": o.dead_after_s,
+                "since_s": o.since_s,
+                "max_age_s": o.max_age_s,
+            },
             "workers": [_plain(w) for w in self.workers],
-            "worker_summary": {"total": sum(self.verdict_counts.values()),
-                               "shown": len(self.workers), "hidden": self.hidden_workers,
-                               "by_verdict": self.verdict_counts},
+            "worker_summary": {
+                "total": sum(self.verdict_counts.values()),
+                "shown": len(self.workers),
+                "hidden": self.hidden_workers,
+                "by_verdict": self.verdict_counts,
+            },
             "queues": [_plain(q) for q in self.queues],
-            "stuck_claims": {"count": self.stuck_total,
-                             "items": [_plain(s) for s in self.stuck_items]},
-            "dead_letters": {"count": self.dead_letter_total,
-                             "queues": [_plain(g) for g in self.dead_letters]},
+            "stuck_claims": {"count": self.stuck_total, "items": [_plain(s) for s in self.stuck_items]},
+            "dead_letters": {
+                "count": self.dead_letter_total,
+                "queues": [_plain(g) for g in self.dead_letters],
+            },
         }
 
 
@@ -200,9 +208,14 @@ def build_report(conn: Conn, options: Options, *, database: str = "") -> Report:
         workers=[_worker(r) for r in worker_rows],
         verdict_counts=dict(verdict_counts),
         hidden_workers=0 if o.show_all else hidden,
-        queues=[Queue(**_rounded(r, "oldest_age_s"),
-                      dead_letters=per_queue_letters.get(r["queue_name"], 0),
-                      workers_alive=alive[r["queue_name"]]) for r in queue_rows],
+        queues=[
+            Queue(
+                **_rounded(r, "oldest_age_s"),
+                dead_letters=per_queue_letters.get(r["queue_name"], 0),
+                workers_alive=alive[r["queue_name"]],
+            )
+            for r in queue_rows
+        ],
         stuck_total=stuck_total,
         stuck_items=[StuckClaim(**_rounded(r, "age_s")) for r in stuck_rows],
         dead_letters=letters,
@@ -222,15 +235,25 @@ def _worker(row: Row) -> Worker:
     note = KILLED_NOTE if row["verdict"] == "dead" else None
     rss = row["rss_bytes"]
     return Worker(
-        worker_id=row["worker_id"], worker_name=row["worker_name"],
-        queue_name=row["queue_name"], status=row["status"], verdict=row["verdict"],
-        historic=row["historic"], heartbeat_age_s=round(row["age_s"], 3),
-        last_heartbeat_at=row["last_heartbeat_at"], started_at=row["started_at"],
-        stopped_at=row["stopped_at"], jobs_processed=row["jobs_processed"],
+        worker_id=row["worker_id"],
+        worker_name=row["worker_name"],
+        queue_name=row["queue_name"],
+        status=row["status"],
+        verdict=row["verdict"],
+        historic=row["historic"],
+        heartbeat_age_s=round(row["age_s"], 3),
+        last_heartbeat_at=row["last_heartbeat_at"],
+        started_at=row["started_at"],
+        stopped_at=row["stopped_at"],
+        jobs_processed=row["jobs_processed"],
         jobs_failed=row["jobs_failed"],
         rss_mb=None if rss is None else round(rss / 1048576, 1),
-        version=row["version"], git_sha=row["git_sha"][:7] if row["git_sha"] else None,
-        replica_id=row["replica_id"], hostname=row["hostname"], pid=row["pid"], note=note,
+        version=row["version"],
+        git_sha=row["git_sha"][:7] if row["git_sha"] else None,
+        replica_id=row["replica_id"],
+        hostname=row["hostname"],
+        pid=row["pid"],
+        note=note,
     )
 
 
@@ -239,33 +262,58 @@ def _reasons(report: Report, queue_names: list[str]) -> list[Finding]:
     found: list[Finding] = []
     for w in report.workers:
         if w.verdict == "dead" and not w.historic:
-            found.append(Finding(
-                code="dead_worker", subject=w.worker_id,
-                message=f"worker {w.worker_name} {w.worker_id} is dead: still {w.status} but "
-                        f"no heartbeat for {duration(w.heartbeat_age_s)}; {KILLED_NOTE}"))
+            found.append(
+                Finding(
+                    code="dead_worker",
+                    subject=w.worker_id,
+                    message=f"worker {w.worker_name} {w.worker_id} is dead: still {w.status} but "
+                    f"no heartbeat for {duration(w.heartbeat_age_s)}; {KILLED_NOTE}",
+                )
+            )
     for name in o.expected_queues:
         if name not in queue_names:
-            found.append(Finding(code="queue_missing", subject=name,
-                                 message=f"queue {name} does not exist; "
-                                         "run python -m backend.db.migrate"))
+            found.append(
+                Finding(
+                    code="queue_missing",
+                    subject=name,
+                    message=f"queue {name} does not exist; run python -m backend.db.migrate",
+                )
+            )
     for q in report.queues:
         if q.depth and not q.workers_alive:
-            found.append(Finding(code="queue_unserved", subject=q.queue_name,
-                                 message=f"queue {q.queue_name} has {q.depth} message(s) "
-                                         "but no alive worker"))
+            found.append(
+                Finding(
+                    code="queue_unserved",
+                    subject=q.queue_name,
+                    message=f"queue {q.queue_name} has {q.depth} message(s) but no alive worker",
+                )
+            )
         if q.oldest_age_s is not None and q.oldest_age_s > o.max_age_s:
-            found.append(Finding(code="queue_backlog_old", subject=q.queue_name,
-                                 message=f"queue {q.queue_name}: oldest message is "
-                                         f"{duration(q.oldest_age_s)} old "
-                                         f"(over --max-age {duration(o.max_age_s)})"))
+            found.append(
+                Finding(
+                    code="queue_backlog_old",
+                    subject=q.queue_name,
+                    message=f"queue {q.queue_name}: oldest message is "
+                    f"{duration(q.oldest_age_s)} old "
+                    f"(over --max-age {duration(o.max_age_s)})",
+                )
+            )
     if report.stuck_total:
-        found.append(Finding(code="stuck_claims", subject=None,
-                             message=f"{report.stuck_total} stuck claim(s): processing "
-                                     "with an expired lease"))
+        found.append(
+            Finding(
+                code="stuck_claims",
+                subject=None,
+                message=f"{report.stuck_total} stuck claim(s): processing with an expired lease",
+            )
+        )
     for g in report.dead_letters:
-        found.append(Finding(code="dead_letters", subject=g.queue_name,
-                             message=f"queue {g.queue_name} has {g.count} unreplayed "
-                                     f"dead letter(s): {g.kinds()}"))
+        found.append(
+            Finding(
+                code="dead_letters",
+                subject=g.queue_name,
+                message=f"queue {g.queue_name} has {g.count} unreplayed dead letter(s): {g.kinds()}",
+            )
+        )
     return found
 
 
@@ -274,22 +322,37 @@ def _warnings(report: Report, hidden_dead: int) -> list[Finding]:
     crashed: dict[str, list[Worker]] = {}
     for w in report.workers:
         if w.verdict == "stale":
-            found.append(Finding(code="stale_worker", subject=w.worker_id,
-                                 message=f"worker {w.worker_name} {w.worker_id}: no heartbeat "
-                                         f"for {duration(w.heartbeat_age_s)}"))
+            found.append(
+                Finding(
+                    code="stale_worker",
+                    subject=w.worker_id,
+                    message=f"worker {w.worker_name} {w.worker_id}: no heartbeat "
+                    f"for {duration(w.heartbeat_age_s)}",
+                )
+            )
         elif w.verdict == "crashed" and not w.historic:
             crashed.setdefault(w.queue_name, []).append(w)
     # Crashes are one line per queue: a crash loop would otherwise flood the list.
     for queue, workers in sorted(crashed.items()):
         latest = min(w.heartbeat_age_s for w in workers)
-        found.append(Finding(code="crashed_workers", subject=queue,
-                             message=f"queue {queue}: {len(workers)} worker(s) crashed in the "
-                                     f"last {duration(report.options.since_s)}, the latest "
-                                     f"{duration(latest)} ago"))
+        found.append(
+            Finding(
+                code="crashed_workers",
+                subject=queue,
+                message=f"queue {queue}: {len(workers)} worker(s) crashed in the "
+                f"last {duration(report.options.since_s)}, the latest "
+                f"{duration(latest)} ago",
+            )
+        )
     if hidden_dead:
-        found.append(Finding(code="old_dead_workers", subject=None,
-                             message=f"{hidden_dead} worker(s) died before the --since "
-                                     "window and are still marked running (--all shows them)"))
+        found.append(
+            Finding(
+                code="old_dead_workers",
+                subject=None,
+                message=f"{hidden_dead} worker(s) died before the --since "
+                "window and are still marked running (--all shows them)",
+            )
+        )
     return found
 
 
