@@ -22,7 +22,7 @@ from psycopg.types.json import Jsonb
 
 from backend.config import QUEUES
 from backend.errors import InvalidEnvelope
-from backend.workers.jobs import validate_envelope
+from backend.jobs import validate_envelope
 
 DEFAULT_MAX_BYTES = 262144
 

@@ -17,10 +17,10 @@ from typing import Any, ClassVar
 
 import psycopg
 
+from backend.jobs import Job
 from backend.logs import log_event
 from backend.workers.base import TransactionalWorker
 from backend.workers.entry import run_worker
-from backend.workers.jobs import Job
 
 PICKUP_EVENT = "BENCH_PICKUP"
 

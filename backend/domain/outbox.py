@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 from backend import __version__
 from backend.errors import ConfigError, PermanentJobError, WorkerError
-from backend.workers.jobs import Job
+from backend.jobs import Job
 
 Channel = Literal["webhook", "slack", "discord", "email"]
 TlsMode = Literal["starttls", "ssl", "none"]

@@ -35,10 +35,10 @@ from backend.db.connect import (
 )
 from backend.db.migrate import apply_migrations, current_version, latest_version
 from backend.errors import BootError, ConfigError
+from backend.jobs import Job
 from backend.logs import add_secret, log_event
 from backend.workers.deliveries import DeliveryLog
 from backend.workers.housekeeping import Housekeeper, HousekeepingPlan
-from backend.workers.jobs import Job
 from backend.workers.lifecycle import Lifecycle, State
 from backend.workers.memory import MemoryVerdict, rss_bytes
 from backend.workers.processing import (

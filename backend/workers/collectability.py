@@ -12,20 +12,9 @@ from typing import Any, ClassVar
 import psycopg
 
 from backend.domain.collectability import score_and_store
-from backend.errors import PermanentJobError
+from backend.jobs import Job
 from backend.workers.base import TransactionalWorker
 from backend.workers.entry import run_worker
-from backend.workers.jobs import Job
-
-
-def entity_id(job: Job, entity_type: str) -> int:
-    """The job's entity id as an integer key, or a permanent error saying what is wrong."""
-    if job.entity_type != entity_type:
-        raise PermanentJobError(f"expected entity_type {entity_type!r}, got {job.entity_type!r}")
-    try:
-        return int(job.entity_id)
-    except ValueError:
-        raise PermanentJobError(f"entity_id must be an integer id, got {job.entity_id!r}") from None
 
 
 class CollectabilityWorker(TransactionalWorker):
@@ -37,7 +26,7 @@ class CollectabilityWorker(TransactionalWorker):
         self.handle_batch(conn, [job])
 
     def handle_batch(self, conn: psycopg.Connection[Any], jobs: list[Job]) -> None:
-        ids = [entity_id(job, "judgment") for job in jobs]
+        ids = [job.integer_entity_id("judgment") for job in jobs]
         score_and_store(conn, ids, [job.idempotency_key for job in jobs], today=datetime.now(UTC).date())
 
 

@@ -13,10 +13,9 @@ from typing import Any, ClassVar
 import psycopg
 
 from backend.domain.escalation import load_case_facts, notify_route, recommend, record_recommendation
+from backend.jobs import Job
 from backend.workers.base import TransactionalWorker
-from backend.workers.collectability import entity_id
 from backend.workers.entry import run_worker
-from backend.workers.jobs import Job
 
 
 class EscalationWorker(TransactionalWorker):
@@ -25,7 +24,7 @@ class EscalationWorker(TransactionalWorker):
     name: ClassVar[str] = "escalation"
 
     def handle(self, conn: psycopg.Connection[Any], job: Job) -> None:
-        case_id = entity_id(job, "enforcement_case")
+        case_id = job.integer_entity_id("enforcement_case")
         route = notify_route(job.payload)
         recommendation = recommend(load_case_facts(conn, case_id))
         record_recommendation(conn, case_id, recommendation, job.idempotency_key, route=route)

@@ -14,10 +14,10 @@ import os
 from typing import ClassVar
 
 from backend.domain.outbox import OutboxConfig, deliver_job
+from backend.jobs import Job
 from backend.logs import log_event
 from backend.workers.base import ExternalWorker
 from backend.workers.entry import run_worker
-from backend.workers.jobs import Job
 
 
 class OutboxWorker(ExternalWorker):

@@ -42,16 +42,16 @@ import psycopg
 from backend.config import DEFAULTS
 from backend.db import queries as q
 from backend.errors import InvalidEnvelope, PayloadTooLarge, PermanentJobError, UndecodableMessage
-from backend.logs import log_event
-from backend.workers.backoff import retry_delay_s
-from backend.workers.deliveries import DeliveryLog
-from backend.workers.jobs import (
+from backend.jobs import (
     ExternalHandler,
     Job,
     TransactionalHandler,
     job_from_envelope,
     validate_envelope,
 )
+from backend.logs import log_event
+from backend.workers.backoff import retry_delay_s
+from backend.workers.deliveries import DeliveryLog
 
 HandlerKind = Literal["transactional", "external"]
 Conn = psycopg.Connection[Any]

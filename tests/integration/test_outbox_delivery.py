@@ -20,7 +20,7 @@ from backend.domain.outbox import (
     stable_message_id,
 )
 from backend.errors import PermanentJobError
-from backend.workers.jobs import Job
+from backend.jobs import Job
 from tests.receivers import HttpRecorder, Reply, SmtpRecorder, key_counts, read_log
 
 # Webhook paths carry tokens, as Slack's and Discord's do; errors must never show them.

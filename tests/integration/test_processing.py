@@ -15,8 +15,8 @@ from psycopg.types.json import Jsonb
 from backend.db import queries as q
 from backend.enqueue import build_envelope, enqueue
 from backend.errors import PermanentJobError
+from backend.jobs import Job
 from backend.workers.deliveries import DeliveryLog
-from backend.workers.jobs import Job
 from backend.workers.processing import HandlerKind, ProcessingOptions, Processor
 
 Conn = psycopg.Connection[Any]

@@ -23,10 +23,10 @@ import psycopg
 
 from backend.db.connect import resolve_db_url
 from backend.errors import PermanentJobError
+from backend.jobs import Job
 from backend.logs import log_event
 from backend.workers.base import ExternalWorker, TransactionalWorker
 from backend.workers.entry import run_worker
-from backend.workers.jobs import Job
 
 _HOG: list[bytes] = []
 

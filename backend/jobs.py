@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 import psycopg
 
-from backend.errors import InvalidEnvelope
+from backend.errors import InvalidEnvelope, PermanentJobError
 
 REQUIRED_TEXT_FIELDS = ("idempotency_key", "entity_type", "entity_id", "org_id")
 OPTIONAL_TEXT_FIELDS = ("trace_id", "created_at")
@@ -30,6 +30,15 @@ class Job:
     trace_id: str | None = None
     created_at: str | None = None
     attempt: int = 1
+
+    def integer_entity_id(self, entity_type: str) -> int:
+        """The entity id as an integer key, or a permanent error saying what is wrong."""
+        if self.entity_type != entity_type:
+            raise PermanentJobError(f"expected entity_type {entity_type!r}, got {self.entity_type!r}")
+        try:
+            return int(self.entity_id)
+        except ValueError:
+            raise PermanentJobError(f"entity_id must be an integer id, got {self.entity_id!r}") from None
 
 
 def validate_envelope(body: Any, *, max_bytes: int, size: int | None = None) -> dict[str, Any]:
