@@ -1,6 +1,20 @@
-"""The runtime's one exception base and the errors an operator can act on."""
+"""The runtime's one exception base, the errors an operator can act on, and how any
+exception is told in one line."""
 
 from __future__ import annotations
+
+_MAX_TEXT = 2000
+
+
+def describe(exc: BaseException | None, limit: int = _MAX_TEXT) -> str:
+    """The exception's message on one line (its type's name when it has none), capped.
+
+    A NUL cannot be stored in a text column: one in a message must not stop the failure
+    from being recorded."""
+    if exc is None:
+        return ""
+    text = " ".join(str(exc).replace("\x00", "\\0").split()) or type(exc).__name__
+    return text[:limit]
 
 
 class WorkerError(Exception):

@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
-
-import psycopg
+from typing import Any
 
 from backend.errors import InvalidEnvelope, PermanentJobError
 
@@ -94,21 +92,3 @@ def _json_type(value: Any) -> str:
         int: "number",
         float: "number",
     }.get(type(value), type(value).__name__)
-
-
-class TransactionalHandler(Protocol):
-    """Database-only effects, run on the worker's connection inside the claim's transaction.
-
-    ``handle_batch`` receives every job of a batch at once (set-based SQL); when it raises,
-    the runtime rolls back and runs the jobs one by one through ``handle``.
-    """
-
-    def handle(self, conn: psycopg.Connection[Any], job: Job) -> None: ...
-
-    def handle_batch(self, conn: psycopg.Connection[Any], jobs: list[Job]) -> None: ...
-
-
-class ExternalHandler(Protocol):
-    """Effects outside the database (HTTP, email); receivers deduplicate by the job's key."""
-
-    def handle(self, job: Job) -> None: ...

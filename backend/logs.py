@@ -12,6 +12,8 @@ from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter
 
+from backend.events import Event
+
 EVENT_LOGGER = "dragonfly.events"
 _log = logging.getLogger(EVENT_LOGGER)
 
@@ -38,7 +40,7 @@ def configure_logging(level: str = "INFO", secrets: Iterable[str] = ()) -> None:
             secrets=secrets,
             fmt=["levelname", "message"],
             rename_fields={"levelname": "level"},
-            defaults={"event": "LOG", "data": {}},
+            defaults={"event": Event.LOG, "data": {}},
             timestamp=True,
         )
     )
@@ -63,6 +65,14 @@ def add_secret(secret: str | None) -> None:
             formatter.secrets = (*formatter.secrets, secret)
 
 
-def log_event(event: str, data: Mapping[str, Any], level: int = logging.INFO) -> None:
-    """Write one structured event line: ``event`` is a stable name, ``data`` its fields."""
+def log_event(event: Event, data: Mapping[str, Any], level: int = logging.INFO) -> None:
+    """Write one structured event line: ``event`` from the catalogue (``backend.events``),
+    ``data`` its fields."""
     _log.log(level, event, extra={"event": event, "data": dict(data)})
+
+
+def log_worker_event(name: str, data: Mapping[str, Any], level: int = logging.INFO) -> None:
+    """An event a worker class defines for itself (its name must not be the catalogue's)."""
+    if name in Event.__members__:
+        raise ValueError(f"{name} is a runtime event: use log_event(Event.{name}, ...)")
+    _log.log(level, name, extra={"event": name, "data": dict(data)})

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import random
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -17,10 +16,12 @@ from tenacity import (
     retry_if_exception_type,
     stop_after_delay,
     stop_when_event_set,
-    wait_exponential_jitter,
 )
 
+from backend.backoff import tenacity_wait
 from backend.config import Settings, is_transaction_pooler
+from backend.errors import describe
+from backend.events import Event
 from backend.logs import log_event
 
 # A dead server is noticed within ~20 s even when the network drops silently.
@@ -91,10 +92,10 @@ def boot_retrying(timeout_s: float, stopping: threading.Event) -> Retrying:
     """Bounded retries while booting: give up after ``timeout_s``, or at once when stopping."""
     return Retrying(
         stop=stop_after_delay(timeout_s) | stop_when_event_set(stopping),
-        wait=wait_exponential_jitter(initial=0.2, max=2.0),
+        wait=tenacity_wait(base_s=0.2, max_s=2.0),
         sleep=_sleep_until_stopped(stopping),
         retry=retry_if_exception_type(DB_ERRORS),
-        before_sleep=_log_retry("DB_BOOT_RETRY"),
+        before_sleep=_log_retry(Event.DB_BOOT_RETRY),
         reraise=True,
     )
 
@@ -104,10 +105,10 @@ def outage_retrying(stopping: threading.Event, max_wait_s: float = 10.0) -> Retr
     A stop request cuts the wait between attempts short."""
     return Retrying(
         stop=lambda _state: stopping.is_set(),
-        wait=wait_exponential_jitter(initial=0.25, max=max_wait_s),
+        wait=tenacity_wait(base_s=0.25, max_s=max_wait_s),
         sleep=_sleep_until_stopped(stopping),
         retry=retry_if_exception_type(DB_ERRORS),
-        before_sleep=_log_retry("DB_RETRY"),
+        before_sleep=_log_retry(Event.DB_RETRY),
         reraise=True,
     )
 
@@ -119,7 +120,7 @@ def _sleep_until_stopped(stopping: threading.Event) -> Callable[[float], None]:
     return sleep
 
 
-def _log_retry(event: str) -> Callable[[RetryCallState], None]:
+def _log_retry(event: Event) -> Callable[[RetryCallState], None]:
     def before_sleep(state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
         delay = state.next_action.sleep if state.next_action else 0.0
@@ -128,20 +129,10 @@ def _log_retry(event: str) -> Callable[[RetryCallState], None]:
             {
                 "attempt": state.attempt_number,
                 "delay_s": round(delay, 3),
-                "error": _one_line(exc),
+                "error": describe(exc),
                 "error_type": type(exc).__name__,
             },
             logging.WARNING,
         )
 
     return before_sleep
-
-
-def _one_line(exc: BaseException | None) -> str:
-    return " ".join(str(exc).split()) if exc else ""
-
-
-def jittered(delay_s: float, rng: random.Random | None = None) -> float:
-    """Full jitter between half and all of ``delay_s``."""
-    r = rng or random
-    return delay_s * (0.5 + r.random() / 2)

@@ -21,6 +21,7 @@ import psycopg
 
 from backend.config import QUEUES
 from backend.db.queries import queue_table
+from backend.events import Event
 from backend.logs import log_event
 
 _LOCK_KEY = 7_310_412_001  # pg_advisory_lock key of migrations
@@ -147,7 +148,7 @@ def apply_migrations(conn: psycopg.Connection[Any], queues: tuple[str, ...] = QU
                     (migration.version, migration.name),
                 )
             applied.append(migration.version)
-            log_event("MIGRATION_APPLIED", {"version": migration.version, "name": migration.name})
+            log_event(Event.MIGRATION_APPLIED, {"version": migration.version, "name": migration.name})
         for queue in queues:
             ensure_queue(conn, queue)
         return applied
@@ -188,17 +189,18 @@ def main(argv: list[str] | None = None) -> int:
             if args.check:
                 current, latest = current_version(conn), latest_version()
                 log_event(
-                    "MIGRATION_STATUS", {"current": current, "latest": latest, "pending": latest - current}
+                    Event.MIGRATION_STATUS,
+                    {"current": current, "latest": latest, "pending": latest - current},
                 )
                 return 0 if current >= latest else 1
             applied = apply_migrations(conn)
             log_event(
-                "MIGRATIONS_DONE",
+                Event.MIGRATIONS_DONE,
                 {"applied": applied, "version": current_version(conn), "queues": list(QUEUES)},
             )
     except psycopg.Error as exc:
         log_event(
-            "MIGRATION_FAILED",
+            Event.MIGRATION_FAILED,
             {"error": " ".join(str(exc).split()), "error_type": type(exc).__name__},
             logging.ERROR,
         )

@@ -1,4 +1,5 @@
-"""Every SQL statement of the worker runtime, as thin named functions.
+"""The runtime's statements on pgmq's messages, as thin named functions (the ledger's are in
+``backend.db.ledger``, heartbeats and retention in ``backend.db.upkeep``).
 
 pgmq is used through what 1.4.4 has (``send``, ``metrics``) and through its queue tables'
 columns that every version has (``msg_id``, ``read_ct``, ``vt``, ``message``): messages are
@@ -11,13 +12,12 @@ of a long transaction.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 from psycopg.rows import tuple_row
-from psycopg.types.json import Jsonb
 
 Conn = psycopg.Connection[Any]
 
@@ -36,27 +36,6 @@ class Message:
 
     def too_large(self, max_bytes: int) -> bool:
         return self.size > max_bytes
-
-
-@dataclass(frozen=True, kw_only=True)
-class DeadLetter:
-    """A message that will not be retried, and why."""
-
-    msg_id: int
-    job_key: str | None
-    error: str
-    error_type: str
-    attempts: int
-
-
-@dataclass(frozen=True, kw_only=True)
-class Failure:
-    """A failed attempt to record in the ledger, with the message's retry delay."""
-
-    job_key: str
-    msg_id: int
-    error: str
-    delay_s: int
 
 
 # --- pgmq -------------------------------------------------------------------------------
@@ -258,227 +237,3 @@ def notifications_available(conn: Conn, queue: str) -> bool:
 
 def notify_channel(queue: str) -> str:
     return f"pgmq.q_{queue}.INSERT"
-
-
-# --- the ledger --------------------------------------------------------------------------
-
-# Keys are claimed under a transaction-scoped advisory lock taken with ``try``: a key that
-# another worker's open transaction is claiming or running is skipped, never waited for.
-_KEY_LOCK = "pg_try_advisory_xact_lock(hashtextextended({key}, 7310412001))"
-
-_CLAIM = f"""
-INSERT INTO workers.processed_jobs AS p
-    (job_key, queue_name, msg_id, status, attempts, worker_id, lease_expires_at,
-     created_at, updated_at, completed_at)
-SELECT k, %(queue)s, m, %(status)s, 1, %(worker)s,
-       CASE WHEN %(status)s = 'processing' THEN clock_timestamp() + make_interval(secs => %(lease)s) END,
-       clock_timestamp(), clock_timestamp(),
-       CASE WHEN %(status)s = 'completed' THEN clock_timestamp() END
-FROM unnest(%(keys)b::text[], %(ids)b::bigint[]) AS t(k, m)
--- A key with a live claim is not even try-locked: a batch that will not claim it must not
--- hold its lock until its commit, while the claim's owner waits for it to start the run.
-WHERE CASE WHEN EXISTS (SELECT 1 FROM workers.processed_jobs AS l WHERE l.job_key = t.k
-                        AND l.status = 'processing' AND l.lease_expires_at > clock_timestamp())
-           THEN false ELSE {_KEY_LOCK.format(key="t.k")} END
-ORDER BY k  -- one row lock order for every worker: no deadlocks between batches
-ON CONFLICT (job_key) DO UPDATE
-SET status = EXCLUDED.status, attempts = p.attempts + 1, msg_id = EXCLUDED.msg_id,
-    queue_name = EXCLUDED.queue_name, worker_id = EXCLUDED.worker_id,
-    lease_expires_at = EXCLUDED.lease_expires_at, completed_at = EXCLUDED.completed_at,
-    updated_at = clock_timestamp()
-WHERE (p.status = 'failed' AND coalesce(p.lease_expires_at <= clock_timestamp(), true))
-   OR (%(status)s = 'processing' AND p.status = 'processing'
-       AND p.lease_expires_at < clock_timestamp())
-RETURNING p.job_key, p.attempts
-"""
-
-
-def claim(
-    conn: Conn,
-    *,
-    queue: str,
-    worker_id: str,
-    keys: Sequence[str],
-    msg_ids: Sequence[int],
-    lease_s: float,
-    status: str = "processing",
-) -> dict[str, int]:
-    """Claim each key not completed, dead, held by a live lease or by another worker's open
-    transaction; return key -> attempt.
-
-    ``processing`` commits a claim with a lease before the handler runs (external jobs, and
-    transactional jobs run alone): it also takes over a claim whose lease expired, the trace
-    of a worker that died in the handler. ``completed`` is for a transactional batch, whose
-    claim and effects commit together or not at all; it leaves an expired claim alone, so
-    such a job is run alone, with its delivery counted first.
-    """
-    if not keys:
-        return {}
-    with conn.cursor(row_factory=tuple_row) as cur:
-        rows = cur.execute(
-            _CLAIM,
-            {
-                "queue": queue,
-                "worker": worker_id,
-                "lease": lease_s,
-                "status": status,
-                "keys": list(keys),
-                "ids": list(msg_ids),
-            },
-        ).fetchall()
-    return dict(rows)
-
-
-def ledger_status(conn: Conn, keys: Sequence[str]) -> dict[str, tuple[str, float]]:
-    """key -> (status, seconds left on its lease, 0 when none) for existing keys."""
-    rows = conn.execute(
-        "SELECT job_key, status, greatest(0, extract(epoch FROM lease_expires_at"
-        " - clock_timestamp()))::float8 AS lease_left FROM workers.processed_jobs"
-        " WHERE job_key = ANY(%s)",
-        (list(keys),),
-    ).fetchall()
-    return {r["job_key"]: (r["status"], r["lease_left"] or 0.0) for r in rows}
-
-
-def owns_claim(conn: Conn, key: str, worker_id: str) -> bool:
-    """Lock this worker's live claim of ``key`` for this transaction; False when another
-    worker took it over. Waits (within the transaction's bound) for a claim in progress."""
-    row = conn.execute(
-        "SELECT 1 AS ok FROM workers.processed_jobs, pg_advisory_xact_lock(hashtextextended(%(k)s,"
-        " 7310412001)) WHERE job_key = %(k)s AND worker_id = %(w)s AND status = 'processing'"
-        " FOR UPDATE OF processed_jobs",
-        {"k": key, "w": worker_id},
-    ).fetchone()
-    return row is not None
-
-
-def complete(conn: Conn, keys: Sequence[str]) -> None:
-    if keys:
-        conn.execute(
-            "UPDATE workers.processed_jobs SET status = 'completed', lease_expires_at = NULL,"
-            " completed_at = clock_timestamp(), updated_at = clock_timestamp()"
-            " WHERE job_key = ANY(%s)",
-            (list(keys),),
-        )
-
-
-def record_failures(conn: Conn, failures: Sequence[Failure]) -> None:
-    """Mark the attempts failed. A failed key's ``lease_expires_at`` is the end of its
-    backoff: no copy of the key is claimed before then (``claim``)."""
-    if not failures:
-        return
-    conn.execute(
-        "UPDATE workers.processed_jobs p SET status = 'failed', last_error = f.err,"
-        " lease_expires_at = clock_timestamp() + make_interval(secs => f.d),"
-        " completed_at = NULL, updated_at = clock_timestamp()"
-        " FROM unnest(%s::text[], %s::text[], %s::int[]) AS f(k, err, d) WHERE p.job_key = f.k",
-        ([f.job_key for f in failures], [f.error for f in failures], [f.delay_s for f in failures]),
-    )
-
-
-def release_claims(conn: Conn, worker_id: str, keys: Sequence[str]) -> None:
-    """Expire the leases of claims this worker gives up, so the next delivery takes over."""
-    if keys:
-        conn.execute(
-            "UPDATE workers.processed_jobs SET lease_expires_at = clock_timestamp(),"
-            " updated_at = clock_timestamp() WHERE job_key = ANY(%s) AND worker_id = %s"
-            " AND status = 'processing'",
-            (list(keys), worker_id),
-        )
-
-
-def extend_leases(
-    conn: Conn, *, queue: str, worker_id: str, msg_ids: Sequence[int], keys: Sequence[str], lease_s: int
-) -> None:
-    """Keep running external jobs invisible and their claims live for another ``lease_s``."""
-    set_visibility(conn, queue, msg_ids, [lease_s] * len(msg_ids))
-    if keys:
-        conn.execute(
-            "UPDATE workers.processed_jobs SET lease_expires_at = clock_timestamp()"
-            " + make_interval(secs => %s), updated_at = clock_timestamp()"
-            " WHERE job_key = ANY(%s) AND worker_id = %s AND status = 'processing'",
-            (lease_s, list(keys), worker_id),
-        )
-
-
-# --- dead letters ------------------------------------------------------------------------
-
-
-def dead_letter(conn: Conn, *, queue: str, worker_id: str, letters: Iterable[DeadLetter]) -> None:
-    """Move messages to ``workers.dead_letters`` with their body exactly as queued (copied on
-    the server: an oversized body never passes through the worker), mark their keys dead,
-    delete them. A message already gone (another worker finished it) leaves no letter."""
-    letters = list(letters)
-    if not letters:
-        return
-    conn.execute(
-        f"WITH moved AS (INSERT INTO workers.dead_letters (queue_name, msg_id, job_key, message,"
-        " error, error_type, attempts, worker_id)"
-        " SELECT %(queue)s, d.m, d.k, q.message, d.e, d.t, d.a, %(worker)s"
-        " FROM unnest(%(ids)s::bigint[], %(keys)s::text[], %(errors)s::text[], %(types)s::text[],"
-        f" %(attempts)s::int[]) AS d(m, k, e, t, a) JOIN {queue_table(queue)} AS q ON q.msg_id = d.m"
-        " RETURNING job_key, error)"
-        " UPDATE workers.processed_jobs p SET status = 'dead', last_error = moved.error,"
-        " lease_expires_at = NULL, completed_at = NULL, updated_at = clock_timestamp()"
-        " FROM moved WHERE p.job_key = moved.job_key AND p.status <> 'dead'",
-        {
-            "queue": queue,
-            "worker": worker_id,
-            "ids": [d.msg_id for d in letters],
-            "keys": [d.job_key for d in letters],
-            "errors": [d.error for d in letters],
-            "types": [d.error_type for d in letters],
-            "attempts": [d.attempts for d in letters],
-        },
-    )
-    delete_messages(conn, queue, [d.msg_id for d in letters])
-
-
-# --- heartbeats --------------------------------------------------------------------------
-
-_HEARTBEAT = """
-INSERT INTO workers.heartbeats AS h
-    (worker_id, worker_name, queue_name, status, hostname, pid, version, git_sha, started_at,
-     last_heartbeat_at, stopped_at, jobs_processed, jobs_failed, rss_bytes, metadata)
-VALUES (%(worker_id)s, %(worker_name)s, %(queue_name)s, %(status)s, %(hostname)s, %(pid)s,
-        %(version)s, %(git_sha)s, %(started_at)s, clock_timestamp(),
-        CASE WHEN %(status)s IN ('STOPPED', 'CRASHED') THEN clock_timestamp() END,
-        %(jobs_processed)s, %(jobs_failed)s, %(rss_bytes)s, %(metadata)s)
-ON CONFLICT (worker_id) DO UPDATE
-SET status = EXCLUDED.status, last_heartbeat_at = EXCLUDED.last_heartbeat_at,
-    stopped_at = EXCLUDED.stopped_at, jobs_processed = EXCLUDED.jobs_processed,
-    jobs_failed = EXCLUDED.jobs_failed, rss_bytes = EXCLUDED.rss_bytes,
-    metadata = EXCLUDED.metadata
-"""
-
-
-def upsert_heartbeat(conn: Conn, row: dict[str, Any]) -> None:
-    conn.execute(_HEARTBEAT, {**row, "metadata": Jsonb(row.get("metadata") or {})})
-
-
-# --- retention ---------------------------------------------------------------------------
-
-_PRUNE_LOCK = 7_310_412_002
-
-
-def prune(
-    conn: Conn, *, ledger_days: float, heartbeat_days: float, limit: int = 10000
-) -> tuple[int, int] | None:
-    """Delete old completed ledger rows and old stopped heartbeats; None when another
-    replica is pruning right now."""
-    with conn.transaction():
-        row = conn.execute("SELECT pg_try_advisory_xact_lock(%s) AS ok", (_PRUNE_LOCK,)).fetchone()
-        if not row or not row["ok"]:
-            return None
-        ledger = conn.execute(
-            "DELETE FROM workers.processed_jobs WHERE job_key IN (SELECT job_key"
-            " FROM workers.processed_jobs WHERE status = 'completed' AND completed_at"
-            " < clock_timestamp() - make_interval(secs => %s) LIMIT %s)",
-            (ledger_days * 86400, limit),
-        ).rowcount
-        beats = conn.execute(
-            "DELETE FROM workers.heartbeats WHERE stopped_at IS NOT NULL AND stopped_at"
-            " < clock_timestamp() - make_interval(secs => %s)",
-            (heartbeat_days * 86400,),
-        ).rowcount
-    return ledger, beats

@@ -10,9 +10,12 @@ from typing import Any
 
 from backend.config import load_settings, url_password
 from backend.errors import ConfigError
+from backend.events import Event
 from backend.logs import configure_logging, log_event
-from backend.workers.base import EXIT_FAILURE, BaseWorker
+from backend.workers.base import BaseWorker
 from backend.workers.lifecycle import Lifecycle, State
+from backend.workers.runtime import EXIT_FAILURE, Runtime
+from backend.workers.signals import SignalWatcher
 
 
 def run_worker(worker_cls: type[BaseWorker]) -> None:
@@ -24,7 +27,9 @@ def run_worker(worker_cls: type[BaseWorker]) -> None:
         BareIdentity(worker_cls).fail(exc)
         sys.exit(EXIT_FAILURE)
     configure_logging(settings.log_level, secrets=[url_password(settings.db_url) or ""])
-    code = worker_cls(settings).run()
+    runtime = Runtime(worker_cls(settings))
+    SignalWatcher(runtime.on_signal).install()
+    code = runtime.run()
     logging.shutdown()
     sys.exit(code)
 
@@ -47,7 +52,7 @@ class BareIdentity:
             "concurrency": 1,
         }
 
-        def emit(event: str, data: Any, level: int) -> None:
+        def emit(event: Event, data: Any, level: int) -> None:
             log_event(event, {**identity, **data}, level)
 
         Lifecycle(emit=emit, write_status=lambda _s: None).boot_failed(

@@ -16,10 +16,13 @@ from typing import Any
 import psycopg
 from psycopg_pool import ConnectionPool
 
+from backend.db import ledger, upkeep
 from backend.db import queries as q
+from backend.errors import describe
+from backend.events import Event
 from backend.logs import log_event
+from backend.workers.held import HeldJobs
 from backend.workers.memory import MemoryVerdict, check_memory
-from backend.workers.processing import HeldJobs
 
 # How long a duty waits for a pooled connection; a stop waits at most about this long.
 _POOL_WAIT_S = 2.0
@@ -99,20 +102,20 @@ class Housekeeper:
                 self._check_memory()
             if now >= due["lease"]:
                 due["lease"] = now + self.plan.lease_s / 3
-                self._guard("LEASE_EXTEND_FAILED", self._extend_leases)
+                self._guard(Event.LEASE_EXTEND_FAILED, self._extend_leases)
             if now >= due["beat"]:
                 due["beat"] = now + self.plan.heartbeat_interval_s
-                self._guard("HEARTBEAT_FAILED", self.beat)
+                self._guard(Event.HEARTBEAT_FAILED, self.beat)
             if now >= due["prune"]:
                 due["prune"] = now + self.plan.prune_interval_s
-                self._guard("PRUNE_FAILED", self._prune)
+                self._guard(Event.PRUNE_FAILED, self._prune)
 
     def _notice_stall(self, late_s: float) -> None:
         """A wait that ended far later than asked: the whole process did not run (SIGSTOP, a
         stalled container, a starved CPU). Said once it runs again, since nothing else would."""
         if late_s > _STALL_MIN_S:
             log_event(
-                "WORKER_STALLED",
+                Event.WORKER_STALLED,
                 {
                     "worker_id": self.plan.worker_id,
                     "stalled_s": round(late_s, 3),
@@ -125,7 +128,7 @@ class Housekeeper:
     def _sleep_until(self, when: float) -> float:
         return max(0.0, min(self.plan.tick_s, when - self.clock()))
 
-    def _guard(self, event: str, duty: Callable[[], None]) -> None:
+    def _guard(self, event: Event, duty: Callable[[], None]) -> None:
         """Run one duty; log its first failure and its recovery, not every tick between."""
         try:
             duty()
@@ -136,7 +139,7 @@ class Housekeeper:
                     event,
                     {
                         "worker_id": self.plan.worker_id,
-                        "error": " ".join(str(exc).split()),
+                        "error": describe(exc),
                         "error_type": type(exc).__name__,
                     },
                     logging.WARNING,
@@ -144,11 +147,11 @@ class Housekeeper:
             return
         if event in self._failing:
             self._failing.discard(event)
-            log_event("HOUSEKEEPING_RECOVERED", {"worker_id": self.plan.worker_id, "duty": event})
+            log_event(Event.HOUSEKEEPING_RECOVERED, {"worker_id": self.plan.worker_id, "duty": event})
 
     def beat(self) -> None:
         with self.pool.connection(timeout=_POOL_WAIT_S) as conn:
-            q.upsert_heartbeat(conn, self.heartbeat_row())
+            upkeep.upsert_heartbeat(conn, self.heartbeat_row())
 
     def _check_memory(self) -> None:
         verdict = check_memory(self.plan.memory_limit_bytes, self.plan.memory_soft_pct)
@@ -161,7 +164,7 @@ class Housekeeper:
         if not msg_ids and not keys:
             return
         with self.pool.connection(timeout=_POOL_WAIT_S) as conn:
-            q.extend_leases(
+            ledger.extend_leases(
                 conn,
                 queue=self.plan.queue,
                 worker_id=self.plan.worker_id,
@@ -172,11 +175,11 @@ class Housekeeper:
 
     def _prune(self) -> None:
         with self.pool.connection(timeout=_POOL_WAIT_S) as conn:
-            result = q.prune(
+            result = upkeep.prune(
                 conn,
                 ledger_days=self.plan.ledger_retention_days,
                 heartbeat_days=self.plan.heartbeat_retention_days,
             )
             q.prune_deliveries(conn, self.plan.queue)
         if result and any(result):
-            log_event("RETENTION_PRUNED", {"ledger_rows": result[0], "heartbeat_rows": result[1]})
+            log_event(Event.RETENTION_PRUNED, {"ledger_rows": result[0], "heartbeat_rows": result[1]})

@@ -16,6 +16,8 @@ from typing import Any
 from transitions import EventData
 from transitions.extensions import LockedMachine
 
+from backend.events import Event
+
 
 class State(StrEnum):
     """Lifecycle states; their names are what the heartbeat row's ``status`` says."""
@@ -38,15 +40,15 @@ TRANSITIONS: tuple[tuple[str, tuple[State, ...], State], ...] = (
 )
 
 # The event each destination emits.
-EVENTS: Mapping[State, str] = {
-    State.RUNNING: "WORKER_BOOT",
-    State.DRAINING: "WORKER_DRAINING",
-    State.STOPPED: "WORKER_SHUTDOWN",
-    State.CRASHED: "WORKER_CRASH",
+EVENTS: Mapping[State, Event] = {
+    State.RUNNING: Event.WORKER_BOOT,
+    State.DRAINING: Event.WORKER_DRAINING,
+    State.STOPPED: Event.WORKER_SHUTDOWN,
+    State.CRASHED: Event.WORKER_CRASH,
 }
 _LEVELS: Mapping[State, int] = {State.CRASHED: logging.ERROR}
 
-Emit = Callable[[str, Mapping[str, Any], int], None]
+Emit = Callable[[Event, Mapping[str, Any], int], None]
 WriteStatus = Callable[[State], None]
 
 
@@ -96,5 +98,7 @@ class Lifecycle:
         data: dict[str, Any] = {"from": source.value, "to": dest.value, "trigger": trigger, **event.kwargs}
         self._write_status(dest)
         if trigger == "boot_failed":
-            self._emit("WORKER_BOOT", {**data, "db_status": data.get("db_status", "error")}, logging.ERROR)
+            self._emit(
+                Event.WORKER_BOOT, {**data, "db_status": data.get("db_status", "error")}, logging.ERROR
+            )
         self._emit(EVENTS[dest], data, _LEVELS.get(dest, logging.INFO))

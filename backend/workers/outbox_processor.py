@@ -14,6 +14,7 @@ import os
 from typing import ClassVar
 
 from backend.domain.outbox import OutboxConfig, deliver_job
+from backend.events import Event
 from backend.jobs import Job
 from backend.logs import log_event
 from backend.workers.base import ExternalWorker
@@ -29,7 +30,7 @@ class OutboxWorker(ExternalWorker):
     def setup(self) -> None:
         self.config = OutboxConfig.from_env(os.environ)
         log_event(
-            "OUTBOX_CHANNELS",
+            Event.OUTBOX_CHANNELS,
             {"worker_id": self.worker_id, **self.config.describe()},
             logging.INFO if self.config.channels else logging.WARNING,
         )
@@ -37,7 +38,7 @@ class OutboxWorker(ExternalWorker):
     def handle(self, job: Job) -> None:
         receipt = deliver_job(job, config=self.config)
         log_event(
-            "OUTBOX_DELIVERED",
+            Event.OUTBOX_DELIVERED,
             {
                 "job_key": job.idempotency_key,
                 "msg_id": job.msg_id,

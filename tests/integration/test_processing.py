@@ -13,11 +13,16 @@ import pytest
 from psycopg.types.json import Jsonb
 
 from backend.db import queries as q
+from backend.db.ledger import claim
 from backend.enqueue import build_envelope, enqueue
 from backend.errors import PermanentJobError
 from backend.jobs import Job
+from backend.workers.base import HandlerKind
 from backend.workers.deliveries import DeliveryLog
-from backend.workers.processing import HandlerKind, ProcessingOptions, Processor
+from backend.workers.delivery import ProcessingOptions
+from backend.workers.external import ExternalStrategy
+from backend.workers.strategy import Strategy
+from backend.workers.transactional import TransactionalStrategy
 
 Conn = psycopg.Connection[Any]
 QUEUE = "q_probe"
@@ -58,7 +63,7 @@ def _close_delivery_logs() -> Any:
         _LOGS.pop().close()
 
 
-def processor(conn_url: str, handler: Any, kind: HandlerKind = "transactional", **opts: Any) -> Processor:
+def processor(conn_url: str, handler: Any, kind: HandlerKind = "transactional", **opts: Any) -> Strategy:
     options = ProcessingOptions(**{"visibility_timeout_s": 5, "retry_base_s": 1.0, **opts})
     deliveries = DeliveryLog(
         queue_name=QUEUE,
@@ -66,15 +71,15 @@ def processor(conn_url: str, handler: Any, kind: HandlerKind = "transactional", 
         open_conn=lambda: psycopg.connect(conn_url, autocommit=True),
     )
     _LOGS.append(deliveries)
-    return Processor(
-        queue=QUEUE,
-        worker_id="test-worker",
-        kind=kind,
-        handler=handler,
-        options=options,
-        deliveries=deliveries,
-        rng=random.Random(7),
-    )
+    common: dict[str, Any] = {
+        "queue": QUEUE,
+        "worker_id": "test-worker",
+        "options": options,
+        "rng": random.Random(7),
+    }
+    if kind == "transactional":
+        return TransactionalStrategy(handler=handler, deliveries=deliveries, **common)
+    return ExternalStrategy(handler=handler, **common)
 
 
 def send(db: Conn, key: str, **payload: Any) -> int:
@@ -104,11 +109,11 @@ def queue_depth(db: Conn) -> int:
     return int(db.execute("SELECT count(*) AS n FROM pgmq.q_q_probe").fetchone()["n"])
 
 
-def run_until(proc: Processor, conn: Conn, done: Any, timeout: float = 20.0) -> None:
+def run_until(proc: Strategy, conn: Conn, done: Any, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while not done():
         assert time.monotonic() < deadline, "processing did not finish in time"
-        if proc.process_batch(conn) == 0:
+        if proc.process(conn) == 0:
             time.sleep(0.05)
 
 
@@ -215,7 +220,7 @@ def test_a_batch_is_recorded_and_held_by_lock_before_the_handler_runs(
 
     ids = [send(db, f"held{i}") for i in range(3)]
     proc = processor(clean_db, Peek())
-    assert proc.process_batch(work_conn) == 3  # rolled back, no attempt counted
+    assert proc.process(work_conn) == 3  # rolled back, no attempt counted
     assert seen["pgmq.read"] == []
     assert seen["record"] == (ids,)
     assert seen["updated"] == 0, "the batch wrote new versions of its messages"
@@ -259,8 +264,8 @@ def test_a_failed_transactional_job_is_delayed_by_its_backoff(
 ) -> None:
     send(db, "once")
     proc = processor(clean_db, Recorder(fail={"once": 1}), retry_base_s=4.0)
-    proc.process_batch(work_conn)  # optimistic: rolled back
-    proc.process_batch(work_conn)  # one by one: attempt 1 fails and commits
+    proc.process(work_conn)  # optimistic: rolled back
+    proc.process(work_conn)  # one by one: attempt 1 fails and commits
     row = db.execute(
         "SELECT extract(epoch FROM vt - clock_timestamp())::float8 AS wait FROM pgmq.q_q_probe"
     ).fetchone()
@@ -315,12 +320,12 @@ def test_copies_of_a_failed_key_wait_out_its_backoff(
     handler: Any = Recorder(fail={"twin": 1}) if kind == "transactional" else ExternalFailingOnce()
     proc = processor(clean_db, handler, kind=kind, retry_base_s=4.0)
     for _ in range(3):  # transactional: optimistic (rolled back), then one by one
-        proc.process_batch(work_conn)
+        proc.process(work_conn)
         if ledger(db, "twin") is not None:
             break
     assert ledger(db, "twin")["status"] == "failed"
     for _ in range(3):  # external jobs are taken one at a time: the copy is taken and put off
-        proc.process_batch(work_conn)
+        proc.process(work_conn)
     assert ledger(db, "twin")["attempts"] == 1, "a copy ran during the backoff"
     waits = [
         r["wait"]
@@ -381,7 +386,7 @@ def test_an_expired_claim_is_visible_as_stuck_then_taken_over(
     msg_id = send(db, "orphan")
     # A worker that died after committing its claim: the message and the claim stay leased.
     q.fetch_messages(db, QUEUE, qty=1, vt_s=1, max_bytes=1000)
-    q.claim(db, queue=QUEUE, worker_id="dead-worker", keys=["orphan"], msg_ids=[msg_id], lease_s=1)
+    claim(db, queue=QUEUE, worker_id="dead-worker", keys=["orphan"], msg_ids=[msg_id], lease_s=1)
     stuck = (
         "SELECT job_key FROM workers.processed_jobs WHERE status = 'processing'"
         " AND lease_expires_at < clock_timestamp()"
@@ -389,7 +394,7 @@ def test_an_expired_claim_is_visible_as_stuck_then_taken_over(
     assert db.execute(stuck).fetchall() == []
     handler = External()
     proc = processor(clean_db, handler, kind="external")
-    assert proc.process_batch(work_conn) == 0, "a live claim is never stolen"
+    assert proc.process(work_conn) == 0, "a live claim is never stolen"
     time.sleep(1.1)
     assert [r["job_key"] for r in db.execute(stuck)] == ["orphan"]
     run_until(proc, work_conn, lambda: queue_depth(db) == 0)
@@ -448,7 +453,7 @@ def test_an_external_worker_that_lost_its_claim_leaves_it_alone(
 ) -> None:
     send(db, "overtaken")
     proc = processor(clean_db, Overtaken(clean_db), kind="external")
-    assert proc.process_batch(work_conn) == 1
+    assert proc.process(work_conn) == 1
     row = ledger(db, "overtaken")
     assert (row["status"], row["worker_id"], row["attempts"]) == ("processing", "replica-b", 2)
     assert queue_depth(db) == 1, "the message is the new owner's to delete"
@@ -505,7 +510,7 @@ def test_a_key_whose_run_alone_ended_without_an_outcome_runs_alone_again_counted
     send(db, "fresh")
     recorder = Recorder()
     proc = processor(clean_db, recorder)
-    assert proc.process_batch(work_conn) == 2
+    assert proc.process(work_conn) == 2
     assert recorder.batches == [["fresh"]]
     row = ledger(db, "orphan")
     assert (row["status"], row["attempts"], row["worker_id"]) == ("completed", 3, "test-worker")

@@ -9,16 +9,17 @@ import pytest
 from backend.config import load_settings
 from backend.errors import BootError
 from backend.workers.lifecycle import State
+from backend.workers.runtime import Runtime
 from tests.workers.probe import ProbeTransactional
 
 
 def test_boot_failure_after_a_signal_during_boot_is_still_logged(caplog: pytest.LogCaptureFixture) -> None:
     settings = load_settings({"SUPABASE_MODE": "dev", "WORKER_DRAIN_TIMEOUT_S": "600"})
-    worker = ProbeTransactional(settings)
+    runtime = Runtime(ProbeTransactional(settings))
     with caplog.at_level(logging.INFO, logger="dragonfly.events"):
-        worker.request_stop("SIGTERM (Deployment/Scale-down)")
-        assert worker.lifecycle.state is State.DRAINING
-        assert worker._boot_failed(BootError("schema missing")) == 1
+        runtime.stop("SIGTERM (Deployment/Scale-down)")
+        assert runtime.lifecycle.state is State.DRAINING
+        assert runtime.boot_failed(BootError("schema missing")) == 1
     events = [
         (r.event, r.data)
         for r in caplog.records  # type: ignore[attr-defined]
@@ -28,8 +29,8 @@ def test_boot_failure_after_a_signal_during_boot_is_still_logged(caplog: pytest.
     assert names == ["WORKER_DRAINING", "WORKER_BOOT", "WORKER_CRASH"]
     boot = events[1][1]
     assert boot["db_status"] == "error" and boot["error"] == "schema missing"
-    assert worker.lifecycle.state is State.CRASHED
-    worker.loop_done.set()
+    assert runtime.lifecycle.state is State.CRASHED
+    runtime.loop_done.set()
 
 
 def test_a_stop_that_races_the_end_of_boot_still_drains_and_shuts_down(
@@ -38,12 +39,12 @@ def test_a_stop_that_races_the_end_of_boot_still_drains_and_shuts_down(
     # The signal thread has set the stop flag but not yet moved the machine to DRAINING
     # when the main thread finishes booting and then stopping.
     settings = load_settings({"SUPABASE_MODE": "dev"})
-    worker = ProbeTransactional(settings)
-    worker.stop_reason = "SIGTERM (Deployment/Scale-down)"
-    worker.stop_requested.set()
+    runtime = Runtime(ProbeTransactional(settings))
+    runtime.stop_reason = "SIGTERM (Deployment/Scale-down)"
+    runtime.stop_requested.set()
     with caplog.at_level(logging.INFO, logger="dragonfly.events"):
-        assert worker.lifecycle.booted(db_status="ok")
-        assert worker._stop() == 0
+        assert runtime.lifecycle.booted(db_status="ok")
+        assert runtime.finish() == 0
     names = [r.event for r in caplog.records if r.name == "dragonfly.events"]  # type: ignore[attr-defined]
     assert names == ["WORKER_BOOT", "WORKER_DRAINING", "WORKER_SHUTDOWN"]
-    assert worker.lifecycle.state is State.STOPPED
+    assert runtime.lifecycle.state is State.STOPPED

@@ -14,8 +14,8 @@ import importlib
 import importlib.util
 import inspect
 import re
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ import pytest
 from backend.config import RAILWAY_VARIABLES, TUNABLES, WORKER_NAMES
 from backend.db.embedded import PROJECT_ROOT, data_dir
 from backend.domain.outbox import OUTBOX_VARIABLES
+from backend.events import FIELDS, IDENTITY, TRANSITION
 from backend.workers.base import BaseWorker
 from backend.workers.diagram import extract_embedded, initial_state, state_diagram
 from backend.workers.lifecycle import EVENTS, TRANSITIONS, State
@@ -249,275 +250,18 @@ def python_names() -> set[str]:
 # --- events: names and fields ----------------------------------------------------------
 
 
-@dataclass
-class Fields:
-    """The data fields of one event, and whether every one of them is known."""
-
-    names: set[str] = field(default_factory=set)
-    complete: bool = True
+def code_events() -> dict[str, set[str]]:
+    """The catalogue: event -> the fields it may carry."""
+    return {event.value: set(fields) for event, fields in FIELDS.items()}
 
 
-@dataclass(frozen=True)
-class Emitter:
-    """Where a function that emits events takes the event name and the data."""
-
-    event: int
-    data: int | None
-
-
-def _forwards(data: ast.AST | None, param: str) -> bool:
-    """``data`` is ``param`` itself, or a dict literal that spreads ``**param``."""
-    if isinstance(data, ast.Name):
-        return data.id == param
-    return isinstance(data, ast.Dict) and any(
-        key is None and isinstance(value, ast.Name) and value.id == param
-        for key, value in zip(data.keys, data.values, strict=True)
-    )
-
-
-class EventScan:
-    """Every event name the code emits, with the fields of its ``data``.
-
-    An *emitter* is ``log_event`` or any function that passes one of its parameters on
-    as the event name of an emitter (``_guard(event, ...)``, ``_emit(event, ...)``):
-    so a new wrapper is found without being named here. Lifecycle events take their
-    fields from the worker's identity, the transition, and the keyword arguments of the
-    trigger calls that lead to them.
-    """
-
-    def __init__(self, modules: Iterable[Module]) -> None:
-        self.modules = list(modules)
-        self.functions: dict[str, list[ast.FunctionDef]] = {}
-        for module in self.modules:
-            for node in ast.walk(module.tree):
-                if isinstance(node, ast.FunctionDef):
-                    self.functions.setdefault(node.name, []).append(node)
-        self.emitters: dict[str, Emitter] = {"log_event": Emitter(event=0, data=1)}
-        self.emitter_fields: dict[str, Fields] = {}
-        self._find_emitters()
-        self.events: dict[str, Fields] = {}
-        self._scan_calls()
-        self._scan_formatter_defaults()
-        self._scan_lifecycle()
-
-    # emitters
-
-    def _find_emitters(self) -> None:
-        changed = True
-        while changed:
-            changed = False
-            for name, defs in self.functions.items():
-                for func in defs:
-                    params = [a.arg for a in func.args.args if a.arg not in ("self", "cls")]
-                    for call in self._calls(func):
-                        emitter = self.emitters.get(callee(call) or "")
-                        if emitter is None or len(call.args) <= emitter.event:
-                            continue
-                        arg = call.args[emitter.event]
-                        if not (isinstance(arg, ast.Name) and arg.id in params):
-                            continue
-                        if name not in self.emitters:
-                            data = self._data_of(call, emitter)
-                            forwarded = [p for p in params if _forwards(data, p)]
-                            self.emitters[name] = Emitter(
-                                event=params.index(arg.id),
-                                data=params.index(forwarded[0]) if forwarded else None,
-                            )
-                            changed = True
-                        fields = self.emitter_fields.setdefault(name, Fields())
-                        self._add_data(fields, self._data_of(call, emitter), params)
-
-    @staticmethod
-    def _calls(node: ast.AST) -> Iterator[ast.Call]:
-        for sub in ast.walk(node):
-            if isinstance(sub, ast.Call):
-                yield sub
-
-    @staticmethod
-    def _data_of(call: ast.Call, emitter: Emitter) -> ast.AST | None:
-        """The expression a call passes as the event's data, if the emitter takes data."""
-        if emitter.data is None:
-            return None
-        for keyword in call.keywords:
-            if keyword.arg == "data":
-                return keyword.value
-        return call.args[emitter.data] if len(call.args) > emitter.data else None
-
-    def _add_data(self, fields: Fields, data: ast.AST | None, passthrough: Iterable[str] = ()) -> None:
-        """Add the keys of the dict literal given as the event's data."""
-        if isinstance(data, ast.Dict):
-            self._add_dict(fields, data, set(passthrough))
-        elif data is not None and not (isinstance(data, ast.Name) and data.id in passthrough):
-            fields.complete = False
-
-    def _add_dict(self, fields: Fields, node: ast.Dict, passthrough: set[str]) -> None:
-        for key, value in zip(node.keys, node.values, strict=True):
-            if key is None:  # **value
-                if isinstance(value, ast.Name) and value.id in passthrough:
-                    continue
-                self._add_returned(fields, value)
-            elif isinstance(key, ast.Constant) and isinstance(key.value, str):
-                fields.names.add(key.value)
-            else:
-                fields.complete = False
-
-    def _add_returned(self, fields: Fields, value: ast.AST) -> None:
-        """The keys of ``**f(...)`` when every definition of ``f`` returns a dict literal."""
-        name = callee(value) if isinstance(value, ast.Call) else None
-        returns = [
-            r.value
-            for func in self.functions.get(name or "", [])
-            for r in ast.walk(func)
-            if isinstance(r, ast.Return)
-        ]
-        if not returns or not all(isinstance(r, ast.Dict) for r in returns):
-            fields.complete = False
-            return
-        for returned in returns:
-            assert isinstance(returned, ast.Dict)
-            self._add_dict(fields, returned, set())
-
-    # events
-
-    def _event(self, name: str) -> Fields:
-        return self.events.setdefault(name, Fields())
-
-    def _scan_calls(self) -> None:
-        lifecycle = set(EVENTS.values())
-        for module in self.modules:
-            for call in self._calls(module.tree):
-                name = callee(call) or ""
-                emitter = self.emitters.get(name)
-                if emitter is None:
-                    continue
-                index = emitter.event
-                event = text_of(call.args[index], module) if len(call.args) > index else None
-                for keyword in call.keywords:
-                    if keyword.arg == "event":
-                        event = text_of(keyword.value, module)
-                if event is None:
-                    continue
-                fields = self._event(event)
-                if event in lifecycle:
-                    continue  # see _scan_lifecycle
-                if name in self.emitter_fields:
-                    inner = self.emitter_fields[name]
-                    fields.names |= inner.names
-                    fields.complete &= inner.complete
-                self._add_data(fields, self._data_of(call, emitter))
-
-    def _scan_formatter_defaults(self) -> None:
-        # Records that are not events get the formatter's default: {"event": "LOG", ...}.
-        for module in self.modules:
-            for node in ast.walk(module.tree):
-                if isinstance(node, ast.Dict):
-                    for key, value in zip(node.keys, node.values, strict=True):
-                        if (
-                            isinstance(key, ast.Constant)
-                            and key.value == "event"
-                            and isinstance(value, ast.Constant)
-                            and isinstance(value.value, str)
-                        ):
-                            self._event(value.value)
-
-    def _scan_lifecycle(self) -> None:
-        identity = Fields()
-        for func in self.functions.get("identity", []):
-            for node in ast.walk(func):
-                if isinstance(node, ast.Return) and isinstance(node.value, ast.Dict):
-                    self._add_dict(identity, node.value, set())
-        transition = Fields()
-        for func in self.functions.get("_after_transition", []):
-            for node in ast.walk(func):
-                targets = (
-                    node.targets
-                    if isinstance(node, ast.Assign)
-                    else ([node.target] if isinstance(node, ast.AnnAssign) else [])
-                )
-                value = getattr(node, "value", None)
-                if isinstance(value, ast.Dict) and any(
-                    isinstance(t, ast.Name) and t.id == "data" for t in targets
-                ):
-                    self._add_dict(transition, value, set())
-        assert identity.names and transition.names, "identity() or _after_transition moved"
-        for trigger, events in self._trigger_events().items():
-            for call in self._trigger_calls(trigger):
-                for event in events:
-                    fields = self._event(event)
-                    fields.names |= identity.names | transition.names
-                    self._add_keywords(fields, call, depth=2)
-
-    def _trigger_events(self) -> dict[str, set[str]]:
-        """Trigger -> events it emits: its destination's, plus any emitted under an
-        ``if trigger == "<name>":`` in the lifecycle module."""
-        mapping = {t: {EVENTS[dest]} for t, _, dest in TRANSITIONS if dest in EVENTS}
-        for module in self.modules:
-            if module.path.name != "lifecycle.py":
-                continue
-            for node in ast.walk(module.tree):
-                if not (isinstance(node, ast.If) and isinstance(node.test, ast.Compare)):
-                    continue
-                left, right = node.test.left, node.test.comparators[0]
-                if (
-                    isinstance(left, ast.Name)
-                    and left.id == "trigger"
-                    and isinstance(right, ast.Constant)
-                    and right.value in mapping
-                ):
-                    for call in self._calls(ast.Module(body=node.body, type_ignores=[])):
-                        emitter = self.emitters.get(callee(call) or "")
-                        if emitter is not None and len(call.args) > emitter.event:
-                            event = text_of(call.args[emitter.event], module)
-                            if event:
-                                mapping[str(right.value)].add(event)
-        return mapping
-
-    def _trigger_calls(self, trigger: str) -> Iterator[ast.Call]:
-        """``<x>.lifecycle.<trigger>(...)`` and ``Lifecycle(...).<trigger>(...)``."""
-        for module in self.modules:
-            for call in self._calls(module.tree):
-                func = call.func
-                if not (isinstance(func, ast.Attribute) and func.attr == trigger):
-                    continue
-                owner = func.value
-                if (isinstance(owner, ast.Attribute) and owner.attr == "lifecycle") or (
-                    isinstance(owner, ast.Call) and callee(owner) == "Lifecycle"
-                ):
-                    yield call
-
-    def _add_keywords(self, fields: Fields, call: ast.Call, depth: int) -> None:
-        for keyword in call.keywords:
-            if keyword.arg is not None:
-                fields.names.add(keyword.arg)
-            elif isinstance(keyword.value, ast.Call):
-                self._add_returned(fields, keyword.value)
-            elif isinstance(keyword.value, ast.Name) and depth > 0:
-                self._add_forwarded(fields, call, keyword.value.id, depth - 1)
-            else:
-                fields.complete = False
-
-    def _add_forwarded(self, fields: Fields, call: ast.Call, kwargs: str, depth: int) -> None:
-        """``**kwargs`` of the enclosing function: the keywords its callers pass."""
-        enclosing = [
-            f
-            for defs in self.functions.values()
-            for f in defs
-            if f.args.kwarg is not None
-            and f.args.kwarg.arg == kwargs
-            and any(sub is call for sub in ast.walk(f))
-        ]
-        if not enclosing:
-            fields.complete = False
-            return
-        for module in self.modules:
-            for caller in self._calls(module.tree):
-                if callee(caller) == enclosing[0].name:
-                    self._add_keywords(fields, caller, depth)
-
-
-@cache
-def code_events() -> dict[str, Fields]:
-    return EventScan(code_modules()).events
+def emitted_in_code() -> set[str]:
+    """Events named as ``Event.NAME`` somewhere in backend/ or tools/ besides the catalogue."""
+    named: set[str] = set()
+    for module in code_modules():
+        if module.path.name != "events.py":
+            named.update(re.findall(r"\bEvent\.([A-Z][A-Z_]+)\b", module.path.read_text("utf-8")))
+    return named
 
 
 def doc_events() -> dict[str, set[str]]:
@@ -707,53 +451,45 @@ def test_the_exit_code_table_is_exactly_the_code_s() -> None:
 # --- log events --------------------------------------------------------------------------
 
 
-def test_every_event_the_code_emits_is_documented_and_no_other() -> None:
+def test_the_guide_s_event_table_is_the_catalogue() -> None:
     code, doc = set(code_events()), set(doc_events())
-    assert sorted(code - doc) == [], f"emitted but not in the guide's event table: {sorted(code - doc)}"
-    assert sorted(doc - code) == [], f"in the guide's event table but never emitted: {sorted(doc - code)}"
-
-
-def test_the_scan_finds_events_emitted_through_wrappers() -> None:
-    # Guards the scan: lifecycle events, events named through _guard and _log_retry,
-    # the formatter's default, and plain log_event calls.
-    assert (
-        set(EVENTS.values())
-        | {"HEARTBEAT_FAILED", "PRUNE_FAILED", "DB_RETRY", "DB_BOOT_RETRY", "LOG", "JOB_FAILED"}
-        <= code_events().keys()
+    assert sorted(code - doc) == [], (
+        f"in backend/events.py but not in the guide's event table: {sorted(code - doc)}"
+    )
+    assert sorted(doc - code) == [], (
+        f"in the guide's event table but not in backend/events.py: {sorted(doc - code)}"
     )
 
 
-def test_documented_fields_are_the_code_s() -> None:
+def test_documented_fields_are_the_catalogue_s() -> None:
     doc = doc_events()
     problems = []
     for event, fields in sorted(code_events().items()):
-        documented = doc.get(event, set())
-        if missing := sorted(fields.names - documented):
-            problems.append(f"{event}: the code sends {missing}, the guide does not list them")
-        if fields.complete and (extra := sorted(documented - fields.names)):
-            problems.append(f"{event}: the guide lists {extra}, the code never sends them")
+        if missing := sorted(fields - doc[event]):
+            problems.append(f"{event}: the catalogue declares {missing}, the guide does not list them")
+        if extra := sorted(doc[event] - fields):
+            problems.append(f"{event}: the guide lists {extra}, the catalogue does not declare them")
     assert problems == [], "\n".join(problems)
+
+
+def test_every_event_of_the_catalogue_is_emitted_somewhere() -> None:
+    unused = sorted(set(code_events()) - emitted_in_code())
+    assert unused == [], f"events no code names: {unused}"
 
 
 def test_lifecycle_events_carry_the_contract_s_fields() -> None:
     events = code_events()
-    assert {
-        "from",
-        "to",
-        "trigger",
-        "worker_name",
-        "worker_id",
-        "db_status",
-        "error",
-        "error_type",
-    } <= events["WORKER_BOOT"].names
-    assert {"reason", "in_flight", "drain_timeout_s"} <= events["WORKER_DRAINING"].names
+    identity_and_transition = {*IDENTITY, *TRANSITION}
+    for event in EVENTS.values():
+        assert identity_and_transition <= events[event]
+    assert {"db_status", "error", "error_type"} <= events["WORKER_BOOT"]
+    assert {"reason", "in_flight", "drain_timeout_s"} <= events["WORKER_DRAINING"]
     assert {"reason", "drained", "uptime_s", "jobs_processed", "jobs_failed", "exit_code"} <= events[
         "WORKER_SHUTDOWN"
-    ].names
+    ]
     assert {"error", "error_type", "traceback", "state_before", "exit_code", "rss_mb"} <= events[
         "WORKER_CRASH"
-    ].names
+    ]
 
 
 # --- the state diagram -------------------------------------------------------------------

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
+from backend.workers.held import HeldJobs
 from backend.workers.housekeeping import Housekeeper, HousekeepingPlan
-from backend.workers.processing import HeldJobs
 
 PLAN = HousekeepingPlan(
     queue="q_test",

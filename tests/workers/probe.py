@@ -24,7 +24,7 @@ import psycopg
 from backend.db.connect import resolve_db_url
 from backend.errors import PermanentJobError
 from backend.jobs import Job
-from backend.logs import log_event
+from backend.logs import log_worker_event
 from backend.workers.base import ExternalWorker, TransactionalWorker
 from backend.workers.entry import run_worker
 
@@ -57,7 +57,7 @@ def _behave(job: Job, worker_id: str, note: psycopg.Connection[Any]) -> None:
     if job.attempt <= int(p.get("fail_times", 0)):
         raise RuntimeError(f"probe: planned failure {job.attempt} of {p['fail_times']}")
     if p.get("exit_code") is not None:
-        log_event("PROBE_EXITING", {"job_key": job.idempotency_key, "attempt": job.attempt})
+        log_worker_event("PROBE_EXITING", {"job_key": job.idempotency_key, "attempt": job.attempt})
         logging.shutdown()
         os._exit(int(p["exit_code"]))
     if p.get("rss_mb"):
@@ -72,7 +72,7 @@ def _busy(job: Job, conn: psycopg.Connection[Any]) -> None:
 
 def _pause(job: Job, worker_id: str) -> None:
     if job.payload.get("sleep_s"):
-        log_event(
+        log_worker_event(
             "PROBE_IN_HANDLER",
             {"job_key": job.idempotency_key, "worker_id": worker_id, "attempt": job.attempt},
         )

@@ -18,6 +18,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from backend.db.ledger import LedgerStatus
+
 Conn = psycopg.Connection[Any]
 Row = dict[str, Any]
 
@@ -125,15 +127,15 @@ def stuck_claims(conn: Conn, limit: int) -> tuple[int, list[Row]]:
             SELECT job_key, queue_name, msg_id, worker_id, attempts, lease_expires_at,
                    extract(epoch FROM now() - lease_expires_at)::float8 AS age_s
             FROM workers.processed_jobs
-            WHERE status = 'processing' AND (lease_expires_at < now() OR lease_expires_at IS NULL)
+            WHERE status = %(processing)s AND (lease_expires_at < now() OR lease_expires_at IS NULL)
         )
         SELECT c.total, s.*
         FROM (SELECT count(*) AS total FROM stuck) c
         LEFT JOIN LATERAL (
-            SELECT * FROM stuck ORDER BY lease_expires_at NULLS FIRST, job_key LIMIT %s
+            SELECT * FROM stuck ORDER BY lease_expires_at NULLS FIRST, job_key LIMIT %(limit)s
         ) s ON true
         """,
-        (limit,),
+        {"limit": limit, "processing": LedgerStatus.PROCESSING},
     ).fetchall()
     total = int(rows[0]["total"]) if rows else 0
     items = [r for r in rows if r["job_key"] is not None]
@@ -243,10 +245,10 @@ def replay(conn: Conn, dead_letter_id: int) -> Replay | None:
         reset = 0
         if letter["job_key"] is not None:
             reset = conn.execute(
-                "UPDATE workers.processed_jobs SET status = 'failed', attempts = 0,"
+                "UPDATE workers.processed_jobs SET status = %(failed)s, attempts = 0,"
                 " lease_expires_at = NULL, updated_at = clock_timestamp()"
-                " WHERE job_key = %s AND status IN ('dead', 'failed')",
-                (letter["job_key"],),
+                " WHERE job_key = %(key)s AND status IN (%(dead)s, %(failed)s)",
+                {"key": letter["job_key"], "failed": LedgerStatus.FAILED, "dead": LedgerStatus.DEAD},
             ).rowcount
     return Replay(
         dead_letter_id=dead_letter_id,

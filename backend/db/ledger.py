@@ -1,0 +1,228 @@
+"""The idempotency ledger (``workers.processed_jobs``) and the dead letters, as thin named
+functions. A key's status is a ``LedgerStatus``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import psycopg
+from psycopg.rows import tuple_row
+
+from backend.db.queries import delete_messages, queue_table, set_visibility
+
+Conn = psycopg.Connection[Any]
+
+
+class LedgerStatus(StrEnum):
+    """A key's state in ``workers.processed_jobs.status``."""
+
+    PROCESSING = "processing"  # claimed, its lease running (external jobs, jobs run alone)
+    COMPLETED = "completed"  # done; the key is never run again
+    FAILED = "failed"  # an attempt failed; retried after its backoff
+    DEAD = "dead"  # dead-lettered; only a replay runs it again
+
+    @property
+    def sql(self) -> str:
+        """The status as an SQL literal."""
+        return f"'{self.value}'"
+
+
+_PROCESSING, _COMPLETED, _FAILED, _DEAD = (s.sql for s in LedgerStatus)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeadLetter:
+    """A message that will not be retried, and why."""
+
+    msg_id: int
+    job_key: str | None
+    error: str
+    error_type: str
+    attempts: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Failure:
+    """A failed attempt to record in the ledger, with the message's retry delay."""
+
+    job_key: str
+    msg_id: int
+    error: str
+    delay_s: int
+
+
+# --- claims --------------------------------------------------------------------------
+
+# Keys are claimed under a transaction-scoped advisory lock taken with ``try``: a key that
+# another worker's open transaction is claiming or running is skipped, never waited for.
+_KEY_LOCK = "pg_try_advisory_xact_lock(hashtextextended({key}, 7310412001))"
+
+_CLAIM = f"""
+INSERT INTO workers.processed_jobs AS p
+    (job_key, queue_name, msg_id, status, attempts, worker_id, lease_expires_at,
+     created_at, updated_at, completed_at)
+SELECT k, %(queue)s, m, %(status)s, 1, %(worker)s,
+       CASE WHEN %(status)s = {_PROCESSING} THEN clock_timestamp() + make_interval(secs => %(lease)s) END,
+       clock_timestamp(), clock_timestamp(),
+       CASE WHEN %(status)s = {_COMPLETED} THEN clock_timestamp() END
+FROM unnest(%(keys)b::text[], %(ids)b::bigint[]) AS t(k, m)
+-- A key with a live claim is not even try-locked: a batch that will not claim it must not
+-- hold its lock until its commit, while the claim's owner waits for it to start the run.
+WHERE CASE WHEN EXISTS (SELECT 1 FROM workers.processed_jobs AS l WHERE l.job_key = t.k
+                        AND l.status = {_PROCESSING} AND l.lease_expires_at > clock_timestamp())
+           THEN false ELSE {_KEY_LOCK.format(key="t.k")} END
+ORDER BY k  -- one row lock order for every worker: no deadlocks between batches
+ON CONFLICT (job_key) DO UPDATE
+SET status = EXCLUDED.status, attempts = p.attempts + 1, msg_id = EXCLUDED.msg_id,
+    queue_name = EXCLUDED.queue_name, worker_id = EXCLUDED.worker_id,
+    lease_expires_at = EXCLUDED.lease_expires_at, completed_at = EXCLUDED.completed_at,
+    updated_at = clock_timestamp()
+WHERE (p.status = {_FAILED} AND coalesce(p.lease_expires_at <= clock_timestamp(), true))
+   OR (%(status)s = {_PROCESSING} AND p.status = {_PROCESSING}
+       AND p.lease_expires_at < clock_timestamp())
+RETURNING p.job_key, p.attempts
+"""
+
+
+def claim(
+    conn: Conn,
+    *,
+    queue: str,
+    worker_id: str,
+    keys: Sequence[str],
+    msg_ids: Sequence[int],
+    lease_s: float,
+    status: LedgerStatus = LedgerStatus.PROCESSING,
+) -> dict[str, int]:
+    """Claim each key not completed, dead, held by a live lease or by another worker's open
+    transaction; return key -> attempt.
+
+    ``processing`` commits a claim with a lease before the handler runs (external jobs, and
+    transactional jobs run alone): it also takes over a claim whose lease expired, the trace
+    of a worker that died in the handler. ``completed`` is for a transactional batch, whose
+    claim and effects commit together or not at all; it leaves an expired claim alone, so
+    such a job is run alone, with its delivery counted first.
+    """
+    if not keys:
+        return {}
+    with conn.cursor(row_factory=tuple_row) as cur:
+        rows = cur.execute(
+            _CLAIM,
+            {
+                "queue": queue,
+                "worker": worker_id,
+                "lease": lease_s,
+                "status": status,
+                "keys": list(keys),
+                "ids": list(msg_ids),
+            },
+        ).fetchall()
+    return dict(rows)
+
+
+def ledger_status(conn: Conn, keys: Sequence[str]) -> dict[str, tuple[LedgerStatus, float]]:
+    """key -> (status, seconds left on its lease, 0 when none) for existing keys."""
+    rows = conn.execute(
+        "SELECT job_key, status, greatest(0, extract(epoch FROM lease_expires_at"
+        " - clock_timestamp()))::float8 AS lease_left FROM workers.processed_jobs"
+        " WHERE job_key = ANY(%s)",
+        (list(keys),),
+    ).fetchall()
+    return {r["job_key"]: (LedgerStatus(r["status"]), r["lease_left"] or 0.0) for r in rows}
+
+
+def owns_claim(conn: Conn, key: str, worker_id: str) -> bool:
+    """Lock this worker's live claim of ``key`` for this transaction; False when another
+    worker took it over. Waits (within the transaction's bound) for a claim in progress."""
+    row = conn.execute(
+        "SELECT 1 AS ok FROM workers.processed_jobs, pg_advisory_xact_lock(hashtextextended(%(k)s,"
+        f" 7310412001)) WHERE job_key = %(k)s AND worker_id = %(w)s AND status = {_PROCESSING}"
+        " FOR UPDATE OF processed_jobs",
+        {"k": key, "w": worker_id},
+    ).fetchone()
+    return row is not None
+
+
+def complete(conn: Conn, keys: Sequence[str]) -> None:
+    if keys:
+        conn.execute(
+            f"UPDATE workers.processed_jobs SET status = {_COMPLETED}, lease_expires_at = NULL,"
+            " completed_at = clock_timestamp(), updated_at = clock_timestamp()"
+            " WHERE job_key = ANY(%s)",
+            (list(keys),),
+        )
+
+
+def record_failures(conn: Conn, failures: Sequence[Failure]) -> None:
+    """Mark the attempts failed. A failed key's ``lease_expires_at`` is the end of its
+    backoff: no copy of the key is claimed before then (``claim``)."""
+    if not failures:
+        return
+    conn.execute(
+        f"UPDATE workers.processed_jobs p SET status = {_FAILED}, last_error = f.err,"
+        " lease_expires_at = clock_timestamp() + make_interval(secs => f.d),"
+        " completed_at = NULL, updated_at = clock_timestamp()"
+        " FROM unnest(%s::text[], %s::text[], %s::int[]) AS f(k, err, d) WHERE p.job_key = f.k",
+        ([f.job_key for f in failures], [f.error for f in failures], [f.delay_s for f in failures]),
+    )
+
+
+def release_claims(conn: Conn, worker_id: str, keys: Sequence[str]) -> None:
+    """Expire the leases of claims this worker gives up, so the next delivery takes over."""
+    if keys:
+        conn.execute(
+            "UPDATE workers.processed_jobs SET lease_expires_at = clock_timestamp(),"
+            " updated_at = clock_timestamp() WHERE job_key = ANY(%s) AND worker_id = %s"
+            f" AND status = {_PROCESSING}",
+            (list(keys), worker_id),
+        )
+
+
+def extend_leases(
+    conn: Conn, *, queue: str, worker_id: str, msg_ids: Sequence[int], keys: Sequence[str], lease_s: int
+) -> None:
+    """Keep running external jobs invisible and their claims live for another ``lease_s``."""
+    set_visibility(conn, queue, msg_ids, [lease_s] * len(msg_ids))
+    if keys:
+        conn.execute(
+            "UPDATE workers.processed_jobs SET lease_expires_at = clock_timestamp()"
+            " + make_interval(secs => %s), updated_at = clock_timestamp()"
+            f" WHERE job_key = ANY(%s) AND worker_id = %s AND status = {_PROCESSING}",
+            (lease_s, list(keys), worker_id),
+        )
+
+
+# --- dead letters ------------------------------------------------------------------------
+
+
+def dead_letter(conn: Conn, *, queue: str, worker_id: str, letters: Iterable[DeadLetter]) -> None:
+    """Move messages to ``workers.dead_letters`` with their body exactly as queued (copied on
+    the server: an oversized body never passes through the worker), mark their keys dead,
+    delete them. A message already gone (another worker finished it) leaves no letter."""
+    letters = list(letters)
+    if not letters:
+        return
+    conn.execute(
+        f"WITH moved AS (INSERT INTO workers.dead_letters (queue_name, msg_id, job_key, message,"
+        " error, error_type, attempts, worker_id)"
+        " SELECT %(queue)s, d.m, d.k, q.message, d.e, d.t, d.a, %(worker)s"
+        " FROM unnest(%(ids)s::bigint[], %(keys)s::text[], %(errors)s::text[], %(types)s::text[],"
+        f" %(attempts)s::int[]) AS d(m, k, e, t, a) JOIN {queue_table(queue)} AS q ON q.msg_id = d.m"
+        " RETURNING job_key, error)"
+        f" UPDATE workers.processed_jobs p SET status = {_DEAD}, last_error = moved.error,"
+        " lease_expires_at = NULL, completed_at = NULL, updated_at = clock_timestamp()"
+        f" FROM moved WHERE p.job_key = moved.job_key AND p.status <> {_DEAD}",
+        {
+            "queue": queue,
+            "worker": worker_id,
+            "ids": [d.msg_id for d in letters],
+            "keys": [d.job_key for d in letters],
+            "errors": [d.error for d in letters],
+            "types": [d.error_type for d in letters],
+            "attempts": [d.attempts for d in letters],
+        },
+    )
+    delete_messages(conn, queue, [d.msg_id for d in letters])

@@ -1,0 +1,62 @@
+"""Heartbeats and retention, as thin named functions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from backend.db.ledger import LedgerStatus
+
+Conn = psycopg.Connection[Any]
+
+
+# --- heartbeats --------------------------------------------------------------------------
+
+_HEARTBEAT = """
+INSERT INTO workers.heartbeats AS h
+    (worker_id, worker_name, queue_name, status, hostname, pid, version, git_sha, started_at,
+     last_heartbeat_at, stopped_at, jobs_processed, jobs_failed, rss_bytes, metadata)
+VALUES (%(worker_id)s, %(worker_name)s, %(queue_name)s, %(status)s, %(hostname)s, %(pid)s,
+        %(version)s, %(git_sha)s, %(started_at)s, clock_timestamp(),
+        CASE WHEN %(status)s IN ('STOPPED', 'CRASHED') THEN clock_timestamp() END,
+        %(jobs_processed)s, %(jobs_failed)s, %(rss_bytes)s, %(metadata)s)
+ON CONFLICT (worker_id) DO UPDATE
+SET status = EXCLUDED.status, last_heartbeat_at = EXCLUDED.last_heartbeat_at,
+    stopped_at = EXCLUDED.stopped_at, jobs_processed = EXCLUDED.jobs_processed,
+    jobs_failed = EXCLUDED.jobs_failed, rss_bytes = EXCLUDED.rss_bytes,
+    metadata = EXCLUDED.metadata
+"""
+
+
+def upsert_heartbeat(conn: Conn, row: dict[str, Any]) -> None:
+    conn.execute(_HEARTBEAT, {**row, "metadata": Jsonb(row.get("metadata") or {})})
+
+
+# --- retention ---------------------------------------------------------------------------
+
+_PRUNE_LOCK = 7_310_412_002
+
+
+def prune(
+    conn: Conn, *, ledger_days: float, heartbeat_days: float, limit: int = 10000
+) -> tuple[int, int] | None:
+    """Delete old completed ledger rows and old stopped heartbeats; None when another
+    replica is pruning right now."""
+    with conn.transaction():
+        row = conn.execute("SELECT pg_try_advisory_xact_lock(%s) AS ok", (_PRUNE_LOCK,)).fetchone()
+        if not row or not row["ok"]:
+            return None
+        ledger = conn.execute(
+            "DELETE FROM workers.processed_jobs WHERE job_key IN (SELECT job_key"
+            f" FROM workers.processed_jobs WHERE status = {LedgerStatus.COMPLETED.sql} AND completed_at"
+            " < clock_timestamp() - make_interval(secs => %s) LIMIT %s)",
+            (ledger_days * 86400, limit),
+        ).rowcount
+        beats = conn.execute(
+            "DELETE FROM workers.heartbeats WHERE stopped_at IS NOT NULL AND stopped_at"
+            " < clock_timestamp() - make_interval(secs => %s)",
+            (heartbeat_days * 86400,),
+        ).rowcount
+    return ledger, beats

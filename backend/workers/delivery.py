@@ -1,0 +1,114 @@
+"""A delivery's messages, sorted before anything runs: decoded within the size limit,
+validated, copies of one key set aside; and the records the strategies pass around."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from backend.config import DEFAULTS
+from backend.db import queries as q
+from backend.db.ledger import DeadLetter, Failure
+from backend.errors import InvalidEnvelope, PayloadTooLarge, UndecodableMessage, describe
+from backend.jobs import Job, validate_envelope
+
+Pending = tuple[dict[str, Any], int]  # a valid envelope and its message id
+_PREVIEW_CHARS = 120
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProcessingOptions:
+    """The tunables of processing, with the contract's defaults (``backend.config.TUNABLES``)."""
+
+    batch_size: int = DEFAULTS["WORKER_BATCH_SIZE"]
+    visibility_timeout_s: int = DEFAULTS["WORKER_VISIBILITY_TIMEOUT_S"]
+    max_attempts: int = DEFAULTS["WORKER_MAX_ATTEMPTS"]
+    retry_base_s: float = DEFAULTS["WORKER_RETRY_BASE_S"]
+    retry_max_s: float = DEFAULTS["WORKER_RETRY_MAX_S"]
+    max_payload_bytes: int = DEFAULTS["WORKER_MAX_PAYLOAD_BYTES"]
+
+    @property
+    def transaction_limit_ms(self) -> int:
+        return self.visibility_timeout_s * 1000
+
+
+@dataclass
+class Delivery:
+    """The messages of one delivery, sorted."""
+
+    together: list[Pending] = field(default_factory=list)  # run in one transaction
+    alone: list[Pending] = field(default_factory=list)  # delivered before, or external
+    letters: list[DeadLetter] = field(default_factory=list)
+    copies: dict[str, list[int]] = field(default_factory=dict)  # later messages of a key: key -> ids
+
+
+@dataclass
+class Outcome:
+    """What a delivery's handlers did, to be written in one go (``Strategy.settle``)."""
+
+    done: list[Job] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+    letters: list[DeadLetter] = field(default_factory=list)
+
+
+@dataclass
+class Claims:
+    """A claim's answer: jobs claimed (with their attempt), message ids whose key is already
+    completed, and msg id -> seconds to wait for keys someone else holds."""
+
+    jobs: list[Job] = field(default_factory=list)
+    completed: list[int] = field(default_factory=list)
+    waits: dict[int, int] = field(default_factory=dict)
+
+
+def sort_delivery(
+    messages: Sequence[q.Message], max_bytes: int, runs_together: Callable[[q.Message], bool]
+) -> Delivery:
+    """Invalid messages become dead letters; the first message of each key runs together
+    with the rest of the delivery or alone (``runs_together``); later ones are its copies."""
+    out = Delivery()
+    seen: set[str] = set()
+    for msg in messages:
+        try:
+            envelope = validate_envelope(decode(msg, max_bytes), max_bytes=max_bytes, size=msg.size)
+        except InvalidEnvelope as exc:
+            out.letters.append(
+                DeadLetter(
+                    msg_id=msg.msg_id, job_key=None, error=str(exc), error_type=type(exc).__name__, attempts=0
+                )
+            )
+            continue
+        key = envelope["idempotency_key"]
+        if key in seen:
+            out.copies.setdefault(key, []).append(msg.msg_id)
+            continue
+        seen.add(key)
+        (out.together if runs_together(msg) else out.alone).append((envelope, msg.msg_id))
+    return out
+
+
+def decode(msg: q.Message, max_bytes: int) -> Any:
+    """The body as a Python value; raise ``InvalidEnvelope`` when it is too large or the
+    decoder rejects it (nesting deeper than its recursion limit, a number with more digits
+    than Python converts, ...)."""
+    if msg.too_large(max_bytes):
+        raise PayloadTooLarge(
+            f"body is {msg.size} bytes, over WORKER_MAX_PAYLOAD_BYTES ({max_bytes});"
+            f" it starts {_preview(msg.text)}"
+        )
+    if msg.text is None:
+        return None
+    try:
+        return json.loads(msg.text)
+    except (ValueError, RecursionError, MemoryError) as exc:
+        raise UndecodableMessage(
+            f"body cannot be decoded ({type(exc).__name__}: {describe(exc)}); it starts {_preview(msg.text)}"
+        ) from None
+
+
+def _preview(text: str | None) -> str:
+    if not text:
+        return "empty"
+    return repr(text[:_PREVIEW_CHARS]) + ("..." if len(text) > _PREVIEW_CHARS else "")

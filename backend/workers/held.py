@@ -1,0 +1,54 @@
+"""What a worker holds while it works: shared by the strategy that takes messages, the
+housekeeping thread that extends leases, and the runtime that gives them back on abandon."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Counters:
+    """Jobs completed and attempts failed by this process (read by the heartbeat)."""
+
+    processed: int = 0
+    failed: int = 0
+
+
+@dataclass
+class HeldJobs:
+    """Every message taken and not settled (given back at once when the worker abandons
+    them), and the external job in hand, whose message and claim leases the housekeeping
+    thread extends."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    taken: set[int] = field(default_factory=set)
+    in_hand: tuple[int, str] | None = None
+
+    def leased(self) -> tuple[list[int], list[str]]:
+        """The message ids and keys whose leases are extended while their handler runs."""
+        with self.lock:
+            return ([self.in_hand[0]], [self.in_hand[1]]) if self.in_hand else ([], [])
+
+    def snapshot(self) -> tuple[list[int], list[str]]:
+        """Every message taken and not settled, and the key of the job in hand."""
+        with self.lock:
+            return sorted(self.taken), [self.in_hand[1]] if self.in_hand else []
+
+    def take(self, msg_ids: Sequence[int]) -> None:
+        with self.lock:
+            self.taken.update(msg_ids)
+
+    def hold(self, msg_id: int, key: str) -> None:
+        with self.lock:
+            self.in_hand = (msg_id, key)
+
+    def put_down(self) -> None:
+        with self.lock:
+            self.in_hand = None
+
+    def clear(self) -> None:
+        with self.lock:
+            self.taken.clear()
+            self.in_hand = None

@@ -1,0 +1,347 @@
+"""``Runtime``: runs one worker (SPEC 3, 6, 7): boot, the lifecycle, draining, crashes and
+exit codes. The fetch loop is the ``Consumer``'s; the processing of a delivery is the
+worker kind's ``Strategy``.
+
+The runtime installs no signal handler: the entry point (``backend.workers.entry``) does,
+and forwards signals to ``on_signal``; in a test, ``stop()`` drains it the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+import traceback
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from backend.config import url_password
+from backend.db import ledger
+from backend.db import queries as q
+from backend.db.connect import boot_retrying, connect, make_pool, resolve_db_url
+from backend.db.upkeep import upsert_heartbeat
+from backend.errors import describe
+from backend.events import Event
+from backend.logs import add_secret, log_event
+from backend.workers.base import BaseWorker, TransactionalWorker
+from backend.workers.boot import check_schema, housekeeping_plan, identity, make_strategy
+from backend.workers.consumer import Consumer
+from backend.workers.deliveries import DeliveryLog
+from backend.workers.housekeeping import Housekeeper
+from backend.workers.lifecycle import Lifecycle, State
+from backend.workers.memory import MemoryVerdict, rss_bytes
+
+EXIT_OK, EXIT_FAILURE, EXIT_SIGNAL = 0, 1, 143
+SIGNAL_REASONS = {signal.SIGTERM: "SIGTERM (Deployment/Scale-down)", signal.SIGINT: "SIGINT (Interrupt)"}
+MEMORY_REASON = "memory soft limit"
+_STATUS_WRITE_TIMEOUT_S = 1.0  # short: on a dead network it delays a SIGTERM's exit
+
+
+class Runtime:
+    """Runs ``worker`` until it is stopped; ``run`` returns the exit code."""
+
+    def __init__(self, worker: BaseWorker) -> None:
+        self.worker = worker
+        self.settings = settings = worker.settings
+        self.queue, self.worker_id = worker.queue, worker.worker_id
+        self.started_at = datetime.now(UTC)
+        self._started = time.monotonic()
+        self.pool: ConnectionPool[Any] | None = None
+        self.housekeeper: Housekeeper | None = None
+        self.notifications = False
+        self.stop_requested = threading.Event()
+        self.loop_done = threading.Event()
+        self.stop_reason = ""
+        self.memory: MemoryVerdict | None = None
+        self.lifecycle = Lifecycle(emit=self._emit, write_status=self._write_status)
+        self._db_url: str | None = None
+        self.deliveries = (
+            DeliveryLog(queue_name=self.queue, worker_id=self.worker_id, open_conn=self._deliveries_conn)
+            if isinstance(worker, TransactionalWorker)
+            else None
+        )
+        self.strategy = make_strategy(worker, self.deliveries)
+        self.counters, self.held = self.strategy.counters, self.strategy.held
+        self.consumer = Consumer(strategy=self.strategy, settings=settings, stopping=self.stop_requested)
+
+    def _deliveries_conn(self) -> psycopg.Connection[Any]:
+        assert self._db_url is not None, "deliveries are recorded only after boot"
+        return connect(self._db_url, f"{self.worker_id}:deliveries")
+
+    # --- events and the heartbeat row ----------------------------------------------------
+
+    def _emit(self, event: Event, data: Any, level: int) -> None:
+        log_event(event, {**identity(self.worker), **data}, level)
+
+    def heartbeat_row(self) -> dict[str, Any]:
+        s = self.settings
+        rss = self.housekeeper.last_rss if self.housekeeper and self.housekeeper.last_rss else rss_bytes()
+        return {
+            "worker_id": self.worker_id,
+            "worker_name": self.queue,
+            "queue_name": self.queue,
+            "status": self.lifecycle.state.value,
+            "hostname": s.hostname,
+            "pid": os.getpid(),
+            "version": s.version,
+            "git_sha": s.git_sha,
+            "started_at": self.started_at,
+            "jobs_processed": self.counters.processed,
+            "jobs_failed": self.counters.failed,
+            "rss_bytes": rss,
+            "metadata": dict(s.railway),
+        }
+
+    def _write_status(self, state: State) -> None:
+        """Every transition writes the heartbeat row at once; best effort on the way down."""
+        if self.pool is None:
+            return
+        try:
+            with self.pool.connection(timeout=_STATUS_WRITE_TIMEOUT_S) as conn:
+                upsert_heartbeat(conn, self.heartbeat_row())
+        except psycopg.Error as exc:
+            log_event(
+                Event.HEARTBEAT_FAILED,
+                {
+                    "worker_id": self.worker_id,
+                    "status": state.value,
+                    "error": describe(exc),
+                    "error_type": type(exc).__name__,
+                },
+                logging.WARNING,
+            )
+
+    def _uptime(self) -> float:
+        return round(time.monotonic() - self._started, 3)
+
+    def _shutdown_data(self, *, drained: bool, exit_code: int) -> dict[str, Any]:
+        return {
+            "reason": self.stop_reason,
+            "drained": drained,
+            "uptime_s": self._uptime(),
+            "jobs_processed": self.counters.processed,
+            "jobs_failed": self.counters.failed,
+            "exit_code": exit_code,
+        }
+
+    # --- stopping ------------------------------------------------------------------------
+
+    def on_signal(self, sig: signal.Signals, count: int) -> None:
+        """The first SIGTERM/SIGINT drains; a second one abandons in-flight work (exit 143)."""
+        if count == 1:
+            # Already draining (the memory soft limit): the first signal changes nothing.
+            self.stop(SIGNAL_REASONS.get(sig, sig.name))
+        else:
+            self.abandon(f"second signal ({sig.name}) while draining")
+
+    def stop(self, reason: str = "stop requested") -> None:
+        """Drain: finish the in-flight batch, then stop; abandon past the drain timeout."""
+        if self.stop_requested.is_set():
+            return
+        self.stop_reason = reason
+        in_flight = self.strategy.in_flight
+        # Stop and arm the deadline first: the transition writes the heartbeat, which can
+        # hang on a dead network, and a second signal must still be able to abandon.
+        self.stop_requested.set()
+        self.consumer.wake()
+        threading.Thread(target=self._drain_deadline, name="drain-deadline", daemon=True).start()
+        self._enter_draining(in_flight)
+
+    def _enter_draining(self, in_flight: int | None = None) -> None:
+        """Move to DRAINING if not there yet. Called by the stopping thread and, in case it
+        has not got that far, by the main thread before it finishes: whichever is first
+        emits WORKER_DRAINING, the other's trigger is refused."""
+        if self.lifecycle.state in (State.BOOTING, State.RUNNING):
+            self.lifecycle.drain(
+                reason=self.stop_reason,
+                in_flight=self.strategy.in_flight if in_flight is None else in_flight,
+                drain_timeout_s=self.settings.drain_timeout_s,
+            )
+
+    def _drain_deadline(self) -> None:
+        if not self.loop_done.wait(self.settings.drain_timeout_s):
+            self.abandon(f"drain timeout ({self.settings.drain_timeout_s:g} s)")
+
+    def abandon(self, why: str) -> None:
+        """Stop now: the open transaction dies with the process and rolls back.
+
+        A memory drain that cannot finish still ends as the memory crash it is (exit 1)."""
+        self.stop_reason = self.stop_reason or why
+        self._enter_draining()
+        if self.memory is not None:
+            changed = self.lifecycle.crash(**self._memory_crash_data(drained=False, abandoned=why))
+            code = EXIT_FAILURE
+        else:
+            changed = self.lifecycle.abandon(
+                **self._shutdown_data(drained=False, exit_code=EXIT_SIGNAL),
+                abandoned=why,
+                in_flight=self.strategy.in_flight,
+            )
+            code = EXIT_SIGNAL
+        if not changed:
+            return
+        self._release_held()
+        logging.shutdown()
+        os._exit(code)
+
+    def _release_held(self) -> None:
+        """Give back what the abandoned work held, so other workers need not wait out the
+        leases; bounded, since the abandoned transaction may still lock some of it."""
+        msg_ids, keys = self.held.snapshot()
+        if self.pool is None or not (msg_ids or keys):
+            return
+        try:
+            with self.pool.connection(timeout=1) as conn, conn.transaction():
+                q.bound_transaction(conn, 1000)
+                q.set_visibility(conn, self.queue, msg_ids, [0] * len(msg_ids))
+                ledger.release_claims(conn, self.worker_id, keys)
+        except psycopg.Error as exc:
+            log_event(
+                Event.RELEASE_FAILED,
+                {
+                    "worker_id": self.worker_id,
+                    "messages": len(msg_ids),
+                    "claims": len(keys),
+                    "error": describe(exc),
+                    "error_type": type(exc).__name__,
+                    "consequence": "they return when their leases end",
+                },
+                logging.WARNING,
+            )
+
+    def _on_memory_exceeded(self, verdict: MemoryVerdict) -> None:
+        # Already stopping for a signal: that drain ends the process anyway (exit 0).
+        if self.memory is None and not self.stop_requested.is_set():
+            self.memory = verdict
+            log_event(
+                Event.WORKER_MEMORY_SOFT_LIMIT,
+                {"worker_id": self.worker_id, **verdict.figures()},
+                logging.WARNING,
+            )
+            self.stop(MEMORY_REASON)
+
+    # --- boot ----------------------------------------------------------------------------
+
+    def _boot(self) -> None:
+        self.worker.setup()
+        url = resolve_db_url(self.settings)
+        add_secret(url_password(url))
+        for attempt in boot_retrying(self.settings.boot_timeout_s, self.stop_requested):
+            with attempt, connect(url, f"boot:{self.worker_id}") as conn:
+                self.notifications = check_schema(conn, self.settings, self.queue)
+        self._db_url = url
+        self.pool = make_pool(url, self.worker_id)
+        self.pool.open(wait=True, timeout=max(2.0, self.settings.boot_timeout_s))
+
+    def boot_failed(self, exc: BaseException) -> int:
+        data = {"db_status": "error", **self._crash_data(exc)}
+        if not self.lifecycle.boot_failed(**data):
+            # A signal arrived while booting (DRAINING): the failure is still reported.
+            self._emit(
+                Event.WORKER_BOOT,
+                {
+                    "from": self.lifecycle.state.value,
+                    "to": State.CRASHED.value,
+                    "trigger": "boot_failed",
+                    **data,
+                },
+                logging.ERROR,
+            )
+            self.lifecycle.crash(**data)
+        self._close()
+        return EXIT_FAILURE
+
+    # --- run -----------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Boot, process until stopped, and return the exit code."""
+        try:
+            self._boot()
+        except Exception as exc:  # ConfigError, BootError, a database error, or any other
+            return self.boot_failed(exc)
+        booted = self.lifecycle.booted(
+            db_status="ok",
+            notifications=self.notifications,
+            railway=dict(self.settings.railway),
+            boot_s=self._uptime(),
+            queue=self.queue,
+            db_url=self.settings.safe_db_url or "embedded",
+        )
+        if not booted and self.lifecycle.state is not State.DRAINING:
+            return EXIT_FAILURE
+        assert self.pool is not None
+        self.housekeeper = Housekeeper(
+            housekeeping_plan(self.settings, self.queue, self.worker_id),
+            self.pool,
+            heartbeat_row=self.heartbeat_row,
+            held=self.held,
+            on_memory_exceeded=self._on_memory_exceeded,
+        )
+        self.housekeeper.start()
+        try:
+            self.consumer.run(self.pool, notifications=self.notifications)
+        except (Exception, MemoryError) as exc:
+            return self._crash(exc)
+        finally:
+            self.loop_done.set()
+            self.housekeeper.stop()
+        return self.finish()
+
+    def finish(self) -> int:
+        """The loop ended: STOPPED (exit 0), or CRASHED when it was the memory limit's drain."""
+        self._enter_draining()
+        if self.memory is not None:
+            self.lifecycle.crash(**self._memory_crash_data(drained=True))
+            self._close()
+            return EXIT_FAILURE
+        self._forget_deliveries()
+        self.lifecycle.finish(**self._shutdown_data(drained=True, exit_code=EXIT_OK))
+        self._close()
+        return EXIT_OK
+
+    def _forget_deliveries(self) -> None:
+        """A clean stop: the last batch ended with an outcome, so its record goes (best
+        effort: a record left behind only makes its retries run alone)."""
+        if self.deliveries is None or self._db_url is None:
+            return
+        try:
+            self.deliveries.forget(_STATUS_WRITE_TIMEOUT_S)
+        except (psycopg.Error, OSError):
+            pass
+
+    def _crash_data(self, exc: BaseException, **extra: Any) -> dict[str, Any]:
+        return {
+            "error": describe(exc),
+            "error_type": type(exc).__name__,
+            "traceback": "".join(traceback.format_exception(exc))[-8000:],
+            "state_before": self.lifecycle.state.value,
+            "exit_code": EXIT_FAILURE,
+            "jobs_processed": self.counters.processed,
+            "jobs_failed": self.counters.failed,
+            **extra,
+        }
+
+    def _memory_crash_data(self, **extra: Any) -> dict[str, Any]:
+        assert self.memory is not None
+        figures = self.memory.figures()
+        error = MemoryError(
+            f"RSS {figures['rss_mb']} MB above the soft limit of {figures['soft_limit_mb']} MB"
+        )
+        return {**self._crash_data(error), **figures, **extra}
+
+    def _crash(self, exc: BaseException) -> int:
+        self.lifecycle.crash(**self._crash_data(exc))
+        self._close()
+        return EXIT_FAILURE
+
+    def _close(self) -> None:
+        if self.deliveries is not None:
+            self.deliveries.close()
+        if self.pool is not None:
+            self.pool.close(timeout=1.0)
+        self.consumer.close()

@@ -1,0 +1,310 @@
+"""Turning pgmq messages into exactly-once effects, without letting any of them stall a
+queue (SPEC 6): what both kinds of worker share.
+
+A ``Strategy`` takes one delivery at a time from its queue (``process``). The two kinds
+differ in how they take messages and run handlers (``TransactionalStrategy``,
+``ExternalStrategy``); they share how a delivery is sorted (decoding and size limits,
+copies of one key), how keys are claimed in the ledger, how failures turn into retries or
+dead letters, and how a job runs alone: its message leased by visibility, its claim
+(``processing``, the attempt counted) committed before the handler, so a job that takes
+its worker down is isolated and, after ``max_attempts`` such runs, dead-lettered
+(``AttemptsExhausted``) while the rest of the queue moves.
+
+Every transaction is bounded by the lease (``queries.bound_transaction``): the server ends
+a frozen, hung or cut-off worker's transaction, and its locks, after the visibility
+timeout. Keys are claimed under try-locks: a key that another worker's open transaction
+holds is skipped and retried shortly, never waited for.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import psycopg
+
+from backend.backoff import retry_delay_s
+from backend.db import ledger
+from backend.db import queries as q
+from backend.db.ledger import DeadLetter, Failure, LedgerStatus
+from backend.errors import PermanentJobError, describe
+from backend.events import Event
+from backend.jobs import Job, job_from_envelope
+from backend.logs import log_event
+from backend.workers.delivery import Claims, Delivery, Outcome, Pending, ProcessingOptions, sort_delivery
+from backend.workers.held import Counters, HeldJobs
+
+Conn = psycopg.Connection[Any]
+ShouldStop = Callable[[], bool]
+
+
+class Strategy:
+    """What both kinds share; the run loop calls ``process``."""
+
+    def __init__(
+        self,
+        *,
+        queue: str,
+        worker_id: str,
+        options: ProcessingOptions,
+        counters: Counters | None = None,
+        held: HeldJobs | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.queue = queue
+        self.worker_id = worker_id
+        self.options = options
+        self.counters = counters or Counters()
+        self.held = held or HeldJobs()
+        self.rng = rng or random.Random()
+        self.in_flight = 0
+
+    def process(self, conn: Conn, should_stop: ShouldStop = lambda: False) -> int:
+        """Take and process up to one delivery; return how many messages were taken."""
+        try:
+            return self._deliver(conn, should_stop)
+        finally:
+            self.in_flight = 0
+            self.held.clear()
+
+    def _deliver(self, conn: Conn, should_stop: ShouldStop) -> int:
+        raise NotImplementedError
+
+    # --- the kind's steps ----------------------------------------------------------------
+
+    def _runs_together(self, msg: q.Message) -> bool:
+        """Whether ``msg`` runs in the delivery's shared transaction."""
+        return False
+
+    def _lease(self, conn: Conn, msg_id: int) -> bool:
+        """Lease a message about to run alone; False when another worker has it."""
+        return True
+
+    def _run_claimed(self, conn: Conn, job: Job, out: Outcome) -> bool:
+        """Run a job whose claim is committed, and settle it; False when the claim was
+        taken over meanwhile."""
+        raise NotImplementedError
+
+    def sort(self, messages: Sequence[q.Message]) -> Delivery:
+        return sort_delivery(messages, self.options.max_payload_bytes, self._runs_together)
+
+    # --- claims and outcomes ---------------------------------------------------------------
+
+    def claim(
+        self,
+        conn: Conn,
+        pending: Sequence[Pending],
+        out: Outcome,
+        *,
+        status: LedgerStatus,
+        expired: list[Pending] | None = None,
+    ) -> Claims:
+        """Claim the pending envelopes' keys. A message whose key is already dead goes to
+        ``out.letters``. A batch's claim leaves a ``processing`` claim whose lease expired
+        (a run alone that ended with its worker gone or its transaction ended) to the
+        ``expired`` list: such a job runs alone again, counted, never merely delayed."""
+        attempts = ledger.claim(
+            conn,
+            queue=self.queue,
+            worker_id=self.worker_id,
+            status=status,
+            keys=[env["idempotency_key"] for env, _ in pending],
+            msg_ids=[msg_id for _, msg_id in pending],
+            lease_s=self.options.visibility_timeout_s,
+        )
+        result = Claims(
+            jobs=[
+                job_from_envelope(
+                    env, msg_id=msg_id, queue_name=self.queue, attempt=attempts[env["idempotency_key"]]
+                )
+                for env, msg_id in pending
+                if env["idempotency_key"] in attempts
+            ]
+        )
+        others = [(env, msg_id) for env, msg_id in pending if env["idempotency_key"] not in attempts]
+        if others:
+            states = ledger.ledger_status(conn, [env["idempotency_key"] for env, _ in others])
+            for env, msg_id in others:
+                # None: another worker's open transaction is claiming or running the key
+                state, lease_left = states.get(env["idempotency_key"], (None, 0.0))
+                if state is LedgerStatus.COMPLETED:
+                    result.completed.append(msg_id)
+                elif state is LedgerStatus.DEAD:
+                    out.letters.append(
+                        DeadLetter(
+                            msg_id=msg_id,
+                            job_key=env["idempotency_key"],
+                            error="idempotency key already dead-lettered; replay that dead letter",
+                            error_type="DeadKey",
+                            attempts=0,
+                        )
+                    )
+                elif state is LedgerStatus.PROCESSING and lease_left <= 0 and expired is not None:
+                    expired.append((env, msg_id))
+                else:
+                    result.waits[msg_id] = max(1, int(lease_left) + 1)
+        return result
+
+    def fail(self, job: Job, exc: Exception, out: Outcome) -> None:
+        """Record a handler's failure: a retry after the backoff, or a dead letter when the
+        error is permanent or the attempts are used up."""
+        error = describe(exc)
+        permanent = isinstance(exc, PermanentJobError)
+        if permanent or job.attempt >= self.options.max_attempts:
+            reason = error if permanent else f"{error} (attempt {job.attempt} of {self.options.max_attempts})"
+            out.letters.append(
+                DeadLetter(
+                    msg_id=job.msg_id,
+                    job_key=job.idempotency_key,
+                    error=reason,
+                    error_type=type(exc).__name__,
+                    attempts=job.attempt,
+                )
+            )
+            return
+        o = self.options
+        delay = retry_delay_s(job.attempt, base_s=o.retry_base_s, max_s=o.retry_max_s, rng=self.rng)
+        out.failures.append(
+            Failure(job_key=job.idempotency_key, msg_id=job.msg_id, error=error, delay_s=delay)
+        )
+        log_event(
+            Event.JOB_FAILED,
+            {
+                "queue": self.queue,
+                "job_key": job.idempotency_key,
+                "msg_id": job.msg_id,
+                "attempt": job.attempt,
+                "max_attempts": o.max_attempts,
+                "error": error,
+                "error_type": type(exc).__name__,
+                "retry_in_s": delay,
+            },
+            logging.WARNING,
+        )
+
+    def settle(
+        self,
+        conn: Conn,
+        out: Outcome,
+        *,
+        delete: Sequence[int] = (),
+        waits: dict[int, int] | None = None,
+        complete: bool = True,
+    ) -> None:
+        """Write every outcome: completions, failures, dead letters, deletions."""
+        if complete:
+            ledger.complete(conn, [j.idempotency_key for j in out.done])
+        ledger.record_failures(conn, out.failures)
+        delays = {f.msg_id: f.delay_s for f in out.failures}
+        delays.update(waits or {})
+        q.set_visibility(conn, self.queue, list(delays), list(delays.values()))
+        ledger.dead_letter(conn, queue=self.queue, worker_id=self.worker_id, letters=out.letters)
+        q.delete_messages(conn, self.queue, [*(j.msg_id for j in out.done), *delete])
+
+    def after_commit(self, out: Outcome) -> None:
+        self.counters.processed += len(out.done)
+        self.counters.failed += len(out.failures) + sum(1 for d in out.letters if d.job_key)
+        for letter in out.letters:
+            log_event(
+                Event.JOB_DEAD_LETTERED,
+                {
+                    "queue": self.queue,
+                    "job_key": letter.job_key,
+                    "msg_id": letter.msg_id,
+                    "attempts": letter.attempts,
+                    "error": letter.error,
+                    "error_type": letter.error_type,
+                },
+                logging.ERROR,
+            )
+
+    # --- jobs run alone ------------------------------------------------------------------
+
+    def run_alone(self, conn: Conn, delivery: Delivery, should_stop: ShouldStop) -> list[int]:
+        """Run each job of ``delivery.alone`` on its own, the ones whose last run ended with
+        their worker gone last; return the message ids not started because of a stop."""
+        pending = self._suspects_last(conn, delivery.alone)
+        while pending and not should_stop():
+            envelope, msg_id = pending.pop(0)
+            key = envelope["idempotency_key"]
+            if not self._lease(conn, msg_id):
+                delivery.copies.pop(key, None)
+                continue
+            self.in_flight = 1
+            done, wait_s = self._one(conn, (envelope, msg_id))
+            copies = delivery.copies.pop(key, [])
+            if done:
+                q.delete_messages(conn, self.queue, copies)
+            elif wait_s:
+                q.set_visibility(conn, self.queue, copies, [wait_s] * len(copies))
+            else:
+                delivery.copies[key] = copies
+        return [msg_id for _, msg_id in pending] + [m for ids in delivery.copies.values() for m in ids]
+
+    def _suspects_last(self, conn: Conn, pending: list[Pending]) -> list[Pending]:
+        if len(pending) < 2:
+            return list(pending)
+        states = ledger.ledger_status(conn, [env["idempotency_key"] for env, _ in pending])
+        return sorted(
+            pending,
+            key=lambda p: (states.get(p[0]["idempotency_key"], (None,))[0] is LedgerStatus.PROCESSING, p[1]),
+        )
+
+    def _one(self, conn: Conn, pending: Pending) -> tuple[bool, int]:
+        """Claim one job (its attempt counted and committed), run it, settle it; return whether
+        its key is completed afterwards, and else the seconds its message waits before the
+        next delivery (0: none set)."""
+        out = Outcome()
+        limit_ms = self.options.transaction_limit_ms
+        with conn.transaction():
+            q.bound_transaction(conn, limit_ms)
+            claims = self.claim(conn, [pending], out, status=LedgerStatus.PROCESSING)
+            if not claims.jobs:
+                self.settle(conn, out, delete=claims.completed, waits=claims.waits)
+        if claims.jobs and claims.jobs[0].attempt > self.options.max_attempts:
+            out.letters.append(self._exhausted(claims.jobs[0]))
+            with conn.transaction():
+                q.bound_transaction(conn, limit_ms)
+                self.settle(conn, out)
+        elif claims.jobs:
+            job = claims.jobs[0]
+            if not self._run_claimed(conn, job, out):
+                log_event(
+                    Event.JOB_CLAIM_LOST,
+                    {
+                        "queue": self.queue,
+                        "job_key": job.idempotency_key,
+                        "msg_id": job.msg_id,
+                        "attempt": job.attempt,
+                    },
+                    logging.WARNING,
+                )
+                return False, 0
+        self.after_commit(out)
+        waits = [f.delay_s for f in out.failures] + list(claims.waits.values())
+        return bool(out.done or claims.completed), max(waits, default=0)
+
+    def _exhausted(self, job: Job) -> DeadLetter:
+        """Every earlier run of this job ended with its worker gone inside the handler
+        (a job that kills or freezes the process): never run it again."""
+        last = job.attempt - 1
+        return DeadLetter(
+            msg_id=job.msg_id,
+            job_key=job.idempotency_key,
+            error_type="AttemptsExhausted",
+            error=f"attempt {last} of {self.options.max_attempts} ended with its worker gone before"
+            " the handler finished (killed, crashed, frozen or cut off for longer than"
+            " WORKER_VISIBILITY_TIMEOUT_S); not run again",
+            attempts=last,
+        )
+
+
+def reraise_if_connection_lost(conn: Conn, exc: Exception) -> None:
+    """A handler error on a dead connection is the connection's end (an outage, or the
+    server ending a transaction past its bound), not a job failure."""
+    if conn.broken or conn.closed:
+        if isinstance(exc, psycopg.Error):
+            raise exc
+        raise psycopg.OperationalError("connection lost while running a handler") from exc
