@@ -23,8 +23,9 @@ from backend.config import Settings, load_settings, redact_url, url_password
 from backend.db.connect import connect, resolve_db_url
 from backend.errors import ConfigError
 from tools.worker_inspector import queries
+from tools.worker_inspector.model import Options, jsonable
 from tools.worker_inspector.render import render_dead_letters, render_report, timestamp
-from tools.worker_inspector.report import Options, build_report, jsonable
+from tools.worker_inspector.report import build_report
 
 PROG = "python -m tools.worker_inspector"
 APP_NAME = "dragonfly-inspector"

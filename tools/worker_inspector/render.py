@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from tools.worker_inspector.report import Finding, Report, duration
+from tools.worker_inspector.model import Finding, Report, duration
 
 Cell = str | int | float | None
 
