@@ -12,17 +12,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from backend import __version__
+from backend.dburl import check_db_url, is_transaction_pooler, redact_url
 from backend.errors import ConfigError
 
 Mode = Literal["dev", "prod"]
 
 DEFAULT_DRAIN_TIMEOUT_S = 25.0
-TRANSACTION_POOLER_PORT = 6543
-_WEAK_SSLMODES = frozenset({"disable", "allow", "prefer"})
-_LOCAL_HOSTS = frozenset({"", "localhost", "127.0.0.1", "::1"})
 RAILWAY_VARIABLES = (
     "RAILWAY_GIT_COMMIT_SHA",
     "RAILWAY_SERVICE_NAME",
@@ -225,7 +222,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             "SUPABASE_DB_URL", "required when SUPABASE_MODE=prod; set it to the Supabase session pooler URL"
         )
     if db_url:
-        db_url = _checked_url(db_url, mode)
+        db_url = check_db_url(db_url, prod=mode == "prod")
     values: dict[str, Any] = {}
     for tunable in TUNABLES:
         values[_TUNABLE_FIELDS[tunable.variable]] = _tunable(env, tunable)
@@ -277,52 +274,6 @@ def _tunable(env: Mapping[str, str], tunable: Tunable) -> Any:
     if tunable.minimum is not None and value < tunable.minimum:
         raise ConfigError(tunable.variable, f"{raw!r} is below the minimum {tunable.minimum:g}")
     return value
-
-
-def _checked_url(url: str, mode: Mode) -> str:
-    parts = urlsplit(url)
-    if parts.scheme not in ("postgres", "postgresql"):
-        raise ConfigError("SUPABASE_DB_URL", "must be a postgresql:// URL")
-    query = dict(parse_qsl(parts.query, keep_blank_values=True))
-    host = parts.hostname or query.get("host", "")
-    local = host in _LOCAL_HOSTS or host.startswith("/")
-    if mode == "prod" and not local:
-        sslmode = query.get("sslmode")
-        if sslmode is None:
-            query["sslmode"] = "require"
-            return urlunsplit(parts._replace(query=urlencode(query)))
-        if sslmode in _WEAK_SSLMODES:
-            raise ConfigError(
-                "SUPABASE_DB_URL",
-                f"sslmode={sslmode} is not allowed in prod; use require, verify-ca or verify-full",
-            )
-    return url
-
-
-def redact_url(url: str) -> str:
-    """The URL with its password replaced by ``***``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
-def url_password(url: str | None) -> str | None:
-    if not url:
-        return None
-    return urlsplit(url).password or None
-
-
-def is_transaction_pooler(url: str) -> bool:
-    """Supabase's transaction pooler (port 6543) breaks prepared statements and LISTEN."""
-    parts = urlsplit(url)
-    query = dict(parse_qsl(parts.query))
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    return port == TRANSACTION_POOLER_PORT or query.get("pgbouncer") == "true"
 
 
 def cgroup_memory_max(root: Path = Path("/sys/fs/cgroup")) -> int | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import uuid
 from collections.abc import Mapping
@@ -79,7 +80,8 @@ def enqueue_many(
 def main(argv: list[str] | None = None) -> int:
     from backend.config import load_settings
     from backend.db.connect import connect, resolve_db_url
-    from backend.errors import ConfigError
+    from backend.dburl import secrets_of
+    from backend.errors import ConfigError, describe
 
     parser = argparse.ArgumentParser(
         prog="python -m backend.enqueue", description="Enqueue one job for a worker."
@@ -107,7 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         with connect(resolve_db_url(settings), "dragonfly-enqueue") as conn:
             msg_id = enqueue(conn, args.queue, envelope, delay_s=args.delay)
     except (json.JSONDecodeError, InvalidEnvelope, ConfigError, psycopg.Error) as exc:
-        print(f"enqueue failed: {' '.join(str(exc).split())}", file=sys.stderr)
+        text = describe(exc)
+        for secret in secrets_of(os.environ.get("SUPABASE_DB_URL")):
+            text = text.replace(secret, "***")
+        print(f"enqueue failed: {text}", file=sys.stderr)
         return 1
     print(json.dumps({"queue": args.queue, "msg_id": msg_id, "idempotency_key": envelope["idempotency_key"]}))
     return 0

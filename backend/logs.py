@@ -19,17 +19,30 @@ _log = logging.getLogger(EVENT_LOGGER)
 
 
 class RedactingJsonFormatter(JsonFormatter):
-    """A JSON formatter that replaces every configured secret with ``***``."""
+    """A JSON formatter that replaces every configured secret with ``***`` in every text
+    value, before the line is serialised: a secret that happens to be digits or a JSON
+    delimiter can never corrupt a line."""
 
     def __init__(self, secrets: Iterable[str] = (), **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.secrets = tuple(s for s in secrets if s)
 
-    def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
-        for secret in self.secrets:
-            line = line.replace(secret, "***")
-        return line
+    def process_log_record(self, log_data: dict[str, Any]) -> dict[str, Any]:
+        redacted: dict[str, Any] = self._redact(log_data)
+        return redacted
+
+    def _redact(self, value: Any) -> Any:
+        if not self.secrets:
+            return value
+        if isinstance(value, str):
+            for secret in self.secrets:
+                value = value.replace(secret, "***")
+            return value
+        if isinstance(value, dict):
+            return {k: self._redact(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self._redact(v) for v in value]
+        return value
 
 
 def configure_logging(level: str = "INFO", secrets: Iterable[str] = ()) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -13,13 +14,15 @@ from psycopg_pool import ConnectionPool
 from tenacity import (
     RetryCallState,
     Retrying,
+    retry_if_exception,
     retry_if_exception_type,
     stop_after_delay,
     stop_when_event_set,
 )
 
 from backend.backoff import tenacity_wait
-from backend.config import Settings, is_transaction_pooler
+from backend.config import Settings
+from backend.dburl import is_transaction_pooler, libpq_url
 from backend.errors import describe
 from backend.events import Event
 from backend.logs import log_event
@@ -69,7 +72,7 @@ def connect_kwargs(url: str, application_name: str) -> dict[str, Any]:
 
 def connect(url: str, application_name: str, *, autocommit: bool = True) -> psycopg.Connection[Any]:
     """One connection, outside the pool (boot checks, migrations, tools)."""
-    return psycopg.connect(url, autocommit=autocommit, **connect_kwargs(url, application_name))
+    return psycopg.connect(libpq_url(url), autocommit=autocommit, **connect_kwargs(url, application_name))
 
 
 def make_pool(url: str, application_name: str, *, size: int = 3) -> ConnectionPool[Any]:
@@ -77,7 +80,7 @@ def make_pool(url: str, application_name: str, *, size: int = 3) -> ConnectionPo
     kwargs = connect_kwargs(url, application_name)
     kwargs["autocommit"] = True
     return ConnectionPool(
-        url,
+        libpq_url(url),
         min_size=size,
         max_size=size,
         kwargs=kwargs,
@@ -88,13 +91,40 @@ def make_pool(url: str, application_name: str, *, size: int = 3) -> ConnectionPo
     )
 
 
+# What the server says when retrying cannot help, and what to do about it. libpq reports
+# these at connection time without a SQLSTATE, so they are known by their text.
+_PERMANENT = (
+    (re.compile(r"password authentication failed"), "the password in SUPABASE_DB_URL is wrong"),
+    (
+        re.compile(r'role ".*" does not exist|Tenant or user not found'),
+        "the user in SUPABASE_DB_URL does not exist (Supabase's pooler wants postgres.<project-ref>)",
+    ),
+    (re.compile(r'database ".*" does not exist'), "the database named in SUPABASE_DB_URL does not exist"),
+    (re.compile(r"no pg_hba\.conf entry"), "the server does not accept this client, user or database"),
+    (
+        re.compile(r"server does not support SSL"),
+        "the server does not accept TLS; in dev use sslmode=disable in SUPABASE_DB_URL",
+    ),
+)
+
+
+def permanent_reason(exc: BaseException) -> str | None:
+    """What to fix when a connection failure is one that retrying cannot cure, else None."""
+    text = str(exc)
+    for pattern, fix in _PERMANENT:
+        match = pattern.search(text)
+        if match:
+            return f"{fix} ({match.group(0)})"
+    return None
+
+
 def boot_retrying(timeout_s: float, stopping: threading.Event) -> Retrying:
     """Bounded retries while booting: give up after ``timeout_s``, or at once when stopping."""
     return Retrying(
         stop=stop_after_delay(timeout_s) | stop_when_event_set(stopping),
         wait=tenacity_wait(base_s=0.2, max_s=2.0),
         sleep=_sleep_until_stopped(stopping),
-        retry=retry_if_exception_type(DB_ERRORS),
+        retry=retry_if_exception(lambda exc: isinstance(exc, DB_ERRORS) and permanent_reason(exc) is None),
         before_sleep=_log_retry(Event.DB_BOOT_RETRY),
         reraise=True,
     )

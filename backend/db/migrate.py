@@ -21,6 +21,7 @@ import psycopg
 
 from backend.config import QUEUES
 from backend.db.queries import queue_table
+from backend.errors import describe
 from backend.events import Event
 from backend.logs import log_event
 
@@ -157,8 +158,9 @@ def apply_migrations(conn: psycopg.Connection[Any], queues: tuple[str, ...] = QU
 
 
 def main(argv: list[str] | None = None) -> int:
-    from backend.config import load_settings, url_password
+    from backend.config import load_settings
     from backend.db.connect import connect, resolve_db_url
+    from backend.dburl import secrets_of
     from backend.errors import ConfigError
     from backend.logs import add_secret, configure_logging
 
@@ -174,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 1
-    configure_logging(settings.log_level, secrets=[url_password(settings.db_url) or ""])
+    configure_logging(settings.log_level, secrets=secrets_of(settings.db_url))
     if settings.uses_transaction_pooler:
         print(
             "configuration error: SUPABASE_DB_URL: migrations need a session connection (the advisory"
@@ -184,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         url = resolve_db_url(settings)
-        add_secret(url_password(url))
+        for secret in secrets_of(url):
+            add_secret(secret)
         with connect(url, "dragonfly-migrate") as conn:
             if args.check:
                 current, latest = current_version(conn), latest_version()
@@ -201,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     except psycopg.Error as exc:
         log_event(
             Event.MIGRATION_FAILED,
-            {"error": " ".join(str(exc).split()), "error_type": type(exc).__name__},
+            {"error": describe(exc), "error_type": type(exc).__name__},
             logging.ERROR,
         )
         return 1

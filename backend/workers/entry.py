@@ -8,7 +8,8 @@ import socket
 import sys
 from typing import Any
 
-from backend.config import load_settings, url_password
+from backend.config import load_settings
+from backend.dburl import secrets_of
 from backend.errors import ConfigError
 from backend.events import Event
 from backend.logs import configure_logging, log_event
@@ -23,10 +24,10 @@ def run_worker(worker_cls: type[BaseWorker]) -> None:
     try:
         settings = load_settings()
     except ConfigError as exc:
-        configure_logging("INFO", secrets=[url_password(os.environ.get("SUPABASE_DB_URL")) or ""])
+        configure_logging("INFO", secrets=secrets_of(os.environ.get("SUPABASE_DB_URL")))
         BareIdentity(worker_cls).fail(exc)
         sys.exit(EXIT_FAILURE)
-    configure_logging(settings.log_level, secrets=[url_password(settings.db_url) or ""])
+    configure_logging(settings.log_level, secrets=secrets_of(settings.db_url))
     runtime = Runtime(worker_cls(settings))
     SignalWatcher(runtime.on_signal).install()
     code = runtime.run()

@@ -3,9 +3,20 @@ housekeeping thread that extends leases, and the runtime that gives them back on
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from backend.db import ledger
+from backend.db import queries as q
+from backend.errors import describe
+from backend.events import Event
+from backend.logs import log_event
 
 
 @dataclass
@@ -52,3 +63,29 @@ class HeldJobs:
         with self.lock:
             self.taken.clear()
             self.in_hand = None
+
+
+def give_back(held: HeldJobs, pool: ConnectionPool[Any], *, queue: str, worker_id: str) -> None:
+    """Give back what abandoned work held, so other workers need not wait out the leases;
+    bounded, since the abandoned transaction may still lock some of it."""
+    msg_ids, keys = held.snapshot()
+    if not (msg_ids or keys):
+        return
+    try:
+        with pool.connection(timeout=1) as conn, conn.transaction():
+            q.bound_transaction(conn, 1000)
+            q.set_visibility(conn, queue, msg_ids, [0] * len(msg_ids))
+            ledger.release_claims(conn, worker_id, keys)
+    except psycopg.Error as exc:
+        log_event(
+            Event.RELEASE_FAILED,
+            {
+                "worker_id": worker_id,
+                "messages": len(msg_ids),
+                "claims": len(keys),
+                "error": describe(exc),
+                "error_type": type(exc).__name__,
+                "consequence": "they return when their leases end",
+            },
+            logging.WARNING,
+        )

@@ -20,18 +20,17 @@ from typing import Any
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from backend.config import url_password
-from backend.db import ledger
-from backend.db import queries as q
-from backend.db.connect import boot_retrying, connect, make_pool, resolve_db_url
+from backend.db.connect import boot_retrying, connect, make_pool, permanent_reason, resolve_db_url
 from backend.db.upkeep import upsert_heartbeat
-from backend.errors import describe
+from backend.dburl import secrets_of
+from backend.errors import BootError, WorkerError, describe
 from backend.events import Event
 from backend.logs import add_secret, log_event
 from backend.workers.base import BaseWorker, TransactionalWorker
 from backend.workers.boot import check_schema, housekeeping_plan, identity, make_strategy
 from backend.workers.consumer import Consumer
 from backend.workers.deliveries import DeliveryLog
+from backend.workers.held import give_back
 from backend.workers.housekeeping import Housekeeper
 from backend.workers.lifecycle import Lifecycle, State
 from backend.workers.memory import MemoryVerdict, rss_bytes
@@ -190,29 +189,8 @@ class Runtime:
         os._exit(code)
 
     def _release_held(self) -> None:
-        """Give back what the abandoned work held, so other workers need not wait out the
-        leases; bounded, since the abandoned transaction may still lock some of it."""
-        msg_ids, keys = self.held.snapshot()
-        if self.pool is None or not (msg_ids or keys):
-            return
-        try:
-            with self.pool.connection(timeout=1) as conn, conn.transaction():
-                q.bound_transaction(conn, 1000)
-                q.set_visibility(conn, self.queue, msg_ids, [0] * len(msg_ids))
-                ledger.release_claims(conn, self.worker_id, keys)
-        except psycopg.Error as exc:
-            log_event(
-                Event.RELEASE_FAILED,
-                {
-                    "worker_id": self.worker_id,
-                    "messages": len(msg_ids),
-                    "claims": len(keys),
-                    "error": describe(exc),
-                    "error_type": type(exc).__name__,
-                    "consequence": "they return when their leases end",
-                },
-                logging.WARNING,
-            )
+        if self.pool is not None:
+            give_back(self.held, self.pool, queue=self.queue, worker_id=self.worker_id)
 
     def _on_memory_exceeded(self, verdict: MemoryVerdict) -> None:
         # Already stopping for a signal: that drain ends the process anyway (exit 0).
@@ -230,10 +208,16 @@ class Runtime:
     def _boot(self) -> None:
         self.worker.setup()
         url = resolve_db_url(self.settings)
-        add_secret(url_password(url))
-        for attempt in boot_retrying(self.settings.boot_timeout_s, self.stop_requested):
-            with attempt, connect(url, f"boot:{self.worker_id}") as conn:
-                self.notifications = check_schema(conn, self.settings, self.queue)
+        for secret in secrets_of(url):
+            add_secret(secret)
+        try:
+            for attempt in boot_retrying(self.settings.boot_timeout_s, self.stop_requested):
+                with attempt, connect(url, f"boot:{self.worker_id}") as conn:
+                    self.notifications = check_schema(conn, self.settings, self.queue)
+        except psycopg.OperationalError as exc:
+            if reason := permanent_reason(exc):
+                raise BootError(reason) from None
+            raise
         self._db_url = url
         self.pool = make_pool(url, self.worker_id)
         self.pool.open(wait=True, timeout=max(2.0, self.settings.boot_timeout_s))
@@ -318,7 +302,10 @@ class Runtime:
         return {
             "error": describe(exc),
             "error_type": type(exc).__name__,
-            "traceback": "".join(traceback.format_exception(exc))[-8000:],
+            # An operator's error (configuration, a refused login) is not a bug: no traceback.
+            "traceback": ""
+            if isinstance(exc, WorkerError)
+            else "".join(traceback.format_exception(exc))[-8000:],
             "state_before": self.lifecycle.state.value,
             "exit_code": EXIT_FAILURE,
             "jobs_processed": self.counters.processed,

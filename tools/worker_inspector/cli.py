@@ -19,8 +19,9 @@ from typing import Any
 import psycopg
 from psycopg import errors as pg_errors
 
-from backend.config import Settings, load_settings, redact_url, url_password
+from backend.config import Settings, load_settings
 from backend.db.connect import connect, resolve_db_url
+from backend.dburl import redact_url, secrets_of
 from backend.errors import ConfigError
 from tools.worker_inspector import queries
 from tools.worker_inspector.model import Options, jsonable
@@ -203,7 +204,7 @@ def _run(args: argparse.Namespace) -> int:
     except (OSError, RuntimeError, subprocess.SubprocessError, psycopg.Error) as exc:
         raise Unusable(f"cannot start the embedded PostgreSQL: {one_line(exc)}") from None
     safe = redact_url(url)
-    secret = url_password(url)
+    secret = secrets_of(url)
     try:
         conn = connect(url, APP_NAME)
     except psycopg.Error as exc:
@@ -303,7 +304,7 @@ def _job(job_key: str | None) -> str:
     return f"job {job_key}" if job_key else "no job key"
 
 
-def one_line(exc: BaseException, secret: str | None = None) -> str:
+def one_line(exc: BaseException, secrets: Sequence[str] = ()) -> str:
     """The gist of a database error on one line: libpq's 'connection to server at ...
     failed:' preamble and its hints dropped, the password masked."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
@@ -311,4 +312,6 @@ def one_line(exc: BaseException, secret: str | None = None) -> str:
     text = re.sub(r"^connection (failed|is bad):\s*", "", text)
     text = re.sub(r"^connection to server (at|on) .*? failed:\s*", "", text)
     text = " ".join(text.split()) or type(exc).__name__
-    return text.replace(secret, "***") if secret else text
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
