@@ -14,6 +14,8 @@ from enum import StrEnum
 
 
 class Event(StrEnum):
+    """Every event name a line of this code can carry."""
+
     # the lifecycle (backend.workers.lifecycle)
     WORKER_BOOT = "WORKER_BOOT"
     WORKER_DRAINING = "WORKER_DRAINING"
@@ -73,6 +75,8 @@ FIELDS: Mapping[Event, tuple[str, ...]] = {
         "traceback",
         "state_before",
         "exit_code",
+        "jobs_processed",
+        "jobs_failed",
     ),
     Event.WORKER_DRAINING: (*_LIFECYCLE, "reason", "in_flight", "drain_timeout_s"),
     Event.WORKER_SHUTDOWN: (
@@ -95,6 +99,7 @@ FIELDS: Mapping[Event, tuple[str, ...]] = {
         "variable",
         "drained",
         *_MEMORY,
+        "abandoned",
     ),
     Event.WORKER_MEMORY_SOFT_LIMIT: ("worker_id", *_MEMORY),
     Event.JOB_FAILED: ("queue", "job_key", "msg_id", "attempt", "max_attempts", *_ERROR, "retry_in_s"),

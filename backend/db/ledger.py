@@ -147,6 +147,7 @@ def owns_claim(conn: Conn, key: str, worker_id: str) -> bool:
 
 
 def complete(conn: Conn, keys: Sequence[str]) -> None:
+    """Mark the keys completed now (their claims end)."""
     if keys:
         conn.execute(
             f"UPDATE workers.processed_jobs SET status = {_COMPLETED}, lease_expires_at = NULL,"

@@ -31,6 +31,7 @@ SET status = EXCLUDED.status, last_heartbeat_at = EXCLUDED.last_heartbeat_at,
 
 
 def upsert_heartbeat(conn: Conn, row: dict[str, Any]) -> None:
+    """Write the worker's heartbeat row (``stopped_at`` set when it is STOPPED or CRASHED)."""
     conn.execute(_HEARTBEAT, {**row, "metadata": Jsonb(row.get("metadata") or {})})
 
 

@@ -37,6 +37,7 @@ def identity(worker: BaseWorker) -> dict[str, Any]:
 
 
 def processing_options(settings: Settings) -> ProcessingOptions:
+    """The processing tunables out of the settings."""
     return ProcessingOptions(
         batch_size=settings.batch_size,
         visibility_timeout_s=settings.visibility_timeout_s,
@@ -84,6 +85,7 @@ def check_schema(conn: psycopg.Connection[Any], settings: Settings, queue: str) 
 
 
 def housekeeping_plan(settings: Settings, queue: str, worker_id: str) -> HousekeepingPlan:
+    """What the housekeeping thread does, and how often, out of the settings."""
     s = settings
     return HousekeepingPlan(
         queue=queue,

@@ -63,6 +63,7 @@ class Consumer:
         self._wake_w.close()
 
     def run(self, pool: ConnectionPool[Any], *, notifications: bool) -> None:
+        """Process deliveries until a stop is requested; outages are waited out here."""
         self.pool, self.notifications = pool, notifications
         conn: Conn | None = None
         outage_since: float | None = None

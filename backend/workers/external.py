@@ -26,6 +26,8 @@ class ExternalHandler(Protocol):
 
 
 class ExternalStrategy(Strategy):
+    """One message at a time, its claim committed before the handler runs."""
+
     def __init__(self, *, handler: ExternalHandler, **common: Any) -> None:
         super().__init__(**common)
         self.handler = handler

@@ -88,6 +88,7 @@ class Strategy:
         raise NotImplementedError
 
     def sort(self, messages: Sequence[q.Message]) -> Delivery:
+        """The delivery's messages sorted (``delivery.sort_delivery``) the kind's way."""
         return sort_delivery(messages, self.options.max_payload_bytes, self._runs_together)
 
     # --- claims and outcomes ---------------------------------------------------------------
@@ -129,9 +130,9 @@ class Strategy:
             for env, msg_id in others:
                 # None: another worker's open transaction is claiming or running the key
                 state, lease_left = states.get(env["idempotency_key"], (None, 0.0))
-                if state is LedgerStatus.COMPLETED:
+                if state == LedgerStatus.COMPLETED:
                     result.completed.append(msg_id)
-                elif state is LedgerStatus.DEAD:
+                elif state == LedgerStatus.DEAD:
                     out.letters.append(
                         DeadLetter(
                             msg_id=msg_id,
@@ -141,7 +142,7 @@ class Strategy:
                             attempts=0,
                         )
                     )
-                elif state is LedgerStatus.PROCESSING and lease_left <= 0 and expired is not None:
+                elif state == LedgerStatus.PROCESSING and lease_left <= 0 and expired is not None:
                     expired.append((env, msg_id))
                 else:
                     result.waits[msg_id] = max(1, int(lease_left) + 1)
@@ -204,6 +205,7 @@ class Strategy:
         q.delete_messages(conn, self.queue, [*(j.msg_id for j in out.done), *delete])
 
     def after_commit(self, out: Outcome) -> None:
+        """Count the outcome and log each dead letter, once its transaction committed."""
         self.counters.processed += len(out.done)
         self.counters.failed += len(out.failures) + sum(1 for d in out.letters if d.job_key)
         for letter in out.letters:
@@ -249,7 +251,7 @@ class Strategy:
         states = ledger.ledger_status(conn, [env["idempotency_key"] for env, _ in pending])
         return sorted(
             pending,
-            key=lambda p: (states.get(p[0]["idempotency_key"], (None,))[0] is LedgerStatus.PROCESSING, p[1]),
+            key=lambda p: (states.get(p[0]["idempotency_key"], (None,))[0] == LedgerStatus.PROCESSING, p[1]),
         )
 
     def _one(self, conn: Conn, pending: Pending) -> tuple[bool, int]:

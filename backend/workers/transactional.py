@@ -53,6 +53,8 @@ class _BatchFailed(Exception):
 
 
 class TransactionalStrategy(Strategy):
+    """Batches in one transaction each; jobs delivered before run alone after it."""
+
     def __init__(self, *, handler: TransactionalHandler, deliveries: DeliveryLog, **common: Any) -> None:
         super().__init__(**common)
         self.handler = handler

@@ -20,6 +20,10 @@ from psycopg import sql
 
 from backend.db.ledger import LedgerStatus
 
+# Literals, not parameters: the partial index on processing claims serves only a query
+# whose text names the status.
+_PROCESSING, _FAILED, _DEAD = LedgerStatus.PROCESSING.sql, LedgerStatus.FAILED.sql, LedgerStatus.DEAD.sql
+
 Conn = psycopg.Connection[Any]
 Row = dict[str, Any]
 
@@ -122,12 +126,12 @@ def stuck_claims(conn: Conn, limit: int) -> tuple[int, list[Row]]:
     """Count every ``processing`` claim whose lease expired (or was never set); list the
     ``limit`` longest stuck."""
     rows = conn.execute(
-        """
+        f"""
         WITH stuck AS (
             SELECT job_key, queue_name, msg_id, worker_id, attempts, lease_expires_at,
                    extract(epoch FROM now() - lease_expires_at)::float8 AS age_s
             FROM workers.processed_jobs
-            WHERE status = %(processing)s AND (lease_expires_at < now() OR lease_expires_at IS NULL)
+            WHERE status = {_PROCESSING} AND (lease_expires_at < now() OR lease_expires_at IS NULL)
         )
         SELECT c.total, s.*
         FROM (SELECT count(*) AS total FROM stuck) c
@@ -135,7 +139,7 @@ def stuck_claims(conn: Conn, limit: int) -> tuple[int, list[Row]]:
             SELECT * FROM stuck ORDER BY lease_expires_at NULLS FIRST, job_key LIMIT %(limit)s
         ) s ON true
         """,
-        {"limit": limit, "processing": LedgerStatus.PROCESSING},
+        {"limit": limit},
     ).fetchall()
     total = int(rows[0]["total"]) if rows else 0
     items = [r for r in rows if r["job_key"] is not None]
@@ -245,10 +249,10 @@ def replay(conn: Conn, dead_letter_id: int) -> Replay | None:
         reset = 0
         if letter["job_key"] is not None:
             reset = conn.execute(
-                "UPDATE workers.processed_jobs SET status = %(failed)s, attempts = 0,"
+                f"UPDATE workers.processed_jobs SET status = {_FAILED}, attempts = 0,"
                 " lease_expires_at = NULL, updated_at = clock_timestamp()"
-                " WHERE job_key = %(key)s AND status IN (%(dead)s, %(failed)s)",
-                {"key": letter["job_key"], "failed": LedgerStatus.FAILED, "dead": LedgerStatus.DEAD},
+                f" WHERE job_key = %s AND status IN ({_DEAD}, {_FAILED})",
+                (letter["job_key"],),
             ).rowcount
     return Replay(
         dead_letter_id=dead_letter_id,

@@ -219,12 +219,14 @@ def _seconds(env: Mapping[str, str], name: str) -> float:
 
 
 def setting_hint(channel: Channel) -> str:
+    """The variable(s) that enable ``channel``."""
     if channel == "email":
         return "OUTBOX_SMTP_HOST and OUTBOX_SMTP_FROM"
     return URL_VARIABLES[channel]
 
 
 def is_address(value: str) -> bool:
+    """Whether ``value`` is one plain email address."""
     if any(c in value for c in "\r\n,;"):
         return False
     _, address = parseaddr(value)

@@ -36,6 +36,7 @@ class _SMTPSSL(_SMTP, smtplib.SMTP_SSL):
 
 
 def send_email(message: OutboundMessage, key: str, config: OutboxConfig) -> DeliveryReceipt:
+    """Send one email; the reply to DATA is the receipt."""
     destination = config.safe_destination("email")
     where = f"email to {message.to} via {destination}"
     mail = _email_message(message, key, config.smtp_from or "")

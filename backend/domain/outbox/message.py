@@ -133,6 +133,7 @@ def check_key(key: str) -> None:
 
 
 def network_reason(exc: BaseException, timeout_s: float) -> str:
+    """Why a connection failed, in a few words."""
     reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
     if isinstance(reason, TimeoutError):
         return f"no answer within {timeout_s:g}s"

@@ -47,6 +47,7 @@ _OPENER = urllib.request.build_opener(_NoRedirect)
 
 
 def http_document(message: OutboundMessage, key: str, entity: EntityRef | None) -> dict[str, Any]:
+    """The JSON a channel receives: Slack's and Discord's shapes, or the generic document."""
     if message.channel == "slack":
         return {"text": f"*{message.subject}*\n{message.body}"}
     if message.channel == "discord":
@@ -71,6 +72,7 @@ def http_document(message: OutboundMessage, key: str, entity: EntityRef | None) 
 def post_json(
     channel: Channel, url: str, document: Mapping[str, Any], key: str, timeout_s: float
 ) -> DeliveryReceipt:
+    """POST ``document`` with the key's ``Idempotency-Key``; the status line is the verdict."""
     destination = redact_url(url)
     request = urllib.request.Request(
         url,
