@@ -24,11 +24,9 @@ import os
 import platform
 import random
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
 import uuid
 import warnings
@@ -38,12 +36,10 @@ from datetime import UTC, datetime
 from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import psutil  # noqa: E402
 import psycopg  # noqa: E402
 from psycopg.rows import dict_row  # noqa: E402
 from psycopg.types.json import Jsonb  # noqa: E402
@@ -53,6 +49,7 @@ from backend.db.embedded import EmbeddedPostgres  # noqa: E402
 from backend.db.migrate import apply_migrations  # noqa: E402
 from backend.domain.seed import seed_demo  # noqa: E402
 from backend.enqueue import build_envelope, enqueue_many  # noqa: E402
+from scripts.harness.process import WorkerProcess, inherited_env, with_password  # noqa: E402
 
 PGDATA = ROOT / ".data" / "bench-pg"
 RESULTS = ROOT / "bench-results"
@@ -142,12 +139,6 @@ def start_embedded(pgdata: Path) -> tuple[EmbeddedPostgres, str]:
     return server, server.start()
 
 
-def with_user(url: str, user: str, password: str) -> str:
-    parts = urlsplit(url)
-    host = parts.netloc.rsplit("@", 1)[-1]
-    return urlunsplit(parts._replace(netloc=f"{user}:{password}@{host}"))
-
-
 class BenchDatabase:
     """The bench's own connection: schema, queues, fills, and what the workers left."""
 
@@ -182,7 +173,7 @@ class BenchDatabase:
         verb = "ALTER" if exists else "CREATE"
         self.conn.execute(f"{verb} ROLE {COUNTED_ROLE} LOGIN SUPERUSER PASSWORD '{password}'")
         self.conn.execute(f"ALTER ROLE {COUNTED_ROLE} SET pg_stat_statements.track = 'top'")
-        return with_user(self.url, COUNTED_ROLE, password)
+        return with_password(self.url, password, user=COUNTED_ROLE)
 
     def reset(self, *queues: str) -> None:
         """Empty the ledger, the heartbeats and the given queues."""
@@ -257,107 +248,7 @@ class BenchDatabase:
 
 def worker_env(url: str, **settings: str) -> dict[str, str]:
     """The environment of a worker on Railway: prod mode, the URL, the given settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SUPABASE_", "WORKER_", "RAILWAY_"))}
-    env.update({"SUPABASE_MODE": "prod", "SUPABASE_DB_URL": url, **settings})
-    return env
-
-
-class WorkerProcess:
-    """``python -m <module>``: its JSON lines, boot time, CPU time, RSS and exit."""
-
-    def __init__(self, module: str, env: dict[str, str]) -> None:
-        self.spawned = time.monotonic()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", module],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            bufsize=1,
-        )
-        self.ps = psutil.Process(self.proc.pid)
-        self.events: list[dict[str, Any]] = []
-        self.lines: list[str] = []
-        self.boot_at: float | None = None
-        self.boot_cpu = 0.0
-        self._cond = threading.Condition()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            now = time.monotonic()
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                event = None
-            if isinstance(event, dict) and event.get("event") == "WORKER_BOOT" and self.boot_at is None:
-                self.boot_at = now
-                self.boot_cpu = self._cpu_or_zero()
-            with self._cond:
-                self.lines.append(line.rstrip("\n"))
-                if isinstance(event, dict):
-                    self.events.append(event)
-                self._cond.notify_all()
-        with self._cond:
-            self._cond.notify_all()
-
-    def _cpu_or_zero(self) -> float:
-        try:
-            return self.cpu()
-        except psutil.Error:
-            return 0.0
-
-    def wait_events(self, name: str, count: int = 1, timeout: float = 30.0) -> list[dict[str, Any]]:
-        """The ``data`` of the first ``count`` events called ``name``."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                found = [e.get("data", {}) for e in self.events if e.get("event") == name]
-                if len(found) >= count:
-                    return found[:count]
-                left = deadline - time.monotonic()
-                if left <= 0 or not self._reader.is_alive():
-                    tail = "\n".join(self.lines[-20:])
-                    raise RuntimeError(
-                        f"{name} x{count} not seen within {timeout:g} s"
-                        f" (saw {len(found)}); last output:\n{tail}"
-                    )
-                self._cond.wait(min(left, 0.2))
-
-    def wait_boot(self, timeout: float = 30.0) -> dict[str, Any]:
-        data = self.wait_events("WORKER_BOOT", timeout=timeout)[0]
-        if data.get("db_status") != "ok":
-            raise RuntimeError(f"worker failed to boot: {data.get('error')}")
-        return data
-
-    @property
-    def boot_s(self) -> float:
-        assert self.boot_at is not None
-        return self.boot_at - self.spawned
-
-    def cpu(self) -> float:
-        times = self.ps.cpu_times()
-        return float(times.user + times.system)
-
-    def rss(self) -> int:
-        return int(self.ps.memory_info().rss)
-
-    def terminate(self, timeout: float = 30.0) -> tuple[float, int]:
-        """SIGTERM; return the seconds until the process exited, and its exit code."""
-        started = time.monotonic()
-        self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout=timeout)
-        elapsed = time.monotonic() - started
-        self._reader.join(timeout=5)
-        return elapsed, code
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
+    return inherited_env(SUPABASE_MODE="prod", SUPABASE_DB_URL=url, **settings)
 
 
 def wait_processed(
@@ -369,7 +260,7 @@ def wait_processed(
         if worker.proc.poll() is not None:
             raise RuntimeError(
                 f"worker exited with {worker.proc.returncode} before finishing;"
-                " last output:\n" + "\n".join(worker.lines[-20:])
+                " last output:\n" + worker.tail(20)
             )
         if time.monotonic() > deadline:
             raise RuntimeError(
@@ -463,7 +354,7 @@ def worker_run(
         rss = worker.rss()
         exit_s, code = worker.terminate()
     finally:
-        worker.kill()
+        worker.stop()
     done, span = db.ledger_span(queue)
     first = min(batch, done)
     return {
@@ -633,7 +524,7 @@ def latency(db: BenchDatabase, plan: Plan, mode: str, out: Collected, rep: int) 
         idle = idle_statements(db, worker, window) if db.counted_url else None
         exit_s, code = worker.terminate()
     finally:
-        worker.kill()
+        worker.stop()
     values = [float(p["latency_ms"]) for p in picked]
     out.latencies.setdefault(mode, []).extend(values)
     out.add(f"pickup_p50_{mode}", percentile(values, 50))
@@ -683,7 +574,7 @@ def soak(db: BenchDatabase, plan: Plan, out: Collected, rep: int) -> None:
             rounds.append({"jobs": done, "rss_mb": worker.rss() / MB})
         exit_s, code = worker.terminate()
     finally:
-        worker.kill()
+        worker.stop()
     growth = rounds[-1]["rss_mb"] - rss_idle / MB
     out.add("rss_growth_mb", growth)
     out.add("soak_cpu_us", cpu / done * 1e6)
@@ -1047,7 +938,7 @@ def profile_run(db: BenchDatabase, plan: Plan, out_dir: Path) -> dict[str, Any]:
         wait_processed(db, worker, boot["worker_id"], plan.jobs, timeout=120 + plan.jobs / 100)
         worker.terminate()
     finally:
-        worker.kill()
+        worker.stop()
     if spy is not None:
         spy.wait(timeout=60)
     done, span = db.ledger_span(BENCH_QUEUE)

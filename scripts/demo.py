@@ -10,10 +10,8 @@ queues are empty, stops them with SIGTERM and shows what happened.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -33,6 +31,7 @@ from backend.db.connect import resolve_db_url  # noqa: E402
 from backend.db.migrate import apply_migrations  # noqa: E402
 from backend.domain.seed import seed_demo  # noqa: E402
 from backend.enqueue import build_envelope, enqueue_many  # noqa: E402
+from scripts.harness.process import WorkerProcess  # noqa: E402
 
 
 class Receiver(BaseHTTPRequestHandler):
@@ -62,31 +61,13 @@ def depth(conn: psycopg.Connection[Any]) -> dict[str, int]:
     return {q: conn.execute(f"SELECT count(*) AS n FROM pgmq.q_{q}").fetchone()["n"] for q in QUEUES}
 
 
-def start_workers(env: dict[str, str], logs: Path) -> dict[str, subprocess.Popen[bytes]]:
+def start_workers(env: dict[str, str], logs: Path) -> dict[str, WorkerProcess]:
+    """The three workers, each printing to its log file in ``logs``."""
     logs.mkdir(parents=True, exist_ok=True)
-    procs = {}
-    for name in WORKER_NAMES:
-        out = (logs / f"{name}.log").open("wb")
-        procs[name] = subprocess.Popen(
-            [sys.executable, "-m", f"backend.workers.{name}"],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    return procs
-
-
-def events(log: Path, name: str) -> list[dict[str, Any]]:
-    found = []
-    for line in log.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record.get("event") == name:
-            found.append(record["data"])
-    return found
+    return {
+        name: WorkerProcess(f"backend.workers.{name}", env, log_path=logs / f"{name}.log")
+        for name in WORKER_NAMES
+    }
 
 
 def main() -> int:
@@ -166,20 +147,20 @@ def main() -> int:
             if time.monotonic() - started > args.timeout:
                 print(f"queues not empty after {args.timeout:.0f} s: {depth(conn)}")
                 break
-            if any(p.poll() is not None for p in procs.values()):
+            if any(p.proc.poll() is not None for p in procs.values()):
                 print("a worker exited early; see its log in", logs)
                 break
             time.sleep(0.2)
         took = time.monotonic() - started
         for proc in procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        codes = {name: proc.wait(timeout=30) for name, proc in procs.items()}
+            if proc.proc.poll() is None:
+                proc.send(signal.SIGTERM)
+        codes = {name: proc.wait_exit(timeout=30) for name, proc in procs.items()}
 
         print(f"\nqueues empty after {took:.1f} s; workers stopped with SIGTERM\n")
         print(f"{'worker':<18} {'exit':>4} {'jobs done':>9} {'failed':>6}  log")
         for name in WORKER_NAMES:
-            shutdown = events(logs / f"{name}.log", "WORKER_SHUTDOWN")
+            shutdown = procs[name].named("WORKER_SHUTDOWN")
             done = shutdown[-1]["jobs_processed"] if shutdown else "?"
             failed = shutdown[-1]["jobs_failed"] if shutdown else "?"
             print(f"{name:<18} {codes[name]:>4} {done:>9} {failed:>6}  {logs / (name + '.log')}")

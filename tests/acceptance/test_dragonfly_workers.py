@@ -14,7 +14,8 @@ import pytest
 from backend.domain.collectability import score_judgment
 from backend.domain.seed import seed_demo
 from backend.enqueue import build_envelope, enqueue, enqueue_many
-from tests.harness import WorkerProcess, wait_until
+from scripts.harness.process import WorkerProcess
+from tests.helpers import wait_until
 from tests.receivers import HttpRecorder, Reply, SmtpRecorder
 
 pytestmark = pytest.mark.slow
