@@ -42,7 +42,9 @@ kill schedule and victims. The JSON report goes to ``--report`` (default
 not, 2 when the run could not be made.
 
 This module runs the replicas, the producer and the restart; the workload, the schedule and
-the receiver are in ``chaos_workload.py``, the checks and the table in ``chaos_checks.py``.
+the receiver's replies are in ``chaos_workload.py``, the checks and the table in
+``chaos_checks.py``; the worker processes and the receiver are the harness's
+(``scripts/harness/``).
 """
 
 from __future__ import annotations
@@ -93,17 +95,19 @@ from scripts.chaos_workload import (  # noqa: E402
     CHAOS_QUEUE,
     CHAOS_WORKER,
     ORG_ID,
+    Call,
+    ChaosReplies,
     DbRestart,
     Item,
     Kill,
     Plan,
-    Receiver,
     Schedule,
     build_plan,
     build_schedule,
     split_jobs,
 )
 from scripts.harness.process import WorkerProcess, inherited_env, with_password  # noqa: E402
+from scripts.harness.receivers import HttpRecorder  # noqa: E402
 
 PGDATA = ROOT / ".data" / "chaos-pg" / "pgdata"
 RESULTS = ROOT / "chaos-results"
@@ -674,7 +678,7 @@ class ChaosRun:
         db: Database,
         plan: Plan,
         schedule: Schedule,
-        receiver: Receiver,
+        receiver: HttpRecorder,
         log: Callable[[str], None],
     ) -> None:
         self.opts, self.db, self.plan, self.schedule, self.log = opts, db, plan, schedule, log
@@ -982,10 +986,10 @@ def run(opts: Options, log: Callable[[str], None] = print) -> dict[str, Any]:
             f"{len(plan.expected_keys)} jobs ({plan.messages} messages) in {len(plan.waves)} waves; "
             f"{len(schedule.kills)} kills scheduled"
         )
-        with Receiver() as receiver:
+        with HttpRecorder(responder=ChaosReplies()) as receiver:
             chaos = ChaosRun(opts, db, plan, schedule, receiver, log)
             timeline = chaos.execute()
-            calls = receiver.calls()
+            calls = [Call.of(r) for r in receiver.requests]
         records = [r.record() for r in chaos.supervisor.history]
         retries = [e for r in chaos.supervisor.history for e in r.proc.named("JOB_FAILED")]
         restart = timeline.db_restart or {}

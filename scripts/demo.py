@@ -13,12 +13,9 @@ import argparse
 import os
 import signal
 import sys
-import threading
 import time
-from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -32,29 +29,7 @@ from backend.db.migrate import apply_migrations  # noqa: E402
 from backend.domain.seed import seed_demo  # noqa: E402
 from backend.enqueue import build_envelope, enqueue_many  # noqa: E402
 from scripts.harness.process import WorkerProcess  # noqa: E402
-
-
-class Receiver(BaseHTTPRequestHandler):
-    """A local webhook endpoint: records each delivery's Idempotency-Key, answers 200."""
-
-    received: ClassVar[Counter[str]] = Counter()
-
-    def do_POST(self) -> None:
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        Receiver.received[self.headers.get("Idempotency-Key") or "?"] += 1
-        self.send_response(200)
-        self.send_header("Content-Length", "2")
-        self.end_headers()
-        self.wfile.write(b"ok")
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-def start_receiver() -> ThreadingHTTPServer:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
+from scripts.harness.receivers import HttpRecorder  # noqa: E402
 
 
 def depth(conn: psycopg.Connection[Any]) -> dict[str, int]:
@@ -82,8 +57,8 @@ def main() -> int:
     settings = load_settings()
     print(f"mode {settings.mode}; database: {settings.safe_db_url or 'embedded (.data/pgdata)'}")
     url = resolve_db_url(settings)
-    receiver = start_receiver()
-    webhook = f"http://127.0.0.1:{receiver.server_address[1]}/dragonfly"
+    receiver = HttpRecorder().start()
+    webhook = receiver.url_for("/dragonfly")
     with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
         apply_migrations(conn)
         seeded = seed_demo(conn, judgments=args.judgments, cases=args.cases, seed=int(time.time()))
@@ -178,7 +153,7 @@ def main() -> int:
             (f"{run}:%",),
         ).fetchall()
         print("escalation: " + ", ".join(f"{a['action']}: {a['n']}" for a in actions))
-        delivered = {k: n for k, n in Receiver.received.items() if k.startswith(run)}
+        delivered = {k: n for k, n in receiver.key_counts().items() if k.startswith(run)}
         print(
             f"outbox: {len(delivered)} webhook deliveries received at {webhook}"
             f" ({sum(delivered.values())} calls)"
@@ -193,7 +168,7 @@ def main() -> int:
             "SELECT count(*) AS n FROM workers.dead_letters WHERE job_key LIKE %s", (f"{run}:%",)
         ).fetchone()["n"]
         print(f"dead letters: {dead}")
-    receiver.shutdown()
+    receiver.stop()
     ok = all(code == 0 for code in codes.values()) and took <= args.timeout
     print(
         "\nhealth: python -m tools.worker_inspector   data: .data/pgdata   reset: "

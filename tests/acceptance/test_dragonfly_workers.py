@@ -15,8 +15,9 @@ from backend.domain.collectability import score_judgment
 from backend.domain.seed import seed_demo
 from backend.enqueue import build_envelope, enqueue, enqueue_many
 from scripts.harness.process import WorkerProcess
+from scripts.harness.receivers import HttpRecorder, Reply
+from scripts.harness.smtp import SmtpRecorder
 from tests.helpers import wait_until
-from tests.receivers import HttpRecorder, Reply, SmtpRecorder
 
 pytestmark = pytest.mark.slow
 Spawn = Callable[..., WorkerProcess]
