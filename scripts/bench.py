@@ -1,8 +1,8 @@
 """Worker runtime benchmark: the plain pgmq loop as the baseline, then the real worker.
 
-    python scripts/bench.py                 # ~4 minutes: --repeat 3, 40,000 jobs per run
-    python scripts/bench.py --quick         # ~1 minute: one run of each, smaller volumes
-    python scripts/bench.py --url postgresql://... --wipe   # a database you can spare
+    python -m scripts.bench                 # ~4 minutes: --repeat 3, 40,000 jobs per run
+    python -m scripts.bench --quick         # ~1 minute: one run of each, smaller volumes
+    python -m scripts.bench --url postgresql://... --wipe   # a database you can spare
 
 Without ``--url`` it starts a fresh embedded PostgreSQL in ``.data/bench-pg`` (emptied
 first, stopped at the end unless ``--keep-running``), with ``pg_stat_statements`` loaded so
@@ -37,19 +37,18 @@ from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any
 
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from backend.config import QUEUES
+from backend.db.embedded import EmbeddedPostgres
+from backend.db.migrate import apply_migrations
+from backend.domain.seed import seed_demo
+from backend.enqueue import build_envelope, enqueue_many
+from scripts.harness.process import WorkerProcess, inherited_env, with_password
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import psycopg  # noqa: E402
-from psycopg.rows import dict_row  # noqa: E402
-from psycopg.types.json import Jsonb  # noqa: E402
-
-from backend.config import QUEUES  # noqa: E402
-from backend.db.embedded import EmbeddedPostgres  # noqa: E402
-from backend.db.migrate import apply_migrations  # noqa: E402
-from backend.domain.seed import seed_demo  # noqa: E402
-from backend.enqueue import build_envelope, enqueue_many  # noqa: E402
-from scripts.harness.process import WorkerProcess, inherited_env, with_password  # noqa: E402
 
 PGDATA = ROOT / ".data" / "bench-pg"
 RESULTS = ROOT / "bench-results"
@@ -1075,7 +1074,7 @@ def run_all(db: BenchDatabase, plan: Plan) -> Collected:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python scripts/bench.py", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m scripts.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--url", help="benchmark this database instead of an embedded one")
     parser.add_argument(
         "--wipe",

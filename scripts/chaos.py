@@ -28,9 +28,9 @@ SIGTERM and checks:
   a job took from its enqueue to its completion, less the retry delays it was given and the
   time PostgreSQL was down) must stay within the visibility timeout + 10 s.
 
-    python scripts/chaos.py [--duration 60] [--jobs 2000] [--workers-per-kind 2]
+    python -m scripts.chaos [--duration 60] [--jobs 2000] [--workers-per-kind 2]
         [--kill-interval 4] [--seed N] [--no-db-restart] [--report PATH]
-    python scripts/chaos.py --url postgresql://... [--pgdata DIR] [--reset]
+    python -m scripts.chaos --url postgresql://... [--pgdata DIR] [--reset]
 
 Without ``--url`` it runs its own embedded PostgreSQL in ``.data/chaos-pg`` (emptied first,
 stopped at the end). With ``--url`` the database must be empty (or pass ``--reset``), and the
@@ -66,19 +66,16 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import psycopg
+from psycopg.rows import dict_row
 
-import psycopg  # noqa: E402
-from psycopg.rows import dict_row  # noqa: E402
-
-from backend.config import QUEUES as WORKER_QUEUES  # noqa: E402
-from backend.config import WORKER_NAMES, redact_url  # noqa: E402
-from backend.db.embedded import EmbeddedPostgres  # noqa: E402
-from backend.db.migrate import apply_migrations  # noqa: E402
-from backend.domain.seed import seed_demo  # noqa: E402
-from backend.enqueue import enqueue_many  # noqa: E402
-from scripts.chaos_checks import (  # noqa: E402
+from backend.config import QUEUES as WORKER_QUEUES
+from backend.config import WORKER_NAMES, redact_url
+from backend.db.embedded import EmbeddedPostgres
+from backend.db.migrate import apply_migrations
+from backend.domain.seed import seed_demo
+from backend.enqueue import enqueue_many
+from scripts.chaos_checks import (
     DEAD_AFTER_S,
     HEARTBEAT_S,
     ProcessRecord,
@@ -91,7 +88,7 @@ from scripts.chaos_checks import (  # noqa: E402
     remove_audit,
     render,
 )
-from scripts.chaos_workload import (  # noqa: E402
+from scripts.chaos_workload import (
     CHAOS_QUEUE,
     CHAOS_WORKER,
     ORG_ID,
@@ -106,8 +103,10 @@ from scripts.chaos_workload import (  # noqa: E402
     build_schedule,
     split_jobs,
 )
-from scripts.harness.process import WorkerProcess, inherited_env, with_password  # noqa: E402
-from scripts.harness.receivers import HttpRecorder  # noqa: E402
+from scripts.harness.process import WorkerProcess, inherited_env, with_password
+from scripts.harness.receivers import HttpRecorder
+
+ROOT = Path(__file__).resolve().parents[1]
 
 PGDATA = ROOT / ".data" / "chaos-pg" / "pgdata"
 RESULTS = ROOT / "chaos-results"
@@ -165,7 +164,8 @@ class Options:
         """The command line that replays this run (the URL without its password)."""
         args = [
             "python",
-            "scripts/chaos.py",
+            "-m",
+            "scripts.chaos",
             "--seed",
             str(self.seed),
             "--duration",
@@ -190,7 +190,7 @@ class Options:
 
 def parse_args(argv: Sequence[str] | None = None) -> Options:
     parser = argparse.ArgumentParser(
-        prog="python scripts/chaos.py",
+        prog="python -m scripts.chaos",
         description="Kill workers and restart PostgreSQL under load; check exactly-once effects.",
     )
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of kills (default 60)")

@@ -4,7 +4,7 @@ Seeds judgments and enforcement cases, enqueues work for all three workers, runs
 real processes (the outbox delivering to a local webhook receiver started here) until the
 queues are empty, stops them with SIGTERM and shows what happened.
 
-    python scripts/demo.py [--judgments 60] [--cases 20] [--timeout 90]
+    python -m scripts.demo [--judgments 60] [--cases 20] [--timeout 90]
 """
 
 from __future__ import annotations
@@ -12,24 +12,22 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import psycopg
+from psycopg.rows import dict_row
+
+from backend.config import QUEUES, WORKER_NAMES, load_settings
+from backend.db.connect import resolve_db_url
+from backend.db.migrate import apply_migrations
+from backend.domain.seed import seed_demo
+from backend.enqueue import build_envelope, enqueue_many
+from scripts.harness.process import WorkerProcess
+from scripts.harness.receivers import HttpRecorder
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import psycopg  # noqa: E402
-from psycopg.rows import dict_row  # noqa: E402
-
-from backend.config import QUEUES, WORKER_NAMES, load_settings  # noqa: E402
-from backend.db.connect import resolve_db_url  # noqa: E402
-from backend.db.migrate import apply_migrations  # noqa: E402
-from backend.domain.seed import seed_demo  # noqa: E402
-from backend.enqueue import build_envelope, enqueue_many  # noqa: E402
-from scripts.harness.process import WorkerProcess  # noqa: E402
-from scripts.harness.receivers import HttpRecorder  # noqa: E402
 
 
 def depth(conn: psycopg.Connection[Any]) -> dict[str, int]:
@@ -47,7 +45,9 @@ def start_workers(env: dict[str, str], logs: Path) -> dict[str, WorkerProcess]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m scripts.demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--judgments", type=int, default=60)
     parser.add_argument("--cases", type=int, default=20)
