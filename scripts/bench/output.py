@@ -102,6 +102,7 @@ def write_results(
 
 
 def draw_chart(path: Path, rows: list[dict[str, Any]], out: Collected, plan: Plan) -> None:
+    """Throughput by batch size and the pickup latency distributions, as a PNG (matplotlib)."""
     import matplotlib
 
     matplotlib.use("Agg")

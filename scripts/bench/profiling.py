@@ -26,6 +26,7 @@ from scripts.harness.process import WorkerProcess
 
 
 def find_py_spy() -> str | None:
+    """py-spy beside this interpreter, else on the PATH, else None."""
     beside = Path(sys.executable).with_name("py-spy")
     return str(beside) if beside.exists() else shutil.which("py-spy")
 
@@ -159,6 +160,7 @@ def summarise_stacks(raw: Path) -> dict[str, Any]:
 
 
 def print_profile(profile: dict[str, Any]) -> None:
+    """The profile: time by kind and by step of a batch, Python functions, statements."""
     print(
         f"\nprofile: no-op worker, batch {DEFAULT_BATCH}, {profile['jobs']:,} jobs"
         f" ({num(profile['rate_while_profiled'])} jobs/s while sampled) {profile['note']}"

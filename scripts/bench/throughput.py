@@ -117,6 +117,7 @@ def worker_run(
 
 
 def throughput(db: BenchDatabase, plan: Plan, out: Collected, rep: int) -> None:
+    """At each batch size: the baseline loop, the locking loop and the no-op worker."""
     for batch in plan.batch_sizes:
         jobs = plan.jobs_for(batch)
         base = baseline_run(db, batch, jobs, f"base-{rep}-{batch}")
@@ -166,6 +167,7 @@ def cpu_fit(out: Collected) -> None:
 
 
 def seed_judgments(db: BenchDatabase, count: int) -> list[int]:
+    """``count`` judgments for the collectability runs (seeded once, analysed); their ids."""
     db.conn.execute(
         "TRUNCATE dragonfly.plaintiffs, dragonfly.debtors, dragonfly.judgments RESTART IDENTITY CASCADE"
     )
@@ -175,6 +177,7 @@ def seed_judgments(db: BenchDatabase, count: int) -> list[int]:
 
 
 def collectability(db: BenchDatabase, plan: Plan, ids: list[int], out: Collected, rep: int) -> None:
+    """The collectability worker scoring one job per judgment; checks one score each."""
     db.conn.execute("TRUNCATE dragonfly.collectability_scores")
     params = {"tag": f"score-{rep}", "org": ORG, "ids": ids}
     run = worker_run(
