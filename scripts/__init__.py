@@ -1,1 +1,3 @@
-"""Operational scripts: benchmarks and their helper workers (``python -m scripts.<name>``)."""
+"""Operational scripts, each run from the checkout as ``python -m scripts.<name>``: the demo,
+the benchmarks and the chaos run, their helper workers, and the harness they share with the
+tests (``scripts.harness``)."""

@@ -1,4 +1,4 @@
-"""A no-op transactional worker on queue ``q_bench``, the subject of ``scripts/bench.py``.
+"""A no-op transactional worker on queue ``q_bench``, the subject of ``python -m scripts.bench``.
 
     python -m scripts.bench_worker
 

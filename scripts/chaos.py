@@ -28,9 +28,9 @@ SIGTERM and checks:
   a job took from its enqueue to its completion, less the retry delays it was given and the
   time PostgreSQL was down) must stay within the visibility timeout + 10 s.
 
-    python scripts/chaos.py [--duration 60] [--jobs 2000] [--workers-per-kind 2]
+    python -m scripts.chaos [--duration 60] [--jobs 2000] [--workers-per-kind 2]
         [--kill-interval 4] [--seed N] [--no-db-restart] [--report PATH]
-    python scripts/chaos.py --url postgresql://... [--pgdata DIR] [--reset]
+    python -m scripts.chaos --url postgresql://... [--pgdata DIR] [--reset]
 
 Without ``--url`` it runs its own embedded PostgreSQL in ``.data/chaos-pg`` (emptied first,
 stopped at the end). With ``--url`` the database must be empty (or pass ``--reset``), and the
@@ -42,7 +42,9 @@ kill schedule and victims. The JSON report goes to ``--report`` (default
 not, 2 when the run could not be made.
 
 This module runs the replicas, the producer and the restart; the workload, the schedule and
-the receiver are in ``chaos_workload.py``, the checks and the table in ``chaos_checks.py``.
+the receiver's replies are in ``chaos_workload.py``, the checks and the table in
+``chaos_checks.py``; the worker processes and the receiver are the harness's
+(``scripts/harness/``).
 """
 
 from __future__ import annotations
@@ -62,21 +64,18 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import psycopg
+from psycopg.rows import dict_row
 
-import psycopg  # noqa: E402
-from psycopg.rows import dict_row  # noqa: E402
-
-from backend.config import QUEUES as WORKER_QUEUES  # noqa: E402
-from backend.config import WORKER_NAMES, redact_url  # noqa: E402
-from backend.db.embedded import EmbeddedPostgres  # noqa: E402
-from backend.db.migrate import apply_migrations  # noqa: E402
-from backend.domain.seed import seed_demo  # noqa: E402
-from backend.enqueue import enqueue_many  # noqa: E402
-from scripts.chaos_checks import (  # noqa: E402
+from backend.config import QUEUES as WORKER_QUEUES
+from backend.config import WORKER_NAMES, redact_url
+from backend.db.embedded import EmbeddedPostgres
+from backend.db.migrate import apply_migrations
+from backend.domain.seed import seed_demo
+from backend.enqueue import enqueue_many
+from scripts.chaos_checks import (
     DEAD_AFTER_S,
     HEARTBEAT_S,
     ProcessRecord,
@@ -89,21 +88,25 @@ from scripts.chaos_checks import (  # noqa: E402
     remove_audit,
     render,
 )
-from scripts.chaos_workload import (  # noqa: E402
+from scripts.chaos_workload import (
     CHAOS_QUEUE,
     CHAOS_WORKER,
     ORG_ID,
+    Call,
+    ChaosReplies,
     DbRestart,
     Item,
     Kill,
     Plan,
-    Receiver,
     Schedule,
     build_plan,
     build_schedule,
     split_jobs,
 )
-from tests.harness import WorkerProcess  # noqa: E402
+from scripts.harness.process import WorkerProcess, inherited_env, with_password
+from scripts.harness.receivers import HttpRecorder
+
+ROOT = Path(__file__).resolve().parents[1]
 
 PGDATA = ROOT / ".data" / "chaos-pg" / "pgdata"
 RESULTS = ROOT / "chaos-results"
@@ -124,7 +127,6 @@ WORKER_ENV = {
     "OUTBOX_HTTP_TIMEOUT_S": "10",
     "PYTHONUNBUFFERED": "1",
 }
-_DROP_ENV = ("SUPABASE_", "WORKER_", "RAILWAY_", "OUTBOX_")
 WAVE_SPREAD = 0.7  # the workload arrives over the first 70% of the run
 QUEUES = (*WORKER_QUEUES, CHAOS_QUEUE)
 KINDS = (*WORKER_NAMES, CHAOS_WORKER)
@@ -162,7 +164,8 @@ class Options:
         """The command line that replays this run (the URL without its password)."""
         args = [
             "python",
-            "scripts/chaos.py",
+            "-m",
+            "scripts.chaos",
             "--seed",
             str(self.seed),
             "--duration",
@@ -187,7 +190,7 @@ class Options:
 
 def parse_args(argv: Sequence[str] | None = None) -> Options:
     parser = argparse.ArgumentParser(
-        prog="python scripts/chaos.py",
+        prog="python -m scripts.chaos",
         description="Kill workers and restart PostgreSQL under load; check exactly-once effects.",
     )
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of kills (default 60)")
@@ -329,11 +332,9 @@ class Database:
     @property
     def worker_url(self) -> str:
         """The URL the workers get: with a sentinel password when the server trusts any."""
-        parts = urlsplit(self.url)
-        if self.server is None or parts.password:
+        if self.server is None or urlsplit(self.url).password:
             return self.url
-        host = parts.netloc.split("@", 1)[-1]
-        return urlunsplit(parts._replace(netloc=f"{parts.username or 'postgres'}:{SENTINEL_PASSWORD}@{host}"))
+        return with_password(self.url, SENTINEL_PASSWORD)
 
     @property
     def password(self) -> str | None:
@@ -497,14 +498,14 @@ class Replica:
         self.signalled_at, self.signalled_wall = now, time.time()
         self.proc.send(getattr(signal, name))
 
-    def record(self, password: str | None) -> ProcessRecord:
+    def record(self) -> ProcessRecord:
         """The process's story, for the checks and the report."""
         shutdown = bool(self.proc.named("WORKER_SHUTDOWN"))
         crashes = self.proc.named("WORKER_CRASH")
         lines = list(self.proc.lines)
         if self.signal == "SIGKILL" and lines and not lines[-1].endswith("}"):
             lines.pop()  # a line cut by the kill
-        bad = [ln for ln in lines if not ln.startswith("{") or (password and password in ln)]
+        bad = self.proc.bad_lines(lines)
         drain = (
             self.exited_at - self.signalled_at
             if self.exited_at is not None and self.signalled_at is not None
@@ -536,8 +537,16 @@ class Supervisor:
     """Keeps ``per_kind`` replicas of each worker running and restarts whatever exits, after
     a short delay, as Railway's restart policy does."""
 
-    def __init__(self, env: Mapping[str, str], per_kind: int, seed: int, log: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        env: Mapping[str, str],
+        per_kind: int,
+        seed: int,
+        log: Callable[[str], None],
+        secret: str | None = None,
+    ) -> None:
         self.env = dict(env)
+        self.secrets = (secret,) if secret else ()
         self.slots = [(kind, i) for kind in KINDS for i in range(per_kind)]
         self.current: list[Replica | None] = [None] * len(self.slots)
         self.history: list[Replica] = []
@@ -553,7 +562,7 @@ class Supervisor:
     def _spawn(self, index: int) -> None:
         kind, slot = self.slots[index]
         module = "scripts.chaos_worker" if kind == CHAOS_WORKER else f"backend.workers.{kind}"
-        replica = Replica(kind=kind, slot=slot, proc=WorkerProcess(module, self.env))
+        replica = Replica(kind=kind, slot=slot, proc=WorkerProcess(module, self.env, secrets=self.secrets))
         self.current[index] = replica
         self.history.append(replica)
 
@@ -610,8 +619,7 @@ class Supervisor:
             time.sleep(TICK_S)
         for replica in self.history:
             if replica.alive():
-                replica.proc.proc.kill()  # the check reports it: it never finished its drain
-                replica.proc.proc.wait(timeout=10)
+                replica.proc.stop()  # the check reports it: it never finished its drain
                 replica.poll(time.monotonic())
 
     def close(self) -> None:
@@ -670,19 +678,18 @@ class ChaosRun:
         db: Database,
         plan: Plan,
         schedule: Schedule,
-        receiver: Receiver,
+        receiver: HttpRecorder,
         log: Callable[[str], None],
     ) -> None:
         self.opts, self.db, self.plan, self.schedule, self.log = opts, db, plan, schedule, log
         self.receiver = receiver
-        env = {k: v for k, v in os.environ.items() if not k.startswith(_DROP_ENV)}
-        env.update(
-            WORKER_ENV,
+        env = inherited_env(
+            **WORKER_ENV,
             SUPABASE_DB_URL=db.worker_url,
             OUTBOX_WEBHOOK_URL=receiver.url_for("/hooks/dragonfly"),
             OUTBOX_SLACK_WEBHOOK_URL=receiver.url_for("/slack/T000/B000/chaos"),
         )
-        self.supervisor = Supervisor(env, opts.per_kind, opts.seed, log)
+        self.supervisor = Supervisor(env, opts.per_kind, opts.seed, log, secret=db.password)
         self.abort = threading.Event()
         self.timeline = Timeline()
         self.restarter: DbRestarter | None = None
@@ -979,11 +986,11 @@ def run(opts: Options, log: Callable[[str], None] = print) -> dict[str, Any]:
             f"{len(plan.expected_keys)} jobs ({plan.messages} messages) in {len(plan.waves)} waves; "
             f"{len(schedule.kills)} kills scheduled"
         )
-        with Receiver() as receiver:
+        with HttpRecorder(responder=ChaosReplies()) as receiver:
             chaos = ChaosRun(opts, db, plan, schedule, receiver, log)
             timeline = chaos.execute()
-            calls = receiver.calls()
-        records = [r.record(db.password) for r in chaos.supervisor.history]
+            calls = [Call.of(r) for r in receiver.requests]
+        records = [r.record() for r in chaos.supervisor.history]
         retries = [e for r in chaos.supervisor.history for e in r.proc.named("JOB_FAILED")]
         restart = timeline.db_restart or {}
         with connect(db.url) as conn:

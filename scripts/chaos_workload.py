@@ -6,26 +6,22 @@ refused once), re-enqueued copies of some keys, jobs for the chaos worker of
 ``scripts/chaos_worker.py`` (a few of which end their worker's process), and poison
 messages (malformed, undecodable, oversized). ``build_schedule`` turns the seed into kill
 times, signals (SIGTERM, SIGKILL, and SIGSTOP freezes longer than the visibility timeout)
-and victims, and the database restart. ``Receiver``
-is the webhook and Slack endpoint the outbox delivers to; it records every call.
+and victims, and the database restart. ``ChaosReplies`` is how the webhook and Slack
+endpoint the outbox delivers to (a ``scripts.harness.receivers.HttpRecorder``) answers;
+``Call`` is what the checks read of each request it recorded.
 """
 
 from __future__ import annotations
 
 import json
 import random
-import select
-import socket
-import sys
-import threading
-import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from backend.enqueue import build_envelope
+from scripts.harness.receivers import HttpRequest, HttpRequestRecord, Reply
 
 ORG_ID = "org-chaos"
 SIGNALS = ("SIGTERM", "SIGKILL")
@@ -313,113 +309,32 @@ class Call:
     def accepted(self) -> bool:
         return 200 <= self.status < 300
 
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True  # a slow reply to a killed worker must not hold the run's exit
-    receiver: Receiver
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        if not isinstance(sys.exc_info()[1], OSError):  # a killed worker's socket is expected
-            super().handle_error(request, client_address)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    timeout = 10
-
-    def do_POST(self) -> None:
-        self.server.receiver.answer(self)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
+    @classmethod
+    def of(cls, record: HttpRequestRecord) -> Call:
+        return cls(
+            key=record.idempotency_key,
+            path=record.path,
+            status=record.status,
+            at=record.received_at,
+            caller_gone=record.caller_gone,
+        )
 
 
-class Receiver:
-    """The outbox's webhook and Slack endpoint on 127.0.0.1: records every call and answers
-    200, after the delay a notification's ``data.chaos.delay_s`` asks for, or 503 to the
-    first ``data.chaos.fail_first`` calls of a key."""
+class ChaosReplies:
+    """How the outbox's webhook and Slack endpoint answers (the responder of the run's
+    ``HttpRecorder``): 200, after the delay a notification's ``data.chaos.delay_s`` asks
+    for, or 503 to the first ``data.chaos.fail_first`` calls of a key."""
 
     def __init__(self) -> None:
-        self._calls: list[Call] = []
         self._seen: Counter[str] = Counter()
-        self._waiting: dict[int, str] = {}  # client port -> key, while a slow reply is pending
-        self._lock = threading.Lock()
-        self._stopping = threading.Event()
-        self._server: _Server | None = None
 
-    def __enter__(self) -> Receiver:
-        server = _Server(("127.0.0.1", 0), _Handler)
-        server.receiver = self
-        self._server = server
-        threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="receiver", daemon=True
-        ).start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stopping.set()
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-
-    def url_for(self, path: str) -> str:
-        assert self._server is not None
-        return f"http://127.0.0.1:{self._server.server_address[1]}{path}"
-
-    @property
-    def port(self) -> int:
-        assert self._server is not None
-        return int(self._server.server_address[1])
-
-    def calls(self) -> list[Call]:
-        with self._lock:
-            return list(self._calls)
-
-    def waiting_ports(self) -> set[int]:
-        """Client ports of the calls waiting for a slow reply: workers inside their handler."""
-        with self._lock:
-            return set(self._waiting)
-
-    def answer(self, handler: _Handler) -> None:
-        arrived = time.time()
-        body = handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
-        key = handler.headers.get("Idempotency-Key")
-        hints = _hints(body)
-        with self._lock:
-            self._seen[key or ""] += 1
-            status = 503 if self._seen[key or ""] <= int(hints.get("fail_first", 0)) else 200
-        delay = float(hints.get("delay_s", 0)) if status == 200 else 0.0
-        gone = delay > 0 and self._wait(handler, key or "", delay)
-        with self._lock:
-            self._calls.append(Call(key=key, path=handler.path, status=status, at=arrived, caller_gone=gone))
-        if gone or self._stopping.is_set():
-            return
-        try:
-            handler.send_response(status)
-            handler.send_header("Content-Length", "2")
-            handler.end_headers()
-            handler.wfile.write(b"ok")
-        except OSError:
-            pass  # the worker was killed while waiting: its redelivery comes later
-
-    def _wait(self, handler: _Handler, key: str, delay_s: float) -> bool:
-        """Hold the reply for ``delay_s``; True when the caller went away meanwhile."""
-        port = int(handler.client_address[1])
-        with self._lock:
-            self._waiting[port] = key
-        try:
-            deadline = time.monotonic() + delay_s
-            while (left := deadline - time.monotonic()) > 0 and not self._stopping.is_set():
-                # The request is read and the worker sends nothing more: readable means closed.
-                readable, _, _ = select.select([handler.connection], [], [], min(left, 0.1))
-                if readable:
-                    return handler.connection.recv(1, socket.MSG_PEEK) == b""
-            return False
-        except OSError:
-            return True
-        finally:
-            with self._lock:
-                self._waiting.pop(port, None)
+    def __call__(self, request: HttpRequest) -> Reply:
+        hints = _hints(request.body)
+        key = request.idempotency_key or ""
+        self._seen[key] += 1
+        if self._seen[key] <= int(hints.get("fail_first", 0)):
+            return Reply(status=503)
+        return Reply(status=200, delay_s=float(hints.get("delay_s", 0)))
 
 
 def _hints(body: bytes) -> Mapping[str, Any]:

@@ -4,94 +4,50 @@ Seeds judgments and enforcement cases, enqueues work for all three workers, runs
 real processes (the outbox delivering to a local webhook receiver started here) until the
 queues are empty, stops them with SIGTERM and shows what happened.
 
-    python scripts/demo.py [--judgments 60] [--cases 20] [--timeout 90]
+    python -m scripts.demo [--judgments 60] [--cases 20] [--timeout 90]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
-import subprocess
-import sys
-import threading
 import time
-from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from backend.config import QUEUES, WORKER_NAMES, load_settings
+from backend.db.connect import resolve_db_url
+from backend.db.migrate import apply_migrations
+from backend.domain.seed import seed_demo
+from backend.enqueue import build_envelope, enqueue_many
+from scripts.harness.process import WorkerProcess
+from scripts.harness.receivers import HttpRecorder
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import psycopg  # noqa: E402
-from psycopg.rows import dict_row  # noqa: E402
-
-from backend.config import QUEUES, WORKER_NAMES, load_settings  # noqa: E402
-from backend.db.connect import resolve_db_url  # noqa: E402
-from backend.db.migrate import apply_migrations  # noqa: E402
-from backend.domain.seed import seed_demo  # noqa: E402
-from backend.enqueue import build_envelope, enqueue_many  # noqa: E402
-
-
-class Receiver(BaseHTTPRequestHandler):
-    """A local webhook endpoint: records each delivery's Idempotency-Key, answers 200."""
-
-    received: ClassVar[Counter[str]] = Counter()
-
-    def do_POST(self) -> None:
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        Receiver.received[self.headers.get("Idempotency-Key") or "?"] += 1
-        self.send_response(200)
-        self.send_header("Content-Length", "2")
-        self.end_headers()
-        self.wfile.write(b"ok")
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-def start_receiver() -> ThreadingHTTPServer:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
 
 
 def depth(conn: psycopg.Connection[Any]) -> dict[str, int]:
     return {q: conn.execute(f"SELECT count(*) AS n FROM pgmq.q_{q}").fetchone()["n"] for q in QUEUES}
 
 
-def start_workers(env: dict[str, str], logs: Path) -> dict[str, subprocess.Popen[bytes]]:
+def start_workers(env: dict[str, str], logs: Path) -> dict[str, WorkerProcess]:
+    """The three workers, each printing to its log file in ``logs``."""
     logs.mkdir(parents=True, exist_ok=True)
-    procs = {}
-    for name in WORKER_NAMES:
-        out = (logs / f"{name}.log").open("wb")
-        procs[name] = subprocess.Popen(
-            [sys.executable, "-m", f"backend.workers.{name}"],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    return procs
-
-
-def events(log: Path, name: str) -> list[dict[str, Any]]:
-    found = []
-    for line in log.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record.get("event") == name:
-            found.append(record["data"])
-    return found
+    return {
+        name: WorkerProcess(f"backend.workers.{name}", env, log_path=logs / f"{name}.log")
+        for name in WORKER_NAMES
+    }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m scripts.demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--judgments", type=int, default=60)
     parser.add_argument("--cases", type=int, default=20)
@@ -101,8 +57,8 @@ def main() -> int:
     settings = load_settings()
     print(f"mode {settings.mode}; database: {settings.safe_db_url or 'embedded (.data/pgdata)'}")
     url = resolve_db_url(settings)
-    receiver = start_receiver()
-    webhook = f"http://127.0.0.1:{receiver.server_address[1]}/dragonfly"
+    receiver = HttpRecorder().start()
+    webhook = receiver.url_for("/dragonfly")
     with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
         apply_migrations(conn)
         seeded = seed_demo(conn, judgments=args.judgments, cases=args.cases, seed=int(time.time()))
@@ -166,20 +122,20 @@ def main() -> int:
             if time.monotonic() - started > args.timeout:
                 print(f"queues not empty after {args.timeout:.0f} s: {depth(conn)}")
                 break
-            if any(p.poll() is not None for p in procs.values()):
+            if any(p.proc.poll() is not None for p in procs.values()):
                 print("a worker exited early; see its log in", logs)
                 break
             time.sleep(0.2)
         took = time.monotonic() - started
         for proc in procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        codes = {name: proc.wait(timeout=30) for name, proc in procs.items()}
+            if proc.proc.poll() is None:
+                proc.send(signal.SIGTERM)
+        codes = {name: proc.wait_exit(timeout=30) for name, proc in procs.items()}
 
         print(f"\nqueues empty after {took:.1f} s; workers stopped with SIGTERM\n")
         print(f"{'worker':<18} {'exit':>4} {'jobs done':>9} {'failed':>6}  log")
         for name in WORKER_NAMES:
-            shutdown = events(logs / f"{name}.log", "WORKER_SHUTDOWN")
+            shutdown = procs[name].named("WORKER_SHUTDOWN")
             done = shutdown[-1]["jobs_processed"] if shutdown else "?"
             failed = shutdown[-1]["jobs_failed"] if shutdown else "?"
             print(f"{name:<18} {codes[name]:>4} {done:>9} {failed:>6}  {logs / (name + '.log')}")
@@ -197,7 +153,7 @@ def main() -> int:
             (f"{run}:%",),
         ).fetchall()
         print("escalation: " + ", ".join(f"{a['action']}: {a['n']}" for a in actions))
-        delivered = {k: n for k, n in Receiver.received.items() if k.startswith(run)}
+        delivered = {k: n for k, n in receiver.key_counts().items() if k.startswith(run)}
         print(
             f"outbox: {len(delivered)} webhook deliveries received at {webhook}"
             f" ({sum(delivered.values())} calls)"
@@ -212,7 +168,7 @@ def main() -> int:
             "SELECT count(*) AS n FROM workers.dead_letters WHERE job_key LIKE %s", (f"{run}:%",)
         ).fetchone()["n"]
         print(f"dead letters: {dead}")
-    receiver.shutdown()
+    receiver.stop()
     ok = all(code == 0 for code in codes.values()) and took <= args.timeout
     print(
         "\nhealth: python -m tools.worker_inspector   data: .data/pgdata   reset: "

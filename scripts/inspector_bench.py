@@ -8,8 +8,8 @@ them stuck), dead letters, and 10 queues with a backlog (some of it in flight), 
 - the in-process report (``build_report``) on an open connection, and with connect + render;
 - the whole ``python -m tools.worker_inspector --json`` subprocess, as cron runs it.
 
-    python scripts/inspector_bench.py [--runs 7] [--target 1.0]
-    python scripts/inspector_bench.py --url postgresql://... --wipe   # a database to wipe
+    python -m scripts.inspector_bench [--runs 7] [--target 1.0]
+    python -m scripts.inspector_bench --url postgresql://... --wipe   # a database to wipe
 
 Without ``--url`` it starts its own embedded PostgreSQL in ``.data/inspector-bench`` (and
 stops it at the end unless ``--keep-running``). Exits 1 when a median misses the target.
@@ -27,18 +27,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psycopg
+
+from backend.config import QUEUES
+from backend.db.connect import connect
+from backend.db.embedded import EmbeddedPostgres
+from backend.db.migrate import apply_migrations
+from tools.worker_inspector import queries
+from tools.worker_inspector.render import render_report
+from tools.worker_inspector.report import Options, build_report
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import psycopg  # noqa: E402
-
-from backend.config import QUEUES  # noqa: E402
-from backend.db.connect import connect  # noqa: E402
-from backend.db.embedded import EmbeddedPostgres  # noqa: E402
-from backend.db.migrate import apply_migrations  # noqa: E402
-from tools.worker_inspector import queries  # noqa: E402
-from tools.worker_inspector.render import render_report  # noqa: E402
-from tools.worker_inspector.report import Options, build_report  # noqa: E402
 
 BENCH_QUEUES = (*QUEUES, *(f"q_bench_{i}" for i in range(10 - len(QUEUES))))
 PGDATA = ROOT / ".data" / "inspector-bench" / "pgdata"
@@ -152,7 +151,9 @@ def subprocess_run(url: str) -> Callable[[], object]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.inspector_bench", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--url", help="a database to seed (wiped: needs --wipe)")
     parser.add_argument("--wipe", action="store_true", help="allow wiping --url's runtime tables")
     parser.add_argument("--runs", type=int, default=7)

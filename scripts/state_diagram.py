@@ -1,7 +1,7 @@
 """Print the worker lifecycle as a Mermaid state diagram, built from the machine's table.
 
-    python scripts/state_diagram.py                          # print it
-    python scripts/state_diagram.py --write docs/ARCHITECTURE.md   # refresh the embedded copy
+    python -m scripts.state_diagram                          # print it
+    python -m scripts.state_diagram --write docs/ARCHITECTURE.md   # refresh the embedded copy
 
 The diagram lives in ``backend/workers/diagram.py``; ``tests/unit/test_docs.py`` fails
 when the copy in ``docs/ARCHITECTURE.md`` is out of date.
@@ -13,15 +13,12 @@ import argparse
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from backend.workers.diagram import main, replace_embedded, state_diagram  # noqa: E402
+from backend.workers.diagram import main, replace_embedded, state_diagram
 
 
 def run(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python scripts/state_diagram.py", description="The worker lifecycle as a Mermaid diagram."
+        prog="python -m scripts.state_diagram", description="The worker lifecycle as a Mermaid diagram."
     )
     parser.add_argument(
         "--write",

@@ -16,7 +16,8 @@ from psycopg.rows import dict_row
 from backend.config import QUEUES
 from backend.db.embedded import PROJECT_ROOT, EmbeddedPostgres
 from backend.db.migrate import apply_migrations
-from tests.receivers import HttpRecorder, SmtpRecorder
+from scripts.harness.receivers import HttpRecorder
+from scripts.harness.smtp import SmtpRecorder
 from tests.workers.probe import SCHEMA_SQL as PROBE_SCHEMA
 
 TEST_DATA = PROJECT_ROOT / ".data" / "test"
@@ -101,13 +102,13 @@ def project_root() -> Path:
 
 @pytest.fixture
 def http() -> Iterator[HttpRecorder]:
-    """A real local HTTP receiver that records every request (tests/receivers.py)."""
+    """A real local HTTP receiver that records every request (scripts/harness/receivers.py)."""
     with HttpRecorder() as recorder:
         yield recorder
 
 
 @pytest.fixture
 def smtp() -> Iterator[SmtpRecorder]:
-    """A real local SMTP server that records every mail (tests/receivers.py)."""
+    """A real local SMTP server that records every mail (scripts/harness/smtp.py)."""
     with SmtpRecorder() as recorder:
         yield recorder

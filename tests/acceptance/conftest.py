@@ -5,7 +5,8 @@ from typing import Any
 
 import pytest
 
-from tests.harness import WorkerProcess, worker_env
+from scripts.harness.process import WorkerProcess
+from tests.helpers import PASSWORD, worker_env
 
 
 @pytest.fixture
@@ -16,7 +17,12 @@ def spawn(clean_db: str) -> Iterator[Callable[..., WorkerProcess]]:
     def start(
         module: str = "tests.workers.probe", *, db_url: str | None = clean_db, **env: Any
     ) -> WorkerProcess:
-        proc = WorkerProcess(module, worker_env(db_url, **{k: str(v) for k, v in env.items()}))
+        proc = WorkerProcess(
+            module,
+            worker_env(db_url, **{k: str(v) for k, v in env.items()}),
+            secrets=(PASSWORD,),
+            strict=True,
+        )
         started.append(proc)
         return proc
 

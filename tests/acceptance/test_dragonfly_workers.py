@@ -14,8 +14,10 @@ import pytest
 from backend.domain.collectability import score_judgment
 from backend.domain.seed import seed_demo
 from backend.enqueue import build_envelope, enqueue, enqueue_many
-from tests.harness import WorkerProcess, wait_until
-from tests.receivers import HttpRecorder, Reply, SmtpRecorder
+from scripts.harness.process import WorkerProcess
+from scripts.harness.receivers import HttpRecorder, Reply
+from scripts.harness.smtp import SmtpRecorder
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.slow
 Spawn = Callable[..., WorkerProcess]

@@ -10,7 +10,8 @@ import psycopg
 import pytest
 
 from backend.enqueue import enqueue, enqueue_many
-from tests.harness import WorkerProcess, job, one, wait_until
+from scripts.harness.process import WorkerProcess
+from tests.helpers import job, one, wait_until
 
 pytestmark = pytest.mark.slow
 Spawn = Callable[..., WorkerProcess]

@@ -14,7 +14,8 @@ import pytest
 
 from backend.domain.seed import seed_demo
 from backend.enqueue import build_envelope, enqueue
-from tests.harness import ROOT, WorkerProcess, wait_until, worker_env
+from scripts.harness.process import ROOT, WorkerProcess
+from tests.helpers import wait_until, worker_env
 
 pytestmark = pytest.mark.slow
 Spawn = Callable[..., WorkerProcess]

@@ -20,7 +20,8 @@ import psycopg
 import pytest
 
 from backend.enqueue import enqueue, enqueue_many
-from tests.harness import PASSWORD, ROOT, WorkerProcess, job, one, wait_until, worker_env
+from scripts.harness.process import ROOT, WorkerProcess
+from tests.helpers import PASSWORD, job, one, wait_until, worker_env
 from tests.netcut import CuttableProxy
 
 pytestmark = pytest.mark.slow

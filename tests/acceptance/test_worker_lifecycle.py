@@ -12,7 +12,8 @@ import pytest
 
 from backend.db.embedded import EmbeddedPostgres
 from backend.enqueue import build_envelope, enqueue
-from tests.harness import WorkerProcess, wait_until
+from scripts.harness.process import WorkerProcess
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.slow
 Spawn = Callable[..., WorkerProcess]

@@ -1,4 +1,4 @@
-"""The chaos run, CI-sized (``scripts/chaos.py`` as a process: workers SIGTERM'd and
+"""The chaos run, CI-sized (``python -m scripts.chaos`` as a process: workers SIGTERM'd and
 SIGKILL'd at random, PostgreSQL restarted, under a mixed workload), and proof that its
 checks see what they are there to see: a planted duplicate, a lost job, a bad exit."""
 
@@ -30,7 +30,6 @@ from scripts.chaos_checks import (
 )
 from scripts.chaos_workload import ORG_ID, Call, Plan, build_plan, notify_key
 
-SCRIPT = PROJECT_ROOT / "scripts" / "chaos.py"
 Conn = psycopg.Connection[Any]
 
 
@@ -43,7 +42,8 @@ def test_a_ci_sized_chaos_run_loses_nothing_and_doubles_nothing(
     report_path = tmp_path / f"chaos-{seed}.json"
     command = [
         sys.executable,
-        str(SCRIPT),
+        "-m",
+        "scripts.chaos",
         "--url",
         clean_db,
         "--pgdata",

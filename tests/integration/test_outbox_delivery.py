@@ -21,7 +21,8 @@ from backend.domain.outbox import (
 )
 from backend.errors import PermanentJobError
 from backend.jobs import Job
-from tests.receivers import HttpRecorder, Reply, SmtpRecorder, key_counts, read_log
+from scripts.harness.receivers import HttpRecorder, Reply, key_counts, read_log
+from scripts.harness.smtp import SmtpRecorder
 
 # Webhook paths carry tokens, as Slack's and Discord's do; errors must never show them.
 TOKEN = "T0KEN-s3cret-path"
@@ -352,7 +353,7 @@ def test_an_unreachable_smtp_server_is_retryable() -> None:
 def test_the_http_recorder_runs_as_a_process_and_logs_each_request(tmp_path: Path) -> None:
     log = tmp_path / "requests.jsonl"
     process = subprocess.Popen(
-        [sys.executable, "-m", "tests.receivers", "http", "--port", "0", "--log", str(log)],
+        [sys.executable, "-m", "scripts.harness.receivers", "http", "--port", "0", "--log", str(log)],
         stdout=subprocess.PIPE,
         text=True,
         cwd=Path(__file__).parents[2],

@@ -501,7 +501,7 @@ def test_the_architecture_diagram_is_the_generated_one() -> None:
     embedded = extract_embedded(ARCHITECTURE.read_text("utf-8"))
     assert embedded == state_diagram(), (
         "docs/ARCHITECTURE.md is out of date: "
-        "run python scripts/state_diagram.py --write docs/ARCHITECTURE.md"
+        "run python -m scripts.state_diagram --write docs/ARCHITECTURE.md"
     )
 
 

@@ -1,10 +1,11 @@
-"""Real receivers for delivery tests: an HTTP recorder and an SMTP recorder.
+"""A real HTTP receiver for delivery tests, the chaos run and the demo: ``HttpRecorder``
+records every request on 127.0.0.1 and answers as told. (Mail: ``scripts.harness.smtp``.)
 
-In a test: ``with HttpRecorder() as http: ...`` and ``with SmtpRecorder() as smtp: ...``.
-As a process, for chaos tests that run worker subprocesses::
+In a test: ``with HttpRecorder() as http: ...``. As a process, for tests that run worker
+subprocesses::
 
-    python -m tests.receivers http --port N --log FILE [--status 200] [--delay 0]
-    python -m tests.receivers smtp --port N --log FILE
+    python -m scripts.harness.receivers http --port N --log FILE [--status 200] [--delay 0]
+    python -m scripts.harness.receivers smtp --port N --log FILE
 
 Each writes one JSON line per request (or mail) to FILE, prints one JSON ready line with
 its URL on stdout, and stops cleanly on SIGTERM or SIGINT. ``read_log`` and
@@ -14,26 +15,20 @@ its URL on stdout, and stops cleanly on SIGTERM or SIGINT. ``read_log`` and
 from __future__ import annotations
 
 import argparse
-import base64
-import email
-import email.policy
 import json
+import select
 import signal
 import socket
 import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from email.message import EmailMessage
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Generic, TypeVar
-
-from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 LOCALHOST = "127.0.0.1"
 KEY_HEADER = "Idempotency-Key"
@@ -41,7 +36,7 @@ KEY_HEADER = "Idempotency-Key"
 _Record = TypeVar("_Record")
 
 
-class _JsonLog:
+class JsonLog:
     """Thread-safe JSON-lines writer; each line is flushed so readers see it at once."""
 
     def __init__(self, path: Path | None) -> None:
@@ -55,17 +50,24 @@ class _JsonLog:
             handle.write(json.dumps(line, sort_keys=True) + "\n")
 
 
-class _Journal(Generic[_Record]):
+class Journal(Generic[_Record]):
     """Records in arrival order, with bounded waits for a count to be reached."""
 
     def __init__(self) -> None:
         self._records: list[_Record] = []
         self._changed = threading.Condition()
 
-    def add(self, record: _Record) -> None:
+    def add(self, record: _Record) -> int:
+        """Append ``record``; its index, for ``update``."""
         with self._changed:
             self._records.append(record)
             self._changed.notify_all()
+            return len(self._records) - 1
+
+    def update(self, index: int, record: _Record) -> None:
+        """Replace the record at ``index`` with what became known of it later."""
+        with self._changed:
+            self._records[index] = record
 
     def snapshot(self) -> list[_Record]:
         with self._changed:
@@ -76,9 +78,6 @@ class _Journal(Generic[_Record]):
             if not self._changed.wait_for(lambda: len(self._records) >= count, timeout_s):
                 raise TimeoutError(f"{len(self._records)} of {count} records after {timeout_s:g}s")
             return list(self._records)
-
-
-# --- HTTP ------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,14 +91,13 @@ class Reply:
 
 
 @dataclass(frozen=True, kw_only=True)
-class HttpRequestRecord:
-    """One request as received, and the status the recorder chose to answer."""
+class HttpRequest:
+    """One request as received."""
 
     method: str
     path: str
     headers: Mapping[str, str]
     body: bytes
-    status: int
     received_at: float
 
     def header(self, name: str) -> str | None:
@@ -110,12 +108,25 @@ class HttpRequestRecord:
     def idempotency_key(self) -> str | None:
         return self.header(KEY_HEADER)
 
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+# Chooses the reply to a request. Called one request at a time, so it may keep state (how
+# often a key was seen) without a lock of its own.
+Responder = Callable[[HttpRequest], Reply]
+
+
+@dataclass(frozen=True, kw_only=True)
+class HttpRequestRecord(HttpRequest):
+    """One request as received, and the status the recorder chose to answer."""
+
+    status: int
+    caller_gone: bool = False  # the caller hung up while its (delayed) reply was held
+
     @property
     def accepted(self) -> bool:
         return 200 <= self.status < 300
-
-    def json(self) -> Any:
-        return json.loads(self.body)
 
     def to_log(self) -> dict[str, Any]:
         return {
@@ -138,7 +149,7 @@ class _HttpServer(ThreadingHTTPServer):
     recorder: HttpRecorder
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        # A client that gave up (timeout test) is expected, not an error to print.
+        # A client that gave up (a timeout, a killed worker) is expected, not an error to print.
         if not isinstance(sys.exc_info()[1], OSError):
             super().handle_error(request, client_address)
 
@@ -157,14 +168,29 @@ class _HttpHandler(BaseHTTPRequestHandler):
 
 
 class HttpRecorder:
-    """A real HTTP server on 127.0.0.1 that records every request and answers as told."""
+    """A real HTTP server on 127.0.0.1 that records every request and answers as told:
+    the scripted replies first, then the ``responder``'s choice, else the default reply.
 
-    def __init__(self, *, port: int = 0, log_path: Path | None = None, default: Reply | None = None) -> None:
+    A delayed reply is held until its delay is over, the recorder stops, or the caller
+    hangs up (its record then says ``caller_gone``); ``waiting_ports`` names the callers
+    waiting meanwhile.
+    """
+
+    def __init__(
+        self,
+        *,
+        port: int = 0,
+        log_path: Path | None = None,
+        default: Reply | None = None,
+        responder: Responder | None = None,
+    ) -> None:
         self._requested_port = port
-        self._log = _JsonLog(log_path)
-        self._journal: _Journal[HttpRequestRecord] = _Journal()
+        self._log = JsonLog(log_path)
+        self._journal: Journal[HttpRequestRecord] = Journal()
         self._default = default or Reply()
+        self._responder = responder
         self._script: list[Reply] = []
+        self._waiting: set[int] = set()  # client ports of the callers whose reply is held
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._server: _HttpServer | None = None
@@ -231,25 +257,32 @@ class HttpRecorder:
         with self._lock:
             self._script.extend(replies)
 
-    def _next_reply(self) -> Reply:
+    def _next_reply(self, request: HttpRequest) -> Reply:
         with self._lock:
-            return self._script.pop(0) if self._script else self._default
+            if self._script:
+                return self._script.pop(0)
+            if self._responder is not None:
+                return self._responder(request)
+            return self._default
 
     def _serve(self, handler: _HttpHandler) -> None:
+        received_at = time.time()
         length = int(handler.headers.get("Content-Length") or 0)
-        body = handler.rfile.read(length) if length else b""
-        reply = self._next_reply()
-        record = HttpRequestRecord(
+        request = HttpRequest(
             method=handler.command,
             path=handler.path,
             headers=dict(handler.headers.items()),
-            body=body,
-            status=reply.status,
-            received_at=time.time(),
+            body=handler.rfile.read(length) if length else b"",
+            received_at=received_at,
         )
-        self._journal.add(record)
+        reply = self._next_reply(request)
+        record = HttpRequestRecord(**vars(request), status=reply.status)
+        index = self._journal.add(record)
         self._log.write(record.to_log())
-        if reply.delay_s and self._stopping.wait(reply.delay_s):
+        if reply.delay_s and self._hold(handler, reply.delay_s):
+            self._journal.update(index, replace(record, caller_gone=True))
+            return
+        if self._stopping.is_set():
             return
         try:
             handler.send_response(reply.status)
@@ -260,6 +293,26 @@ class HttpRecorder:
             handler.wfile.write(reply.body)
         except OSError:
             pass  # the client timed out and left
+
+    def _hold(self, handler: _HttpHandler, delay_s: float) -> bool:
+        """Hold the reply for ``delay_s`` (less if the recorder stops); True when the caller
+        hung up meanwhile."""
+        port = int(handler.client_address[1])
+        with self._lock:
+            self._waiting.add(port)
+        try:
+            deadline = time.monotonic() + delay_s
+            while (left := deadline - time.monotonic()) > 0 and not self._stopping.is_set():
+                # The request is read and the caller sends nothing more: readable means closed.
+                readable, _, _ = select.select([handler.connection], [], [], min(left, 0.1))
+                if readable:
+                    return bool(handler.connection.recv(1, socket.MSG_PEEK) == b"")
+            return False
+        except OSError:
+            return True
+        finally:
+            with self._lock:
+                self._waiting.discard(port)
 
     # what arrived
 
@@ -285,6 +338,11 @@ class HttpRecorder:
     def wait_for_calls(self, count: int, timeout_s: float = 10.0) -> list[HttpRequestRecord]:
         return self._journal.wait_for(count, timeout_s)
 
+    def waiting_ports(self) -> set[int]:
+        """Client ports of the callers whose delayed reply is being held."""
+        with self._lock:
+            return set(self._waiting)
+
 
 def key_counts(lines: Iterable[Mapping[str, Any]], *, accepted_only: bool = False) -> Counter[str]:
     """Per-key counts of log lines (HTTP requests or mails) that carry an idempotency key."""
@@ -305,162 +363,6 @@ def read_log(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in lines if line.endswith("}")]
 
 
-# --- SMTP ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, kw_only=True)
-class SmtpMessageRecord:
-    """One mail transaction as received, and the reply the recorder gave to DATA."""
-
-    mail_from: str
-    rcpt_tos: tuple[str, ...]
-    content: bytes
-    reply: str
-    login: str | None
-    received_at: float
-
-    @property
-    def accepted(self) -> bool:
-        return self.reply.startswith("250")
-
-    @property
-    def message(self) -> EmailMessage:
-        parsed = email.message_from_bytes(self.content, policy=email.policy.default)
-        assert isinstance(parsed, EmailMessage)
-        return parsed
-
-    @property
-    def message_id(self) -> str | None:
-        value = self.message["Message-ID"]
-        return None if value is None else str(value)
-
-    @property
-    def idempotency_key(self) -> str | None:
-        value = self.message[KEY_HEADER]
-        return None if value is None else str(value)
-
-    def to_log(self) -> dict[str, Any]:
-        return {
-            "kind": "smtp",
-            "mail_from": self.mail_from,
-            "rcpt_tos": list(self.rcpt_tos),
-            "message_id": self.message_id,
-            "idempotency_key": self.idempotency_key,
-            "reply": self.reply,
-            "accepted": self.accepted,
-            "login": self.login,
-            "received_at": self.received_at,
-            "content": base64.b64encode(self.content).decode(),
-        }
-
-
-class _SmtpHandler:
-    def __init__(self, recorder: SmtpRecorder) -> None:
-        self._recorder = recorder
-
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        return self._recorder._on_data(session, envelope)
-
-
-class SmtpRecorder:
-    """A real SMTP server (aiosmtpd) on 127.0.0.1 that records every mail.
-
-    With ``credentials`` it advertises AUTH (without TLS, as local test servers do) and
-    accepts only that login.
-    """
-
-    def __init__(
-        self, *, port: int = 0, log_path: Path | None = None, credentials: tuple[str, str] | None = None
-    ) -> None:
-        self._requested_port = port
-        self._log = _JsonLog(log_path)
-        self._journal: _Journal[SmtpMessageRecord] = _Journal()
-        self._credentials = credentials
-        self._reply = "250 2.0.0 Message accepted for delivery"
-        self._controller: Controller | None = None
-        self.port = 0
-
-    def start(self) -> SmtpRecorder:
-        # aiosmtpd checks readiness by connecting to its port, so it needs a real one.
-        self.port = self._requested_port or _free_port()
-        kwargs: dict[str, Any] = {}
-        if self._credentials is not None:
-            kwargs.update(authenticator=self._authenticate, auth_require_tls=False)
-        self._controller = Controller(
-            _SmtpHandler(self), hostname=LOCALHOST, port=self.port, ready_timeout=10, **kwargs
-        )
-        self._controller.start()
-        return self
-
-    def stop(self) -> None:
-        if self._controller is not None:
-            self._controller.stop()
-            self._controller = None
-
-    def __enter__(self) -> SmtpRecorder:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-
-    @property
-    def host(self) -> str:
-        return LOCALHOST
-
-    def reply(self, line: str) -> None:
-        """Answer DATA with ``line`` from now on, e.g. "451 4.3.0 Try later"."""
-        self._reply = line
-
-    @property
-    def records(self) -> list[SmtpMessageRecord]:
-        """Every DATA received, accepted or not."""
-        return self._journal.snapshot()
-
-    @property
-    def messages(self) -> list[SmtpMessageRecord]:
-        """The mails the recorder accepted."""
-        return [r for r in self.records if r.accepted]
-
-    def wait_for_records(self, count: int, timeout_s: float = 10.0) -> list[SmtpMessageRecord]:
-        return self._journal.wait_for(count, timeout_s)
-
-    def _on_data(self, session: Session, envelope: Envelope) -> str:
-        content = envelope.original_content or b""
-        auth: Any = session.auth_data
-        login = auth.login.decode() if isinstance(auth, LoginPassword) else None
-        record = SmtpMessageRecord(
-            mail_from=str(envelope.mail_from),
-            rcpt_tos=tuple(envelope.rcpt_tos),
-            content=content,
-            reply=self._reply,
-            login=login,
-            received_at=time.time(),
-        )
-        self._journal.add(record)
-        self._log.write(record.to_log())
-        return record.reply
-
-    def _authenticate(
-        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
-    ) -> AuthResult:
-        expected = self._credentials
-        ok = (
-            expected is not None
-            and isinstance(auth_data, LoginPassword)
-            and (auth_data.login.decode(), auth_data.password.decode()) == expected
-        )
-        # handled=False: aiosmtpd then sends the 235 or 535 reply itself.
-        return AuthResult(success=ok, handled=False, auth_data=auth_data if ok else None)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((LOCALHOST, 0))
-        return int(probe.getsockname()[1])
-
-
 # --- standalone process ----------------------------------------------------------------
 
 
@@ -469,29 +371,34 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    receiver: HttpRecorder | SmtpRecorder
-    if args.kind == "http":
-        receiver = HttpRecorder(
-            port=args.port, log_path=args.log, default=Reply(status=args.status, delay_s=args.delay)
-        )
-        receiver.start()
-        ready = {"event": "RECEIVER_READY", "kind": "http", "url": receiver.url, "port": receiver.port}
-    else:
-        receiver = SmtpRecorder(port=args.port, log_path=args.log)
-        receiver.start()
-        ready = {"event": "RECEIVER_READY", "kind": "smtp", "host": receiver.host, "port": receiver.port}
+    stop_receiver, ready = _start(args)
     print(json.dumps(ready), flush=True)
     try:
         while not stop.wait(0.5):
             pass
     finally:
-        receiver.stop()
+        stop_receiver()
     return 0
+
+
+def _start(args: argparse.Namespace) -> tuple[Callable[[], None], dict[str, Any]]:
+    """Start the receiver ``args`` ask for; its stop function and its ready line."""
+    if args.kind == "http":
+        http = HttpRecorder(
+            port=args.port, log_path=args.log, default=Reply(status=args.status, delay_s=args.delay)
+        ).start()
+        return http.stop, {"event": "RECEIVER_READY", "kind": "http", "url": http.url, "port": http.port}
+    # aiosmtpd is a dev dependency: imported only when a mail receiver is asked for, so the
+    # HTTP recorder (the demo's, the chaos run's) needs the standard library alone.
+    from scripts.harness.smtp import SmtpRecorder
+
+    smtp = SmtpRecorder(port=args.port, log_path=args.log).start()
+    return smtp.stop, {"event": "RECEIVER_READY", "kind": "smtp", "host": smtp.host, "port": smtp.port}
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m tests.receivers", description="Run a recording receiver until SIGTERM."
+        prog="python -m scripts.harness.receivers", description="Run a recording receiver until SIGTERM."
     )
     parser.add_argument("kind", choices=("http", "smtp"))
     parser.add_argument("--port", type=int, default=0, help="0: any free port")
