@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import psycopg
 
 from backend.jobs import Job
-from backend.logs import log_event
+from backend.logs import log_worker_event
 from backend.workers.base import TransactionalWorker
 from backend.workers.entry import run_worker
 
@@ -34,7 +34,7 @@ class BenchWorker(TransactionalWorker):
         started = time.time()
         sent = job.payload.get("sent")
         if sent is not None:
-            log_event(
+            log_worker_event(
                 PICKUP_EVENT,
                 {"latency_ms": round((started - float(sent)) * 1000, 3), "job_key": job.idempotency_key},
             )

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import psycopg
 
 from backend.jobs import Job
-from backend.logs import log_event
+from backend.logs import log_worker_event
 from backend.workers.base import TransactionalWorker
 from backend.workers.entry import run_worker
 
@@ -36,7 +36,7 @@ class ChaosWorker(TransactionalWorker):
             (job.idempotency_key, job.attempt),
         )
         if job.payload.get("exit_code") is not None:
-            log_event(EXIT_EVENT, {"job_key": job.idempotency_key, "attempt": job.attempt})
+            log_worker_event(EXIT_EVENT, {"job_key": job.idempotency_key, "attempt": job.attempt})
             logging.shutdown()
             os._exit(int(job.payload["exit_code"]))
 

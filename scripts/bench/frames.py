@@ -12,13 +12,12 @@ from __future__ import annotations
 # --- the runtime's frames: update these when the runtime's code moves --------------------
 
 # From the entry point down to the run loop: the boot and the worker's run method.
-RUNTIME_ENTRY_FRAMES = ("run_worker", "BaseWorker.run")
+RUNTIME_ENTRY_FRAMES = ("run_worker", "Runtime.run")
 # The run loop: only the main thread's samples inside it are the worker's.
-RUN_LOOP_FRAME = "BaseWorker._loop"
-# The class whose methods named "...batch..." run one batch; the call such a method makes
-# is the step of the batch a sample is in.
-BATCH_CLASS = "Processor."
-BATCH_FRAMES = ("Processor.process_batch", "Processor._transactional_batch")
+RUN_LOOP_FRAME = "Consumer.run"
+# The methods that run one batch: the call the innermost of them makes is the step of the
+# batch a sample is in.
+BATCH_FRAMES = ("Strategy.process", "TransactionalStrategy._deliver", "TransactionalStrategy._batch")
 
 RUNTIME_FRAMES = (*RUNTIME_ENTRY_FRAMES, RUN_LOOP_FRAME, *BATCH_FRAMES)
 

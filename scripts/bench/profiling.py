@@ -13,7 +13,7 @@ from typing import Any
 from scripts.bench.database import BenchDatabase, statement_delta
 from scripts.bench.figures import num
 from scripts.bench.frames import (
-    BATCH_CLASS,
+    BATCH_FRAMES,
     GENERIC_FRAMES,
     RUN_LOOP_FRAME,
     SEND_FRAMES,
@@ -110,7 +110,7 @@ def _main_loop_samples(raw: Path) -> list[tuple[list[str], int]]:
 def _step(frames: list[str]) -> str:
     """The call made by the processor's batch method: the step of the batch."""
     # Heuristic on frame names (frames.py): a renamed batch method shows as "(outside a batch)".
-    batch = [i for i, f in enumerate(frames) if f.startswith(BATCH_CLASS) and "batch" in f]
+    batch = [i for i, f in enumerate(frames) if f.startswith(BATCH_FRAMES)]
     if not batch or batch[-1] + 1 >= len(frames):
         return "(outside a batch)"
     return STEP_NAMES.get(frames[batch[-1] + 1], frames[batch[-1] + 1])

@@ -22,6 +22,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psutil
 
+from backend.events import undeclared
+
 ROOT = Path(__file__).resolve().parents[2]
 BOOT_EVENT = "WORKER_BOOT"
 # What a worker reads from its environment (PROBE_: the tests' probe worker). A harness
@@ -176,17 +178,17 @@ class WorkerProcess:
             return "\n".join(self.lines[-count:])
 
     def bad_lines(self, lines: Iterable[str] | None = None) -> list[str]:
-        """The lines (default: all so far) that are not JSON objects or carry a secret."""
+        """The lines (default: all so far) that are not JSON objects, carry a secret, or
+        carry a field the event catalogue (``backend.events``) does not declare."""
         if lines is None:
             with self._cond:
                 lines = list(self.lines)
-        return [ln for ln in lines if not ln.startswith("{") or any(s in ln for s in self.secrets)]
+        return [ln for ln in lines if _problem(ln, self.secrets)]
 
     def check_output(self) -> None:
-        """Fail on the first line that is not JSON or carries a secret (a leak, a traceback)."""
+        """Fail on the first bad line (a leak, a traceback, a field outside the catalogue)."""
         for line in self.bad_lines():
-            leaked = any(s in line for s in self.secrets)
-            raise WorkerProcessError(f"{'secret leaked' if leaked else 'non-JSON output line'}: {line}")
+            raise WorkerProcessError(f"{_problem(line, self.secrets)}: {line}")
 
     # boot, CPU and memory
 
@@ -253,3 +255,17 @@ def _parse(line: str) -> Data | None:
     except (ValueError, RecursionError):  # not JSON, or JSON Python will not read
         return None
     return value if isinstance(value, dict) else None
+
+
+def _problem(line: str, secrets: Iterable[str]) -> str | None:
+    """What is wrong with one output line, or None."""
+    if any(s in line for s in secrets):
+        return "secret leaked"
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return "non-JSON output line"
+    if not isinstance(record, dict):
+        return "non-JSON output line"
+    problems = undeclared(record.get("event"), record.get("data"))
+    return "; ".join(problems) if problems else None
