@@ -196,6 +196,8 @@ class Settings:
     heartbeat_retention_days: float
     prune_interval_s: float
     log_level: str
+    # Bad tunables a lenient load (the diagnostic commands) replaced by their defaults.
+    warnings: tuple[str, ...] = ()
 
     @property
     def memory_limit_bytes(self) -> int | None:
@@ -212,8 +214,12 @@ class Settings:
         return bool(self.db_url) and is_transaction_pooler(self.db_url or "")
 
 
-def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
-    """Read and validate the environment; raise ``ConfigError`` naming the variable."""
+def load_settings(environ: Mapping[str, str] | None = None, *, lenient: bool = False) -> Settings:
+    """Read and validate the environment; raise ``ConfigError`` naming the variable.
+
+    ``lenient`` (the inspector, migrate, enqueue: commands an operator needs most when
+    something is misconfigured) replaces a bad ``WORKER_*`` tunable by its default and says
+    so in ``Settings.warnings``; the mode and the database URL stay strict."""
     env = os.environ if environ is None else environ
     db_url = env.get("SUPABASE_DB_URL") or None
     mode = _mode(env, db_url)
@@ -223,19 +229,19 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         )
     if db_url:
         db_url = check_db_url(db_url, prod=mode == "prod")
+    warnings: list[str] = []
     values: dict[str, Any] = {}
     for tunable in TUNABLES:
-        values[_TUNABLE_FIELDS[tunable.variable]] = _tunable(env, tunable)
-    level = str(values["log_level"]).upper()
-    if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
-        raise ConfigError(
-            "WORKER_LOG_LEVEL", f"unknown level {values['log_level']!r}; use DEBUG, INFO, WARNING or ERROR"
-        )
-    values["log_level"] = level
-    if values["notifications"] not in {"auto", "off"}:
-        raise ConfigError("WORKER_NOTIFICATIONS", "use auto or off")
-    if values["retry_max_s"] < values["retry_base_s"]:
-        raise ConfigError("WORKER_RETRY_MAX_S", "must be at least WORKER_RETRY_BASE_S")
+        try:
+            values[_TUNABLE_FIELDS[tunable.variable]] = _tunable(env, tunable)
+            _check_tunable(tunable.variable, values)
+        except ConfigError as exc:
+            if not lenient:
+                raise
+            warnings.append(f"{exc}; ignored, using the default {tunable.default!r}")
+            values[_TUNABLE_FIELDS[tunable.variable]] = tunable.default
+    values["log_level"] = str(values["log_level"]).upper()
+    values["warnings"] = tuple(warnings)
     railway = {name: env[name] for name in RAILWAY_VARIABLES if env.get(name)}
     return Settings(
         mode=mode,
@@ -246,6 +252,23 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         railway=railway,
         **values,
     )
+
+
+def _check_tunable(variable: str, values: Mapping[str, Any]) -> None:
+    """The rules a tunable's value must follow beyond its type and minimum."""
+    if variable == "WORKER_LOG_LEVEL" and str(values["log_level"]).upper() not in {
+        "DEBUG",
+        "INFO",
+        "WARNING",
+        "ERROR",
+    }:
+        raise ConfigError(
+            variable, f"unknown level {values['log_level']!r}; use DEBUG, INFO, WARNING or ERROR"
+        )
+    if variable == "WORKER_NOTIFICATIONS" and values["notifications"] not in {"auto", "off"}:
+        raise ConfigError(variable, "use auto or off")
+    if variable == "WORKER_RETRY_MAX_S" and values["retry_max_s"] < values["retry_base_s"]:
+        raise ConfigError(variable, "must be at least WORKER_RETRY_BASE_S")
 
 
 def _mode(env: Mapping[str, str], db_url: str | None) -> Mode:

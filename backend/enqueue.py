@@ -105,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
             idempotency_key=args.key,
             trace_id=args.trace_id,
         )
-        settings = load_settings()
+        settings = load_settings(lenient=True)
+        for warning in settings.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
         with connect(resolve_db_url(settings), "dragonfly-enqueue") as conn:
             msg_id = enqueue(conn, args.queue, envelope, delay_s=args.delay)
     except (json.JSONDecodeError, InvalidEnvelope, ConfigError, psycopg.Error) as exc:

@@ -172,10 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        settings = load_settings()
+        settings = load_settings(lenient=True)
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 1
+    for warning in settings.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     configure_logging(settings.log_level, secrets=secrets_of(settings.db_url))
     if settings.uses_transaction_pooler:
         print(

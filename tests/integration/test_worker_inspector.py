@@ -484,3 +484,13 @@ def test_replay_to_a_queue_that_no_longer_exists_fails_and_changes_nothing(db: C
     assert f"FAILED dead letter {letter}:" in done.stdout and "q_gone" in done.stdout
     row = db.execute("SELECT replayed_at FROM workers.dead_letters WHERE id = %s", (letter,)).fetchone()
     assert row == {"replayed_at": None}
+
+
+def test_a_bad_tunable_is_a_warning_for_the_inspector_not_a_refusal(clean_db: str) -> None:
+    done = inspector(clean_db, "--json", env={"WORKER_BATCH_SIZE": "abc"})
+    assert done.returncode in (0, 1), done.stderr
+    assert json.loads(done.stdout)["verdict"] in ("healthy", "unhealthy")
+    assert done.stderr.splitlines() == [
+        "worker_inspector: warning: WORKER_BATCH_SIZE: 'abc' is not a whole number;"
+        " ignored, using the default 100"
+    ]

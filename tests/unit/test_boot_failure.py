@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from backend.config import load_settings
-from backend.errors import BootError
+from backend.errors import BootError, ConfigError
 from backend.workers.lifecycle import State
 from backend.workers.runtime import Runtime
 from tests.workers.probe import ProbeTransactional
@@ -48,3 +48,14 @@ def test_a_stop_that_races_the_end_of_boot_still_drains_and_shuts_down(
     names = [r.event for r in caplog.records if r.name == "dragonfly.events"]  # type: ignore[attr-defined]
     assert names == ["WORKER_BOOT", "WORKER_DRAINING", "WORKER_SHUTDOWN"]
     assert runtime.lifecycle.state is State.STOPPED
+
+
+def test_a_lenient_load_replaces_bad_tunables_by_their_defaults_and_says_so() -> None:
+    env = {"SUPABASE_MODE": "dev", "WORKER_BATCH_SIZE": "abc", "WORKER_LOG_LEVEL": "LOUD"}
+    with pytest.raises(ConfigError, match="WORKER_BATCH_SIZE"):
+        load_settings(env)
+    settings = load_settings(env, lenient=True)
+    assert settings.batch_size == 100 and settings.log_level == "INFO"
+    assert [w.split(":")[0] for w in settings.warnings] == ["WORKER_BATCH_SIZE", "WORKER_LOG_LEVEL"]
+    with pytest.raises(ConfigError, match="SUPABASE_MODE"):
+        load_settings({**env, "SUPABASE_MODE": "staging"}, lenient=True)

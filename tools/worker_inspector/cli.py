@@ -195,9 +195,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     try:
-        settings = load_settings()
+        settings = load_settings(lenient=True)
     except ConfigError as exc:
         raise Unusable(f"configuration error: {exc}") from None
+    for warning in settings.warnings:
+        print(f"worker_inspector: warning: {warning}", file=sys.stderr)
     options = report_options(args, settings)
     try:
         url = resolve_db_url(settings)
