@@ -147,15 +147,19 @@ class TransactionalStrategy(Strategy):
 
     def _run_one_by_one(self, conn: Conn, jobs: list[Job], out: Outcome) -> None:
         for job in jobs:
-            try:
-                with conn.transaction():
-                    self.handler.handle(conn, job)
-                out.done.append(job)
-            except MemoryError:
-                raise
-            except Exception as exc:
-                reraise_if_connection_lost(conn, exc)
-                self.fail(job, exc, out)
+            self._run_one(conn, job, out)
+
+    def _run_one(self, conn: Conn, job: Job, out: Outcome) -> None:
+        """Run one job in a savepoint: its failure rolls back its own writes only."""
+        try:
+            with conn.transaction():
+                self.handler.handle(conn, job)
+            out.done.append(job)
+        except MemoryError:
+            raise
+        except Exception as exc:
+            reraise_if_connection_lost(conn, exc)
+            self.fail(job, exc, out)
 
     # --- run alone -----------------------------------------------------------------------
 
@@ -172,15 +176,7 @@ class TransactionalStrategy(Strategy):
             q.bound_transaction(conn, self.options.transaction_limit_ms)
             if not ledger.owns_claim(conn, job.idempotency_key, self.worker_id):
                 return False
-            try:
-                with conn.transaction():
-                    self.handler.handle(conn, job)
-                out.done.append(job)
-            except MemoryError:
-                raise
-            except Exception as exc:
-                reraise_if_connection_lost(conn, exc)
-                self.fail(job, exc, out)
+            self._run_one(conn, job, out)
             self.settle(conn, out)
         return True
 
