@@ -20,10 +20,21 @@ def backoff_s(attempt: int, *, base_s: float, max_s: float, rng: random.Random |
     return raw * (0.5 + (rng or random).random() / 2)
 
 
-def retry_delay_s(attempt: int, *, base_s: float, max_s: float, rng: random.Random | None = None) -> int:
+def retry_delay_s(
+    attempt: int,
+    *,
+    base_s: float,
+    max_s: float,
+    rng: random.Random | None = None,
+    at_least_s: float | None = None,
+) -> int:
     """``backoff_s`` rounded up to a whole second (what ``retry_in_s`` in ``JOB_FAILED``
-    reports): never less than one second, never more than ``max_s`` rounded up."""
-    return max(1, math.ceil(backoff_s(attempt, base_s=base_s, max_s=max_s, rng=rng)))
+    reports), or ``at_least_s`` (what the other side asked for) when that is longer: never
+    less than one second, never more than ``max_s`` rounded up."""
+    delay = max(1, math.ceil(backoff_s(attempt, base_s=base_s, max_s=max_s, rng=rng)))
+    if at_least_s is not None and at_least_s > delay:
+        delay = min(math.ceil(at_least_s), max(1, math.ceil(max_s)))
+    return delay
 
 
 def tenacity_wait(*, base_s: float, max_s: float) -> Callable[[RetryCallState], float]:

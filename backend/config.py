@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -214,12 +214,18 @@ class Settings:
         return bool(self.db_url) and is_transaction_pooler(self.db_url or "")
 
 
-def load_settings(environ: Mapping[str, str] | None = None, *, lenient: bool = False) -> Settings:
+def load_settings(
+    environ: Mapping[str, str] | None = None,
+    *,
+    lenient: bool = False,
+    defaults: Mapping[str, Any] | None = None,
+) -> Settings:
     """Read and validate the environment; raise ``ConfigError`` naming the variable.
 
     ``lenient`` (the inspector, migrate, enqueue: commands an operator needs most when
     something is misconfigured) replaces a bad ``WORKER_*`` tunable by its default and says
-    so in ``Settings.warnings``; the mode and the database URL stay strict."""
+    so in ``Settings.warnings``; the mode and the database URL stay strict. ``defaults``
+    replaces some tunables' defaults (a worker's own, ``BaseWorker.defaults``)."""
     env = os.environ if environ is None else environ
     db_url = env.get("SUPABASE_DB_URL") or None
     mode = _mode(env, db_url)
@@ -232,6 +238,8 @@ def load_settings(environ: Mapping[str, str] | None = None, *, lenient: bool = F
     warnings: list[str] = []
     values: dict[str, Any] = {}
     for tunable in TUNABLES:
+        if defaults and tunable.variable in defaults:
+            tunable = replace(tunable, default=defaults[tunable.variable])
         try:
             values[_TUNABLE_FIELDS[tunable.variable]] = _tunable(env, tunable)
             _check_tunable(tunable.variable, values)

@@ -33,6 +33,16 @@ class BootError(WorkerError):
     """The worker cannot start (database unreachable, schema missing or too old)."""
 
 
+class RetryableError(WorkerError):
+    """A failure that may succeed later; ``retry_after_s`` is how long the other side asked
+    to wait (an HTTP ``Retry-After``), if it did: the retry waits at least that long, up to
+    ``WORKER_RETRY_MAX_S``."""
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class PermanentJobError(WorkerError):
     """A job that can never succeed: it is dead-lettered at once, never retried."""
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
 import psycopg
@@ -25,6 +26,9 @@ class BaseWorker:
 
     name: ClassVar[str]
     kind: ClassVar[HandlerKind]
+    # This worker's own defaults of some WORKER_* tunables (variable -> value): what it
+    # runs with when the environment does not set them.
+    defaults: ClassVar[Mapping[str, Any]] = {}
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings

@@ -22,7 +22,7 @@ from backend.workers.signals import SignalWatcher
 def run_worker(worker_cls: type[BaseWorker]) -> None:
     """The ``python -m backend.workers.<name>`` entry point: configure, run, exit."""
     try:
-        settings = load_settings()
+        settings = load_settings(defaults=worker_cls.defaults)
     except ConfigError as exc:
         configure_logging("INFO", secrets=secrets_of(os.environ.get("SUPABASE_DB_URL")))
         BareIdentity(worker_cls).fail(exc)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 from backend.domain.outbox import OutboxConfig, deliver_job
 from backend.events import Event
@@ -25,6 +26,10 @@ class OutboxWorker(ExternalWorker):
     """Sends webhook, Slack, Discord and email notifications for real."""
 
     name: ClassVar[str] = "outbox_processor"
+    # Ride out a receiver outage of at least 10 minutes before dead-lettering: the nine
+    # waits between ten attempts (5 s doubling, capped at 300 s, each jittered to half..all)
+    # add up to 607.5 s at the least and 1,215 s at the most.
+    defaults: ClassVar[Mapping[str, Any]] = {"WORKER_MAX_ATTEMPTS": 10, "WORKER_RETRY_BASE_S": 5.0}
     config: OutboxConfig
 
     def setup(self) -> None:

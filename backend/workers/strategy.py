@@ -29,7 +29,7 @@ from backend.backoff import retry_delay_s
 from backend.db import ledger
 from backend.db import queries as q
 from backend.db.ledger import DeadLetter, Failure, LedgerStatus
-from backend.errors import PermanentJobError, describe
+from backend.errors import PermanentJobError, RetryableError, describe
 from backend.events import Event
 from backend.jobs import Job, job_from_envelope
 from backend.logs import log_event
@@ -154,7 +154,11 @@ class Strategy:
         error = describe(exc)
         permanent = isinstance(exc, PermanentJobError)
         if permanent or job.attempt >= self.options.max_attempts:
-            reason = error if permanent else f"{error} (attempt {job.attempt} of {self.options.max_attempts})"
+            reason = (
+                error
+                if permanent
+                else f"{error} (attempt {job.attempt} of {self.options.max_attempts}: the last)"
+            )
             out.letters.append(
                 DeadLetter(
                     msg_id=job.msg_id,
@@ -166,7 +170,10 @@ class Strategy:
             )
             return
         o = self.options
-        delay = retry_delay_s(job.attempt, base_s=o.retry_base_s, max_s=o.retry_max_s, rng=self.rng)
+        asked = exc.retry_after_s if isinstance(exc, RetryableError) else None
+        delay = retry_delay_s(
+            job.attempt, base_s=o.retry_base_s, max_s=o.retry_max_s, rng=self.rng, at_least_s=asked
+        )
         out.failures.append(
             Failure(job_key=job.idempotency_key, msg_id=job.msg_id, error=error, delay_s=delay)
         )
@@ -181,6 +188,7 @@ class Strategy:
                 "error": error,
                 "error_type": type(exc).__name__,
                 "retry_in_s": delay,
+                "retry_after_s": asked,
             },
             logging.WARNING,
         )

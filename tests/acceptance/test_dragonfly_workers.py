@@ -205,3 +205,18 @@ def test_outbox_redelivery_after_a_kill_reaches_the_receiver_with_the_same_key(
     assert http.total_calls == 2 and http.distinct_keys() == {"n-killed"}
     row = db.execute("SELECT * FROM workers.processed_jobs WHERE job_key = 'n-killed'").fetchone()
     assert row["status"] == "completed" and row["attempts"] == 2
+
+
+def test_outbox_waits_what_a_429_s_retry_after_asks(
+    spawn: Spawn, db: Conn, http: HttpRecorder, smtp: SmtpRecorder
+) -> None:
+    http.script(Reply(status=429, headers={"Retry-After": "3"}), Reply(status=200))
+    enqueue(db, "q_outbox_processor", note("n-throttled", "webhook"))
+    worker = spawn("backend.workers.outbox_processor", **outbox_env(http, smtp, WORKER_RETRY_BASE_S=0.1))
+    wait_until(drained(db, "q_outbox_processor"), timeout=30)
+    stop(worker)
+    first, second = http.requests
+    assert second.received_at - first.received_at >= 2.9  # the backoff alone would be 1 s
+    failed = worker.named("JOB_FAILED")
+    assert failed[0]["retry_after_s"] == 3.0 and failed[0]["retry_in_s"] == 3
+    assert "a later attempt may succeed" in failed[0]["error"]

@@ -50,7 +50,7 @@ def send_email(message: OutboundMessage, key: str, config: OutboxConfig) -> Deli
         raise PermanentJobError(f"{where}: {exc}; check OUTBOX_SMTP_TLS") from None
     except (smtplib.SMTPException, OSError) as exc:
         raise DeliveryError(
-            f"{where} failed: {network_reason(exc, config.smtp_timeout_s)}; will retry"
+            f"{where} failed: {network_reason(exc, config.smtp_timeout_s)}; a later attempt may succeed"
         ) from None
     return DeliveryReceipt(
         channel="email",
@@ -118,4 +118,4 @@ def _smtp_failure(where: str, code: int, reply: bytes | str) -> WorkerError:
     summary = f"{where}: SMTP {code} {text}".rstrip()
     if 500 <= code < 600:
         return PermanentJobError(f"{summary}: permanent refusal")
-    return DeliveryError(f"{summary}; will retry")
+    return DeliveryError(f"{summary}; a later attempt may succeed")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from backend.domain.outbox.config import CHANNELS, Channel, is_address
-from backend.errors import PermanentJobError, WorkerError
+from backend.errors import PermanentJobError, RetryableError
 
 DISCORD_MAX_CONTENT = 2000
 MAX_SUBJECT_LENGTH = 998  # RFC 5322 line limit; longer subjects cannot travel as one header
@@ -18,15 +18,11 @@ RETRYABLE_4XX = frozenset({408, 429})
 _MESSAGE_FIELDS = frozenset({"channel", "subject", "body", "to", "data"})
 
 
-class DeliveryError(WorkerError):
+class DeliveryError(RetryableError):
     """A delivery that may succeed later (5xx, 408, 429, timeout, connection or SMTP 4xx).
 
-    ``retry_after_s`` carries the receiver's ``Retry-After`` when it sent one.
+    ``retry_after_s`` carries the receiver's ``Retry-After`` of a 429 or 503.
     """
-
-    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -9,6 +9,8 @@ import math
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import IO, Any
 
 from backend import __version__
@@ -24,6 +26,9 @@ from backend.domain.outbox.message import (
     stable_message_id,
 )
 from backend.errors import PermanentJobError, WorkerError
+
+# The answers whose Retry-After says when to come back (RFC 9110).
+_RETRY_AFTER_CODES = frozenset({429, 503})
 
 # --- HTTP channels ---------------------------------------------------------------------
 
@@ -92,7 +97,8 @@ def post_json(
         raise _http_failure(channel, destination, exc) from None
     except (OSError, http.client.HTTPException) as exc:
         raise DeliveryError(
-            f"{channel} delivery to {destination} failed: {network_reason(exc, timeout_s)}; will retry"
+            f"{channel} delivery to {destination} failed: {network_reason(exc, timeout_s)};"
+            " a later attempt may succeed"
         ) from None
     return DeliveryReceipt(
         channel=channel,
@@ -113,9 +119,8 @@ def _http_failure(channel: Channel, destination: str, exc: urllib.error.HTTPErro
     text = f"{channel} delivery to {destination} got HTTP {exc.code}"
     text += f" ({detail})" if detail else ""
     if exc.code >= 500 or exc.code in RETRYABLE_4XX:
-        return DeliveryError(
-            f"{text}; will retry", retry_after_s=_retry_after(exc.headers.get("Retry-After"))
-        )
+        asked = _retry_after(exc.headers.get("Retry-After")) if exc.code in _RETRY_AFTER_CODES else None
+        return DeliveryError(f"{text}; a later attempt may succeed", retry_after_s=asked)
     if 300 <= exc.code < 400:
         return PermanentJobError(
             f"{text}: redirects are not followed; set {URL_VARIABLES[channel]} to the final URL"
@@ -123,9 +128,19 @@ def _http_failure(channel: Channel, destination: str, exc: urllib.error.HTTPErro
     return PermanentJobError(f"{text}: the receiver rejected the message")
 
 
-def _retry_after(value: str | None) -> float | None:
+def _retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """``Retry-After`` in seconds: a number of seconds, or an HTTP date (RFC 9110)."""
+    if not value:
+        return None
     try:
-        seconds = float(value) if value else None
+        seconds = float(value)
     except ValueError:
-        return None  # an HTTP date: leave the delay to the runtime's backoff
-    return seconds if seconds is not None and math.isfinite(seconds) and seconds >= 0 else None
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - (now or datetime.now(UTC))).total_seconds()
+        return max(0.0, seconds)
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
