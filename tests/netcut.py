@@ -89,7 +89,7 @@ class CuttableProxy:
                     if not data:
                         return
                     peers[sock].sendall(data)
-        except OSError:
+        except (OSError, ValueError):  # ValueError: select on a socket close() just closed
             return
         finally:
             a.close()

@@ -58,14 +58,14 @@ class Housekeeper:
         plan: HousekeepingPlan,
         pool: ConnectionPool[Any],
         *,
-        heartbeat_row: Callable[[], dict[str, Any]],
+        beat: Callable[[], None],
         held: HeldJobs,
         on_memory_exceeded: Callable[[MemoryVerdict], None],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.plan = plan
         self.pool = pool
-        self.heartbeat_row = heartbeat_row
+        self._beat = beat
         self.held = held
         self.on_memory_exceeded = on_memory_exceeded
         self.clock = clock
@@ -150,8 +150,7 @@ class Housekeeper:
             log_event(Event.HOUSEKEEPING_RECOVERED, {"worker_id": self.plan.worker_id, "duty": event})
 
     def beat(self) -> None:
-        with self.pool.connection(timeout=_POOL_WAIT_S) as conn:
-            upkeep.upsert_heartbeat(conn, self.heartbeat_row())
+        self._beat()
 
     def _check_memory(self) -> None:
         verdict = check_memory(self.plan.memory_limit_bytes, self.plan.memory_soft_pct)

@@ -96,9 +96,10 @@ class Lifecycle:
         dest = self.state
         trigger = event.event.name if event.event else ""
         data: dict[str, Any] = {"from": source.value, "to": dest.value, "trigger": trigger, **event.kwargs}
-        self._write_status(dest)
+        # The event first: the status write may wait on the database.
         if trigger == "boot_failed":
             self._emit(
                 Event.WORKER_BOOT, {**data, "db_status": data.get("db_status", "error")}, logging.ERROR
             )
         self._emit(EVENTS[dest], data, _LEVELS.get(dest, logging.INFO))
+        self._write_status(dest)

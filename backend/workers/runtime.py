@@ -21,7 +21,6 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from backend.db.connect import boot_retrying, connect, make_pool, permanent_reason, resolve_db_url
-from backend.db.upkeep import upsert_heartbeat
 from backend.dburl import secrets_of
 from backend.errors import BootError, WorkerError, describe
 from backend.events import Event
@@ -34,11 +33,15 @@ from backend.workers.held import give_back
 from backend.workers.housekeeping import Housekeeper
 from backend.workers.lifecycle import Lifecycle, State
 from backend.workers.memory import MemoryVerdict, rss_bytes
+from backend.workers.status import HeartbeatWriter
 
 EXIT_OK, EXIT_FAILURE, EXIT_SIGNAL = 0, 1, 143
 SIGNAL_REASONS = {signal.SIGTERM: "SIGTERM (Deployment/Scale-down)", signal.SIGINT: "SIGINT (Interrupt)"}
 MEMORY_REASON = "memory soft limit"
 _STATUS_WRITE_TIMEOUT_S = 1.0  # short: on a dead network it delays a SIGTERM's exit
+# An abandon (second signal, drain timeout) gives back what it held and writes its state
+# within these, so that it ends the process within a second on any network.
+_ABANDON_RELEASE_S, _ABANDON_STATUS_S = 0.5, 0.3
 
 
 class Runtime:
@@ -57,6 +60,9 @@ class Runtime:
         self.loop_done = threading.Event()
         self.stop_reason = ""
         self.memory: MemoryVerdict | None = None
+        self.heartbeat = HeartbeatWriter(
+            worker_id=self.worker_id, pool=lambda: self.pool, build_row=self.heartbeat_row
+        )
         self.lifecycle = Lifecycle(emit=self._emit, write_status=self._write_status)
         self._db_url: str | None = None
         self.deliveries = (
@@ -97,23 +103,8 @@ class Runtime:
         }
 
     def _write_status(self, state: State) -> None:
-        """Every transition writes the heartbeat row at once; best effort on the way down."""
-        if self.pool is None:
-            return
-        try:
-            with self.pool.connection(timeout=_STATUS_WRITE_TIMEOUT_S) as conn:
-                upsert_heartbeat(conn, self.heartbeat_row())
-        except psycopg.Error as exc:
-            log_event(
-                Event.HEARTBEAT_FAILED,
-                {
-                    "worker_id": self.worker_id,
-                    "status": state.value,
-                    "error": describe(exc),
-                    "error_type": type(exc).__name__,
-                },
-                logging.WARNING,
-            )
+        """Every transition writes the heartbeat row, on the status writer's thread."""
+        self.heartbeat.request()
 
     def _uptime(self) -> float:
         return round(time.monotonic() - self._started, 3)
@@ -184,7 +175,11 @@ class Runtime:
             code = EXIT_SIGNAL
         if not changed:
             return
-        self._release_held()
+        # Bounded, whatever the network does: a second signal ends the process within a second.
+        releasing = threading.Thread(target=self._release_held, name="release", daemon=True)
+        releasing.start()
+        releasing.join(_ABANDON_RELEASE_S)
+        self.heartbeat.flush(_ABANDON_STATUS_S)
         logging.shutdown()
         os._exit(code)
 
@@ -262,7 +257,7 @@ class Runtime:
         self.housekeeper = Housekeeper(
             housekeeping_plan(self.settings, self.queue, self.worker_id),
             self.pool,
-            heartbeat_row=self.heartbeat_row,
+            beat=self.heartbeat.write,
             held=self.held,
             on_memory_exceeded=self._on_memory_exceeded,
         )
@@ -327,6 +322,7 @@ class Runtime:
         return EXIT_FAILURE
 
     def _close(self) -> None:
+        self.heartbeat.flush(_STATUS_WRITE_TIMEOUT_S)  # the last state's row, before the pool goes
         if self.deliveries is not None:
             self.deliveries.close()
         if self.pool is not None:

@@ -310,3 +310,21 @@ def test_a_transactional_job_idle_past_its_lease_never_loops(spawn: Spawn, db: C
     assert one(db, "SELECT count(*) FROM probe.effects WHERE job_key = 'dawdler'") == 0
     assert one(db, "SELECT count(*) FROM probe.effects WHERE job_key = 'brisk'") == 1
     assert one(db, "SELECT count(*) FROM probe.attempts WHERE job_key = 'dawdler'") <= 3
+
+
+def test_a_second_sigterm_under_a_network_cut_ends_the_worker_within_a_second(
+    spawn: Spawn, db: Conn, proxy: CuttableProxy
+) -> None:
+    enqueue(db, "q_probe", job("cut-off", sleep_s=30))
+    a = spawn(SUPABASE_DB_URL=proxy.url(PASSWORD))
+    a.wait_for("PROBE_IN_HANDLER")
+    proxy.cut()
+    a.send(signal.SIGTERM)
+    # Said at once, though the state's heartbeat write hangs on the cut network.
+    a.wait_for("WORKER_DRAINING", timeout=1)
+    a.send(signal.SIGTERM)
+    second_at = time.monotonic()
+    assert a.wait_exit(timeout=10) == 143
+    took_s = time.monotonic() - second_at
+    assert took_s < 1.0, took_s
+    assert a.wait_for("WORKER_SHUTDOWN")["abandoned"].startswith("second signal")
