@@ -44,6 +44,14 @@ class DeliveryLog:
         self._send(q.FORGET_DELIVERIES, [self.worker_id.encode()])
         self.confirm(timeout_s)
 
+    def forget_quietly(self, timeout_s: float) -> None:
+        """``forget`` at a clean stop: best effort, since a record left behind only makes
+        the retries of its messages run alone."""
+        try:
+            self.forget(timeout_s)
+        except (psycopg.Error, OSError):
+            pass
+
     def confirm(self, timeout_s: float) -> None:
         """Wait for the record sent last to commit; raise ``OperationalError`` when it did not
         within ``timeout_s`` (the connection is then dropped and opened anew next time)."""

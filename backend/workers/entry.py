@@ -6,6 +6,8 @@ import logging
 import os
 import socket
 import sys
+import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 from backend.config import load_settings
@@ -15,8 +17,10 @@ from backend.events import Event
 from backend.logs import configure_logging, log_event
 from backend.workers.base import BaseWorker
 from backend.workers.lifecycle import Lifecycle, State
+from backend.workers.memory import rss_bytes
 from backend.workers.runtime import EXIT_FAILURE, Runtime
 from backend.workers.signals import SignalWatcher
+from backend.workers.status import record_once
 
 
 def run_worker(worker_cls: type[BaseWorker]) -> None:
@@ -36,15 +40,19 @@ def run_worker(worker_cls: type[BaseWorker]) -> None:
 
 
 class BareIdentity:
-    """Reports a configuration error before any settings exist (WORKER_BOOT, WORKER_CRASH)."""
+    """Reports a configuration error before any settings exist (WORKER_BOOT, WORKER_CRASH),
+    and leaves a CRASHED heartbeat row when the database URL itself is usable, so that a
+    configuration crash loop shows in the inspector."""
 
     def __init__(self, worker_cls: type[BaseWorker]) -> None:
+        self.worker_cls = worker_cls
         self.queue = f"q_{worker_cls.name}"
+        self.worker_id = f"{worker_cls.name}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
     def fail(self, exc: ConfigError) -> None:
         identity = {
             "worker_name": self.queue,
-            "worker_id": None,
+            "worker_id": self.worker_id,
             "version": os.environ.get("WORKER_VERSION") or _package_version(),
             "git_sha": os.environ.get("RAILWAY_GIT_COMMIT_SHA"),
             "mode": os.environ.get("SUPABASE_MODE"),
@@ -65,6 +73,32 @@ class BareIdentity:
             state_before=State.BOOTING.value,
             exit_code=EXIT_FAILURE,
         )
+        self._record(exc)
+
+    def _record(self, exc: ConfigError) -> None:
+        try:
+            settings = load_settings(lenient=True, defaults=self.worker_cls.defaults)
+        except ConfigError:
+            return  # the mode or the URL itself is what is wrong
+        if not settings.db_url:
+            return
+        failure = {"error": str(exc), "error_type": "ConfigError", "variable": exc.variable, "exit_code": 1}
+        row = {
+            "worker_id": self.worker_id,
+            "worker_name": self.queue,
+            "queue_name": self.queue,
+            "status": State.CRASHED.value,
+            "hostname": settings.hostname,
+            "pid": os.getpid(),
+            "version": settings.version,
+            "git_sha": settings.git_sha,
+            "started_at": datetime.now(UTC),
+            "jobs_processed": 0,
+            "jobs_failed": 0,
+            "rss_bytes": rss_bytes(),
+            "metadata": {**settings.railway, **failure},
+        }
+        record_once(settings.db_url, row)
 
 
 def _package_version() -> str:

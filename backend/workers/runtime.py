@@ -20,7 +20,14 @@ from typing import Any
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from backend.db.connect import boot_retrying, connect, make_pool, permanent_reason, resolve_db_url
+from backend.db.connect import (
+    DB_ERRORS,
+    boot_retrying,
+    connect,
+    make_pool,
+    permanent_reason,
+    resolve_db_url,
+)
 from backend.dburl import secrets_of
 from backend.errors import BootError, WorkerError, describe
 from backend.events import Event
@@ -33,7 +40,7 @@ from backend.workers.held import give_back
 from backend.workers.housekeeping import Housekeeper
 from backend.workers.lifecycle import Lifecycle, State
 from backend.workers.memory import MemoryVerdict, rss_bytes
-from backend.workers.status import HeartbeatWriter
+from backend.workers.status import HeartbeatWriter, record_once
 
 EXIT_OK, EXIT_FAILURE, EXIT_SIGNAL = 0, 1, 143
 SIGNAL_REASONS = {signal.SIGTERM: "SIGTERM (Deployment/Scale-down)", signal.SIGINT: "SIGINT (Interrupt)"}
@@ -60,6 +67,7 @@ class Runtime:
         self.loop_done = threading.Event()
         self.stop_reason = ""
         self.memory: MemoryVerdict | None = None
+        self.failure: dict[str, Any] = {}  # why it crashed: kept in the row's metadata
         self.heartbeat = HeartbeatWriter(
             worker_id=self.worker_id, pool=lambda: self.pool, build_row=self.heartbeat_row
         )
@@ -99,7 +107,7 @@ class Runtime:
             "jobs_processed": self.counters.processed,
             "jobs_failed": self.counters.failed,
             "rss_bytes": rss,
-            "metadata": dict(s.railway),
+            "metadata": {**s.railway, **self.failure},
         }
 
     def _write_status(self, state: State) -> None:
@@ -219,6 +227,7 @@ class Runtime:
 
     def boot_failed(self, exc: BaseException) -> int:
         data = {"db_status": "error", **self._crash_data(exc)}
+        self._record_failure(data)
         if not self.lifecycle.boot_failed(**data):
             # A signal arrived while booting (DRAINING): the failure is still reported.
             self._emit(
@@ -232,8 +241,16 @@ class Runtime:
                 logging.ERROR,
             )
             self.lifecycle.crash(**data)
+        url = self.settings.db_url
+        if self.pool is None and url and not isinstance(exc, DB_ERRORS):
+            record_once(url, self.heartbeat_row())  # no pool yet: the row on a connection of its own
         self._close()
         return EXIT_FAILURE
+
+    def _record_failure(self, data: dict[str, Any]) -> None:
+        """What the row's metadata keeps of a crash: the inspector shows the last error."""
+        keep = ("error", "error_type", "exit_code", "variable", "state_before")
+        self.failure = {k: data[k] for k in keep if data.get(k) is not None}
 
     # --- run -----------------------------------------------------------------------------
 
@@ -278,20 +295,11 @@ class Runtime:
             self.lifecycle.crash(**self._memory_crash_data(drained=True))
             self._close()
             return EXIT_FAILURE
-        self._forget_deliveries()
+        if self.deliveries is not None and self._db_url is not None:
+            self.deliveries.forget_quietly(_STATUS_WRITE_TIMEOUT_S)
         self.lifecycle.finish(**self._shutdown_data(drained=True, exit_code=EXIT_OK))
         self._close()
         return EXIT_OK
-
-    def _forget_deliveries(self) -> None:
-        """A clean stop: the last batch ended with an outcome, so its record goes (best
-        effort: a record left behind only makes its retries run alone)."""
-        if self.deliveries is None or self._db_url is None:
-            return
-        try:
-            self.deliveries.forget(_STATUS_WRITE_TIMEOUT_S)
-        except (psycopg.Error, OSError):
-            pass
 
     def _crash_data(self, exc: BaseException, **extra: Any) -> dict[str, Any]:
         return {
@@ -314,10 +322,14 @@ class Runtime:
         error = MemoryError(
             f"RSS {figures['rss_mb']} MB above the soft limit of {figures['soft_limit_mb']} MB"
         )
-        return {**self._crash_data(error), **figures, **extra}
+        data = {**self._crash_data(error), **figures, **extra}
+        self._record_failure(data)
+        return data
 
     def _crash(self, exc: BaseException) -> int:
-        self.lifecycle.crash(**self._crash_data(exc))
+        data = self._crash_data(exc)
+        self._record_failure(data)
+        self.lifecycle.crash(**data)
         self._close()
         return EXIT_FAILURE
 

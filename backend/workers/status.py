@@ -19,6 +19,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import ConnectionPool
 
+from backend.db.connect import connect
 from backend.db.upkeep import upsert_heartbeat
 from backend.errors import describe
 from backend.events import Event
@@ -90,3 +91,14 @@ class HeartbeatWriter:
             with self._cond:
                 self._done = target
                 self._cond.notify_all()
+
+
+def record_once(url: str, row: dict[str, Any]) -> bool:
+    """Write one heartbeat row on a connection of its own: a boot that failed before its pool
+    existed still leaves its row, so a crash loop shows. Best effort; whether it was written."""
+    try:
+        with connect(url, f"{row['worker_id']}:failed-boot") as conn:
+            upsert_heartbeat(conn, row)
+    except (psycopg.Error, OSError):
+        return False
+    return True

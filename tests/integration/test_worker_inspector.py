@@ -494,3 +494,25 @@ def test_a_bad_tunable_is_a_warning_for_the_inspector_not_a_refusal(clean_db: st
         "worker_inspector: warning: WORKER_BATCH_SIZE: 'abc' is not a whole number;"
         " ignored, using the default 100"
     ]
+
+
+def test_three_unclean_ends_in_ten_minutes_are_a_crash_loop_until_a_clean_boot(
+    db: Conn, clean_db: str
+) -> None:
+    for i, age in enumerate((30, 90, 150)):
+        error = {
+            "error": f"WORKER_BATCH_SIZE: 'abc' is not a whole number ({i})",
+            "error_type": "ConfigError",
+        }
+        add_worker(db, f"w-crash-{i}", "q_collectability", "CRASHED", age, metadata=error)
+    add_worker(db, "w-old-crash", "q_escalation", "CRASHED", 2000)  # outside the window
+    code, doc = report(clean_db)
+    assert code == 1
+    loop = [f for f in doc["reasons"] if f["code"] == "crash_loop"]
+    assert [f["subject"] for f in loop] == ["q_collectability"]
+    assert "3 workers crashed" in loop[0]["message"]
+    assert "ConfigError: WORKER_BATCH_SIZE: 'abc' is not a whole number (0)" in loop[0]["message"]
+
+    add_worker(db, "w-fixed", "q_collectability", "RUNNING", 1)  # booted after them, same host
+    code, doc = report(clean_db)
+    assert "crash_loop" not in {f["code"] for f in doc["reasons"]}

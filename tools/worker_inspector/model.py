@@ -58,6 +58,8 @@ class Worker:
     hostname: str
     pid: int
     note: str | None
+    error_type: str | None = None  # of a crash, kept in the row's metadata
+    error: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

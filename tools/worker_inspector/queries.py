@@ -73,7 +73,8 @@ def worker_rows(
         + """
     SELECT worker_id, worker_name, queue_name, status, verdict, age_s, historic, hostname, pid,
            version, git_sha, started_at, last_heartbeat_at, stopped_at, jobs_processed,
-           jobs_failed, rss_bytes, metadata ->> 'RAILWAY_REPLICA_ID' AS replica_id
+           jobs_failed, rss_bytes, metadata ->> 'RAILWAY_REPLICA_ID' AS replica_id,
+           metadata ->> 'error_type' AS error_type, metadata ->> 'error' AS error
     FROM judged
     WHERE %(include_historic)s OR NOT historic
     ORDER BY array_position(ARRAY['dead', 'stale', 'alive', 'crashed', 'stopped'], verdict),

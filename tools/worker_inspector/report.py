@@ -8,6 +8,7 @@ sections agree with each other and every age is measured against the same ``now(
 from __future__ import annotations
 
 from collections import Counter
+from datetime import timedelta
 
 from psycopg import IsolationLevel
 
@@ -24,6 +25,9 @@ from tools.worker_inspector.model import (
     duration,
 )
 from tools.worker_inspector.queries import VERDICTS, Conn, Row
+
+# A crash loop: this many unclean ends of one queue's workers within this window.
+CRASH_LOOP_WINDOW_S, CRASH_LOOP_COUNT = 600, 3
 
 
 def build_report(conn: Conn, options: Options, *, database: str = "") -> Report:
@@ -109,6 +113,8 @@ def _worker(row: Row) -> Worker:
         hostname=row["hostname"],
         pid=row["pid"],
         note=note,
+        error_type=row["error_type"],
+        error=row["error"],
     )
 
 
@@ -125,6 +131,7 @@ def _reasons(report: Report, queue_names: list[str]) -> list[Finding]:
                     f"no heartbeat for {duration(w.heartbeat_age_s)}; {KILLED_NOTE}",
                 )
             )
+    found.extend(_crash_loops(report))
     for name in o.expected_queues:
         if name not in queue_names:
             found.append(
@@ -170,6 +177,47 @@ def _reasons(report: Report, queue_names: list[str]) -> list[Finding]:
             )
         )
     return found
+
+
+def _crash_loops(report: Report) -> list[Finding]:
+    """A queue whose workers crashed, failed to boot or died CRASH_LOOP_COUNT times within
+    CRASH_LOOP_WINDOW_S, with no clean boot of the same replica since each of them."""
+    since = report.generated_at - timedelta(seconds=CRASH_LOOP_WINDOW_S)
+    found: list[Finding] = []
+    for queue in sorted({w.queue_name for w in report.workers}):
+        mine = [w for w in report.workers if w.queue_name == queue]
+        unclean = [
+            w
+            for w in mine
+            if w.verdict in ("crashed", "dead")
+            and w.started_at >= since
+            and not _booted_cleanly_since(w, mine)
+        ]
+        if len(unclean) < CRASH_LOOP_COUNT:
+            continue
+        last = max(unclean, key=lambda w: w.started_at)
+        why = f"{last.error_type}: {last.error}" if last.error else (last.note or f"status {last.status}")
+        found.append(
+            Finding(
+                code="crash_loop",
+                subject=queue,
+                message=f"queue {queue}: {len(unclean)} workers crashed, failed to boot or died in the last"
+                f" {duration(CRASH_LOOP_WINDOW_S)} with no clean boot since; the last: {why}",
+            )
+        )
+    return found
+
+
+def _booted_cleanly_since(w: Worker, workers: list[Worker]) -> bool:
+    """Whether a later instance on the same replica (Railway's replica id, else the host) got
+    past its boot: it is alive, or stopped cleanly."""
+    replica = w.replica_id or w.hostname
+    return any(
+        (v.replica_id or v.hostname) == replica
+        and v.started_at > w.started_at
+        and v.verdict in ("alive", "stale", "stopped")
+        for v in workers
+    )
 
 
 def _warnings(report: Report, hidden_dead: int) -> list[Finding]:
