@@ -42,9 +42,9 @@ _PRUNE_LOCK = 7_310_412_002
 
 def prune(
     conn: Conn, *, ledger_days: float, heartbeat_days: float, limit: int = 10000
-) -> tuple[int, int] | None:
-    """Delete old completed ledger rows and old stopped heartbeats; None when another
-    replica is pruning right now."""
+) -> tuple[int, int, int] | None:
+    """Delete old completed ledger rows, old stopped heartbeats, and dead letters replayed or
+    discarded longer than ``ledger_days`` ago; None when another replica is pruning now."""
     with conn.transaction():
         row = conn.execute("SELECT pg_try_advisory_xact_lock(%s) AS ok", (_PRUNE_LOCK,)).fetchone()
         if not row or not row["ok"]:
@@ -60,4 +60,9 @@ def prune(
             " < clock_timestamp() - make_interval(secs => %s)",
             (heartbeat_days * 86400,),
         ).rowcount
-    return ledger, beats
+        letters = conn.execute(
+            "DELETE FROM workers.dead_letters WHERE (replayed_at IS NOT NULL OR discarded_at IS NOT NULL)"
+            " AND coalesce(replayed_at, discarded_at) < clock_timestamp() - make_interval(secs => %s)",
+            (ledger_days * 86400,),
+        ).rowcount
+    return ledger, beats, letters

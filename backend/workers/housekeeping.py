@@ -181,4 +181,7 @@ class Housekeeper:
             )
             q.prune_deliveries(conn, self.plan.queue)
         if result and any(result):
-            log_event(Event.RETENTION_PRUNED, {"ledger_rows": result[0], "heartbeat_rows": result[1]})
+            log_event(
+                Event.RETENTION_PRUNED,
+                {"ledger_rows": result[0], "heartbeat_rows": result[1], "dead_letter_rows": result[2]},
+            )

@@ -4,6 +4,7 @@ at real local receivers."""
 from __future__ import annotations
 
 import signal
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -220,3 +221,29 @@ def test_outbox_waits_what_a_429_s_retry_after_asks(
     failed = worker.named("JOB_FAILED")
     assert failed[0]["retry_after_s"] == 3.0 and failed[0]["retry_in_s"] == 3
     assert "a later attempt may succeed" in failed[0]["error"]
+
+
+def test_outbox_rides_out_a_receiver_outage_without_a_dead_letter(
+    spawn: Spawn, db: Conn, smtp: SmtpRecorder
+) -> None:
+    # The outbox's own defaults (10 attempts) with short waits: at least 9 s of waits in
+    # all, against a receiver down for 6 s. At the defaults the same arithmetic gives at
+    # least 607.5 s (tests/unit/test_retry_after.py).
+    up_at = time.time() + 6.0  # the recorder stamps requests with time.time()
+
+    def down_then_up(request: Any) -> Reply:
+        return Reply(status=200) if time.time() >= up_at else Reply(status=503)
+
+    with HttpRecorder(responder=down_then_up) as http:
+        enqueue(db, "q_outbox_processor", note("n-outage", "webhook"))
+        env = outbox_env(http, smtp, WORKER_RETRY_BASE_S=0.5, WORKER_RETRY_MAX_S=2)
+        worker = spawn("backend.workers.outbox_processor", **env)
+        wait_until(drained(db, "q_outbox_processor"), timeout=40)
+        stop(worker)
+        assert http.key_counts(accepted_only=True) == {"n-outage": 1}
+        assert http.requests[-1].received_at >= up_at - 0.1
+    assert count(db, "SELECT count(*) FROM workers.dead_letters") == 0
+    row = db.execute(
+        "SELECT status, attempts FROM workers.processed_jobs WHERE job_key = 'n-outage'"
+    ).fetchone()
+    assert row["status"] == "completed" and row["attempts"] >= 2

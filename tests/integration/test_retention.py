@@ -34,12 +34,12 @@ def test_prune_deletes_only_old_completed_rows_and_old_stopped_heartbeats(db: Co
     )
     db.execute(row, ("running-silent", "RUNNING", "10 days", None))
 
-    assert upkeep.prune(db, ledger_days=7, heartbeat_days=7) == (1, 1)
+    assert upkeep.prune(db, ledger_days=7, heartbeat_days=7) == (1, 1, 0)
     keys = {r["job_key"] for r in db.execute("SELECT job_key FROM workers.processed_jobs")}
     assert keys == {"new-done", "old-dead", "old-claim"}
     workers = {r["worker_id"] for r in db.execute("SELECT worker_id FROM workers.heartbeats")}
     assert workers == {"stopped-new", "running-silent"}
-    assert upkeep.prune(db, ledger_days=7, heartbeat_days=7) == (0, 0)
+    assert upkeep.prune(db, ledger_days=7, heartbeat_days=7) == (0, 0, 0)
 
 
 def test_prune_is_skipped_while_another_replica_prunes(db: Conn, clean_db: str) -> None:

@@ -16,6 +16,7 @@ import pytest
 from psycopg.types.json import Jsonb
 
 from backend.config import QUEUES
+from backend.db import upkeep
 from backend.db.migrate import apply_migrations
 from tools.worker_inspector.queries import replay_dead_letter
 
@@ -516,3 +517,50 @@ def test_three_unclean_ends_in_ten_minutes_are_a_crash_loop_until_a_clean_boot(
     add_worker(db, "w-fixed", "q_collectability", "RUNNING", 1)  # booted after them, same host
     code, doc = report(clean_db)
     assert "crash_loop" not in {f["code"] for f in doc["reasons"]}
+
+
+def test_discarded_dead_letters_stop_weighing_on_the_verdict_and_keep_their_body(
+    db: Conn, clean_db: str
+) -> None:
+    first = add_dead_letter(db, "q_collectability", "bad-1", envelope("bad-1"))
+    add_dead_letter(db, "q_collectability", "bad-2", envelope("bad-2"))
+    add_dead_letter(db, "q_collectability", None, "not an envelope")
+    assert report(clean_db)[0] == 1
+
+    one = inspector(clean_db, "dead-letters", "discard", "--id", str(first), "--reason", "bad enqueue")
+    assert one.returncode == 0 and f"discarded dead letter {first}" in one.stdout, one.stderr
+    code, doc = report(clean_db)
+    assert code == 1 and "2 unreplayed" in next(f["message"] for f in doc["reasons"])
+
+    needs_all = inspector(clean_db, "dead-letters", "discard", "--queue", "q_collectability")
+    assert needs_all.returncode == 2 and "--all" in needs_all.stderr
+    bulk = inspector(clean_db, "dead-letters", "discard", "--queue", "q_collectability", "--all", "--json")
+    assert bulk.returncode == 0
+    assert len(json.loads(bulk.stdout)["discarded"]) == 2
+    code, doc = report(clean_db)
+    assert code == 0 and doc["verdict"] == "healthy"
+
+    rows = db.execute("SELECT * FROM workers.dead_letters ORDER BY id").fetchall()
+    assert all(r["discarded_at"] is not None for r in rows)
+    assert rows[0]["discard_reason"] == "bad enqueue" and rows[0]["message"] == envelope("bad-1")
+    assert rows[2]["message"] == "not an envelope" and rows[2]["error"] == "boom"
+
+    again = inspector(clean_db, "dead-letters", "replay", "--id", str(first))
+    assert (
+        again.returncode == 0
+        and "discarded at" in again.stdout
+        and queue_bodies(db, "q_collectability") == []
+    )
+    listed = json.loads(inspector(clean_db, "dead-letters", "list", "--json").stdout)
+    assert listed["count"] == 0
+    assert (
+        json.loads(inspector(clean_db, "dead-letters", "list", "--include-replayed", "--json").stdout)[
+            "count"
+        ]
+        == 3
+    )
+
+    db.execute(
+        "UPDATE workers.dead_letters SET discarded_at = now() - interval '8 days' WHERE id = %s", (first,)
+    )
+    assert upkeep.prune(db, ledger_days=7, heartbeat_days=7) == (0, 0, 1)

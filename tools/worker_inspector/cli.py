@@ -1,4 +1,4 @@
-"""Command line: the report (default), ``dead-letters list`` and ``dead-letters replay``.
+"""Command line: the report (default), and ``dead-letters list``, ``replay`` and ``discard``.
 
 Exit codes: 0 healthy (or the command did what was asked), 1 unhealthy (or a replay
 failed), 2 bad usage, bad configuration, or the database cannot be reached or read. Every
@@ -8,13 +8,11 @@ failure is one line on stderr, without the password and without a traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import subprocess
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -23,9 +21,9 @@ from backend.config import Settings, load_settings
 from backend.db.connect import connect, resolve_db_url
 from backend.dburl import redact_url, secrets_of
 from backend.errors import ConfigError
-from tools.worker_inspector import queries
-from tools.worker_inspector.model import Options, jsonable
-from tools.worker_inspector.render import render_dead_letters, render_report, timestamp
+from tools.worker_inspector import letters
+from tools.worker_inspector.model import Options
+from tools.worker_inspector.render import emit, one_line, render_report
 from tools.worker_inspector.report import build_report
 
 PROG = "python -m tools.worker_inspector"
@@ -119,15 +117,17 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         help="statement timeout of each query (default 10s)",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    letters = commands.add_parser("dead-letters", help="list or replay dead letters")
-    actions = letters.add_subparsers(dest="action", metavar="ACTION", required=True)
+    dead_letters = commands.add_parser("dead-letters", help="list, replay or discard dead letters")
+    actions = dead_letters.add_subparsers(dest="action", metavar="ACTION", required=True)
 
     listing = actions.add_parser("list", help="list dead letters, newest first")
     listing.add_argument("--queue", metavar="Q", help="only this queue")
     listing.add_argument(
         "--limit", type=count_arg, metavar="N", default=50, help="letters listed (default 50)"
     )
-    listing.add_argument("--include-replayed", action="store_true", help="also letters already replayed")
+    listing.add_argument(
+        "--include-replayed", action="store_true", help="also letters already replayed or discarded"
+    )
     listing.add_argument(
         "--json",
         action="store_true",
@@ -144,7 +144,19 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     replay.add_argument("--all", action="store_true", dest="replay_all", help="required with --queue")
     replay.add_argument("--dry-run", action="store_true", help="say what would be replayed")
     replay.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="one JSON document")
-    return parser, {"dead-letters": letters, "list": listing, "replay": replay}
+    discard = actions.add_parser(
+        "discard", help="close dead letters that need no replay; they are kept until retention"
+    )
+    which = discard.add_mutually_exclusive_group(required=True)
+    which.add_argument(
+        "--id", type=int, dest="letter_ids", action="append", metavar="ID", help="a letter (repeatable)"
+    )
+    which.add_argument("--queue", metavar="Q", help="with --all: every open letter of Q")
+    discard.add_argument("--all", action="store_true", dest="discard_all", help="required with --queue")
+    discard.add_argument("--reason", default="", help="why, kept with the letter")
+    discard.add_argument("--dry-run", action="store_true", help="say what would be discarded")
+    discard.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="one JSON document")
+    return parser, {"dead-letters": dead_letters, "list": listing, "replay": replay, "discard": discard}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -156,6 +168,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             subs["replay"].error("--queue replays every unreplayed letter of the queue: add --all to confirm")
         if args.letter_id is not None and args.replay_all:
             subs["replay"].error("--all goes with --queue, not --id")
+    if args.command == "dead-letters" and args.action == "discard":
+        if args.queue is not None and not args.discard_all:
+            subs["discard"].error("--queue discards every open letter of the queue: add --all to confirm")
+        if args.letter_ids and args.discard_all:
+            subs["discard"].error("--all goes with --queue, not --id")
     if args.stale_after is not None and args.dead_after is not None and args.dead_after <= args.stale_after:
         parser.error("--dead-after must be longer than --stale-after")
     return args
@@ -215,11 +232,13 @@ def _run(args: argparse.Namespace) -> int:
         try:
             if args.command is None:
                 report = build_report(conn, options, database=safe)
-                _emit(args, report.to_json(), render_report(report))
+                emit(args, report.to_json(), render_report(report))
                 return EXIT_HEALTHY if report.healthy else EXIT_UNHEALTHY
             if args.action == "list":
-                return _list(conn, args)
-            return _replay(conn, args)
+                return letters.list_letters(conn, args)
+            if args.action == "discard":
+                return letters.discard_letters(conn, args)
+            return letters.replay_letters(conn, args)
         except _MISSING_SCHEMA as exc:
             raise Unusable(
                 f"{safe} lacks the workers schema or pgmq ({one_line(exc, secret)}); "
@@ -227,93 +246,3 @@ def _run(args: argparse.Namespace) -> int:
             ) from None
         except psycopg.Error as exc:
             raise Unusable(f"query failed on {safe}: {one_line(exc, secret)}") from None
-
-
-def _emit(args: argparse.Namespace, document: Any, text: str) -> None:
-    if getattr(args, "json", False):
-        sys.stdout.write(json.dumps(document, indent=2) + "\n")
-    else:
-        sys.stdout.write(text)
-    sys.stdout.flush()
-
-
-def _list(conn: queries.Conn, args: argparse.Namespace) -> int:
-    total, rows = queries.list_dead_letters(
-        conn, queue=args.queue, limit=args.limit, include_replayed=args.include_replayed
-    )
-    document = {"count": total, "items": [jsonable(r) for r in rows]}
-    _emit(args, document, render_dead_letters(total, rows))
-    return EXIT_HEALTHY
-
-
-def _replay(conn: queries.Conn, args: argparse.Namespace) -> int:
-    ids = [args.letter_id] if args.letter_id is not None else queries.unreplayed_ids(conn, args.queue)
-    done: list[dict[str, Any]] = []
-    skipped: list[dict[str, Any]] = []
-    failed: list[dict[str, Any]] = []
-    lines: list[str] = []
-    for letter_id in ids:
-        if args.dry_run:
-            letter = queries.dead_letter(conn, letter_id)
-            if letter is not None and letter["replayed_at"] is None:
-                done.append(jsonable(letter))
-                lines.append(
-                    f"would replay dead letter {letter_id} "
-                    f"(queue {letter['queue_name']}, {_job(letter['job_key'])})"
-                )
-                continue
-        else:
-            try:
-                replayed = queries.replay(conn, letter_id)
-            except psycopg.OperationalError:
-                raise
-            except psycopg.DatabaseError as exc:
-                failed.append({"id": letter_id, "error": one_line(exc)})
-                lines.append(f"FAILED dead letter {letter_id}: {one_line(exc)}")
-                continue
-            if replayed is not None:
-                done.append(vars(replayed))
-                lines.append(
-                    f"replayed dead letter {letter_id} (queue {replayed.queue_name}, "
-                    f"{_job(replayed.job_key)}) as msg_id {replayed.msg_id}"
-                    + ("; ledger reset to failed with 0 attempts" if replayed.ledger_reset else "")
-                )
-                continue
-        letter = queries.dead_letter(conn, letter_id)
-        if letter is None:
-            failed.append({"id": letter_id, "error": "no such dead letter"})
-            lines.append(f"FAILED dead letter {letter_id}: no such dead letter")
-        else:
-            when = timestamp(letter["replayed_at"])
-            skipped.append(
-                {
-                    "id": letter_id,
-                    "reason": "already replayed",
-                    "replayed_at": jsonable(letter)["replayed_at"],
-                }
-            )
-            lines.append(f"skipped dead letter {letter_id}: already replayed at {when}")
-    if not ids:
-        lines.append(f"no unreplayed dead letters in queue {args.queue}")
-    verb = "would replay" if args.dry_run else "replayed"
-    lines.append(f"{verb} {len(done)}, skipped {len(skipped)}, failed {len(failed)}")
-    document = {"dry_run": args.dry_run, "replayed": done, "skipped": skipped, "failed": failed}
-    _emit(args, document, "\n".join(lines) + "\n")
-    return EXIT_UNHEALTHY if failed else EXIT_HEALTHY
-
-
-def _job(job_key: str | None) -> str:
-    return f"job {job_key}" if job_key else "no job key"
-
-
-def one_line(exc: BaseException, secrets: Sequence[str] = ()) -> str:
-    """The gist of a database error on one line: libpq's 'connection to server at ...
-    failed:' preamble and its hints dropped, the password masked."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    text = lines[0] if lines else type(exc).__name__
-    text = re.sub(r"^connection (failed|is bad):\s*", "", text)
-    text = re.sub(r"^connection to server (at|on) .*? failed:\s*", "", text)
-    text = " ".join(text.split()) or type(exc).__name__
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    return text

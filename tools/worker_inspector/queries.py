@@ -20,6 +20,8 @@ from psycopg import sql
 
 from backend.db.ledger import LedgerStatus
 
+# A dead letter neither replayed nor discarded: one that weighs on the verdict.
+_OPEN = "replayed_at IS NULL AND discarded_at IS NULL"
 # Literals, not parameters: the partial index on processing claims serves only a query
 # whose text names the status.
 _PROCESSING, _FAILED, _DEAD = LedgerStatus.PROCESSING.sql, LedgerStatus.FAILED.sql, LedgerStatus.DEAD.sql
@@ -156,7 +158,7 @@ def dead_letter_counts(conn: Conn) -> list[Row]:
         "SELECT queue_name, sum(n)::bigint AS count, min(oldest) AS oldest_dead_at,"
         " max(newest) AS newest_dead_at, jsonb_object_agg(error_type, n) AS error_types"
         " FROM (SELECT queue_name, error_type, count(*) AS n, min(dead_at) AS oldest,"
-        " max(dead_at) AS newest FROM workers.dead_letters WHERE replayed_at IS NULL"
+        f" max(dead_at) AS newest FROM workers.dead_letters WHERE {_OPEN}"
         " GROUP BY queue_name, error_type) AS t GROUP BY queue_name ORDER BY queue_name"
     ).fetchall()
 
@@ -165,16 +167,13 @@ def list_dead_letters(
     conn: Conn, *, queue: str | None, limit: int, include_replayed: bool
 ) -> tuple[int, list[Row]]:
     """The newest dead letters (unreplayed unless asked), and how many match in all."""
-    where = (
-        " WHERE (%(queue)s::text IS NULL OR queue_name = %(queue)s) AND (%(replayed)s OR replayed_at IS NULL)"
-    )
+    where = f" WHERE (%(queue)s::text IS NULL OR queue_name = %(queue)s) AND (%(replayed)s OR ({_OPEN}))"
     params = {"queue": queue, "replayed": include_replayed, "limit": limit}
     total = conn.execute("SELECT count(*) AS total FROM workers.dead_letters" + where, params).fetchone()
     rows = conn.execute(
         "SELECT id, queue_name, msg_id, job_key, error, error_type, attempts, worker_id,"
-        " dead_at, replayed_at, message::text AS message FROM workers.dead_letters"
-        + where
-        + " ORDER BY id DESC LIMIT %(limit)s",
+        " dead_at, replayed_at, discarded_at, discard_reason, message::text AS message"
+        " FROM workers.dead_letters" + where + " ORDER BY id DESC LIMIT %(limit)s",
         params,
     ).fetchall()
     return int(total["total"]) if total else 0, [{**r, "message": _decoded(r["message"])} for r in rows]
@@ -191,19 +190,19 @@ def _decoded(text: str | None) -> Any:
         return text
 
 
-def unreplayed_ids(conn: Conn, queue: str) -> list[int]:
-    """Ids of the queue's dead letters not yet replayed, oldest first."""
+def open_letter_ids(conn: Conn, queue: str) -> list[int]:
+    """Ids of the queue's open dead letters (neither replayed nor discarded), oldest first."""
     rows = conn.execute(
-        "SELECT id FROM workers.dead_letters WHERE queue_name = %s AND replayed_at IS NULL ORDER BY id",
+        f"SELECT id FROM workers.dead_letters WHERE queue_name = %s AND {_OPEN} ORDER BY id",
         (queue,),
     ).fetchall()
     return [int(r["id"]) for r in rows]
 
 
 def dead_letter(conn: Conn, dead_letter_id: int) -> Row | None:
-    """One dead letter's identity and replay state, or None when there is no such id."""
+    """One dead letter's identity and state, or None when there is no such id."""
     return conn.execute(
-        "SELECT id, queue_name, job_key, replayed_at FROM workers.dead_letters WHERE id = %s",
+        "SELECT id, queue_name, job_key, replayed_at, discarded_at FROM workers.dead_letters WHERE id = %s",
         (dead_letter_id,),
     ).fetchone()
 
@@ -231,8 +230,7 @@ def replay(conn: Conn, dead_letter_id: int) -> Replay | None:
     """
     with conn.transaction():
         letter = conn.execute(
-            "SELECT id, queue_name, job_key FROM workers.dead_letters"
-            " WHERE id = %s AND replayed_at IS NULL FOR UPDATE",
+            f"SELECT id, queue_name, job_key FROM workers.dead_letters WHERE id = %s AND {_OPEN} FOR UPDATE",
             (dead_letter_id,),
         ).fetchone()
         if letter is None:
@@ -268,3 +266,13 @@ def replay_dead_letter(conn: Conn, dead_letter_id: int) -> int | None:
     """Replay one dead letter (see ``replay``); the new pgmq msg_id, or None if skipped."""
     done = replay(conn, dead_letter_id)
     return done.msg_id if done else None
+
+
+def discard(conn: Conn, dead_letter_id: int, reason: str) -> bool:
+    """Close an open dead letter without replaying it; False when it was not open."""
+    row = conn.execute(
+        "UPDATE workers.dead_letters SET discarded_at = clock_timestamp(), discard_reason = %s"
+        f" WHERE id = %s AND {_OPEN} RETURNING id",
+        (reason or None, dead_letter_id),
+    ).fetchone()
+    return row is not None

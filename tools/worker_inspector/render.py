@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -195,3 +198,25 @@ def render_dead_letters(total: int, rows: list[dict[str, Any]]) -> str:
 def _cut(text: str, width: int) -> str:
     text = " ".join(text.split())
     return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def emit(args: Any, document: Any, text: str) -> None:
+    """The command's answer on stdout: ``document`` as JSON with ``--json``, else ``text``."""
+    if getattr(args, "json", False):
+        sys.stdout.write(json.dumps(document, indent=2) + "\n")
+    else:
+        sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def one_line(exc: BaseException, secrets: Sequence[str] = ()) -> str:
+    """The gist of a database error on one line: libpq's 'connection to server at ...
+    failed:' preamble and its hints dropped, the password masked."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    text = re.sub(r"^connection (failed|is bad):\s*", "", text)
+    text = re.sub(r"^connection to server (at|on) .*? failed:\s*", "", text)
+    text = " ".join(text.split()) or type(exc).__name__
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
