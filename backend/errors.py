@@ -47,6 +47,11 @@ class PermanentJobError(WorkerError):
     """A job that can never succeed: it is dead-lettered at once, never retried."""
 
 
+class TenantMismatch(PermanentJobError):
+    """A job whose entity belongs to another organisation than its envelope's ``org_id``:
+    dead-lettered, nothing written, nothing sent."""
+
+
 class InvalidEnvelope(PermanentJobError):
     """A message body that is not a valid job envelope."""
 

@@ -17,7 +17,7 @@ from typing import Any, Literal, cast, get_args
 import psycopg
 from psycopg.rows import dict_row
 
-from backend.errors import PermanentJobError
+from backend.errors import PermanentJobError, TenantMismatch
 
 Tier = Literal["A", "B", "C"]
 Step = Literal["base", "adjust"]
@@ -161,7 +161,7 @@ def score_judgment(
     return Score(score=score, tier=base.tier, reason=reason)
 
 
-_SELECT_JUDGMENTS = "SELECT id, amount, judgment_date FROM dragonfly.judgments WHERE id = ANY(%s)"
+_SELECT_JUDGMENTS = "SELECT id, org_id, amount, judgment_date FROM dragonfly.judgments WHERE id = ANY(%s)"
 _UPSERT_SCORES = """
 INSERT INTO dragonfly.collectability_scores (judgment_id, score, tier, reason, job_key)
 SELECT * FROM unnest(%s::bigint[], %s::smallint[], %s::text[], %s::text[], %s::text[])
@@ -172,13 +172,18 @@ SET score = EXCLUDED.score, tier = EXCLUDED.tier, reason = EXCLUDED.reason,
 
 
 def score_and_store(
-    conn: psycopg.Connection[Any], judgment_ids: Sequence[int], job_keys: Sequence[str], today: date
+    conn: psycopg.Connection[Any],
+    judgment_ids: Sequence[int],
+    job_keys: Sequence[str],
+    today: date,
+    org_ids: Sequence[str] | None = None,
 ) -> list[Score]:
     """Score and upsert the judgments' current scores in two statements; scores in input order.
 
     Raises ``PermanentJobError`` when a judgment does not exist or cannot be scored, so that
-    a batch caller can fall back to scoring its jobs one by one. A judgment listed twice
-    is stored once, with the last of its job keys.
+    a batch caller can fall back to scoring its jobs one by one; ``TenantMismatch`` (one of
+    them) when ``org_ids`` is given and a judgment belongs to another organisation than its
+    job's. A judgment listed twice is stored once, with the last of its job keys.
     """
     if len(judgment_ids) != len(job_keys):
         raise ValueError(f"{len(judgment_ids)} judgment ids but {len(job_keys)} job keys")
@@ -193,6 +198,8 @@ def score_and_store(
         missing = sorted(key_by_id.keys() - {row["id"] for row in rows})
         if missing:
             raise PermanentJobError(f"judgment(s) not found: {missing}")
+        if org_ids is not None:
+            _check_tenants(rows, judgment_ids, org_ids)
         scores: dict[int, Score] = {}
         for row in rows:
             try:
@@ -211,3 +218,13 @@ def score_and_store(
             ),
         )
     return [scores[i] for i in judgment_ids]
+
+
+def _check_tenants(
+    rows: Sequence[dict[str, Any]], judgment_ids: Sequence[int], org_ids: Sequence[str]
+) -> None:
+    """Every judgment must belong to the organisation its job names."""
+    owner = {row["id"]: row["org_id"] for row in rows}
+    foreign = sorted({i for i, org in zip(judgment_ids, org_ids, strict=True) if owner[i] != org})
+    if foreign:
+        raise TenantMismatch(f"judgment(s) {foreign} belong to another organisation than the job's org_id")

@@ -27,7 +27,13 @@ class CollectabilityWorker(TransactionalWorker):
 
     def handle_batch(self, conn: psycopg.Connection[Any], jobs: list[Job]) -> None:
         ids = [job.integer_entity_id("judgment") for job in jobs]
-        score_and_store(conn, ids, [job.idempotency_key for job in jobs], today=datetime.now(UTC).date())
+        score_and_store(
+            conn,
+            ids,
+            [job.idempotency_key for job in jobs],
+            today=datetime.now(UTC).date(),
+            org_ids=[job.org_id for job in jobs],
+        )
 
 
 if __name__ == "__main__":

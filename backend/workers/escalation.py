@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import psycopg
 
 from backend.domain.escalation import load_case_facts, notify_route, recommend, record_recommendation
+from backend.errors import TenantMismatch
 from backend.jobs import Job
 from backend.workers.base import TransactionalWorker
 from backend.workers.entry import run_worker
@@ -26,7 +27,12 @@ class EscalationWorker(TransactionalWorker):
     def handle(self, conn: psycopg.Connection[Any], job: Job) -> None:
         case_id = job.integer_entity_id("enforcement_case")
         route = notify_route(job.payload)
-        recommendation = recommend(load_case_facts(conn, case_id))
+        facts = load_case_facts(conn, case_id)
+        if facts.org_id != job.org_id:
+            raise TenantMismatch(
+                f"enforcement case {case_id} belongs to another organisation than the job's org_id"
+            )
+        recommendation = recommend(facts)
         record_recommendation(conn, case_id, recommendation, job.idempotency_key, route=route)
 
 

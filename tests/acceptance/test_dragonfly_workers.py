@@ -247,3 +247,36 @@ def test_outbox_rides_out_a_receiver_outage_without_a_dead_letter(
         "SELECT status, attempts FROM workers.processed_jobs WHERE job_key = 'n-outage'"
     ).fetchone()
     assert row["status"] == "completed" and row["attempts"] >= 2
+
+
+@pytest.mark.parametrize(
+    ("module", "queue", "entity_type", "table"),
+    [
+        ("backend.workers.collectability", "q_collectability", "judgment", "dragonfly.collectability_scores"),
+        ("backend.workers.escalation", "q_escalation", "enforcement_case", "dragonfly.enforcement_events"),
+    ],
+)
+def test_a_job_for_another_organisation_s_entity_is_dead_lettered_and_changes_nothing(
+    spawn: Spawn, db: Conn, module: str, queue: str, entity_type: str, table: str
+) -> None:
+    seeded = seed_demo(db, judgments=3, cases=3)  # every entity belongs to org-demo
+    ids = seeded["judgment_ids"] if entity_type == "judgment" else seeded["case_ids"]
+    before = count(db, f"SELECT count(*) FROM {table}")
+    jobs = [
+        build_envelope(
+            entity_type=entity_type, entity_id=str(ids[0]), org_id="org-1", idempotency_key="foreign"
+        ),
+        build_envelope(
+            entity_type=entity_type, entity_id=str(ids[1]), org_id=seeded["org_id"], idempotency_key="own"
+        ),
+    ]
+    enqueue_many(db, queue, jobs)
+    worker = spawn(module)
+    wait_until(drained(db, queue), timeout=30)
+    stop(worker)
+    letter = db.execute("SELECT * FROM workers.dead_letters").fetchone()
+    assert letter["job_key"] == "foreign" and letter["error_type"] == "TenantMismatch"
+    assert count(db, "SELECT count(*) FROM workers.dead_letters") == 1
+    assert count(db, f"SELECT count(*) FROM {table}") == before + 1  # the own job's effect only
+    if entity_type == "enforcement_case":
+        assert count(db, "SELECT count(*) FROM pgmq.q_q_outbox_processor") <= 1  # none for "foreign"
