@@ -70,6 +70,7 @@ FIELDS: Mapping[Event, tuple[str, ...]] = {
         "boot_s",
         "queue",
         "db_url",
+        "previous",
         *_ERROR,
         "variable",
         "traceback",

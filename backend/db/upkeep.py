@@ -66,3 +66,22 @@ def prune(
             (ledger_days * 86400,),
         ).rowcount
     return ledger, beats, letters
+
+
+def previous_instance(conn: Conn, queue: str, worker_id: str, replica: str) -> dict[str, Any] | None:
+    """The last instance of ``queue``'s worker on ``replica`` (Railway's replica id, else the
+    host) before ``worker_id``: how it ended, for the new instance's WORKER_BOOT."""
+    row = conn.execute(
+        "SELECT worker_id, status, status = 'STOPPED' AS clean, started_at,"
+        " round(extract(epoch FROM clock_timestamp() - last_heartbeat_at)::numeric, 1)::float8"
+        " AS heartbeat_age_s, jobs_processed,"
+        " round(greatest(rss_bytes, (metadata ->> 'peak_rss_bytes')::bigint) / 1048576.0, 1)::float8"
+        " AS peak_rss_mb, metadata ->> 'error_type' AS error_type, metadata ->> 'error' AS error"
+        " FROM workers.heartbeats WHERE queue_name = %s AND worker_id <> %s"
+        " AND coalesce(metadata ->> 'RAILWAY_REPLICA_ID', hostname) = %s"
+        " ORDER BY started_at DESC LIMIT 1",
+        (queue, worker_id, replica),
+    ).fetchone()
+    if row is None:
+        return None
+    return {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()}

@@ -73,6 +73,7 @@ class Housekeeper:
         self._thread = threading.Thread(target=self._run, name="housekeeping", daemon=True)
         self._failing: set[str] = set()
         self.last_rss = 0
+        self.peak_rss = 0  # the highest sample so far: a killed worker's row keeps it
 
     def start(self) -> None:
         self._thread.start()
@@ -155,6 +156,7 @@ class Housekeeper:
     def _check_memory(self) -> None:
         verdict = check_memory(self.plan.memory_limit_bytes, self.plan.memory_soft_pct)
         self.last_rss = verdict.rss_bytes
+        self.peak_rss = max(self.peak_rss, verdict.rss_bytes)
         if verdict.over:
             self.on_memory_exceeded(verdict)
 

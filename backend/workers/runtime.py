@@ -28,6 +28,7 @@ from backend.db.connect import (
     permanent_reason,
     resolve_db_url,
 )
+from backend.db.upkeep import previous_instance
 from backend.dburl import secrets_of
 from backend.errors import BootError, WorkerError, describe
 from backend.events import Event
@@ -68,6 +69,9 @@ class Runtime:
         self.stop_reason = ""
         self.memory: MemoryVerdict | None = None
         self.failure: dict[str, Any] = {}  # why it crashed: kept in the row's metadata
+        # The last instance of this queue's worker on this replica, said in WORKER_BOOT.
+        self.replica = settings.railway.get("RAILWAY_REPLICA_ID") or settings.hostname
+        self.previous: dict[str, Any] | None = None
         self.heartbeat = HeartbeatWriter(
             worker_id=self.worker_id, pool=lambda: self.pool, build_row=self.heartbeat_row
         )
@@ -94,6 +98,7 @@ class Runtime:
     def heartbeat_row(self) -> dict[str, Any]:
         s = self.settings
         rss = self.housekeeper.last_rss if self.housekeeper and self.housekeeper.last_rss else rss_bytes()
+        peak = max(rss, self.housekeeper.peak_rss if self.housekeeper else 0)
         return {
             "worker_id": self.worker_id,
             "worker_name": self.queue,
@@ -107,7 +112,7 @@ class Runtime:
             "jobs_processed": self.counters.processed,
             "jobs_failed": self.counters.failed,
             "rss_bytes": rss,
-            "metadata": {**s.railway, **self.failure},
+            "metadata": {**s.railway, "peak_rss_bytes": peak, **self.failure},
         }
 
     def _write_status(self, state: State) -> None:
@@ -224,6 +229,8 @@ class Runtime:
         self._db_url = url
         self.pool = make_pool(url, self.worker_id)
         self.pool.open(wait=True, timeout=max(2.0, self.settings.boot_timeout_s))
+        with self.pool.connection(timeout=_STATUS_WRITE_TIMEOUT_S) as conn:
+            self.previous = previous_instance(conn, self.queue, self.worker_id, self.replica)
 
     def boot_failed(self, exc: BaseException) -> int:
         data = {"db_status": "error", **self._crash_data(exc)}
@@ -267,6 +274,7 @@ class Runtime:
             boot_s=self._uptime(),
             queue=self.queue,
             db_url=self.settings.safe_db_url or "embedded",
+            previous=self.previous,
         )
         if not booted and self.lifecycle.state is not State.DRAINING:
             return EXIT_FAILURE

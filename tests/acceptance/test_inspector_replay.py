@@ -42,7 +42,10 @@ def test_a_dead_letter_replayed_from_the_inspector_completes_once(
         db,
         "q_collectability",
         build_envelope(
-            entity_type="judgment", entity_id=str(missing), org_id="org-test", idempotency_key="score:late"
+            entity_type="judgment",
+            entity_id=str(missing),
+            org_id=seeded["org_id"],  # the judgment, once it exists, is the seeded org's
+            idempotency_key="score:late",
         ),
     )
     worker = spawn("backend.workers.collectability")

@@ -240,3 +240,25 @@ def test_memory_drain_that_cannot_finish_still_ends_as_a_memory_crash(
     assert crash["error_type"] == "MemoryError" and crash["drained"] is False
     assert crash["exit_code"] == 1 and crash["rss_mb"] > crash["soft_limit_mb"]
     assert db.execute("SELECT count(*) AS n FROM probe.effects").fetchone()["n"] == 0
+
+
+def test_a_new_instance_says_how_the_previous_one_on_its_replica_ended(
+    spawn: Spawn, db: psycopg.Connection[Any]
+) -> None:
+    first = spawn(WORKER_MEMORY_CHECK_INTERVAL_S="0.1")
+    assert first.wait_for("WORKER_BOOT")["previous"] is None
+    enqueue(db, "q_probe", job("hog", rss_mb=80))
+    wait_until(lambda: db.execute("SELECT count(*) AS n FROM probe.effects").fetchone()["n"] == 1)
+    time.sleep(0.5)  # a memory sample and a heartbeat after the allocation
+    first.send(signal.SIGKILL)
+    first.wait_exit()
+    second = spawn()
+    previous = second.wait_for("WORKER_BOOT")["previous"]
+    assert previous["worker_id"] == first.wait_for("WORKER_BOOT")["worker_id"]
+    assert previous["status"] == "RUNNING" and previous["clean"] is False  # killed
+    assert previous["jobs_processed"] == 1 and previous["peak_rss_mb"] >= 80
+    second.send(signal.SIGTERM)
+    assert second.wait_exit() == 0
+    third = spawn()
+    after_clean = third.wait_for("WORKER_BOOT")["previous"]
+    assert after_clean["status"] == "STOPPED" and after_clean["clean"] is True
