@@ -77,7 +77,7 @@ class HeartbeatWriter:
             try:
                 row_status = str(self._build_row()["status"])
                 self.write()
-            except psycopg.Error as exc:
+            except Exception as exc:  # whatever it is, the writer thread must live on
                 log_event(
                     Event.HEARTBEAT_FAILED,
                     {
