@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -38,34 +41,75 @@ def upsert_heartbeat(conn: Conn, row: dict[str, Any]) -> None:
 # --- retention ---------------------------------------------------------------------------
 
 _PRUNE_LOCK = 7_310_412_002
+PRUNE_CHUNK = 5000  # ledger rows per transaction: a few milliseconds of locks each
+
+
+@dataclass
+class Pruned:
+    """What one call of ``prune`` deleted, and whether it left nothing old behind."""
+
+    ledger_rows: int = 0
+    heartbeat_rows: int = 0
+    dead_letter_rows: int = 0
+    done: bool = True
 
 
 def prune(
-    conn: Conn, *, ledger_days: float, heartbeat_days: float, limit: int = 10000
-) -> tuple[int, int, int] | None:
-    """Delete old completed ledger rows, old stopped heartbeats, and dead letters replayed or
-    discarded longer than ``ledger_days`` ago; None when another replica is pruning now."""
-    with conn.transaction():
-        row = conn.execute("SELECT pg_try_advisory_xact_lock(%s) AS ok", (_PRUNE_LOCK,)).fetchone()
-        if not row or not row["ok"]:
-            return None
-        ledger = conn.execute(
-            "DELETE FROM workers.processed_jobs WHERE job_key IN (SELECT job_key"
-            f" FROM workers.processed_jobs WHERE status = {LedgerStatus.COMPLETED.sql} AND completed_at"
-            " < clock_timestamp() - make_interval(secs => %s) LIMIT %s)",
-            (ledger_days * 86400, limit),
-        ).rowcount
-        beats = conn.execute(
-            "DELETE FROM workers.heartbeats WHERE stopped_at IS NOT NULL AND stopped_at"
-            " < clock_timestamp() - make_interval(secs => %s)",
-            (heartbeat_days * 86400,),
-        ).rowcount
-        letters = conn.execute(
-            "DELETE FROM workers.dead_letters WHERE (replayed_at IS NOT NULL OR discarded_at IS NOT NULL)"
-            " AND coalesce(replayed_at, discarded_at) < clock_timestamp() - make_interval(secs => %s)",
-            (ledger_days * 86400,),
-        ).rowcount
-    return ledger, beats, letters
+    conn: Conn,
+    *,
+    ledger_days: float,
+    heartbeat_days: float,
+    chunk: int = PRUNE_CHUNK,
+    budget_s: float = 1.0,
+    clock: Callable[[], float] = time.monotonic,
+) -> Pruned | None:
+    """Delete completed ledger rows older than ``ledger_days`` in chunks of ``chunk``, each in
+    a short transaction of its own, until none is left or ``budget_s`` is spent (then
+    ``done`` is False: call again soon); and, in the first chunk, old stopped heartbeats and
+    dead letters replayed or discarded longer than ``ledger_days`` ago. None when another
+    replica is pruning right now (one replica at a time, under a transaction's advisory lock)."""
+    out = Pruned()
+    started = clock()
+    first = True
+    while True:
+        with conn.transaction():
+            row = conn.execute("SELECT pg_try_advisory_xact_lock(%s) AS ok", (_PRUNE_LOCK,)).fetchone()
+            if not row or not row["ok"]:
+                if first:
+                    return None
+                out.done = False
+                return out
+            deleted = conn.execute(
+                "DELETE FROM workers.processed_jobs WHERE job_key IN (SELECT job_key"
+                f" FROM workers.processed_jobs WHERE status = {LedgerStatus.COMPLETED.sql} AND completed_at"
+                " < clock_timestamp() - make_interval(secs => %s) LIMIT %s FOR UPDATE SKIP LOCKED)",
+                (ledger_days * 86400, chunk),
+            ).rowcount
+            if first:
+                out.heartbeat_rows, out.dead_letter_rows = _prune_small_tables(
+                    conn, ledger_days, heartbeat_days
+                )
+        out.ledger_rows += deleted
+        first = False
+        if deleted < chunk:
+            return out
+        if clock() - started >= budget_s:
+            out.done = False
+            return out
+
+
+def _prune_small_tables(conn: Conn, ledger_days: float, heartbeat_days: float) -> tuple[int, int]:
+    beats = conn.execute(
+        "DELETE FROM workers.heartbeats WHERE stopped_at IS NOT NULL AND stopped_at"
+        " < clock_timestamp() - make_interval(secs => %s)",
+        (heartbeat_days * 86400,),
+    ).rowcount
+    letters = conn.execute(
+        "DELETE FROM workers.dead_letters WHERE (replayed_at IS NOT NULL OR discarded_at IS NOT NULL)"
+        " AND coalesce(replayed_at, discarded_at) < clock_timestamp() - make_interval(secs => %s)",
+        (ledger_days * 86400,),
+    ).rowcount
+    return beats, letters
 
 
 def previous_instance(conn: Conn, queue: str, worker_id: str, replica: str) -> dict[str, Any] | None:

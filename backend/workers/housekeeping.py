@@ -74,6 +74,7 @@ class Housekeeper:
         self._failing: set[str] = set()
         self.last_rss = 0
         self.peak_rss = 0  # the highest sample so far: a killed worker's row keeps it
+        self._pruning = False  # a retention pass is under way (its next slice is due)
 
     def start(self) -> None:
         self._thread.start()
@@ -108,8 +109,10 @@ class Housekeeper:
                 due["beat"] = now + self.plan.heartbeat_interval_s
                 self._guard(Event.HEARTBEAT_FAILED, self.beat)
             if now >= due["prune"]:
-                due["prune"] = now + self.plan.prune_interval_s
                 self._guard(Event.PRUNE_FAILED, self._prune)
+                # A pass is done when nothing old is left: until then, the next slice at
+                # the next tick, between the other duties (a heartbeat is never held up).
+                due["prune"] = now + (0.0 if self._pruning else self.plan.prune_interval_s)
 
     def _notice_stall(self, late_s: float) -> None:
         """A wait that ended far later than asked: the whole process did not run (SIGSTOP, a
@@ -176,14 +179,21 @@ class Housekeeper:
 
     def _prune(self) -> None:
         with self.pool.connection(timeout=_POOL_WAIT_S) as conn:
+            self._pruning = False  # after an error, the next pass comes at the interval
             result = upkeep.prune(
                 conn,
                 ledger_days=self.plan.ledger_retention_days,
                 heartbeat_days=self.plan.heartbeat_retention_days,
             )
-            q.prune_deliveries(conn, self.plan.queue)
-        if result and any(result):
+            if result is None or result.done:
+                q.prune_deliveries(conn, self.plan.queue)
+        self._pruning = result is not None and not result.done
+        if result and (result.ledger_rows or result.heartbeat_rows or result.dead_letter_rows):
             log_event(
                 Event.RETENTION_PRUNED,
-                {"ledger_rows": result[0], "heartbeat_rows": result[1], "dead_letter_rows": result[2]},
+                {
+                    "ledger_rows": result.ledger_rows,
+                    "heartbeat_rows": result.heartbeat_rows,
+                    "dead_letter_rows": result.dead_letter_rows,
+                },
             )

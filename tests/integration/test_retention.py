@@ -1,4 +1,5 @@
-"""Retention: old completed ledger rows and old stopped heartbeats are pruned, nothing else."""
+"""Retention: old completed ledger rows and old stopped heartbeats are pruned, nothing else,
+in chunks of short transactions until none is left."""
 
 from __future__ import annotations
 
@@ -34,15 +35,39 @@ def test_prune_deletes_only_old_completed_rows_and_old_stopped_heartbeats(db: Co
     )
     db.execute(row, ("running-silent", "RUNNING", "10 days", None))
 
-    assert upkeep.prune(db, ledger_days=7, heartbeat_days=7) == (1, 1, 0)
+    assert upkeep.prune(db, ledger_days=7, heartbeat_days=7) == upkeep.Pruned(ledger_rows=1, heartbeat_rows=1)
     keys = {r["job_key"] for r in db.execute("SELECT job_key FROM workers.processed_jobs")}
     assert keys == {"new-done", "old-dead", "old-claim"}
     workers = {r["worker_id"] for r in db.execute("SELECT worker_id FROM workers.heartbeats")}
     assert workers == {"stopped-new", "running-silent"}
-    assert upkeep.prune(db, ledger_days=7, heartbeat_days=7) == (0, 0, 0)
+    assert upkeep.prune(db, ledger_days=7, heartbeat_days=7) == upkeep.Pruned()
 
 
 def test_prune_is_skipped_while_another_replica_prunes(db: Conn, clean_db: str) -> None:
     with psycopg.connect(clean_db, row_factory=psycopg.rows.dict_row) as other:
         other.execute("SELECT pg_advisory_xact_lock(7310412002)")
         assert upkeep.prune(db, ledger_days=7, heartbeat_days=7) is None
+
+
+def _expired(db: Conn, n: int) -> None:
+    db.execute(
+        "INSERT INTO workers.processed_jobs (job_key, queue_name, msg_id, status, attempts, completed_at)"
+        " SELECT 'old-' || i, 'q', i, 'completed', 1, now() - interval '30 days'"
+        " FROM generate_series(1, %s) i",
+        (n,),
+    )
+
+
+def test_a_backlog_goes_in_one_pass_of_short_chunks(db: Conn) -> None:
+    _expired(db, 12_000)
+    result = upkeep.prune(db, ledger_days=7, heartbeat_days=7, chunk=5000, budget_s=60)
+    assert result == upkeep.Pruned(ledger_rows=12_000, done=True)
+    assert db.execute("SELECT count(*) AS n FROM workers.processed_jobs").fetchone()["n"] == 0
+
+
+def test_a_pass_stops_at_its_time_budget_and_says_it_is_not_done(db: Conn) -> None:
+    _expired(db, 12_000)
+    first = upkeep.prune(db, ledger_days=7, heartbeat_days=7, chunk=5000, budget_s=0)
+    assert first == upkeep.Pruned(ledger_rows=5000, done=False)
+    rest = upkeep.prune(db, ledger_days=7, heartbeat_days=7, chunk=5000, budget_s=60)
+    assert rest is not None and rest.ledger_rows == 7000 and rest.done

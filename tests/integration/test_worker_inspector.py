@@ -563,4 +563,4 @@ def test_discarded_dead_letters_stop_weighing_on_the_verdict_and_keep_their_body
     db.execute(
         "UPDATE workers.dead_letters SET discarded_at = now() - interval '8 days' WHERE id = %s", (first,)
     )
-    assert upkeep.prune(db, ledger_days=7, heartbeat_days=7) == (0, 0, 1)
+    assert upkeep.prune(db, ledger_days=7, heartbeat_days=7) == upkeep.Pruned(dead_letter_rows=1)
