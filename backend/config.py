@@ -161,6 +161,13 @@ TUNABLES: tuple[Tunable, ...] = (
         help="seconds between retention passes",
     ),
     Tunable(variable="WORKER_LOG_LEVEL", default="INFO", parse=str, help="DEBUG, INFO, WARNING or ERROR"),
+    Tunable(
+        variable="WORKER_LOG_FORMAT",
+        default="auto",
+        parse=str,
+        help="json, console (one short text line per event), or auto: console at a terminal,"
+        " json otherwise and on Railway",
+    ),
 )
 _TUNABLE_FIELDS = {t.variable: t.variable.removeprefix("WORKER_").lower() for t in TUNABLES}
 DEFAULTS: Mapping[str, Any] = {t.variable: t.default for t in TUNABLES}
@@ -196,6 +203,7 @@ class Settings:
     heartbeat_retention_days: float
     prune_interval_s: float
     log_level: str
+    log_format: str
     # Bad tunables a lenient load (the diagnostic commands) replaced by their defaults.
     warnings: tuple[str, ...] = ()
 
@@ -273,6 +281,8 @@ def _check_tunable(variable: str, values: Mapping[str, Any]) -> None:
         raise ConfigError(
             variable, f"unknown level {values['log_level']!r}; use DEBUG, INFO, WARNING or ERROR"
         )
+    if variable == "WORKER_LOG_FORMAT" and values["log_format"] not in {"auto", "json", "console"}:
+        raise ConfigError(variable, f"unknown format {values['log_format']!r}; use auto, json or console")
     if variable == "WORKER_NOTIFICATIONS" and values["notifications"] not in {"auto", "off"}:
         raise ConfigError(variable, "use auto or off")
     if variable == "WORKER_RETRY_MAX_S" and values["retry_max_s"] < values["retry_base_s"]:

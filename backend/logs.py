@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from collections.abc import Iterable, Mapping
@@ -45,11 +46,52 @@ class RedactingJsonFormatter(JsonFormatter):
         return value
 
 
-def configure_logging(level: str = "INFO", secrets: Iterable[str] = ()) -> None:
-    """Send every log record to stdout as one JSON line; replaces earlier configuration."""
+class ConsoleFormatter(RedactingJsonFormatter):
+    """One short line per event for a person at a terminal: time, level, event and the
+    fields that say something (not the identity every lifecycle line repeats), secrets
+    redacted the same way. A failed boot's error is on its WORKER_CRASH line only."""
+
+    def serialize_log_record(self, log_data: dict[str, Any]) -> str:
+        data = log_data.get("data") or {}
+        event = str(log_data.get("event") or Event.LOG)
+        skip = _CONSOLE_QUIET | (
+            _CONSOLE_SAID_BY_CRASH if data.get("to") == "CRASHED" and event == Event.WORKER_BOOT else set()
+        )
+        fields = " ".join(f"{k}={_short(v)}" for k, v in data.items() if k not in skip and v is not None)
+        text = fields if event != Event.LOG else str(log_data.get("message", ""))
+        when = str(log_data.get("timestamp", ""))[11:19]
+        return f"{when} {log_data.get('level', ''):<7} {event} {text}".rstrip()
+
+
+# What a console line leaves out: the identity every lifecycle line carries, the traceback.
+_CONSOLE_QUIET = frozenset(
+    {"worker_name", "worker_id", "version", "git_sha", "mode", "hostname", "pid", "concurrency"}
+    | {"from", "trigger", "railway", "traceback", "state_before"}
+)
+_CONSOLE_SAID_BY_CRASH = {"error", "error_type", "variable", "exit_code", "jobs_processed", "jobs_failed"}
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def console_wanted(log_format: str, environ: Mapping[str, str]) -> bool:
+    """``console``; or ``auto`` at a terminal, off Railway (where lines go to its log store)."""
+    if log_format in ("console", "json"):
+        return log_format == "console"
+    on_railway = any(k.startswith("RAILWAY_") for k in environ)
+    return sys.stdout.isatty() and not on_railway
+
+
+def configure_logging(level: str = "INFO", secrets: Iterable[str] = (), *, console: bool = False) -> None:
+    """Send every log record to stdout: one JSON line each, or with ``console`` one short
+    text line each; replaces earlier configuration."""
     handler = logging.StreamHandler(sys.stdout)
+    formatter = ConsoleFormatter if console else RedactingJsonFormatter
     handler.setFormatter(
-        RedactingJsonFormatter(
+        formatter(
             secrets=secrets,
             fmt=["levelname", "message"],
             rename_fields={"levelname": "level"},

@@ -14,7 +14,7 @@ from backend.config import load_settings
 from backend.dburl import secrets_of
 from backend.errors import ConfigError
 from backend.events import Event
-from backend.logs import configure_logging, log_event
+from backend.logs import configure_logging, console_wanted, log_event
 from backend.workers.base import BaseWorker
 from backend.workers.lifecycle import Lifecycle, State
 from backend.workers.memory import rss_bytes
@@ -28,10 +28,19 @@ def run_worker(worker_cls: type[BaseWorker]) -> None:
     try:
         settings = load_settings(defaults=worker_cls.defaults)
     except ConfigError as exc:
-        configure_logging("INFO", secrets=secrets_of(os.environ.get("SUPABASE_DB_URL")))
+        raw_format = os.environ.get("WORKER_LOG_FORMAT", "auto").strip().lower()
+        configure_logging(
+            "INFO",
+            secrets=secrets_of(os.environ.get("SUPABASE_DB_URL")),
+            console=console_wanted(raw_format, os.environ),
+        )
         BareIdentity(worker_cls).fail(exc)
         sys.exit(EXIT_FAILURE)
-    configure_logging(settings.log_level, secrets=secrets_of(settings.db_url))
+    configure_logging(
+        settings.log_level,
+        secrets=secrets_of(settings.db_url),
+        console=console_wanted(settings.log_format, os.environ),
+    )
     runtime = Runtime(worker_cls(settings))
     SignalWatcher(runtime.on_signal).install()
     code = runtime.run()
