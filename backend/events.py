@@ -128,7 +128,7 @@ FIELDS: Mapping[Event, tuple[str, ...]] = {
     Event.PRUNE_FAILED: ("worker_id", *_ERROR),
     Event.HOUSEKEEPING_RECOVERED: ("worker_id", "duty"),
     Event.RETENTION_PRUNED: ("ledger_rows", "heartbeat_rows", "dead_letter_rows"),
-    Event.OUTBOX_CHANNELS: ("worker_id", "webhook", "slack", "discord", "email"),
+    Event.OUTBOX_CHANNELS: ("worker_id", "webhook", "slack", "discord", "email", "fix"),
     Event.OUTBOX_DELIVERED: (
         "job_key",
         "msg_id",

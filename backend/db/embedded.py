@@ -8,6 +8,8 @@ Keeping the data folder in the checkout, beside the virtualenv, means it widens 
 that the binaries did not already need.
 
     python -m backend.db.embedded status|start|stop|restart|url|reset
+
+``status`` exits 0 when the server runs and 3 when it does not.
 """
 
 from __future__ import annotations
@@ -99,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.action == "status":
             url = server.url()
             print(f"running at {url}" if url else f"not running (data in {server.pgdata})")
+            return 0 if url else 3  # as `systemctl status` says a stopped unit
         elif args.action == "stop":
             server.stop()
             print("stopped")

@@ -14,7 +14,7 @@ import os
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from backend.domain.outbox import OutboxConfig, deliver_job
+from backend.domain.outbox import ENABLING_VARIABLES, OutboxConfig, deliver_job
 from backend.events import Event
 from backend.jobs import Job
 from backend.logs import log_event
@@ -34,9 +34,12 @@ class OutboxWorker(ExternalWorker):
 
     def setup(self) -> None:
         self.config = OutboxConfig.from_env(os.environ)
+        channels: dict[str, str] = self.config.describe()
+        if not channels:  # every message would be dead-lettered: say what to set
+            channels = {"fix": f"no channel is enabled: set {', '.join(ENABLING_VARIABLES)}"}
         log_event(
             Event.OUTBOX_CHANNELS,
-            {"worker_id": self.worker_id, **self.config.describe()},
+            {"worker_id": self.worker_id, **channels},
             logging.INFO if self.config.channels else logging.WARNING,
         )
 

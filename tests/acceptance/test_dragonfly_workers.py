@@ -280,3 +280,15 @@ def test_a_job_for_another_organisation_s_entity_is_dead_lettered_and_changes_no
     assert count(db, f"SELECT count(*) FROM {table}") == before + 1  # the own job's effect only
     if entity_type == "enforcement_case":
         assert count(db, "SELECT count(*) FROM pgmq.q_q_outbox_processor") <= 1  # none for "foreign"
+
+
+def test_an_outbox_with_no_channel_says_which_variables_enable_one(spawn: Spawn) -> None:
+    worker = spawn("backend.workers.outbox_processor")
+    channels = worker.wait_for("OUTBOX_CHANNELS")
+    stop(worker)
+    assert set(channels) >= {"worker_id", "fix"} and not {"webhook", "slack", "discord", "email"} & set(
+        channels
+    )
+    for variable in ("OUTBOX_WEBHOOK_URL", "OUTBOX_SLACK_WEBHOOK_URL", "OUTBOX_DISCORD_WEBHOOK_URL"):
+        assert variable in channels["fix"]
+    assert "OUTBOX_SMTP_HOST and OUTBOX_SMTP_FROM" in channels["fix"]

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from backend.config import load_settings
+from backend.db.embedded import PROJECT_ROOT
 from backend.errors import BootError, ConfigError
 from backend.workers.lifecycle import State
 from backend.workers.runtime import Runtime
@@ -59,3 +64,16 @@ def test_a_lenient_load_replaces_bad_tunables_by_their_defaults_and_says_so() ->
     assert [w.split(":")[0] for w in settings.warnings] == ["WORKER_BATCH_SIZE", "WORKER_LOG_LEVEL"]
     with pytest.raises(ConfigError, match="SUPABASE_MODE"):
         load_settings({**env, "SUPABASE_MODE": "staging"}, lenient=True)
+
+
+def test_embedded_status_exits_3_when_the_server_is_not_running(tmp_path: Path) -> None:
+    env = {**os.environ, "DRAGONFLY_DATA_DIR": str(tmp_path / "nothing-here")}
+    done = subprocess.run(
+        [sys.executable, "-m", "backend.db.embedded", "status"],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 3 and done.stdout.startswith("not running"), done.stdout + done.stderr

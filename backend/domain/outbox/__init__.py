@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from backend.domain.outbox.config import (
     CHANNELS,
+    ENABLING_VARIABLES,
     OUTBOX_VARIABLES,
     Channel,
     OutboxConfig,
@@ -35,6 +36,7 @@ from backend.jobs import Job
 
 __all__ = [
     "CHANNELS",
+    "ENABLING_VARIABLES",
     "OUTBOX_VARIABLES",
     "Channel",
     "DeliveryError",

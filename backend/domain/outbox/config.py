@@ -232,3 +232,7 @@ def is_address(value: str) -> bool:
     _, address = parseaddr(value)
     local, _, domain = address.rpartition("@")
     return bool(local) and "." in domain and not any(c.isspace() for c in address)
+
+
+# What enables each channel, for the warning of an outbox with none enabled.
+ENABLING_VARIABLES: tuple[str, ...] = tuple(f"{setting_hint(c)} ({c})" for c in CHANNELS)
