@@ -47,6 +47,7 @@ class Event(StrEnum):
     OUTBOX_DELIVERED = "OUTBOX_DELIVERED"
     # python -m backend.db.migrate
     MIGRATION_APPLIED = "MIGRATION_APPLIED"
+    MIGRATION_DEFERRED = "MIGRATION_DEFERRED"
     MIGRATIONS_DONE = "MIGRATIONS_DONE"
     MIGRATION_STATUS = "MIGRATION_STATUS"
     MIGRATION_FAILED = "MIGRATION_FAILED"
@@ -139,6 +140,7 @@ FIELDS: Mapping[Event, tuple[str, ...]] = {
         "attempt",
     ),
     Event.MIGRATION_APPLIED: ("version", "name"),
+    Event.MIGRATION_DEFERRED: ("version", "name", "older_workers", "fix"),
     Event.MIGRATIONS_DONE: ("applied", "version", "queues"),
     Event.MIGRATION_STATUS: ("current", "latest", "pending"),
     Event.MIGRATION_FAILED: _ERROR,

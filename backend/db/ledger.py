@@ -58,7 +58,8 @@ class Failure:
 
 # Keys are claimed under a transaction-scoped advisory lock taken with ``try``: a key that
 # another worker's open transaction is claiming or running is skipped, never waited for.
-_KEY_LOCK = "pg_try_advisory_xact_lock(hashtextextended({key}, 7310412001))"
+# The lock is per (queue, key), like the ledger's key.
+_KEY_LOCK = "pg_try_advisory_xact_lock(hashtextextended({queue} || chr(31) || {key}, 7310412001))"
 
 _CLAIM = f"""
 INSERT INTO workers.processed_jobs AS p
@@ -71,13 +72,14 @@ SELECT k, %(queue)s, m, %(status)s, 1, %(worker)s,
 FROM unnest(%(keys)b::text[], %(ids)b::bigint[]) AS t(k, m)
 -- A key with a live claim is not even try-locked: a batch that will not claim it must not
 -- hold its lock until its commit, while the claim's owner waits for it to start the run.
-WHERE CASE WHEN EXISTS (SELECT 1 FROM workers.processed_jobs AS l WHERE l.job_key = t.k
-                        AND l.status = {_PROCESSING} AND l.lease_expires_at > clock_timestamp())
-           THEN false ELSE {_KEY_LOCK.format(key="t.k")} END
+WHERE CASE WHEN EXISTS (SELECT 1 FROM workers.processed_jobs AS l WHERE l.queue_name = %(queue)s
+                        AND l.job_key = t.k AND l.status = {_PROCESSING}
+                        AND l.lease_expires_at > clock_timestamp())
+           THEN false ELSE {_KEY_LOCK.format(queue="%(queue)s", key="t.k")} END
 ORDER BY k  -- one row lock order for every worker: no deadlocks between batches
-ON CONFLICT (job_key) DO UPDATE
+ON CONFLICT (queue_name, job_key) DO UPDATE
 SET status = EXCLUDED.status, attempts = p.attempts + 1, msg_id = EXCLUDED.msg_id,
-    queue_name = EXCLUDED.queue_name, worker_id = EXCLUDED.worker_id,
+    worker_id = EXCLUDED.worker_id,
     lease_expires_at = EXCLUDED.lease_expires_at, completed_at = EXCLUDED.completed_at,
     updated_at = clock_timestamp()
 WHERE (p.status = {_FAILED} AND coalesce(p.lease_expires_at <= clock_timestamp(), true))
@@ -123,41 +125,41 @@ def claim(
     return dict(rows)
 
 
-def ledger_status(conn: Conn, keys: Sequence[str]) -> dict[str, tuple[LedgerStatus, float]]:
-    """key -> (status, seconds left on its lease, 0 when none) for existing keys."""
+def ledger_status(conn: Conn, queue: str, keys: Sequence[str]) -> dict[str, tuple[LedgerStatus, float]]:
+    """key -> (status, seconds left on its lease, 0 when none) for the queue's existing keys."""
     rows = conn.execute(
         "SELECT job_key, status, greatest(0, extract(epoch FROM lease_expires_at"
         " - clock_timestamp()))::float8 AS lease_left FROM workers.processed_jobs"
-        " WHERE job_key = ANY(%s)",
-        (list(keys),),
+        " WHERE queue_name = %s AND job_key = ANY(%s)",
+        (queue, list(keys)),
     ).fetchall()
     return {r["job_key"]: (LedgerStatus(r["status"]), r["lease_left"] or 0.0) for r in rows}
 
 
-def owns_claim(conn: Conn, key: str, worker_id: str) -> bool:
+def owns_claim(conn: Conn, queue: str, key: str, worker_id: str) -> bool:
     """Lock this worker's live claim of ``key`` for this transaction; False when another
     worker took it over. Waits (within the transaction's bound) for a claim in progress."""
     row = conn.execute(
-        "SELECT 1 AS ok FROM workers.processed_jobs, pg_advisory_xact_lock(hashtextextended(%(k)s,"
-        f" 7310412001)) WHERE job_key = %(k)s AND worker_id = %(w)s AND status = {_PROCESSING}"
-        " FOR UPDATE OF processed_jobs",
-        {"k": key, "w": worker_id},
+        "SELECT 1 AS ok FROM workers.processed_jobs, pg_advisory_xact_lock(hashtextextended(%(q)s"
+        " || chr(31) || %(k)s, 7310412001)) WHERE queue_name = %(q)s AND job_key = %(k)s"
+        f" AND worker_id = %(w)s AND status = {_PROCESSING} FOR UPDATE OF processed_jobs",
+        {"q": queue, "k": key, "w": worker_id},
     ).fetchone()
     return row is not None
 
 
-def complete(conn: Conn, keys: Sequence[str]) -> None:
-    """Mark the keys completed now (their claims end)."""
+def complete(conn: Conn, queue: str, keys: Sequence[str]) -> None:
+    """Mark the queue's keys completed now (their claims end)."""
     if keys:
         conn.execute(
             f"UPDATE workers.processed_jobs SET status = {_COMPLETED}, lease_expires_at = NULL,"
             " completed_at = clock_timestamp(), updated_at = clock_timestamp()"
-            " WHERE job_key = ANY(%s)",
-            (list(keys),),
+            " WHERE queue_name = %s AND job_key = ANY(%s)",
+            (queue, list(keys)),
         )
 
 
-def record_failures(conn: Conn, failures: Sequence[Failure]) -> None:
+def record_failures(conn: Conn, queue: str, failures: Sequence[Failure]) -> None:
     """Mark the attempts failed. A failed key's ``lease_expires_at`` is the end of its
     backoff: no copy of the key is claimed before then (``claim``)."""
     if not failures:
@@ -166,19 +168,20 @@ def record_failures(conn: Conn, failures: Sequence[Failure]) -> None:
         f"UPDATE workers.processed_jobs p SET status = {_FAILED}, last_error = f.err,"
         " lease_expires_at = clock_timestamp() + make_interval(secs => f.d),"
         " completed_at = NULL, updated_at = clock_timestamp()"
-        " FROM unnest(%s::text[], %s::text[], %s::int[]) AS f(k, err, d) WHERE p.job_key = f.k",
-        ([f.job_key for f in failures], [f.error for f in failures], [f.delay_s for f in failures]),
+        " FROM unnest(%s::text[], %s::text[], %s::int[]) AS f(k, err, d)"
+        " WHERE p.queue_name = %s AND p.job_key = f.k",
+        ([f.job_key for f in failures], [f.error for f in failures], [f.delay_s for f in failures], queue),
     )
 
 
-def release_claims(conn: Conn, worker_id: str, keys: Sequence[str]) -> None:
+def release_claims(conn: Conn, queue: str, worker_id: str, keys: Sequence[str]) -> None:
     """Expire the leases of claims this worker gives up, so the next delivery takes over."""
     if keys:
         conn.execute(
             "UPDATE workers.processed_jobs SET lease_expires_at = clock_timestamp(),"
-            " updated_at = clock_timestamp() WHERE job_key = ANY(%s) AND worker_id = %s"
-            f" AND status = {_PROCESSING}",
-            (list(keys), worker_id),
+            " updated_at = clock_timestamp() WHERE queue_name = %s AND job_key = ANY(%s)"
+            f" AND worker_id = %s AND status = {_PROCESSING}",
+            (queue, list(keys), worker_id),
         )
 
 
@@ -191,8 +194,8 @@ def extend_leases(
         conn.execute(
             "UPDATE workers.processed_jobs SET lease_expires_at = clock_timestamp()"
             " + make_interval(secs => %s), updated_at = clock_timestamp()"
-            f" WHERE job_key = ANY(%s) AND worker_id = %s AND status = {_PROCESSING}",
-            (lease_s, list(keys), worker_id),
+            f" WHERE queue_name = %s AND job_key = ANY(%s) AND worker_id = %s AND status = {_PROCESSING}",
+            (lease_s, queue, list(keys), worker_id),
         )
 
 
@@ -215,7 +218,7 @@ def dead_letter(conn: Conn, *, queue: str, worker_id: str, letters: Iterable[Dea
         " RETURNING job_key, error)"
         f" UPDATE workers.processed_jobs p SET status = {_DEAD}, last_error = moved.error,"
         " lease_expires_at = NULL, completed_at = NULL, updated_at = clock_timestamp()"
-        f" FROM moved WHERE p.job_key = moved.job_key AND p.status <> {_DEAD}",
+        f" FROM moved WHERE p.queue_name = %(queue)s AND p.job_key = moved.job_key AND p.status <> {_DEAD}",
         {
             "queue": queue,
             "worker": worker_id,

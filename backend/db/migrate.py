@@ -10,9 +10,11 @@ an advisory lock serialises them.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import re
 import sys
+import time
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any
@@ -29,6 +31,10 @@ _LOCK_KEY = 7_310_412_001  # pg_advisory_lock key of migrations
 NOTIFY_TRIGGER = "workers_notify_insert"
 PGMQ_NOTIFY_TRIGGER = "trigger_notify_queue_insert_listeners"
 _FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+# Directives a migration states in its first comment lines.
+_OUTSIDE = "-- migrate: outside a transaction"
+_AFTER = re.compile(r"^-- migrate: after every live worker runs schema (\d+)$", re.M)
+_LIVE_WITHIN_S = 180  # a heartbeat younger than this is a live worker's
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,6 +44,22 @@ class Migration:
     version: int
     name: str
     sql: str
+
+    @property
+    def outside_transaction(self) -> bool:
+        """Each statement runs on its own (``CREATE INDEX CONCURRENTLY`` needs it)."""
+        return _OUTSIDE in self.sql
+
+    @property
+    def after_workers_at(self) -> int | None:
+        """A contract step: it breaks workers older than this schema, so it waits for them."""
+        match = _AFTER.search(self.sql)
+        return int(match[1]) if match else None
+
+    def statements(self) -> list[str]:
+        """The statements of a migration run outside a transaction (one per ``;`` line end)."""
+        parts = re.split(r";\s*$", self.sql, flags=re.M)
+        return [p.strip() for p in parts if re.sub(r"--[^\n]*", "", p).strip()]
 
 
 def migrations() -> list[Migration]:
@@ -54,8 +76,29 @@ def migrations() -> list[Migration]:
     return found
 
 
+@functools.cache
 def latest_version() -> int:
+    """The schema of this code: every migration it ships."""
     return max((m.version for m in migrations()), default=0)
+
+
+@functools.cache
+def needed_version() -> int:
+    """The schema a worker of this code needs: all but the trailing contract steps, which
+    wait for every older worker to be gone and which this code does not rely on."""
+    return max((m.version for m in migrations() if m.after_workers_at is None), default=0)
+
+
+def older_live_workers(conn: psycopg.Connection[Any], schema: int) -> list[str]:
+    """Live workers (a recent heartbeat, not stopped) whose code is older than ``schema``."""
+    rows = conn.execute(
+        "SELECT worker_id AS w FROM workers.heartbeats WHERE stopped_at IS NULL"
+        " AND status IN ('BOOTING', 'RUNNING', 'DRAINING')"
+        " AND last_heartbeat_at > clock_timestamp() - make_interval(secs => %s)"
+        " AND coalesce((metadata ->> 'schema')::int, 0) < %s ORDER BY worker_id",
+        (_LIVE_WITHIN_S, schema),
+    ).fetchall()
+    return [str(_get(r, "w")) for r in rows]
 
 
 def current_version(conn: psycopg.Connection[Any]) -> int:
@@ -125,8 +168,12 @@ def _has_trigger(conn: psycopg.Connection[Any], queue: str, name: str) -> bool:
     return bool(row and _get(row, "ok"))
 
 
-def apply_migrations(conn: psycopg.Connection[Any], queues: tuple[str, ...] = QUEUES) -> list[int]:
-    """Install pgmq, apply pending migrations, create the queues; return applied versions."""
+def apply_migrations(
+    conn: psycopg.Connection[Any], queues: tuple[str, ...] = QUEUES, up_to: int | None = None
+) -> list[int]:
+    """Install pgmq, apply pending migrations (up to ``up_to``), create the queues; return
+    the versions applied. A contract step that live older workers still need is deferred,
+    with the migrations after it, to a later run (``MIGRATION_DEFERRED``)."""
     conn.autocommit = True
     conn.execute("SELECT pg_advisory_lock(%s)", (_LOCK_KEY,))
     try:
@@ -142,12 +189,10 @@ def apply_migrations(conn: psycopg.Connection[Any], queues: tuple[str, ...] = QU
         for migration in migrations():
             if migration.version <= done:
                 continue
-            with conn.transaction():
-                conn.execute(migration.sql.encode())
-                conn.execute(
-                    "INSERT INTO workers.schema_migrations (version, name) VALUES (%s, %s)",
-                    (migration.version, migration.name),
-                )
+            if up_to is not None and migration.version > up_to:
+                break
+            if not _apply(conn, migration):
+                break
             applied.append(migration.version)
             log_event(Event.MIGRATION_APPLIED, {"version": migration.version, "name": migration.name})
         for queue in queues:
@@ -155,6 +200,60 @@ def apply_migrations(conn: psycopg.Connection[Any], queues: tuple[str, ...] = QU
         return applied
     finally:
         conn.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_KEY,))
+
+
+def _apply(conn: psycopg.Connection[Any], migration: Migration) -> bool:
+    """Apply one migration; False when it is a contract step that must wait."""
+    schema = migration.after_workers_at
+    if schema is not None:
+        older = older_live_workers(conn, schema)
+        if older:
+            log_event(
+                Event.MIGRATION_DEFERRED,
+                {
+                    "version": migration.version,
+                    "name": migration.name,
+                    "older_workers": older,
+                    "fix": f"it runs at the next migrate once every worker runs schema {schema} or later",
+                },
+                logging.WARNING,
+            )
+            return False
+    for attempt in range(5):
+        try:
+            _run(conn, migration)
+            return True
+        except psycopg.errors.LockNotAvailable:
+            # A contract step takes a short exclusive lock under a lock_timeout, so it never
+            # holds the workers up behind a long transaction; it tries again a little later.
+            if attempt == 4:
+                raise
+            time.sleep(1 + attempt)
+    return False
+
+
+def _run(conn: psycopg.Connection[Any], migration: Migration) -> None:
+    record = "INSERT INTO workers.schema_migrations (version, name) VALUES (%s, %s)"
+    if migration.outside_transaction:
+        _drop_invalid_indexes(conn)
+        for statement in migration.statements():
+            conn.execute(statement.encode())
+        conn.execute(record, (migration.version, migration.name))
+        return
+    with conn.transaction():
+        conn.execute(migration.sql.encode())
+        conn.execute(record, (migration.version, migration.name))
+
+
+def _drop_invalid_indexes(conn: psycopg.Connection[Any]) -> None:
+    """An interrupted ``CREATE INDEX CONCURRENTLY`` leaves an invalid index that ``IF NOT
+    EXISTS`` would take as done: drop it so the migration builds it again."""
+    rows = conn.execute(
+        "SELECT c.relname AS name FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
+        " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'workers' AND NOT i.indisvalid"
+    ).fetchall()
+    for row in rows:
+        conn.execute(f'DROP INDEX CONCURRENTLY IF EXISTS workers."{_get(row, "name")}"')
 
 
 def main(argv: list[str] | None = None) -> int:

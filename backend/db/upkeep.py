@@ -80,9 +80,10 @@ def prune(
                 out.done = False
                 return out
             deleted = conn.execute(
-                "DELETE FROM workers.processed_jobs WHERE job_key IN (SELECT job_key"
-                f" FROM workers.processed_jobs WHERE status = {LedgerStatus.COMPLETED.sql} AND completed_at"
-                " < clock_timestamp() - make_interval(secs => %s) LIMIT %s FOR UPDATE SKIP LOCKED)",
+                "DELETE FROM workers.processed_jobs WHERE (queue_name, job_key) IN (SELECT queue_name,"
+                f" job_key FROM workers.processed_jobs WHERE status = {LedgerStatus.COMPLETED.sql}"
+                " AND completed_at < clock_timestamp() - make_interval(secs => %s)"
+                " LIMIT %s FOR UPDATE SKIP LOCKED)",
                 (ledger_days * 86400, chunk),
             ).rowcount
             if first:

@@ -10,7 +10,7 @@ import psycopg
 
 from backend.config import QUEUES, Settings
 from backend.db import queries as q
-from backend.db.migrate import apply_migrations, current_version, latest_version
+from backend.db.migrate import apply_migrations, current_version, needed_version
 from backend.errors import BootError
 from backend.workers.base import BaseWorker, ExternalWorker, TransactionalWorker
 from backend.workers.deliveries import DeliveryLog
@@ -69,10 +69,10 @@ def check_schema(conn: psycopg.Connection[Any], settings: Settings, queue: str) 
     if settings.mode == "dev":
         apply_migrations(conn, queues=(*QUEUES, queue) if queue not in QUEUES else QUEUES)
     else:
-        current, latest = current_version(conn), latest_version()
-        if current < latest:
+        current, needed = current_version(conn), needed_version()
+        if current < needed:
             raise BootError(
-                f"workers schema is at version {current}, this worker needs {latest}:"
+                f"workers schema is at version {current}, this worker needs {needed}:"
                 " run `python -m backend.db.migrate`"
             )
         if not q.queue_exists(conn, queue):

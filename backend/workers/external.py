@@ -68,7 +68,7 @@ class ExternalStrategy(Strategy):
             self.held.put_down()
         with conn.transaction():
             q.bound_transaction(conn, self.options.transaction_limit_ms)
-            if not ledger.owns_claim(conn, job.idempotency_key, self.worker_id):
+            if not ledger.owns_claim(conn, self.queue, job.idempotency_key, self.worker_id):
                 return False
             self.settle(conn, out)
         return True

@@ -75,7 +75,7 @@ def give_back(held: HeldJobs, pool: ConnectionPool[Any], *, queue: str, worker_i
         with pool.connection(timeout=1) as conn, conn.transaction():
             q.bound_transaction(conn, 1000)
             q.set_visibility(conn, queue, msg_ids, [0] * len(msg_ids))
-            ledger.release_claims(conn, worker_id, keys)
+            ledger.release_claims(conn, queue, worker_id, keys)
     except psycopg.Error as exc:
         log_event(
             Event.RELEASE_FAILED,

@@ -28,6 +28,7 @@ from backend.db.connect import (
     permanent_reason,
     resolve_db_url,
 )
+from backend.db.migrate import latest_version
 from backend.db.upkeep import previous_instance
 from backend.dburl import secrets_of
 from backend.errors import BootError, WorkerError, describe
@@ -112,7 +113,7 @@ class Runtime:
             "jobs_processed": self.counters.processed,
             "jobs_failed": self.counters.failed,
             "rss_bytes": rss,
-            "metadata": {**s.railway, "peak_rss_bytes": peak, **self.failure},
+            "metadata": {**s.railway, "peak_rss_bytes": peak, "schema": latest_version(), **self.failure},
         }
 
     def _write_status(self, state: State) -> None:

@@ -126,7 +126,7 @@ class Strategy:
         )
         others = [(env, msg_id) for env, msg_id in pending if env["idempotency_key"] not in attempts]
         if others:
-            states = ledger.ledger_status(conn, [env["idempotency_key"] for env, _ in others])
+            states = ledger.ledger_status(conn, self.queue, [env["idempotency_key"] for env, _ in others])
             for env, msg_id in others:
                 # None: another worker's open transaction is claiming or running the key
                 state, lease_left = states.get(env["idempotency_key"], (None, 0.0))
@@ -204,8 +204,8 @@ class Strategy:
     ) -> None:
         """Write every outcome: completions, failures, dead letters, deletions."""
         if complete:
-            ledger.complete(conn, [j.idempotency_key for j in out.done])
-        ledger.record_failures(conn, out.failures)
+            ledger.complete(conn, self.queue, [j.idempotency_key for j in out.done])
+        ledger.record_failures(conn, self.queue, out.failures)
         delays = {f.msg_id: f.delay_s for f in out.failures}
         delays.update(waits or {})
         q.set_visibility(conn, self.queue, list(delays), list(delays.values()))
@@ -256,7 +256,7 @@ class Strategy:
     def _suspects_last(self, conn: Conn, pending: list[Pending]) -> list[Pending]:
         if len(pending) < 2:
             return list(pending)
-        states = ledger.ledger_status(conn, [env["idempotency_key"] for env, _ in pending])
+        states = ledger.ledger_status(conn, self.queue, [env["idempotency_key"] for env, _ in pending])
         return sorted(
             pending,
             key=lambda p: (states.get(p[0]["idempotency_key"], (None,))[0] == LedgerStatus.PROCESSING, p[1]),

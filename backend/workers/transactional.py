@@ -117,7 +117,7 @@ class TransactionalStrategy(Strategy):
             self._run_batch(conn, claims.jobs)
             out.done.extend(claims.jobs)
         if out.done and time.monotonic() - started > _STALE_COMPLETION_S:
-            ledger.complete(conn, [j.idempotency_key for j in out.done])  # fresh completed_at
+            ledger.complete(conn, self.queue, [j.idempotency_key for j in out.done])  # fresh completed_at
         already = set(claims.completed)
         done_keys = {j.idempotency_key for j in out.done} | {
             env["idempotency_key"] for env, msg_id in delivery.together if msg_id in already
@@ -174,7 +174,7 @@ class TransactionalStrategy(Strategy):
         """Run and settle in one transaction that holds the claim."""
         with conn.transaction():
             q.bound_transaction(conn, self.options.transaction_limit_ms)
-            if not ledger.owns_claim(conn, job.idempotency_key, self.worker_id):
+            if not ledger.owns_claim(conn, self.queue, job.idempotency_key, self.worker_id):
                 return False
             self._run_one(conn, job, out)
             self.settle(conn, out)

@@ -111,6 +111,49 @@ def test_escalation_records_a_recommendation_and_enqueues_its_notification(spawn
     assert keys == {f"escalate:{c}:notify" for c in seeded["case_ids"]}
 
 
+def test_one_key_on_two_queues_is_two_jobs_each_run_once(spawn: Spawn, db: Conn) -> None:
+    seeded = seed_demo(db, judgments=1, cases=1)
+    key = "shared-key-1"
+    enqueue(
+        db,
+        "q_collectability",
+        build_envelope(
+            entity_type="judgment",
+            entity_id=str(seeded["judgment_ids"][0]),
+            org_id=seeded["org_id"],
+            idempotency_key=key,
+        ),
+    )
+    scorer = spawn("backend.workers.collectability")
+    wait_until(drained(db, "q_collectability"), timeout=30)
+    stop(scorer)
+    enqueue(
+        db,
+        "q_escalation",
+        build_envelope(
+            entity_type="enforcement_case",
+            entity_id=str(seeded["case_ids"][0]),
+            org_id=seeded["org_id"],
+            idempotency_key=key,
+        ),
+    )
+    escalator = spawn("backend.workers.escalation")
+    wait_until(drained(db, "q_escalation"), timeout=30)
+    stop(escalator)
+    ledger = db.execute(
+        "SELECT queue_name, status, attempts FROM workers.processed_jobs WHERE job_key = %s ORDER BY 1",
+        (key,),
+    ).fetchall()
+    assert [tuple(r.values()) for r in ledger] == [
+        ("q_collectability", "completed", 1),
+        ("q_escalation", "completed", 1),
+    ]
+    assert count(db, "SELECT count(*) FROM dragonfly.collectability_scores WHERE job_key = %s", key) == 1
+    assert count(db, "SELECT count(*) FROM dragonfly.enforcement_events WHERE job_key = %s", key) == 1
+    assert count(db, "SELECT count(*) FROM pgmq.q_q_outbox_processor") == 1
+    assert count(db, "SELECT count(*) FROM workers.dead_letters") == 0
+
+
 def outbox_env(http: HttpRecorder, smtp: SmtpRecorder, **extra: Any) -> dict[str, Any]:
     return {
         "OUTBOX_WEBHOOK_URL": http.url_for("/hooks/dragonfly"),

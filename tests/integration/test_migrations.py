@@ -1,11 +1,26 @@
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
+import pytest
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
 
 from backend.config import QUEUES
-from backend.db.migrate import apply_migrations, current_version, latest_version
+from backend.db import ledger
+from backend.db.migrate import (
+    apply_migrations,
+    current_version,
+    latest_version,
+    needed_version,
+    older_live_workers,
+)
+from tests.helpers import wait_until
 
 
 def test_migrations_are_idempotent_and_create_the_queues(db: psycopg.Connection[Any]) -> None:
@@ -52,3 +67,89 @@ def test_pgmq_row_level_notifications_are_replaced(db: psycopg.Connection[Any]) 
     assert triggers == {"workers_notify_insert"}
     assert q.notifications_available(db, "q_legacy")
     db.execute("SELECT pgmq.drop_queue('q_legacy')")
+
+
+OLD_CLAIM = (
+    "INSERT INTO workers.processed_jobs (job_key, queue_name, msg_id, status, attempts)"
+    " VALUES (%s, %s, 1, 'completed', 1) ON CONFLICT (job_key) DO NOTHING"
+)
+
+
+@pytest.fixture
+def fresh_url(db: psycopg.Connection[Any], clean_db: str) -> Iterator[str]:
+    """An empty database of its own, for a migration applied step by step."""
+    db.execute("DROP DATABASE IF EXISTS migrate_live WITH (FORCE)")
+    db.execute("CREATE DATABASE migrate_live")
+    try:
+        yield urlunsplit(urlsplit(clean_db)._replace(path="/migrate_live"))
+    finally:
+        db.execute("DROP DATABASE migrate_live WITH (FORCE)")
+
+
+def test_the_key_per_queue_migration_is_safe_beside_running_workers(fresh_url: str) -> None:
+    queues = ("q_collectability", "q_escalation")
+    with psycopg.connect(fresh_url, autocommit=True, row_factory=dict_row) as conn:
+        apply_migrations(conn, queues=queues, up_to=5)
+        conn.execute(OLD_CLAIM, ("k-before", "q_collectability"))
+        # An older worker's batch is open while the index is built: CONCURRENTLY waits for
+        # it to end, but never blocks the writes of the others meanwhile.
+        with psycopg.connect(fresh_url) as open_batch:
+            open_batch.execute(OLD_CLAIM, ("k-open", "q_collectability"))
+            migrating = threading.Thread(target=_migrate, args=(fresh_url, queues, 6))
+            migrating.start()
+            wait_until(lambda: _waiting_on_lock(conn), timeout=10)
+            started = time.monotonic()
+            for n in range(20):
+                conn.execute(OLD_CLAIM, (f"k-during-{n}", "q_collectability"))
+            assert time.monotonic() - started < 1
+            assert migrating.is_alive()
+            open_batch.commit()
+        migrating.join(timeout=10)
+        assert current_version(conn) == 6
+        # Both versions' claims work at schema 6: the old one conflicts on the key alone.
+        conn.execute(OLD_CLAIM, ("k-before", "q_collectability"))
+        assert ledger.claim(
+            conn, queue="q_collectability", worker_id="w", keys=["k-new"], msg_ids=[2], lease_s=30
+        ) == {"k-new": 1}
+        assert needed_version() == 6 < latest_version()
+
+        # A live worker of the older code defers the contract step; a stopped one does not.
+        _heartbeat(conn, "old-worker", schema=None)
+        _heartbeat(conn, "new-worker", schema=latest_version())
+        assert older_live_workers(conn, 6) == ["old-worker"]
+        assert apply_migrations(conn, queues=queues) == []
+        assert current_version(conn) == 6
+        conn.execute("UPDATE workers.heartbeats SET status = 'STOPPED', stopped_at = now()")
+        assert apply_migrations(conn, queues=queues) == [7]
+
+        pkey = conn.execute(
+            "SELECT pg_get_constraintdef(oid) AS d FROM pg_constraint WHERE conname = 'processed_jobs_pkey'"
+        ).fetchone()
+        assert pkey is not None and pkey["d"] == "PRIMARY KEY (queue_name, job_key)"
+        for queue in queues:
+            assert ledger.claim(
+                conn, queue=queue, worker_id="w", keys=["k-shared"], msg_ids=[3], lease_s=30
+            ) == {"k-shared": 1}
+        assert conn.execute("SELECT count(*) AS n FROM workers.processed_jobs").fetchone() == {"n": 25}
+
+
+def _migrate(url: str, queues: tuple[str, ...], up_to: int) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        apply_migrations(conn, queues=queues, up_to=up_to)
+
+
+def _waiting_on_lock(conn: psycopg.Connection[Any]) -> bool:
+    row = conn.execute(
+        "SELECT count(*) AS n FROM pg_stat_activity WHERE query LIKE '%%CREATE UNIQUE INDEX CONCURRENTLY%%'"
+        " AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+    ).fetchone()
+    return bool(row and row["n"])
+
+
+def _heartbeat(conn: psycopg.Connection[Any], worker_id: str, schema: int | None) -> None:
+    conn.execute(
+        "INSERT INTO workers.heartbeats (worker_id, worker_name, queue_name, status, hostname, pid,"
+        " version, started_at, last_heartbeat_at, metadata)"
+        " VALUES (%s, 'collectability', 'q_collectability', 'RUNNING', 'h', 1, 'v', now(), now(), %s)",
+        (worker_id, Jsonb({} if schema is None else {"schema": schema})),
+    )

@@ -250,8 +250,8 @@ def replay(conn: Conn, dead_letter_id: int) -> Replay | None:
             reset = conn.execute(
                 f"UPDATE workers.processed_jobs SET status = {_FAILED}, attempts = 0,"
                 " lease_expires_at = NULL, updated_at = clock_timestamp()"
-                f" WHERE job_key = %s AND status IN ({_DEAD}, {_FAILED})",
-                (letter["job_key"],),
+                f" WHERE queue_name = %s AND job_key = %s AND status IN ({_DEAD}, {_FAILED})",
+                (letter["queue_name"], letter["job_key"]),
             ).rowcount
     return Replay(
         dead_letter_id=dead_letter_id,
