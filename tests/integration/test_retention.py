@@ -3,9 +3,11 @@ in chunks of short transactions until none is left."""
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
 import psycopg
+import pytest
 
 from backend.db import upkeep
 
@@ -71,3 +73,16 @@ def test_a_pass_stops_at_its_time_budget_and_says_it_is_not_done(db: Conn) -> No
     assert first == upkeep.Pruned(ledger_rows=5000, done=False)
     rest = upkeep.prune(db, ledger_days=7, heartbeat_days=7, chunk=5000, budget_s=60)
     assert rest is not None and rest.ledger_rows == 7000 and rest.done
+
+
+def test_the_retention_bench_prunes_everything_in_one_pass_beside_a_worker(
+    clean_db: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from scripts import retention_bench
+
+    args = argparse.Namespace(expired=30_000, jobs=20_000, settle=0.5, after=0.5)
+    retention_bench.run(clean_db, args)
+    out = capsys.readouterr().out
+    assert "prune pass: 30,000 rows in" in out and "; 0 left" in out
+    for window in ("before", "during", "after"):
+        assert f"worker {window:>6}:" in out
