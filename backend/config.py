@@ -227,22 +227,27 @@ def load_settings(
     *,
     lenient: bool = False,
     defaults: Mapping[str, Any] | None = None,
+    url_variable: str = "SUPABASE_DB_URL",
 ) -> Settings:
     """Read and validate the environment; raise ``ConfigError`` naming the variable.
 
     ``lenient`` (the inspector, migrate, enqueue: commands an operator needs most when
     something is misconfigured) replaces a bad ``WORKER_*`` tunable by its default and says
     so in ``Settings.warnings``; the mode and the database URL stay strict. ``defaults``
-    replaces some tunables' defaults (a worker's own, ``BaseWorker.defaults``)."""
+    replaces some tunables' defaults (a worker's own, ``BaseWorker.defaults``). ``url_variable``
+    names the variable of the database URL (migrate's own, ``SUPABASE_MIGRATION_DB_URL``)."""
     env = os.environ if environ is None else environ
-    db_url = env.get("SUPABASE_DB_URL") or None
+    db_url = env.get(url_variable) or None
     mode = _mode(env, db_url)
     if mode == "prod" and not db_url:
         raise ConfigError(
             "SUPABASE_DB_URL", "required when SUPABASE_MODE=prod; set it to the Supabase session pooler URL"
         )
     if db_url:
-        db_url = check_db_url(db_url, prod=mode == "prod")
+        try:
+            db_url = check_db_url(db_url, prod=mode == "prod")
+        except ConfigError as exc:
+            raise ConfigError(url_variable, str(exc).partition(": ")[2]) from None
     warnings: list[str] = []
     values: dict[str, Any] = {}
     for tunable in TUNABLES:

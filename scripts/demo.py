@@ -4,13 +4,18 @@ Seeds judgments and enforcement cases, enqueues work for all three workers, runs
 real processes (the outbox delivering to a local webhook receiver started here) until the
 queues are empty, stops them with SIGTERM and shows what happened.
 
-    python -m scripts.demo [--judgments 60] [--cases 20] [--timeout 90]
+    python -m scripts.demo [--judgments 60] [--cases 20] [--timeout 90] [--worker-role]
+
+``--worker-role`` runs the workers as a login role that is a member of the least-privilege
+``dragonfly_worker`` role (created by migrate), in prod mode, as on Railway; the demo's own
+connection (seed, enqueue, report) stays the owner's.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import signal
 import time
 from pathlib import Path
@@ -21,10 +26,10 @@ from psycopg.rows import dict_row
 
 from backend.config import QUEUES, WORKER_NAMES, load_settings
 from backend.db.connect import resolve_db_url
-from backend.db.migrate import apply_migrations
+from backend.db.migrate import WORKER_ROLE, apply_migrations
 from backend.domain.seed import seed_demo
 from backend.enqueue import build_envelope, enqueue_many
-from scripts.harness.process import WorkerProcess
+from scripts.harness.process import WorkerProcess, with_password
 from scripts.harness.receivers import HttpRecorder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +48,19 @@ def start_workers(env: dict[str, str], logs: Path) -> dict[str, WorkerProcess]:
     }
 
 
+DEMO_LOGIN = "dragonfly_demo_worker"
+
+
+def worker_login(conn: psycopg.Connection[Any], url: str) -> str:
+    """A login role in the workers' least-privilege role, with a fresh password; its URL."""
+    password = secrets.token_urlsafe(18)
+    exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (DEMO_LOGIN,)).fetchone()
+    verb = "ALTER" if exists else "CREATE"
+    conn.execute(f"{verb} ROLE {DEMO_LOGIN} LOGIN PASSWORD '{password}'")
+    conn.execute(f"GRANT {WORKER_ROLE} TO {DEMO_LOGIN}")
+    return with_password(url, password, user=DEMO_LOGIN)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         prog="python -m scripts.demo",
@@ -52,6 +70,9 @@ def main() -> int:
     parser.add_argument("--judgments", type=int, default=60)
     parser.add_argument("--cases", type=int, default=20)
     parser.add_argument("--timeout", type=float, default=90.0)
+    parser.add_argument(
+        "--worker-role", action="store_true", help=f"run the workers as a member of {WORKER_ROLE}"
+    )
     args = parser.parse_args()
 
     settings = load_settings()
@@ -115,6 +136,9 @@ def main() -> int:
             "OUTBOX_WEBHOOK_URL": webhook,
             "PYTHONUNBUFFERED": "1",
         }
+        if args.worker_role:
+            env.update(SUPABASE_MODE="prod", SUPABASE_DB_URL=worker_login(conn, url))
+            print(f"workers run as {DEMO_LOGIN}, a member of {WORKER_ROLE}")
         logs = ROOT / ".data" / "demo-logs" / run
         procs = start_workers(env, logs)
         started = time.monotonic()

@@ -12,9 +12,11 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import os
 import re
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any
@@ -27,6 +29,7 @@ from backend.errors import describe
 from backend.events import Event
 from backend.logs import log_event
 
+WORKER_ROLE = "dragonfly_worker"  # the workers' least-privilege role (worker_role.sql)
 _LOCK_KEY = 7_310_412_001  # pg_advisory_lock key of migrations
 NOTIFY_TRIGGER = "workers_notify_insert"
 PGMQ_NOTIFY_TRIGGER = "trigger_notify_queue_insert_listeners"
@@ -158,6 +161,19 @@ def ensure_queue(conn: psycopg.Connection[Any], queue: str) -> None:
         )
 
 
+def grant_worker_role(conn: psycopg.Connection[Any], queues: tuple[str, ...]) -> None:
+    """Create the workers' least-privilege role (``dragonfly_worker``) if missing and grant
+    it what the workers need, the queues included: reading, locking, delaying and deleting
+    their messages, sending to any of them (escalation to the outbox, a replay)."""
+    conn.execute(files("backend.db").joinpath("worker_role.sql").read_text().encode())
+    for queue in queues:
+        table = queue_table(queue)
+        conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON {table} TO {WORKER_ROLE}")
+        row = conn.execute("SELECT pg_get_serial_sequence(%s, 'msg_id') AS seq", (table,)).fetchone()
+        if row and _get(row, "seq"):
+            conn.execute(f"GRANT USAGE ON SEQUENCE {_get(row, 'seq')} TO {WORKER_ROLE}")
+
+
 def _has_trigger(conn: psycopg.Connection[Any], queue: str, name: str) -> bool:
     row = conn.execute(
         "SELECT EXISTS (SELECT 1 FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
@@ -197,6 +213,7 @@ def apply_migrations(
             log_event(Event.MIGRATION_APPLIED, {"version": migration.version, "name": migration.name})
         for queue in queues:
             ensure_queue(conn, queue)
+        grant_worker_role(conn, queues)
         return applied
     finally:
         conn.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_KEY,))
@@ -256,6 +273,15 @@ def _drop_invalid_indexes(conn: psycopg.Connection[Any]) -> None:
         conn.execute(f'DROP INDEX CONCURRENTLY IF EXISTS workers."{_get(row, "name")}"')
 
 
+MIGRATION_URL = "SUPABASE_MIGRATION_DB_URL"
+
+
+def migration_url_variable(env: Mapping[str, str]) -> str:
+    """Migrations run as the owner of the schema: ``SUPABASE_MIGRATION_DB_URL`` when set (the
+    workers then log in as a member of ``dragonfly_worker``), else ``SUPABASE_DB_URL``."""
+    return MIGRATION_URL if env.get(MIGRATION_URL) else "SUPABASE_DB_URL"
+
+
 def main(argv: list[str] | None = None) -> int:
     from backend.config import load_settings
     from backend.db.connect import connect, resolve_db_url
@@ -271,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        settings = load_settings(lenient=True)
+        settings = load_settings(lenient=True, url_variable=migration_url_variable(os.environ))
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 1
