@@ -58,5 +58,9 @@ class ExternalWorker(BaseWorker):
 
     kind: ClassVar[HandlerKind] = "external"
 
+    def check(self, conn: psycopg.Connection[Any], job: Job) -> None:
+        """Database checks before the handler runs, after the claim (a tenant check, say):
+        raise ``PermanentJobError`` to dead-letter the job unsent. Does nothing by default."""
+
     def handle(self, job: Job) -> None:
         raise NotImplementedError

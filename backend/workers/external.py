@@ -16,11 +16,14 @@ from backend.db import ledger
 from backend.db import queries as q
 from backend.jobs import Job
 from backend.workers.delivery import Outcome
-from backend.workers.strategy import Conn, ShouldStop, Strategy
+from backend.workers.strategy import Conn, ShouldStop, Strategy, reraise_if_connection_lost
 
 
 class ExternalHandler(Protocol):
-    """Effects outside the database (HTTP, email); receivers deduplicate by the job's key."""
+    """Effects outside the database (HTTP, email); receivers deduplicate by the job's key.
+    ``check`` reads the database first, in a short transaction of its own."""
+
+    def check(self, conn: Conn, job: Job) -> None: ...
 
     def handle(self, job: Job) -> None: ...
 
@@ -58,11 +61,15 @@ class ExternalStrategy(Strategy):
         took the job over (the extension failed and the leases lapsed)."""
         self.held.hold(job.msg_id, job.idempotency_key)
         try:
+            with conn.transaction():
+                q.bound_transaction(conn, self.options.transaction_limit_ms)
+                self.handler.check(conn, job)
             self.handler.handle(job)
             out.done.append(job)
         except MemoryError:
             raise
         except Exception as exc:
+            reraise_if_connection_lost(conn, exc)
             self.fail(job, exc, out)
         finally:
             self.held.put_down()

@@ -14,7 +14,9 @@ import os
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from backend.domain.outbox import ENABLING_VARIABLES, OutboxConfig, deliver_job
+import psycopg
+
+from backend.domain.outbox import ENABLING_VARIABLES, OutboxConfig, check_tenant, deliver_job
 from backend.events import Event
 from backend.jobs import Job
 from backend.logs import log_event
@@ -42,6 +44,9 @@ class OutboxWorker(ExternalWorker):
             {"worker_id": self.worker_id, **channels},
             logging.INFO if self.config.channels else logging.WARNING,
         )
+
+    def check(self, conn: psycopg.Connection[Any], job: Job) -> None:
+        check_tenant(conn, job)
 
     def handle(self, job: Job) -> None:
         receipt = deliver_job(job, config=self.config)

@@ -325,6 +325,36 @@ def test_a_job_for_another_organisation_s_entity_is_dead_lettered_and_changes_no
         assert count(db, "SELECT count(*) FROM pgmq.q_q_outbox_processor") <= 1  # none for "foreign"
 
 
+def test_a_notification_about_another_organisation_s_event_is_dead_lettered_unsent(
+    spawn: Spawn, db: Conn, http: HttpRecorder, smtp: SmtpRecorder
+) -> None:
+    seeded = seed_demo(db, judgments=2, cases=1)
+    enqueue(
+        db,
+        "q_escalation",
+        build_envelope(
+            entity_type="enforcement_case",
+            entity_id=str(seeded["case_ids"][0]),
+            org_id=seeded["org_id"],
+            idempotency_key="esc-1",
+        ),
+    )
+    escalator = spawn("backend.workers.escalation")
+    wait_until(drained(db, "q_escalation"), timeout=30)
+    stop(escalator)
+    own = db.execute("SELECT message FROM pgmq.q_q_outbox_processor").fetchone()["message"]
+    forged = {**own, "org_id": "org-1", "idempotency_key": "forged:notify"}
+    forged["payload"]["data"]["event"]["org_id"] = "org-1"  # consistent, and still not org-1's
+    enqueue(db, "q_outbox_processor", forged)
+    outbox = spawn("backend.workers.outbox_processor", **outbox_env(http, smtp))
+    wait_until(drained(db, "q_outbox_processor"), timeout=30)
+    stop(outbox)
+    letter = db.execute("SELECT job_key, error_type, error FROM workers.dead_letters").fetchall()
+    assert [(r["job_key"], r["error_type"]) for r in letter] == [("forged:notify", "TenantMismatch")]
+    assert "not sent" in letter[0]["error"]
+    assert set(http.key_counts()) | {m.idempotency_key for m in smtp.records} == {"esc-1:notify"}
+
+
 def test_an_outbox_with_no_channel_says_which_variables_enable_one(spawn: Spawn) -> None:
     worker = spawn("backend.workers.outbox_processor")
     channels = worker.wait_for("OUTBOX_CHANNELS")

@@ -30,6 +30,7 @@ from backend.domain.outbox.message import (
     parse_message,
     stable_message_id,
 )
+from backend.domain.outbox.tenancy import check_tenant
 from backend.domain.outbox.webhooks import http_document, post_json
 from backend.errors import PermanentJobError
 from backend.jobs import Job
@@ -44,6 +45,7 @@ __all__ = [
     "EntityRef",
     "OutboundMessage",
     "OutboxConfig",
+    "check_tenant",
     "deliver",
     "deliver_job",
     "parse_message",
