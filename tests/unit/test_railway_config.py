@@ -343,16 +343,24 @@ def test_workers_run_on_half_a_vcpu_and_512_mb(rendered: dict[str, Any]) -> None
         assert limits == {"cpu": 0.5, "memoryBytes": 512_000_000}
 
 
-def test_the_build_installs_the_package_with_a_supported_python(rendered: dict[str, Any]) -> None:
+def test_the_build_installs_the_locked_production_set(
+    rendered: dict[str, Any],
+) -> None:
     requires = tomllib.loads((ROOT / "pyproject.toml").read_text("utf-8"))["project"]["requires-python"]
     match = re.fullmatch(r">=\s*(\d+)\.(\d+)", requires)
     assert match, f"unexpected requires-python {requires!r}"
     minimum = tuple(int(part) for part in match.groups())
+    install = tomllib.loads((ROOT / ".railway" / "nixpacks.toml").read_text("utf-8"))["phases"]["install"]
+    assert install["cmds"] == [
+        "python -m venv --copies /opt/venv && . /opt/venv/bin/activate"
+        " && pip install --no-cache-dir --require-hashes --no-deps -r .railway/requirements.lock"
+    ]
+    assert (ROOT / ".railway" / "requirements.lock").is_file()
     for resource in rendered["resources"]:
-        # Nixpacks runs `pip install .` for a project with only a pyproject.toml.
         assert resource["build"] == {"builder": "NIXPACKS"}
         version = resource["variables"]["NIXPACKS_PYTHON_VERSION"]["value"]
         assert tuple(int(p) for p in version.split(".")[:2]) >= minimum
+        assert resource["variables"]["NIXPACKS_CONFIG_FILE"]["value"] == ".railway/nixpacks.toml"
 
 
 def test_evaluation_refuses_a_window_shorter_than_the_drain() -> None:

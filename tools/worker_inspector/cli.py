@@ -220,6 +220,8 @@ def _run(args: argparse.Namespace) -> int:
     options = report_options(args, settings)
     try:
         url = resolve_db_url(settings)
+    except ConfigError as exc:
+        raise Unusable(f"configuration error: {exc}") from None
     except (OSError, RuntimeError, subprocess.SubprocessError, psycopg.Error) as exc:
         raise Unusable(f"cannot start the embedded PostgreSQL: {one_line(exc)}") from None
     safe = redact_url(url)
