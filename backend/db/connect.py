@@ -75,6 +75,16 @@ def connect(url: str, application_name: str, *, autocommit: bool = True) -> psyc
     return psycopg.connect(libpq_url(url), autocommit=autocommit, **connect_kwargs(url, application_name))
 
 
+def _name_session(application_name: str) -> Callable[[psycopg.Connection[Any]], None]:
+    """Name the server session after the worker, in SQL too: a session pooler may not pass
+    the startup parameter on, and the inspector finds a worker's sessions by this name."""
+
+    def configure(conn: psycopg.Connection[Any]) -> None:
+        conn.execute("SELECT set_config('application_name', %s, false)", (application_name[:63],))
+
+    return configure
+
+
 def make_pool(url: str, application_name: str, *, size: int = 3) -> ConnectionPool[Any]:
     """The worker's pool: the job loop, the housekeeping thread, and one spare."""
     kwargs = connect_kwargs(url, application_name)
@@ -84,6 +94,7 @@ def make_pool(url: str, application_name: str, *, size: int = 3) -> ConnectionPo
         min_size=size,
         max_size=size,
         kwargs=kwargs,
+        configure=None if is_transaction_pooler(url) else _name_session(application_name),
         open=False,
         check=ConnectionPool.check_connection,
         name=application_name,

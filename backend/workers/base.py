@@ -54,13 +54,13 @@ class TransactionalWorker(BaseWorker):
 
 
 class ExternalWorker(BaseWorker):
-    """A worker whose effects are outside the database; receivers dedupe by job key."""
+    """A worker whose effects are outside the database; receivers dedupe by job key.
+
+    It may also define ``check(conn, job)``: database checks run after the claim and before
+    ``handle``, in a short transaction of their own (a tenant check, say); raising
+    ``PermanentJobError`` there dead-letters the job unsent."""
 
     kind: ClassVar[HandlerKind] = "external"
-
-    def check(self, conn: psycopg.Connection[Any], job: Job) -> None:
-        """Database checks before the handler runs, after the claim (a tenant check, say):
-        raise ``PermanentJobError`` to dead-letter the job unsent. Does nothing by default."""
 
     def handle(self, job: Job) -> None:
         raise NotImplementedError

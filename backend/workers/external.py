@@ -21,9 +21,7 @@ from backend.workers.strategy import Conn, ShouldStop, Strategy, reraise_if_conn
 
 class ExternalHandler(Protocol):
     """Effects outside the database (HTTP, email); receivers deduplicate by the job's key.
-    ``check`` reads the database first, in a short transaction of its own."""
-
-    def check(self, conn: Conn, job: Job) -> None: ...
+    An optional ``check(conn, job)`` reads the database first (``ExternalWorker``)."""
 
     def handle(self, job: Job) -> None: ...
 
@@ -61,9 +59,11 @@ class ExternalStrategy(Strategy):
         took the job over (the extension failed and the leases lapsed)."""
         self.held.hold(job.msg_id, job.idempotency_key)
         try:
-            with conn.transaction():
-                q.bound_transaction(conn, self.options.transaction_limit_ms)
-                self.handler.check(conn, job)
+            check = getattr(self.handler, "check", None)
+            if check is not None:
+                with conn.transaction():
+                    q.bound_transaction(conn, self.options.transaction_limit_ms)
+                    check(conn, job)
             self.handler.handle(job)
             out.done.append(job)
         except MemoryError:

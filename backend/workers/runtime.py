@@ -113,7 +113,17 @@ class Runtime:
             "jobs_processed": self.counters.processed,
             "jobs_failed": self.counters.failed,
             "rss_bytes": rss,
-            "metadata": {**s.railway, "peak_rss_bytes": peak, "schema": latest_version(), **self.failure},
+            "metadata": {
+                **s.railway,
+                "peak_rss_bytes": peak,
+                "schema": latest_version(),
+                # How the inspector judges this row: the heartbeat's pace, the lease, and
+                # whether pg_stat_activity shows this process's own sessions.
+                "heartbeat_interval_s": s.heartbeat_interval_s,
+                "visibility_timeout_s": s.visibility_timeout_s,
+                "pooled": s.uses_transaction_pooler,
+                **self.failure,
+            },
         }
 
     def _write_status(self, state: State) -> None:

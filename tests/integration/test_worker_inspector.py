@@ -167,7 +167,7 @@ def test_healthy_database_exits_0_and_hides_old_history(db: Conn, clean_db: str)
         "total": 5,
         "shown": 4,
         "hidden": 1,
-        "by_verdict": {"dead": 0, "stale": 0, "alive": 3, "crashed": 0, "stopped": 2},
+        "by_verdict": {"dead": 0, "frozen": 0, "stale": 0, "alive": 3, "crashed": 0, "stopped": 2},
     }
     queue = next(q for q in doc["queues"] if q["queue_name"] == "q_collectability")
     assert queue | {"oldest_age_s": 0, "oldest_enqueued_at": ""} == {

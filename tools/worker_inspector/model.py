@@ -12,6 +12,16 @@ from backend.config import QUEUES
 KILLED_NOTE = "killed without shutting down (OOM kill or SIGKILL)"
 
 
+def frozen_note(worker_id: str, sessions: int, pid: int | None, idle_tx_s: float | None) -> str:
+    """What a frozen worker holds, and the statement that ends it."""
+    held = f"; backend {pid} idle in transaction for {duration(idle_tx_s)}" if idle_tx_s else ""
+    return (
+        f"frozen: the process is not running (SIGSTOP, a stalled container or a network cut) but"
+        f" keeps {sessions} database session(s) open{held}; end them:"
+        f" SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = '{worker_id}'"
+    )
+
+
 @dataclass(frozen=True, kw_only=True)
 class Options:
     """Thresholds and display choices of one report."""

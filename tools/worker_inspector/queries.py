@@ -30,19 +30,50 @@ Conn = psycopg.Connection[Any]
 Row = dict[str, Any]
 
 # Verdicts, problems first: the order of the workers table.
-VERDICTS = ("dead", "stale", "alive", "crashed", "stopped")
+VERDICTS = ("dead", "frozen", "stale", "alive", "crashed", "stopped")
 
 # Every heartbeat row with its verdict and whether it is history (not alive, and last
 # seen before the --since window). Parameters: stale, dead (seconds), since (seconds).
+#
+# A worker's pool sessions carry its worker id as application_name, so pg_stat_activity
+# tells a killed process (its sessions closed with it: dead once its heartbeat is two of
+# its intervals late) from a frozen one (SIGSTOP, a stalled container, a network cut: its
+# sessions stay open while its heartbeat is late, or one sits idle in transaction, or
+# blocks others, for longer than its visibility timeout). Behind the transaction pooler
+# sessions are not the worker's own, and only the heartbeat's age counts.
 _CLASSIFIED = """
-WITH aged AS (
-    SELECT h.*, greatest(0, extract(epoch FROM now() - h.last_heartbeat_at))::float8 AS age_s
-    FROM workers.heartbeats h
+WITH activity AS (
+    SELECT a.application_name, a.pid, a.state,
+           extract(epoch FROM now() - a.state_change)::float8 AS state_s,
+           (SELECT count(*) FROM pg_stat_activity AS w WHERE a.pid = ANY(pg_blocking_pids(w.pid)))
+               AS blocking
+    FROM pg_stat_activity AS a
+    WHERE a.application_name <> '' AND a.pid <> pg_backend_pid()
+), sessions AS (
+    SELECT application_name AS worker_id, count(*) AS sessions,
+           max(state_s) FILTER (WHERE state LIKE 'idle in transaction%%') AS idle_tx_s,
+           max(state_s) FILTER (WHERE blocking > 0) AS blocking_s,
+           (array_agg(pid ORDER BY (state LIKE 'idle in transaction%%' OR blocking > 0) DESC,
+                      state_s DESC))[1] AS session_pid
+    FROM activity GROUP BY application_name
+), aged AS (
+    SELECT h.*, greatest(0, extract(epoch FROM now() - h.last_heartbeat_at))::float8 AS age_s,
+           coalesce(s.sessions, 0) AS sessions, s.idle_tx_s, s.blocking_s, s.session_pid,
+           -- Two heartbeat intervals, at least 5 s: a busy machine may delay one beat a little.
+           greatest(2 * coalesce((h.metadata ->> 'heartbeat_interval_s')::float8, 30), 5) AS late_s,
+           coalesce((h.metadata ->> 'visibility_timeout_s')::float8, 30) AS visibility_s,
+           coalesce((h.metadata ->> 'pooled')::boolean, h.metadata ->> 'heartbeat_interval_s' IS NULL)
+               AS pooled
+    FROM workers.heartbeats h LEFT JOIN sessions s ON s.worker_id = left(h.worker_id, 63)
 ), classified AS (
     SELECT aged.*,
            CASE WHEN status = 'STOPPED' THEN 'stopped'
                 WHEN status = 'CRASHED' THEN 'crashed'
+                WHEN NOT pooled AND sessions > 0
+                     AND (age_s > late_s OR idle_tx_s > visibility_s OR blocking_s > visibility_s)
+                     THEN 'frozen'
                 WHEN age_s > %(dead)s THEN 'dead'
+                WHEN NOT pooled AND sessions = 0 AND age_s > late_s THEN 'dead'
                 WHEN age_s > %(stale)s THEN 'stale'
                 ELSE 'alive' END AS verdict
     FROM aged
@@ -76,10 +107,11 @@ def worker_rows(
     SELECT worker_id, worker_name, queue_name, status, verdict, age_s, historic, hostname, pid,
            version, git_sha, started_at, last_heartbeat_at, stopped_at, jobs_processed,
            jobs_failed, rss_bytes, metadata ->> 'RAILWAY_REPLICA_ID' AS replica_id,
-           metadata ->> 'error_type' AS error_type, metadata ->> 'error' AS error
+           metadata ->> 'error_type' AS error_type, metadata ->> 'error' AS error,
+           sessions, idle_tx_s, blocking_s, session_pid
     FROM judged
     WHERE %(include_historic)s OR NOT historic
-    ORDER BY array_position(ARRAY['dead', 'stale', 'alive', 'crashed', 'stopped'], verdict),
+    ORDER BY array_position(ARRAY['dead', 'frozen', 'stale', 'alive', 'crashed', 'stopped'], verdict),
              worker_name, last_heartbeat_at DESC
     """
     )

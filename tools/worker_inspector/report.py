@@ -23,6 +23,7 @@ from tools.worker_inspector.model import (
     StuckClaim,
     Worker,
     duration,
+    frozen_note,
 )
 from tools.worker_inspector.queries import VERDICTS, Conn, Row
 
@@ -92,6 +93,8 @@ def _rounded(row: Row, key: str) -> Row:
 def _worker(row: Row) -> Worker:
     # Only a process that never got to write STOPPED or CRASHED leaves a dead heartbeat.
     note = KILLED_NOTE if row["verdict"] == "dead" else None
+    if row["verdict"] == "frozen":
+        note = frozen_note(row["worker_id"], row["sessions"], row["session_pid"], row["idle_tx_s"])
     rss = row["rss_bytes"]
     return Worker(
         worker_id=row["worker_id"],
@@ -129,6 +132,15 @@ def _reasons(report: Report, queue_names: list[str]) -> list[Finding]:
                     subject=w.worker_id,
                     message=f"worker {w.worker_name} {w.worker_id} is dead: still {w.status} but "
                     f"no heartbeat for {duration(w.heartbeat_age_s)}; {KILLED_NOTE}",
+                )
+            )
+        if w.verdict == "frozen":
+            found.append(
+                Finding(
+                    code="frozen_worker",
+                    subject=w.worker_id,
+                    message=f"worker {w.worker_name} {w.worker_id} (pid {w.pid} on {w.hostname}) is"
+                    f" frozen, heartbeat {duration(w.heartbeat_age_s)} old; {w.note}",
                 )
             )
     found.extend(_crash_loops(report))
