@@ -9,8 +9,10 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+import psycopg
 import pytest
 
 from backend.db.embedded import PROJECT_ROOT
@@ -113,3 +115,29 @@ def test_pgbouncer_true_is_understood_not_passed_to_libpq(db_url: str) -> None:
     done = run(["-m", "tools.worker_inspector", "--json"], url)
     assert done.returncode in (0, 1), done.stderr  # a report, healthy or not; 2 is unusable
     assert json.loads(done.stdout)["verdict"] in ("healthy", "unhealthy")
+
+
+def test_a_wrong_password_fails_the_boot_at_once_with_the_fix(db_url: str) -> None:
+    with psycopg.connect(db_url, autocommit=True) as admin:
+        hba = Path(admin.execute("SHOW hba_file").fetchone()[0])
+        before = hba.read_text()
+        admin.execute("DROP ROLE IF EXISTS pw_check")
+        admin.execute("CREATE ROLE pw_check LOGIN PASSWORD 'TheRightPw7'")
+        # Only this role must prove its password; every other login stays as it was.
+        hba.write_text("local all pw_check scram-sha-256\nhost all pw_check all scram-sha-256\n" + before)
+        admin.execute("SELECT pg_reload_conf()")
+        try:
+            started = time.monotonic()
+            done = run(
+                ["-m", "backend.workers.collectability"], with_user(db_url, "pw_check", "Wr0ngPw-4242")
+            )
+            took = time.monotonic() - started
+        finally:
+            hba.write_text(before)
+            admin.execute("SELECT pg_reload_conf()")
+            admin.execute("DROP ROLE pw_check")
+    assert done.returncode == 1 and took < 5, (took, done.stdout)
+    events = [json.loads(line) for line in error_lines(done)]
+    assert [e["event"] for e in events] == ["WORKER_BOOT", "WORKER_CRASH"], events
+    assert "the password in SUPABASE_DB_URL is wrong" in events[1]["data"]["error"]
+    assert leaked(done.stdout + done.stderr, "Wr0ngPw-4242") == []
