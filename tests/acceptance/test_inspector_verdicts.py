@@ -64,6 +64,13 @@ def test_a_killed_worker_is_dead_within_two_heartbeat_intervals(spawn: Spawn, cl
     assert "SIGKILL" in seen["note"]
     assert ("dead_worker", worker_id) in {(r["code"], r["subject"]) for r in doc["reasons"]}
 
+    # Railway restarts it on the same replica: once that boot is clean, the dead instance
+    # is a warning, no longer a reason.
+    start(spawn, clean_db)
+    code, doc = report(clean_db)
+    assert code == 0, doc["reasons"]
+    assert ("replaced_dead_worker", worker_id) in {(w["code"], w["subject"]) for w in doc["warnings"]}
+
 
 def test_a_frozen_worker_is_reported_frozen_with_the_way_to_end_it(spawn: Spawn, clean_db: str) -> None:
     worker, worker_id = start(spawn, clean_db)

@@ -204,7 +204,10 @@ def test_every_worker_verdict_and_a_killed_worker_is_unhealthy(db: Conn, clean_d
     )
     add_worker(db, "w-booting", "q_collectability", "BOOTING", 1)
     add_worker(db, "w-stale", "q_collectability", "RUNNING", 90)
-    add_worker(db, "w-killed", "q_collectability", "RUNNING", 600)
+    # On a replica of its own: no later instance of it has booted since.
+    add_worker(
+        db, "w-killed", "q_collectability", "RUNNING", 600, metadata={"RAILWAY_REPLICA_ID": "replica-9"}
+    )
     add_worker(db, "w-stopped", "q_collectability", "STOPPED", 120)
     add_worker(db, "w-crashed", "q_collectability", "CRASHED", 120)
 

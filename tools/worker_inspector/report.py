@@ -125,7 +125,8 @@ def _reasons(report: Report, queue_names: list[str]) -> list[Finding]:
     o = report.options
     found: list[Finding] = []
     for w in report.workers:
-        if w.verdict == "dead" and not w.historic:
+        # A dead instance whose replica booted cleanly since was restarted: a warning.
+        if w.verdict == "dead" and not w.historic and not _booted_cleanly_since(w, report.workers):
             found.append(
                 Finding(
                     code="dead_worker",
@@ -247,6 +248,15 @@ def _warnings(report: Report, hidden_dead: int) -> list[Finding]:
             )
         elif w.verdict == "crashed" and not w.historic:
             crashed.setdefault(w.queue_name, []).append(w)
+        elif w.verdict == "dead" and not w.historic and _booted_cleanly_since(w, report.workers):
+            found.append(
+                Finding(
+                    code="replaced_dead_worker",
+                    subject=w.worker_id,
+                    message=f"worker {w.worker_name} {w.worker_id} was {KILLED_NOTE},"
+                    f" {duration(w.heartbeat_age_s)} ago; its replica has booted cleanly since",
+                )
+            )
     # Crashes are one line per queue: a crash loop would otherwise flood the list.
     for queue, workers in sorted(crashed.items()):
         latest = min(w.heartbeat_age_s for w in workers)
