@@ -133,6 +133,13 @@ TUNABLES: tuple[Tunable, ...] = (
         help="seconds between RSS samples",
     ),
     Tunable(
+        variable="WORKER_PROGRESS_INTERVAL_S",
+        default=10.0,
+        parse=float,
+        minimum=0.1,
+        help="seconds between WORKER_PROGRESS lines while jobs flow (none while idle)",
+    ),
+    Tunable(
         variable="WORKER_MAX_PAYLOAD_BYTES",
         default=262144,
         parse=int,
@@ -198,6 +205,7 @@ class Settings:
     memory_limit_mb: float | None
     memory_soft_limit_pct: float
     memory_check_interval_s: float
+    progress_interval_s: float
     max_payload_bytes: int
     ledger_retention_days: float
     heartbeat_retention_days: float

@@ -27,6 +27,8 @@ class Event(StrEnum):
     BATCH_RETRIED_ONE_BY_ONE = "BATCH_RETRIED_ONE_BY_ONE"
     JOB_DEAD_LETTERED = "JOB_DEAD_LETTERED"
     JOB_CLAIM_LOST = "JOB_CLAIM_LOST"
+    JOB_COMPLETED = "JOB_COMPLETED"  # DEBUG
+    JOB_SKIPPED = "JOB_SKIPPED"  # DEBUG: a copy of a key already completed
     # liveness (consumer, housekeeping, runtime)
     TRANSACTION_TIMED_OUT = "TRANSACTION_TIMED_OUT"
     WORKER_STALLED = "WORKER_STALLED"
@@ -42,6 +44,7 @@ class Event(StrEnum):
     PRUNE_FAILED = "PRUNE_FAILED"
     HOUSEKEEPING_RECOVERED = "HOUSEKEEPING_RECOVERED"
     RETENTION_PRUNED = "RETENTION_PRUNED"
+    WORKER_PROGRESS = "WORKER_PROGRESS"
     # the outbox worker
     OUTBOX_CHANNELS = "OUTBOX_CHANNELS"
     OUTBOX_DELIVERED = "OUTBOX_DELIVERED"
@@ -118,6 +121,19 @@ FIELDS: Mapping[Event, tuple[str, ...]] = {
     Event.JOB_DEAD_LETTERED: ("queue", "job_key", "msg_id", "attempts", *_ERROR),
     Event.TRANSACTION_TIMED_OUT: ("worker_id", "queue", *_ERROR, "limit_s", "consequence", "fix"),
     Event.WORKER_STALLED: ("worker_id", "stalled_s", "consequence"),
+    Event.WORKER_PROGRESS: (
+        "worker_id",
+        "queue",
+        "done",
+        "failed",
+        "seconds",
+        "rate_per_s",
+        "queue_depth",
+        "jobs_processed",
+        "jobs_failed",
+    ),
+    Event.JOB_COMPLETED: ("queue", "job_key", "msg_id", "attempt"),
+    Event.JOB_SKIPPED: ("queue", "job_key", "msg_id", "reason"),
     Event.RELEASE_FAILED: ("worker_id", "messages", "claims", *_ERROR, "consequence"),
     Event.JOB_CLAIM_LOST: ("queue", "job_key", "msg_id", "attempt"),
     Event.DB_BOOT_RETRY: ("attempt", "delay_s", *_ERROR),

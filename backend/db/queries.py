@@ -203,6 +203,13 @@ def bound_transaction(conn: Conn, limit_ms: int) -> None:
     conn.execute(_BOUND, {"ms": str(limit_ms)})
 
 
+def queue_depth(conn: Conn, queue: str) -> int:
+    """Messages in the queue, visible or not (a count: only for progress lines, every few
+    seconds while jobs flow)."""
+    row = conn.execute(f"SELECT count(*) AS n FROM {queue_table(queue)}").fetchone()
+    return int(row["n"]) if row else 0
+
+
 def has_visible(conn: Conn, queue: str) -> bool:
     """Whether a message of ``queue`` is visible now (one indexed lookup on ``vt``)."""
     row = conn.execute(

@@ -95,6 +95,7 @@ def housekeeping_plan(settings: Settings, queue: str, worker_id: str) -> Houseke
         memory_limit_bytes=s.memory_limit_bytes,
         memory_soft_pct=s.memory_soft_limit_pct,
         memory_check_interval_s=s.memory_check_interval_s,
+        progress_interval_s=s.progress_interval_s,
         prune_interval_s=s.prune_interval_s,
         ledger_retention_days=s.ledger_retention_days,
         heartbeat_retention_days=s.heartbeat_retention_days,

@@ -21,7 +21,7 @@ from backend.db import queries as q
 from backend.errors import describe
 from backend.events import Event
 from backend.logs import log_event
-from backend.workers.held import HeldJobs
+from backend.workers.held import Counters, HeldJobs
 from backend.workers.memory import MemoryVerdict, check_memory
 
 # How long a duty waits for a pooled connection; a stop waits at most about this long.
@@ -41,6 +41,7 @@ class HousekeepingPlan:
     memory_limit_bytes: int | None
     memory_soft_pct: float
     memory_check_interval_s: float
+    progress_interval_s: float
     prune_interval_s: float
     ledger_retention_days: float
     heartbeat_retention_days: float
@@ -61,6 +62,7 @@ class Housekeeper:
         beat: Callable[[], None],
         held: HeldJobs,
         on_memory_exceeded: Callable[[MemoryVerdict], None],
+        counters: Counters | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.plan = plan
@@ -75,6 +77,8 @@ class Housekeeper:
         self.last_rss = 0
         self.peak_rss = 0  # the highest sample so far: a killed worker's row keeps it
         self._pruning = False  # a retention pass is under way (its next slice is due)
+        self.counters = counters or Counters()
+        self._reported = (self.counters.processed, self.counters.failed, clock())
 
     def start(self) -> None:
         self._thread.start()
@@ -91,6 +95,7 @@ class Housekeeper:
             "lease": now + self.plan.lease_s / 3,
             "memory": now,
             "prune": now + min(5.0, self.plan.prune_interval_s),
+            "progress": now + self.plan.progress_interval_s,
         }
         while True:
             sleep_s = self._sleep_until(min(due.values()))
@@ -105,6 +110,10 @@ class Housekeeper:
             if now >= due["lease"]:
                 due["lease"] = now + self.plan.lease_s / 3
                 self._guard(Event.LEASE_EXTEND_FAILED, self._extend_leases)
+            if now >= due["progress"]:
+                due["progress"] = now + self.plan.progress_interval_s
+                if self._progress(now):  # the row's counters as fresh as the line
+                    due["beat"] = now
             if now >= due["beat"]:
                 due["beat"] = now + self.plan.heartbeat_interval_s
                 self._guard(Event.HEARTBEAT_FAILED, self.beat)
@@ -113,6 +122,38 @@ class Housekeeper:
                 # A pass is done when nothing old is left: until then, the next slice at
                 # the next tick, between the other duties (a heartbeat is never held up).
                 due["prune"] = now + (0.0 if self._pruning else self.plan.prune_interval_s)
+
+    def _progress(self, now: float) -> bool:
+        """While jobs flow, say how many were done and failed since the last line, how fast,
+        and what is left; say nothing while idle. True when a line was written."""
+        done, failed = self.counters.processed, self.counters.failed
+        last_done, last_failed, last_at = self._reported
+        if (done, failed) == (last_done, last_failed):
+            self._reported = (done, failed, now)
+            return False
+        self._reported = (done, failed, now)
+        depth: int | None = None
+        try:
+            with self.pool.connection(timeout=_POOL_WAIT_S) as conn:
+                depth = q.queue_depth(conn, self.plan.queue)
+        except (psycopg.Error, TimeoutError, OSError):
+            pass  # the line is still worth writing; an outage has its own events
+        elapsed = max(now - last_at, 1e-9)
+        log_event(
+            Event.WORKER_PROGRESS,
+            {
+                "worker_id": self.plan.worker_id,
+                "queue": self.plan.queue,
+                "done": done - last_done,
+                "failed": failed - last_failed,
+                "seconds": round(elapsed, 3),
+                "rate_per_s": round((done - last_done) / elapsed, 1),
+                "queue_depth": depth,
+                "jobs_processed": done,
+                "jobs_failed": failed,
+            },
+        )
+        return True
 
     def _notice_stall(self, late_s: float) -> None:
         """A wait that ended far later than asked: the whole process did not run (SIGSTOP, a

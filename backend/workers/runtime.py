@@ -296,6 +296,7 @@ class Runtime:
             beat=self.heartbeat.write,
             held=self.held,
             on_memory_exceeded=self._on_memory_exceeded,
+            counters=self.counters,
         )
         self.housekeeper.start()
         try:

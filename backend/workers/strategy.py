@@ -32,12 +32,14 @@ from backend.db.ledger import DeadLetter, Failure, LedgerStatus
 from backend.errors import PermanentJobError, RetryableError, describe
 from backend.events import Event
 from backend.jobs import Job, job_from_envelope
-from backend.logs import log_event
+from backend.logs import EVENT_LOGGER, log_event
 from backend.workers.delivery import Claims, Delivery, Outcome, Pending, ProcessingOptions, sort_delivery
 from backend.workers.held import Counters, HeldJobs
 
 Conn = psycopg.Connection[Any]
 ShouldStop = Callable[[], bool]
+
+_LOG = logging.getLogger(EVENT_LOGGER)
 
 
 class Strategy:
@@ -125,6 +127,7 @@ class Strategy:
             ]
         )
         others = [(env, msg_id) for env, msg_id in pending if env["idempotency_key"] not in attempts]
+        _debug = _LOG.isEnabledFor(logging.DEBUG)
         if others:
             states = ledger.ledger_status(conn, self.queue, [env["idempotency_key"] for env, _ in others])
             for env, msg_id in others:
@@ -132,6 +135,17 @@ class Strategy:
                 state, lease_left = states.get(env["idempotency_key"], (None, 0.0))
                 if state == LedgerStatus.COMPLETED:
                     result.completed.append(msg_id)
+                    if _debug:
+                        log_event(
+                            Event.JOB_SKIPPED,
+                            {
+                                "queue": self.queue,
+                                "job_key": env["idempotency_key"],
+                                "msg_id": msg_id,
+                                "reason": "its key is already completed: deleted without running",
+                            },
+                            logging.DEBUG,
+                        )
                 elif state == LedgerStatus.DEAD:
                     out.letters.append(
                         DeadLetter(
@@ -216,6 +230,18 @@ class Strategy:
         """Count the outcome and log each dead letter, once its transaction committed."""
         self.counters.processed += len(out.done)
         self.counters.failed += len(out.failures) + sum(1 for d in out.letters if d.job_key)
+        if out.done and _LOG.isEnabledFor(logging.DEBUG):  # per job: never built at INFO
+            for job in out.done:
+                log_event(
+                    Event.JOB_COMPLETED,
+                    {
+                        "queue": self.queue,
+                        "job_key": job.idempotency_key,
+                        "msg_id": job.msg_id,
+                        "attempt": job.attempt,
+                    },
+                    logging.DEBUG,
+                )
         for letter in out.letters:
             log_event(
                 Event.JOB_DEAD_LETTERED,

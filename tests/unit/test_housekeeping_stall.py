@@ -19,6 +19,7 @@ PLAN = HousekeepingPlan(
     memory_limit_bytes=None,
     memory_soft_pct=90.0,
     memory_check_interval_s=0.05,
+    progress_interval_s=60.0,
     prune_interval_s=3600.0,
     ledger_retention_days=7.0,
     heartbeat_retention_days=7.0,
