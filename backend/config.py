@@ -350,3 +350,9 @@ def cgroup_memory_max(root: Path = Path("/sys/fs/cgroup")) -> int | None:
 # The workers and their queues (SPEC 1): python -m backend.workers.<name> consumes q_<name>.
 WORKER_NAMES = ("collectability", "escalation", "outbox_processor")
 QUEUES = tuple(f"q_{name}" for name in WORKER_NAMES)
+# The entity a job of each queue names (``entity_type``); another one is dead-lettered.
+ENTITY_TYPES: Mapping[str, str] = {
+    "q_collectability": "judgment",
+    "q_escalation": "enforcement_case",
+    "q_outbox_processor": "notification",
+}
