@@ -112,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--org-id", help="the organisation it belongs to (required without --file)")
     parser.add_argument("--key", help="idempotency key: a second job with it is not run (default: a UUID)")
     parser.add_argument("--payload", default="{}", help="JSON object given to the handler")
-    parser.add_argument("--trace-id", help="correlation id kept in the envelope, for the handler (Job.trace_id)")
+    parser.add_argument(
+        "--trace-id", help="correlation id kept in the envelope, for the handler (Job.trace_id)"
+    )
     parser.add_argument("--delay", type=int, default=0, help="seconds before the job(s) become visible")
     parser.add_argument("--file", help="JSON lines file of jobs or envelopes; - reads stdin")
     parser.add_argument("--batch", type=int, default=500, help="jobs per round trip with --file")

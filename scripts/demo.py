@@ -195,8 +195,9 @@ def main() -> int:
     receiver.stop()
     ok = all(code == 0 for code in codes.values()) and took <= args.timeout
     print(
-        "\nhealth: python -m tools.worker_inspector   data: .data/pgdata   reset: "
-        "python -m backend.db.embedded reset"
+        "\nthe data stays in .data/pgdata; next, in a shell:\n"
+        "  . .venv/bin/activate && python -m tools.worker_inspector\n"
+        "  . .venv/bin/activate && python -m backend.db.embedded reset"
     )
     return 0 if ok else 1
 
