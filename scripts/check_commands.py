@@ -91,7 +91,7 @@ def _run_worker(script: str, cwd: Path, env: dict[str, str]) -> tuple[int, str]:
 def check(command: str, code: int, output: str) -> str | None:
     if "Traceback" in output or "No module named" in output or "command not found" in output:
         return "it failed to run: " + output.strip().splitlines()[-1][:200]
-    expected = EXPECTED.get(command, {0})
+    expected = EXPECTED.get(command.removeprefix(ACTIVATE + " && "), {0})
     if code not in expected:
         return f"exit {code}, expected {sorted(expected)}: " + (output.strip().splitlines() or [""])[-1][:200]
     return None

@@ -52,8 +52,15 @@ def resolve_db_url(settings: Settings) -> str:
     if settings.db_url:
         return settings.db_url
     from backend.db.embedded import default_server
+    from backend.db.migrate import apply_migrations, current_version, latest_version
 
-    return default_server().start()
+    url = default_server().start()
+    # The embedded default comes ready, whichever command starts it first (a reset server
+    # included): schema, pgmq and queues, as the README promises.
+    with psycopg.connect(url, autocommit=True) as conn:
+        if current_version(conn) < latest_version():
+            apply_migrations(conn)
+    return url
 
 
 def connect_kwargs(url: str, application_name: str) -> dict[str, Any]:
