@@ -133,6 +133,13 @@ TUNABLES: tuple[Tunable, ...] = (
         help="seconds between RSS samples",
     ),
     Tunable(
+        variable="WORKER_SAMPLE_INTERVAL_S",
+        default=60.0,
+        parse=float,
+        minimum=0.5,
+        help="seconds per queue sample (depth, in flight, oldest age) in workers.queue_samples",
+    ),
+    Tunable(
         variable="WORKER_PROGRESS_INTERVAL_S",
         default=10.0,
         parse=float,
@@ -206,6 +213,7 @@ class Settings:
     memory_soft_limit_pct: float
     memory_check_interval_s: float
     progress_interval_s: float
+    sample_interval_s: float
     max_payload_bytes: int
     ledger_retention_days: float
     heartbeat_retention_days: float

@@ -42,6 +42,7 @@ class Event(StrEnum):
     HEARTBEAT_FAILED = "HEARTBEAT_FAILED"
     LEASE_EXTEND_FAILED = "LEASE_EXTEND_FAILED"
     PRUNE_FAILED = "PRUNE_FAILED"
+    SAMPLE_FAILED = "SAMPLE_FAILED"
     HOUSEKEEPING_RECOVERED = "HOUSEKEEPING_RECOVERED"
     RETENTION_PRUNED = "RETENTION_PRUNED"
     WORKER_PROGRESS = "WORKER_PROGRESS"
@@ -143,6 +144,7 @@ FIELDS: Mapping[Event, tuple[str, ...]] = {
     Event.HEARTBEAT_FAILED: ("worker_id", "status", *_ERROR),
     Event.LEASE_EXTEND_FAILED: ("worker_id", *_ERROR),
     Event.PRUNE_FAILED: ("worker_id", *_ERROR),
+    Event.SAMPLE_FAILED: ("worker_id", *_ERROR),
     Event.HOUSEKEEPING_RECOVERED: ("worker_id", "duty"),
     Event.RETENTION_PRUNED: ("ledger_rows", "heartbeat_rows", "dead_letter_rows"),
     Event.OUTBOX_CHANNELS: ("worker_id", "webhook", "slack", "discord", "email", "fix"),

@@ -104,13 +104,30 @@ def older_live_workers(conn: psycopg.Connection[Any], schema: int) -> list[str]:
     return [str(_get(r, "w")) for r in rows]
 
 
-def current_version(conn: psycopg.Connection[Any]) -> int:
-    """The highest applied version, 0 when the ``workers`` schema is missing."""
+def applied_versions(conn: psycopg.Connection[Any]) -> set[int]:
+    """The versions applied, none when the ``workers`` schema is missing. A deferred
+    contract step leaves a gap that later migrations do not wait for."""
     row = conn.execute("SELECT to_regclass('workers.schema_migrations') IS NOT NULL AS ok").fetchone()
     if not row or not _get(row, "ok"):
-        return 0
-    row = conn.execute("SELECT coalesce(max(version), 0) AS v FROM workers.schema_migrations").fetchone()
-    return int(_get(row, "v"))
+        return set()
+    rows = conn.execute("SELECT version AS v FROM workers.schema_migrations").fetchall()
+    return {int(_get(r, "v")) for r in rows}
+
+
+def current_version(conn: psycopg.Connection[Any]) -> int:
+    """The highest applied version, 0 when the ``workers`` schema is missing."""
+    return max(applied_versions(conn), default=0)
+
+
+def missing_for_workers(conn: psycopg.Connection[Any]) -> list[int]:
+    """The migrations a worker of this code needs that are not applied (every one but the
+    contract steps, which wait for older workers and which this code does not rely on)."""
+    needed = {m.version for m in migrations() if m.after_workers_at is None}
+    return sorted(needed - applied_versions(conn))
+
+
+def pending_versions(conn: psycopg.Connection[Any]) -> list[int]:
+    return sorted({m.version for m in migrations()} - applied_versions(conn))
 
 
 def _get(row: Any, key: str) -> Any:
@@ -195,8 +212,8 @@ def apply_migrations(
     conn: psycopg.Connection[Any], queues: tuple[str, ...] = QUEUES, up_to: int | None = None
 ) -> list[int]:
     """Install pgmq, apply pending migrations (up to ``up_to``), create the queues; return
-    the versions applied. A contract step that live older workers still need is deferred,
-    with the migrations after it, to a later run (``MIGRATION_DEFERRED``)."""
+    the versions applied. A contract step that live older workers still need is deferred
+    to a later run (``MIGRATION_DEFERRED``); the migrations after it are applied."""
     conn.autocommit = True
     conn.execute("SELECT pg_advisory_lock(%s)", (_LOCK_KEY,))
     try:
@@ -207,15 +224,15 @@ def apply_migrations(
             " version integer PRIMARY KEY, name text NOT NULL,"
             " applied_at timestamptz NOT NULL DEFAULT clock_timestamp())"
         )
-        done = current_version(conn)
+        done = applied_versions(conn)
         applied = []
         for migration in migrations():
-            if migration.version <= done:
+            if migration.version in done:
                 continue
             if up_to is not None and migration.version > up_to:
                 break
             if not _apply(conn, migration):
-                break
+                continue  # a deferred contract step: the expand steps after it still apply
             applied.append(migration.version)
             log_event(Event.MIGRATION_APPLIED, {"version": migration.version, "name": migration.name})
         for queue in queues:
@@ -327,12 +344,12 @@ def main(argv: list[str] | None = None) -> int:
             add_secret(secret)
         with connect(url, "dragonfly-migrate") as conn:
             if args.check:
-                current, latest = current_version(conn), latest_version()
+                pending = pending_versions(conn)
                 log_event(
                     Event.MIGRATION_STATUS,
-                    {"current": current, "latest": latest, "pending": latest - current},
+                    {"current": current_version(conn), "latest": latest_version(), "pending": pending},
                 )
-                return 0 if current >= latest else 1
+                return 1 if pending else 0
             applied = apply_migrations(conn)
             log_event(
                 Event.MIGRATIONS_DONE,

@@ -203,6 +203,27 @@ def bound_transaction(conn: Conn, limit_ms: int) -> None:
     conn.execute(_BOUND, {"ms": str(limit_ms)})
 
 
+_SLOT = "to_timestamp(floor(extract(epoch FROM now()) / %(i)s) * %(i)s)"
+_SAMPLE = f"""
+INSERT INTO workers.queue_samples (queue_name, sampled_at, depth, in_flight, oldest_age_s)
+SELECT %(q)s, {_SLOT}, count(*), count(*) FILTER (WHERE m.vt > now() AND m.read_ct > 0),
+       extract(epoch FROM now() - min(m.enqueued_at))::float8
+FROM {{table}} AS m
+-- Uncorrelated: a one-time filter, so a queue another replica sampled is not scanned. The
+-- aggregate still yields its one row then, and the conflict drops it.
+WHERE NOT EXISTS (SELECT 1 FROM workers.queue_samples WHERE queue_name = %(q)s AND sampled_at = {_SLOT})
+ON CONFLICT DO NOTHING
+RETURNING 1 AS wrote
+"""
+
+
+def sample_queue(conn: Conn, queue: str, interval_s: float) -> bool:
+    """Record the queue's depth, in-flight messages and oldest age for the current interval
+    unless a replica did already; True when this call wrote the sample."""
+    row = conn.execute(_SAMPLE.format(table=queue_table(queue)), {"q": queue, "i": interval_s}).fetchone()
+    return row is not None
+
+
 def queue_depth(conn: Conn, queue: str) -> int:
     """Messages in the queue, visible or not (a count: only for progress lines, every few
     seconds while jobs flow)."""

@@ -105,6 +105,10 @@ def _prune_small_tables(conn: Conn, ledger_days: float, heartbeat_days: float) -
         " < clock_timestamp() - make_interval(secs => %s)",
         (heartbeat_days * 86400,),
     ).rowcount
+    conn.execute(
+        "DELETE FROM workers.queue_samples WHERE sampled_at < clock_timestamp() - make_interval(secs => %s)",
+        (heartbeat_days * 86400,),
+    )
     letters = conn.execute(
         "DELETE FROM workers.dead_letters WHERE (replayed_at IS NOT NULL OR discarded_at IS NOT NULL)"
         " AND coalesce(replayed_at, discarded_at) < clock_timestamp() - make_interval(secs => %s)",

@@ -19,6 +19,14 @@ GRANT SELECT, INSERT, UPDATE, DELETE
 -- Dead letters are written by the workers, deleted by retention once closed, closed by
 -- the inspector (replay, discard).
 GRANT SELECT, INSERT, UPDATE, DELETE ON workers.dead_letters TO dragonfly_worker;
+-- The queue samples: written by the housekeeping thread, pruned by retention.
+DO $$
+BEGIN
+    IF to_regclass('workers.queue_samples') IS NOT NULL THEN  -- from migration 0008 on
+        GRANT SELECT, INSERT, DELETE ON workers.queue_samples TO dragonfly_worker;
+    END IF;
+END
+$$;
 -- The domain: collectability reads judgments and upserts scores; escalation reads cases,
 -- judgments, scores, events and evidence and inserts recommendation events.
 GRANT SELECT ON dragonfly.judgments, dragonfly.enforcement_cases, dragonfly.evidence,

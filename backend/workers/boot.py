@@ -10,7 +10,7 @@ import psycopg
 
 from backend.config import QUEUES, Settings
 from backend.db import queries as q
-from backend.db.migrate import apply_migrations, current_version, needed_version
+from backend.db.migrate import apply_migrations, current_version, missing_for_workers, needed_version
 from backend.errors import BootError
 from backend.workers.base import BaseWorker, ExternalWorker, TransactionalWorker
 from backend.workers.deliveries import DeliveryLog
@@ -69,10 +69,11 @@ def check_schema(conn: psycopg.Connection[Any], settings: Settings, queue: str) 
     if settings.mode == "dev":
         apply_migrations(conn, queues=(*QUEUES, queue) if queue not in QUEUES else QUEUES)
     else:
-        current, needed = current_version(conn), needed_version()
-        if current < needed:
+        missing = missing_for_workers(conn)
+        if missing:
             raise BootError(
-                f"workers schema is at version {current}, this worker needs {needed}:"
+                f"workers schema is at version {current_version(conn)}, this worker needs"
+                f" {needed_version()} (missing: {', '.join(map(str, missing))}):"
                 " run `python -m backend.db.migrate`"
             )
         if not q.queue_exists(conn, queue):
@@ -96,6 +97,7 @@ def housekeeping_plan(settings: Settings, queue: str, worker_id: str) -> Houseke
         memory_soft_pct=s.memory_soft_limit_pct,
         memory_check_interval_s=s.memory_check_interval_s,
         progress_interval_s=s.progress_interval_s,
+        sample_interval_s=s.sample_interval_s,
         prune_interval_s=s.prune_interval_s,
         ledger_retention_days=s.ledger_retention_days,
         heartbeat_retention_days=s.heartbeat_retention_days,

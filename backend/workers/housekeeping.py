@@ -43,6 +43,7 @@ class HousekeepingPlan:
     memory_check_interval_s: float
     progress_interval_s: float
     prune_interval_s: float
+    sample_interval_s: float = 60.0
     ledger_retention_days: float
     heartbeat_retention_days: float
 
@@ -96,6 +97,7 @@ class Housekeeper:
             "memory": now,
             "prune": now + min(5.0, self.plan.prune_interval_s),
             "progress": now + self.plan.progress_interval_s,
+            "sample": now + min(5.0, self.plan.sample_interval_s),
         }
         while True:
             sleep_s = self._sleep_until(min(due.values()))
@@ -117,11 +119,18 @@ class Housekeeper:
             if now >= due["beat"]:
                 due["beat"] = now + self.plan.heartbeat_interval_s
                 self._guard(Event.HEARTBEAT_FAILED, self.beat)
+            if now >= due["sample"]:
+                due["sample"] = now + self.plan.sample_interval_s
+                self._guard(Event.SAMPLE_FAILED, self._sample)
             if now >= due["prune"]:
                 self._guard(Event.PRUNE_FAILED, self._prune)
                 # A pass is done when nothing old is left: until then, the next slice at
                 # the next tick, between the other duties (a heartbeat is never held up).
                 due["prune"] = now + (0.0 if self._pruning else self.plan.prune_interval_s)
+
+    def _sample(self) -> None:
+        with self.pool.connection(timeout=_POOL_WAIT_S) as conn:
+            q.sample_queue(conn, self.plan.queue, self.plan.sample_interval_s)
 
     def _progress(self, now: float) -> bool:
         """While jobs flow, say how many were done and failed since the last line, how fast,
