@@ -125,6 +125,25 @@ def claim(
     return dict(rows)
 
 
+def keys_are_per_queue(conn: Conn) -> bool:
+    """Whether the ledger's key is (queue_name, job_key) (migration 0007), not the key alone."""
+    row = conn.execute(
+        "SELECT pg_get_constraintdef(oid) AS d FROM pg_constraint"
+        " WHERE conname = 'processed_jobs_pkey' AND conrelid = 'workers.processed_jobs'::regclass"
+    ).fetchone()
+    return bool(row and "queue_name" in row["d"])
+
+
+def keys_on_other_queues(conn: Conn, queue: str, keys: Sequence[str]) -> dict[str, str]:
+    """key -> the other queue that holds it, for keys the old key-alone constraint would
+    refuse on ``queue`` (before migration 0007)."""
+    rows = conn.execute(
+        "SELECT job_key, queue_name FROM workers.processed_jobs WHERE job_key = ANY(%s) AND queue_name <> %s",
+        (list(keys), queue),
+    ).fetchall()
+    return {r["job_key"]: r["queue_name"] for r in rows}
+
+
 def ledger_status(conn: Conn, queue: str, keys: Sequence[str]) -> dict[str, tuple[LedgerStatus, float]]:
     """key -> (status, seconds left on its lease, 0 when none) for the queue's existing keys."""
     rows = conn.execute(

@@ -37,7 +37,7 @@ _FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 # Directives a migration states in its first comment lines.
 _OUTSIDE = "-- migrate: outside a transaction"
 _AFTER = re.compile(r"^-- migrate: after every live worker runs schema (\d+)$", re.M)
-_LIVE_WITHIN_S = 180  # a heartbeat younger than this is a live worker's
+_LIVE_WITHIN_S = 180  # a heartbeat younger than this (or three of its intervals) is a live worker's
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,7 +97,8 @@ def older_live_workers(conn: psycopg.Connection[Any], schema: int) -> list[str]:
     rows = conn.execute(
         "SELECT worker_id AS w FROM workers.heartbeats WHERE stopped_at IS NULL"
         " AND status IN ('BOOTING', 'RUNNING', 'DRAINING')"
-        " AND last_heartbeat_at > clock_timestamp() - make_interval(secs => %s)"
+        " AND last_heartbeat_at > clock_timestamp() - make_interval(secs => greatest(%s,"
+        " 3 * coalesce((metadata ->> 'heartbeat_interval_s')::float8, 0)))"
         " AND coalesce((metadata ->> 'schema')::int, 0) < %s ORDER BY worker_id",
         (_LIVE_WITHIN_S, schema),
     ).fetchall()
@@ -208,6 +209,17 @@ def _has_trigger(conn: psycopg.Connection[Any], queue: str, name: str) -> bool:
     return bool(row and _get(row, "ok"))
 
 
+def _lock(conn: psycopg.Connection[Any]) -> None:
+    """Take the migrations' advisory lock by polling, never by waiting in one statement: a
+    session blocked in pg_advisory_lock holds a snapshot that another service's CREATE INDEX
+    CONCURRENTLY would wait for while that service holds the lock (a deadlock)."""
+    while True:
+        row = conn.execute("SELECT pg_try_advisory_lock(%s) AS ok", (_LOCK_KEY,)).fetchone()
+        if row and _get(row, "ok"):
+            return
+        time.sleep(0.2)
+
+
 def apply_migrations(
     conn: psycopg.Connection[Any], queues: tuple[str, ...] = QUEUES, up_to: int | None = None
 ) -> list[int]:
@@ -215,7 +227,7 @@ def apply_migrations(
     the versions applied. A contract step that live older workers still need is deferred
     to a later run (``MIGRATION_DEFERRED``); the migrations after it are applied."""
     conn.autocommit = True
-    conn.execute("SELECT pg_advisory_lock(%s)", (_LOCK_KEY,))
+    _lock(conn)
     try:
         ensure_pgmq(conn)
         conn.execute("CREATE SCHEMA IF NOT EXISTS workers")

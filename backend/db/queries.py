@@ -217,17 +217,47 @@ RETURNING 1 AS wrote
 """
 
 
+_SAMPLE_ESTIMATE = f"""
+INSERT INTO workers.queue_samples (queue_name, sampled_at, depth, in_flight, oldest_age_s)
+SELECT %(q)s, {_SLOT}, greatest(c.reltuples, 0)::bigint, NULL,
+       (SELECT extract(epoch FROM now() - m.enqueued_at)::float8 FROM {{table}} AS m
+        ORDER BY m.msg_id LIMIT 1)
+FROM pg_class AS c WHERE c.oid = %(t)s::regclass
+ON CONFLICT DO NOTHING
+RETURNING 1 AS wrote
+"""
+# The housekeeping thread also extends leases and writes heartbeats: a count never holds it
+# up for longer than this; past it, the planner's estimate stands in.
+_COUNT_LIMIT = "1s"
+
+
 def sample_queue(conn: Conn, queue: str, interval_s: float) -> bool:
     """Record the queue's depth, in-flight messages and oldest age for the current interval
-    unless a replica did already; True when this call wrote the sample."""
-    row = conn.execute(_SAMPLE.format(table=queue_table(queue)), {"q": queue, "i": interval_s}).fetchone()
+    unless a replica did already; True when this call wrote the sample. A queue too large
+    to count within a second gets the planner's estimate of its depth."""
+    table = queue_table(queue)
+    params = {"q": queue, "i": interval_s, "t": table}
+    try:
+        with conn.transaction():
+            conn.execute(f"SET LOCAL statement_timeout = '{_COUNT_LIMIT}'")
+            row = conn.execute(_SAMPLE.format(table=table), params).fetchone()
+    except psycopg.errors.QueryCanceled:
+        row = conn.execute(_SAMPLE_ESTIMATE.format(table=table), params).fetchone()
     return row is not None
 
 
 def queue_depth(conn: Conn, queue: str) -> int:
     """Messages in the queue, visible or not (a count: only for progress lines, every few
     seconds while jobs flow)."""
-    row = conn.execute(f"SELECT count(*) AS n FROM {queue_table(queue)}").fetchone()
+    table = queue_table(queue)
+    try:
+        with conn.transaction():
+            conn.execute(f"SET LOCAL statement_timeout = '{_COUNT_LIMIT}'")
+            row = conn.execute(f"SELECT count(*) AS n FROM {table}").fetchone()
+    except psycopg.errors.QueryCanceled:  # too large to count now: the planner's estimate
+        row = conn.execute(
+            "SELECT greatest(reltuples, 0)::bigint AS n FROM pg_class WHERE oid = %s::regclass", (table,)
+        ).fetchone()
     return int(row["n"]) if row else 0
 
 

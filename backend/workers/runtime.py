@@ -20,6 +20,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import ConnectionPool
 
+from backend.db import ledger
 from backend.db.connect import (
     DB_ERRORS,
     boot_retrying,
@@ -233,6 +234,7 @@ class Runtime:
             for attempt in boot_retrying(self.settings.boot_timeout_s, self.stop_requested):
                 with attempt, connect(url, f"boot:{self.worker_id}") as conn:
                     self.notifications = check_schema(conn, self.settings, self.queue)
+                    self.strategy.shared_keys = not ledger.keys_are_per_queue(conn)
         except psycopg.OperationalError as exc:
             if reason := permanent_reason(exc):
                 raise BootError(reason) from None

@@ -62,6 +62,7 @@ class Strategy:
         self.held = held or HeldJobs()
         self.rng = rng or random.Random()
         self.in_flight = 0
+        self.shared_keys = False  # the ledger's key is still the key alone (before 0007)
 
     def process(self, conn: Conn, should_stop: ShouldStop = lambda: False) -> int:
         """Take and process up to one delivery; return how many messages were taken."""
@@ -108,6 +109,8 @@ class Strategy:
         ``out.letters``. A batch's claim leaves a ``processing`` claim whose lease expired
         (a run alone that ended with its worker gone or its transaction ended) to the
         ``expired`` list: such a job runs alone again, counted, never merely delayed."""
+        if self.shared_keys:
+            pending = self._refuse_shared_keys(conn, pending, out)
         attempts = ledger.claim(
             conn,
             queue=self.queue,
@@ -161,6 +164,32 @@ class Strategy:
                 else:
                     result.waits[msg_id] = max(1, int(lease_left) + 1)
         return result
+
+    def _refuse_shared_keys(self, conn: Conn, pending: Sequence[Pending], out: Outcome) -> list[Pending]:
+        """Before migration 0007 a key is unique across queues: a key another queue holds
+        would make the claim fail, so its message is dead-lettered (replayable once 0007 is
+        applied) and the rest of the batch goes on."""
+        taken = ledger.keys_on_other_queues(conn, self.queue, [env["idempotency_key"] for env, _ in pending])
+        if not taken:
+            return list(pending)
+        if ledger.keys_are_per_queue(conn):  # 0007 was applied since this worker booted
+            self.shared_keys = False
+            return list(pending)
+        for env, msg_id in pending:
+            other = taken.get(env["idempotency_key"])
+            if other:
+                out.letters.append(
+                    DeadLetter(
+                        msg_id=msg_id,
+                        job_key=env["idempotency_key"],
+                        error=f"the key is in use on {other}, and keys are unique across queues until"
+                        " migration 0007 is applied: run python -m backend.db.migrate once no worker"
+                        " older than schema 6 runs, then replay this letter",
+                        error_type="KeyInUseOnAnotherQueue",
+                        attempts=0,
+                    )
+                )
+        return [p for p in pending if p[0]["idempotency_key"] not in taken]
 
     def fail(self, job: Job, exc: Exception, out: Outcome) -> None:
         """Record a handler's failure: a retry after the backoff, or a dead letter when the

@@ -159,3 +159,25 @@ def _heartbeat(conn: psycopg.Connection[Any], worker_id: str, schema: int | None
         " VALUES (%s, 'collectability', 'q_collectability', 'RUNNING', 'h', 1, 'v', now(), now(), %s)",
         (worker_id, Jsonb({} if schema is None else {"schema": schema})),
     )
+
+
+def test_three_services_migrating_at_once_all_succeed(fresh_url: str) -> None:
+    # One push deploys the three services: their pre-deploy migrates start together. One
+    # builds an index CONCURRENTLY while the others wait for the lock, without a deadlock.
+    queues = ("q_collectability",)
+    errors: list[BaseException] = []
+
+    def migrate() -> None:
+        try:
+            _migrate(fresh_url, queues, 99)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=migrate) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert errors == []
+    with psycopg.connect(fresh_url) as conn:
+        assert applied_versions(conn) == set(range(1, latest_version() + 1))

@@ -515,3 +515,33 @@ def test_a_key_whose_run_alone_ended_without_an_outcome_runs_alone_again_counted
     row = ledger(db, "orphan")
     assert (row["status"], row["attempts"], row["worker_id"]) == ("completed", 3, "test-worker")
     assert queue_depth(db) == 0
+
+
+def test_before_0007_a_key_another_queue_holds_is_dead_lettered_and_the_batch_goes_on(
+    db: Conn, work_conn: Conn, clean_db: str
+) -> None:
+    # The ledger as it is between migrations 0006 and 0007: the key alone is the primary key.
+    db.execute(
+        "ALTER TABLE workers.processed_jobs DROP CONSTRAINT processed_jobs_pkey,"
+        " ADD CONSTRAINT processed_jobs_pkey PRIMARY KEY (job_key)"
+    )
+    db.execute(
+        "CREATE UNIQUE INDEX processed_jobs_queue_key_idx ON workers.processed_jobs (queue_name, job_key)"
+    )
+    try:
+        claim(db, queue="q_escalation", worker_id="x", keys=["shared"], msg_ids=[1], lease_s=5)
+        send(db, "shared")
+        send(db, "own")
+        proc = processor(clean_db, Recorder())
+        proc.shared_keys = True
+        run_until(proc, work_conn, lambda: queue_depth(db) == 0)
+        letter = db.execute("SELECT job_key, error_type, error FROM workers.dead_letters").fetchone()
+        assert (letter["job_key"], letter["error_type"]) == ("shared", "KeyInUseOnAnotherQueue")
+        assert "q_escalation" in letter["error"] and "0007" in letter["error"]
+        assert effects(db, "own") == 1 and effects(db, "shared") == 0
+    finally:
+        db.execute("TRUNCATE workers.processed_jobs")
+        db.execute(
+            "ALTER TABLE workers.processed_jobs DROP CONSTRAINT processed_jobs_pkey,"
+            " ADD CONSTRAINT processed_jobs_pkey PRIMARY KEY USING INDEX processed_jobs_queue_key_idx"
+        )

@@ -6,7 +6,7 @@ CREATE TABLE IF NOT EXISTS workers.queue_samples (
     queue_name    text NOT NULL,
     sampled_at    timestamptz NOT NULL,
     depth         bigint NOT NULL,
-    in_flight     bigint NOT NULL,
+    in_flight     bigint,  -- null when the queue was too large to count within a second
     oldest_age_s  double precision,
     PRIMARY KEY (queue_name, sampled_at)
 );
