@@ -18,7 +18,8 @@ def frozen_note(worker_id: str, sessions: int, pid: int | None, idle_tx_s: float
     return (
         f"frozen: the process is not running (SIGSTOP, a stalled container or a network cut) but"
         f" keeps {sessions} database session(s) open{held}; end them:"
-        f" SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = '{worker_id}'"
+        # The session's name is the worker id cut to PostgreSQL's 63 bytes.
+        f" SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = '{worker_id[:63]}'"
     )
 
 

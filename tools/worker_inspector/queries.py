@@ -42,11 +42,12 @@ VERDICTS = ("dead", "frozen", "stale", "alive", "crashed", "stopped")
 # blocks others, for longer than its visibility timeout). Behind the transaction pooler
 # sessions are not the worker's own, and only the heartbeat's age counts.
 _CLASSIFIED = """
-WITH activity AS (
+WITH blockers AS (  -- asked only of the sessions waiting for a lock: usually none
+    SELECT DISTINCT unnest(pg_blocking_pids(pid)) AS pid FROM pg_stat_activity WHERE wait_event_type = 'Lock'
+), activity AS (
     SELECT a.application_name, a.pid, a.state,
            extract(epoch FROM now() - a.state_change)::float8 AS state_s,
-           (SELECT count(*) FROM pg_stat_activity AS w WHERE a.pid = ANY(pg_blocking_pids(w.pid)))
-               AS blocking
+           (a.pid IN (SELECT pid FROM blockers))::int AS blocking
     FROM pg_stat_activity AS a
     WHERE a.application_name <> '' AND a.pid <> pg_backend_pid()
 ), sessions AS (

@@ -227,6 +227,7 @@ def _booted_cleanly_since(w: Worker, workers: list[Worker]) -> bool:
     replica = w.replica_id or w.hostname
     return any(
         (v.replica_id or v.hostname) == replica
+        and v.queue_name == w.queue_name
         and v.started_at > w.started_at
         and v.verdict in ("alive", "stale", "stopped")
         for v in workers
