@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -29,6 +30,8 @@ from scripts.chaos_checks import (
     remove_audit,
 )
 from scripts.chaos_workload import ORG_ID, Call, Plan, build_plan, notify_key
+from tests import chromium
+from tools.worker_inspector import html as html_report
 
 Conn = psycopg.Connection[Any]
 
@@ -92,6 +95,34 @@ def test_a_ci_sized_chaos_run_loses_nothing_and_doubles_nothing(
         == effects["notifications_enqueued"]
         == report["jobs"]["by_worker"]["escalation"]
     ), output
+
+    # What the chaos left behind, drawn: the HTML report, rendered offline by Chromium.
+    page, shot = tmp_path / "report.html", tmp_path / "report.png"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SUPABASE_", "WORKER_"))}
+    drawn = subprocess.run(
+        [sys.executable, "-m", "tools.worker_inspector", "report", "--html", str(page), "--since", "1h"],
+        cwd=PROJECT_ROOT,
+        env={**env, "SUPABASE_MODE": "dev", "SUPABASE_DB_URL": clean_db},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert drawn.returncode in (0, 1) and page.exists(), drawn.stderr
+    check_drawn(page, shot)
+
+
+def check_drawn(page: Path, shot: Path) -> None:
+    """Every chart of the report has data, Chromium draws it with no console message and no
+    network, and the screenshot shows the series' colours."""
+    text = page.read_text()
+    assert "<script" not in text and "http://" not in text and "https://" not in text
+    charts = re.findall(r'<svg class="chart[^"]*"[^>]*data-series="(\d+)" data-points="(\d+)"', text)
+    assert len(charts) == 6 and all(int(points) > 0 for _, points in charts), charts
+    assert chromium.screenshot(page, shot, height=3200) == []
+    seen = chromium.colour_counts(shot)
+    series = max(int(n) for n, _ in charts[:5])
+    for colour in html_report.COLOURS[: min(series, 3)]:
+        assert seen[chromium.hex_rgb(colour)] > 20, colour
 
 
 # --- the checks themselves, on a database state built by hand ------------------------------

@@ -13,6 +13,8 @@ import re
 import subprocess
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -22,9 +24,12 @@ from backend.db.connect import connect, resolve_db_url
 from backend.dburl import redact_url, secrets_of
 from backend.errors import ConfigError
 from tools.worker_inspector import letters
-from tools.worker_inspector.model import Options
+from tools.worker_inspector.history import read_history
+from tools.worker_inspector.html import render_html
+from tools.worker_inspector.model import Options, duration
 from tools.worker_inspector.render import emit, one_line, render_report
 from tools.worker_inspector.report import build_report
+from tools.worker_inspector.watch import watch
 
 PROG = "python -m tools.worker_inspector"
 APP_NAME = "dragonfly-inspector"
@@ -156,7 +161,32 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     discard.add_argument("--reason", default="", help="why, kept with the letter")
     discard.add_argument("--dry-run", action="store_true", help="say what would be discarded")
     discard.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="one JSON document")
-    return parser, {"dead-letters": dead_letters, "list": listing, "replay": replay, "discard": discard}
+    live = commands.add_parser(
+        "watch", help="the report, refreshed like top (q quits); plain repeated text through a pipe"
+    )
+    live.add_argument(
+        "--every", type=duration_arg, metavar="DURATION", default=2.0, help="refresh interval (default 2s)"
+    )
+    html_report = commands.add_parser(
+        "report", help="write one self-contained HTML file: charts of the history and the verdict"
+    )
+    html_report.add_argument("--html", required=True, metavar="FILE", help="where to write it")
+    html_report.add_argument(
+        "--since",
+        type=duration_arg,
+        metavar="DURATION",
+        dest="history_s",
+        default=86400.0,
+        help="how far back the charts go (default 24h)",
+    )
+    return parser, {
+        "dead-letters": dead_letters,
+        "list": listing,
+        "replay": replay,
+        "discard": discard,
+        "report": html_report,
+        "watch": live,
+    }
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -192,6 +222,33 @@ def report_options(args: argparse.Namespace, settings: Settings) -> Options:
         stuck_limit=args.stuck_limit,
         statement_timeout_s=args.timeout,
     )
+
+
+def _dispatch(conn: Any, args: argparse.Namespace, options: Options, safe: str) -> int:
+    """Run the command asked for on an open connection; its exit code."""
+    if args.command is None:
+        report = build_report(conn, options, database=safe)
+        emit(args, report.to_json(), render_report(report))
+        return EXIT_HEALTHY if report.healthy else EXIT_UNHEALTHY
+    if args.command == "report":
+        return write_html_report(conn, options, args, database=safe)
+    if args.command == "watch":
+        return watch(lambda: build_report(conn, options, database=safe), args.every)
+    if args.action == "list":
+        return letters.list_letters(conn, args)
+    if args.action == "discard":
+        return letters.discard_letters(conn, args)
+    return letters.replay_letters(conn, args)
+
+
+def write_html_report(conn: Any, options: Options, args: argparse.Namespace, *, database: str) -> int:
+    """Write the HTML report; the exit code is the verdict's, as for the text report."""
+    report = build_report(conn, options, database=database)
+    history = read_history(conn, args.history_s, statement_timeout_s=max(options.statement_timeout_s, 30))
+    path = Path(args.html)
+    path.write_text(render_html(report, history), encoding="utf-8")
+    print(f"{path}: {report.verdict}, the last {duration(args.history_s)} ({path.stat().st_size:,} bytes)")
+    return EXIT_HEALTHY if report.healthy else EXIT_UNHEALTHY
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -232,15 +289,7 @@ def _run(args: argparse.Namespace) -> int:
         raise Unusable(f"cannot connect to {safe}: {one_line(exc, secret)}") from None
     with conn:
         try:
-            if args.command is None:
-                report = build_report(conn, options, database=safe)
-                emit(args, report.to_json(), render_report(report))
-                return EXIT_HEALTHY if report.healthy else EXIT_UNHEALTHY
-            if args.action == "list":
-                return letters.list_letters(conn, args)
-            if args.action == "discard":
-                return letters.discard_letters(conn, args)
-            return letters.replay_letters(conn, args)
+            return _dispatch(conn, args, options, safe)
         except _MISSING_SCHEMA as exc:
             raise Unusable(
                 f"{safe} lacks the workers schema or pgmq ({one_line(exc, secret)}); "
