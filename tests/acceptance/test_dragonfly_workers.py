@@ -114,32 +114,17 @@ def test_escalation_records_a_recommendation_and_enqueues_its_notification(spawn
 def test_one_key_on_two_queues_is_two_jobs_each_run_once(spawn: Spawn, db: Conn) -> None:
     seeded = seed_demo(db, judgments=1, cases=1)
     key = "shared-key-1"
-    enqueue(
-        db,
-        "q_collectability",
-        build_envelope(
-            entity_type="judgment",
-            entity_id=str(seeded["judgment_ids"][0]),
-            org_id=seeded["org_id"],
-            idempotency_key=key,
-        ),
-    )
-    scorer = spawn("backend.workers.collectability")
-    wait_until(drained(db, "q_collectability"), timeout=30)
-    stop(scorer)
-    enqueue(
-        db,
-        "q_escalation",
-        build_envelope(
-            entity_type="enforcement_case",
-            entity_id=str(seeded["case_ids"][0]),
-            org_id=seeded["org_id"],
-            idempotency_key=key,
-        ),
-    )
-    escalator = spawn("backend.workers.escalation")
-    wait_until(drained(db, "q_escalation"), timeout=30)
-    stop(escalator)
+    for queue, entity_type, entity_id, module in (
+        ("q_collectability", "judgment", seeded["judgment_ids"][0], "collectability"),
+        ("q_escalation", "enforcement_case", seeded["case_ids"][0], "escalation"),
+    ):
+        envelope = build_envelope(
+            entity_type=entity_type, entity_id=str(entity_id), org_id=seeded["org_id"], idempotency_key=key
+        )
+        enqueue(db, queue, envelope)
+        worker = spawn(f"backend.workers.{module}")
+        wait_until(drained(db, queue), timeout=30)
+        stop(worker)
     ledger = db.execute(
         "SELECT queue_name, status, attempts FROM workers.processed_jobs WHERE job_key = %s ORDER BY 1",
         (key,),

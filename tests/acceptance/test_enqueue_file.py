@@ -26,6 +26,21 @@ def env_for(url: str) -> dict[str, str]:
     return {**env, "SUPABASE_MODE": "dev", "SUPABASE_DB_URL": url}
 
 
+def enqueue_file(path: Path, *extra: str) -> list[str]:
+    """The command line that sends ``path`` to q_collectability for org-1."""
+    return [
+        sys.executable,
+        "-m",
+        "backend.enqueue",
+        "q_collectability",
+        "--org-id",
+        "org-1",
+        "--file",
+        str(path),
+        *extra,
+    ]
+
+
 def jobs_file(path: Path, count: int, bad: dict[int, str]) -> Path:
     lines = []
     for n in range(1, count + 1):
@@ -41,16 +56,7 @@ def test_a_file_of_ten_thousand_jobs_with_two_bad_lines(
     path = jobs_file(tmp_path / "jobs.jsonl", 10_000, bad)
     started = time.monotonic()
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "backend.enqueue",
-            "q_collectability",
-            "--org-id",
-            "org-1",
-            "--file",
-            str(path),
-        ],
+        enqueue_file(path),
         cwd=PROJECT_ROOT,
         env=env_for(clean_db),
         capture_output=True,
@@ -77,18 +83,7 @@ def test_at_a_terminal_it_draws_a_progress_bar(tmp_path: Path, clean_db: str) ->
     path = jobs_file(tmp_path / "jobs.jsonl", 2_000, {})
     leader, follower = pty.openpty()
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "backend.enqueue",
-            "q_collectability",
-            "--org-id",
-            "org-1",
-            "--file",
-            str(path),
-            "--batch",
-            "250",
-        ],
+        enqueue_file(path, "--batch", "250"),
         cwd=PROJECT_ROOT,
         env=env_for(clean_db),
         stdout=subprocess.PIPE,
