@@ -204,60 +204,43 @@ def bound_transaction(conn: Conn, limit_ms: int) -> None:
 
 
 _SLOT = "to_timestamp(floor(extract(epoch FROM now()) / %(i)s) * %(i)s)"
+# Counting stops here: the housekeeping thread also extends leases and writes heartbeats,
+# so a count never scans more; past it, the planner's estimate of the table stands in.
+_COUNT_CAP = 100_000
+_DEPTH = """(SELECT CASE WHEN c.n > %(cap)s
+                    THEN greatest(c.n, (SELECT reltuples::bigint FROM pg_class WHERE oid = %(t)s::regclass))
+                    ELSE c.n END
+             FROM (SELECT count(*) AS n FROM (SELECT 1 FROM {table} LIMIT %(cap)s + 1) AS m) AS c)"""
 _SAMPLE = f"""
 INSERT INTO workers.queue_samples (queue_name, sampled_at, depth, in_flight, oldest_age_s)
-SELECT %(q)s, {_SLOT}, count(*), count(*) FILTER (WHERE m.vt > now() AND m.read_ct > 0),
-       extract(epoch FROM now() - min(m.enqueued_at))::float8
-FROM {{table}} AS m
--- Uncorrelated: a one-time filter, so a queue another replica sampled is not scanned. The
--- aggregate still yields its one row then, and the conflict drops it.
+SELECT %(q)s, {_SLOT}, {_DEPTH},
+       (SELECT count(*) FROM (SELECT 1 FROM {{table}} WHERE vt > now() AND read_ct > 0
+                              LIMIT %(cap)s + 1) AS f),
+       (SELECT extract(epoch FROM now() - enqueued_at)::float8 FROM {{table}} ORDER BY msg_id LIMIT 1)
+-- One statement, and nothing scanned when a replica sampled this interval already.
 WHERE NOT EXISTS (SELECT 1 FROM workers.queue_samples WHERE queue_name = %(q)s AND sampled_at = {_SLOT})
 ON CONFLICT DO NOTHING
 RETURNING 1 AS wrote
 """
 
 
-_SAMPLE_ESTIMATE = f"""
-INSERT INTO workers.queue_samples (queue_name, sampled_at, depth, in_flight, oldest_age_s)
-SELECT %(q)s, {_SLOT}, greatest(c.reltuples, 0)::bigint, NULL,
-       (SELECT extract(epoch FROM now() - m.enqueued_at)::float8 FROM {{table}} AS m
-        ORDER BY m.msg_id LIMIT 1)
-FROM pg_class AS c WHERE c.oid = %(t)s::regclass
-ON CONFLICT DO NOTHING
-RETURNING 1 AS wrote
-"""
-# The housekeeping thread also extends leases and writes heartbeats: a count never holds it
-# up for longer than this; past it, the planner's estimate stands in.
-_COUNT_LIMIT = "1s"
-
-
 def sample_queue(conn: Conn, queue: str, interval_s: float) -> bool:
     """Record the queue's depth, in-flight messages and oldest age for the current interval
-    unless a replica did already; True when this call wrote the sample. A queue too large
-    to count within a second gets the planner's estimate of its depth."""
+    unless a replica did already; True when this call wrote the sample. Counts stop at
+    ``_COUNT_CAP``: a larger queue gets the planner's estimate of its depth."""
     table = queue_table(queue)
-    params = {"q": queue, "i": interval_s, "t": table}
-    try:
-        with conn.transaction():
-            conn.execute(f"SET LOCAL statement_timeout = '{_COUNT_LIMIT}'")
-            row = conn.execute(_SAMPLE.format(table=table), params).fetchone()
-    except psycopg.errors.QueryCanceled:
-        row = conn.execute(_SAMPLE_ESTIMATE.format(table=table), params).fetchone()
+    params = {"q": queue, "i": interval_s, "t": table, "cap": _COUNT_CAP}
+    row = conn.execute(_SAMPLE.format(table=table), params).fetchone()
     return row is not None
 
 
 def queue_depth(conn: Conn, queue: str) -> int:
-    """Messages in the queue, visible or not (a count: only for progress lines, every few
-    seconds while jobs flow)."""
+    """Messages in the queue, visible or not: exact up to ``_COUNT_CAP``, the planner's
+    estimate above it (for progress lines, every few seconds while jobs flow)."""
     table = queue_table(queue)
-    try:
-        with conn.transaction():
-            conn.execute(f"SET LOCAL statement_timeout = '{_COUNT_LIMIT}'")
-            row = conn.execute(f"SELECT count(*) AS n FROM {table}").fetchone()
-    except psycopg.errors.QueryCanceled:  # too large to count now: the planner's estimate
-        row = conn.execute(
-            "SELECT greatest(reltuples, 0)::bigint AS n FROM pg_class WHERE oid = %s::regclass", (table,)
-        ).fetchone()
+    row = conn.execute(
+        "SELECT " + _DEPTH.format(table=table) + " AS n", {"t": table, "cap": _COUNT_CAP}
+    ).fetchone()
     return int(row["n"]) if row else 0
 
 

@@ -35,26 +35,24 @@ def test_a_sampled_interval_is_not_scanned_again(db: Conn) -> None:
     q.sample_queue(db, "q_collectability", 3600)
     plan = db.execute(
         "EXPLAIN (ANALYZE, FORMAT JSON) " + q._SAMPLE.format(table=q.queue_table("q_collectability")),
-        {"q": "q_collectability", "i": 3600},
+        {"q": "q_collectability", "i": 3600, "t": q.queue_table("q_collectability"), "cap": q._COUNT_CAP},
     ).fetchone()
     text = str(plan)
     # The one-time filter is false: the queue's scan is never executed.
     assert "'One-Time Filter'" in text and "'Actual Loops': 0" in text, text
 
 
-def test_a_queue_too_large_to_count_in_time_gets_the_estimate(db: Conn, monkeypatch: Any) -> None:
+def test_a_queue_larger_than_the_count_cap_gets_the_planner_s_estimate(db: Conn, monkeypatch: Any) -> None:
     enqueue_many(
         db,
         "q_collectability",
         [build_envelope(entity_type="judgment", entity_id=str(n), org_id="o") for n in range(3)],
     )
-    db.execute("ANALYZE pgmq.q_q_collectability")
-    # A count that cannot finish in its bound: the one that would take too long on millions.
-    monkeypatch.setattr(
-        q, "_SAMPLE", "SELECT pg_sleep(5), %(q)s::text, %(i)s::float8, %(t)s::text /* {table} */"
-    )
-    monkeypatch.setattr(q, "_COUNT_LIMIT", "50ms")
+    db.execute("ANALYZE pgmq.q_q_collectability")  # the estimate: 3 rows
+    monkeypatch.setattr(q, "_COUNT_CAP", 1)  # counting stops at 2 rows scanned
     assert q.sample_queue(db, "q_collectability", 3600)
     row = db.execute("SELECT depth, in_flight, oldest_age_s FROM workers.queue_samples").fetchone()
-    assert row["depth"] == 3 and row["in_flight"] is None and row["oldest_age_s"] >= 0
-    assert q.queue_depth(db, "q_collectability") == 3  # the bound is a limit, not the answer
+    assert row["depth"] == 3 and row["in_flight"] == 0 and row["oldest_age_s"] >= 0
+    assert q.queue_depth(db, "q_collectability") == 3
+    monkeypatch.setattr(q, "_COUNT_CAP", 100)
+    assert q.queue_depth(db, "q_collectability") == 3
