@@ -106,6 +106,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("action", choices=["status", "start", "stop", "restart", "url", "reset"])
     args = parser.parse_args(argv)
+    configured = os.environ.get("SUPABASE_DB_URL")
+    if configured:
+        from backend.dburl import check_db_url
+
+        try:
+            check_db_url(configured, prod=False)
+        except ConfigError as exc:
+            print(f"configuration error: {exc}", file=sys.stderr)
+            return 1
+        print(
+            "note: SUPABASE_DB_URL is set: the other commands use that database, not this one",
+            file=sys.stderr,
+        )
     server = default_server()
     try:
         if args.action in ("start", "url"):
@@ -125,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"deleted {server.pgdata}")
     except (OSError, subprocess.SubprocessError) as exc:
         print(f"embedded PostgreSQL: {exc}", file=sys.stderr)
+        return 1
+    except ConfigError as exc:  # the local extra is not installed
+        print(f"configuration error: {exc}", file=sys.stderr)
         return 1
     return 0
 

@@ -47,6 +47,7 @@ COMMANDS = [
         ],
         1,
     ),
+    (["-m", "backend.db.embedded", "status"], 1),
 ]
 
 
@@ -71,7 +72,9 @@ def error_lines(done: subprocess.CompletedProcess[str]) -> list[str]:
 
 
 @pytest.mark.parametrize(("url", "password", "fix"), BAD_URLS, ids=["brackets", "at", "percent", "hash"])
-@pytest.mark.parametrize(("command", "code"), COMMANDS, ids=["worker", "migrate", "inspector", "enqueue"])
+@pytest.mark.parametrize(
+    ("command", "code"), COMMANDS, ids=["worker", "migrate", "inspector", "enqueue", "embedded"]
+)
 def test_a_malformed_url_is_one_line_with_the_fix_and_no_password(
     url: str, password: str, fix: str, command: list[str], code: int
 ) -> None:
