@@ -23,6 +23,7 @@ from backend.db.migrate import (
     older_live_workers,
 )
 from tests.helpers import wait_until
+from tools.worker_inspector.report import pending_contracts
 
 
 def test_migrations_are_idempotent_and_create_the_queues(db: psycopg.Connection[Any]) -> None:
@@ -124,8 +125,14 @@ def test_the_key_per_queue_migration_is_safe_beside_running_workers(fresh_url: s
         later = [m for m in range(8, latest_version() + 1)]
         assert apply_migrations(conn, queues=queues) == later
         assert 7 not in applied_versions(conn) and missing_for_workers(conn) == []
+        # The inspector says why it waits, then that it is due.
+        waiting = pending_contracts(conn)
+        assert [(f.code, f.subject) for f in waiting] == [("migration_pending", "7")]
+        assert "waits for 1 live worker(s) older than schema 6" in waiting[0].message
         conn.execute("UPDATE workers.heartbeats SET status = 'STOPPED', stopped_at = now()")
+        assert "is due" in pending_contracts(conn)[0].message
         assert apply_migrations(conn, queues=queues) == [7]
+        assert pending_contracts(conn) == []
         assert applied_versions(conn) == set(range(1, latest_version() + 1))
 
         pkey = conn.execute(

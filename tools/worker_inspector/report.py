@@ -12,6 +12,7 @@ from datetime import timedelta
 
 from psycopg import IsolationLevel
 
+from backend.db.migrate import applied_versions, migrations, older_live_workers
 from tools.worker_inspector import queries
 from tools.worker_inspector.model import (
     KILLED_NOTE,
@@ -46,6 +47,7 @@ def build_report(conn: Conn, options: Options, *, database: str = "") -> Report:
             queue_rows = queries.queue_stats(conn, names)
             stuck_total, stuck_rows = queries.stuck_claims(conn, o.stuck_limit)
             letter_rows = queries.dead_letter_counts(conn)
+            contracts = pending_contracts(conn)
     finally:
         conn.read_only, conn.isolation_level = saved
 
@@ -82,7 +84,31 @@ def build_report(conn: Conn, options: Options, *, database: str = "") -> Report:
     )
     report.reasons.extend(_reasons(report, names))
     report.warnings.extend(_warnings(report, hidden_dead))
+    report.warnings.extend(contracts)
     return report
+
+
+def pending_contracts(conn: Conn) -> list[Finding]:
+    """Contract migrations not applied yet: waiting for older workers, or due."""
+    applied = applied_versions(conn)
+    found = []
+    for m in migrations():
+        if m.after_workers_at is None or m.version in applied:
+            continue
+        older = older_live_workers(conn, m.after_workers_at)
+        why = (
+            f"waits for {len(older)} live worker(s) older than schema {m.after_workers_at}"
+            if older
+            else "is due: no worker older than its schema runs; run python -m backend.db.migrate"
+        )
+        found.append(
+            Finding(
+                code="migration_pending",
+                subject=str(m.version),
+                message=f"migration {m.version} ({m.name}) {why}",
+            )
+        )
+    return found
 
 
 def _rounded(row: Row, key: str) -> Row:
