@@ -187,12 +187,21 @@ def _enqueue_file(args: argparse.Namespace, entity_type: str | None, connect: An
         print(f"{args.file}:{number}: not sent: {why}", file=sys.stderr)
     bar = _ProgressBar(len(good)) if sys.stderr.isatty() else None
     sent = 0
-    with connect(url, "dragonfly-enqueue") as conn:
-        for first in range(0, len(good), max(1, args.batch)):
-            chunk = good[first : first + max(1, args.batch)]
-            sent += len(enqueue_many(conn, args.queue, chunk, delay_s=args.delay))
-            if bar:
-                bar.show(sent)
+    try:
+        with connect(url, "dragonfly-enqueue") as conn:
+            for first in range(0, len(good), max(1, args.batch)):
+                chunk = good[first : first + max(1, args.batch)]
+                sent += len(enqueue_many(conn, args.queue, chunk, delay_s=args.delay))
+                if bar:
+                    bar.show(sent)
+    except psycopg.Error:
+        # Each batch commits on its own: say how far it got, so a rerun can start after it.
+        if bar:
+            bar.done()
+        print(
+            f"{args.file}: {sent:,} of {len(good):,} jobs were sent before the failure below", file=sys.stderr
+        )
+        raise
     if bar:
         bar.done()
     summary = {

@@ -110,3 +110,35 @@ def test_at_a_terminal_it_draws_a_progress_bar(tmp_path: Path, clean_db: str) ->
     assert text.count("\r[") == 8  # one redraw per batch of 250
     assert "[##############################] 2,000/2,000 jobs" in text
     assert json.loads(out)["sent"] == 2_000
+
+
+def test_a_failure_halfway_says_how_many_were_sent(
+    tmp_path: Path, clean_db: str, db: psycopg.Connection[Any]
+) -> None:
+    path = jobs_file(tmp_path / "jobs.jsonl", 1_000, {})
+    db.execute(
+        "CREATE FUNCTION refuse_file_600() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+        " IF NEW.message ->> 'idempotency_key' = 'file-600' THEN RAISE EXCEPTION 'refused by a trigger';"
+        " END IF; RETURN NEW; END $$"
+    )
+    db.execute(
+        "CREATE TRIGGER fail_600 BEFORE INSERT ON pgmq.q_q_collectability"
+        " FOR EACH ROW EXECUTE FUNCTION refuse_file_600()"
+    )
+    try:
+        done = subprocess.run(
+            enqueue_file(path, "--batch", "250"),
+            cwd=PROJECT_ROOT,
+            env=env_for(clean_db),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        db.execute("DROP TRIGGER fail_600 ON pgmq.q_q_collectability")
+        db.execute("DROP FUNCTION refuse_file_600()")
+    assert done.returncode == 1
+    lines = done.stderr.splitlines()
+    assert lines[0] == f"{path}: 500 of 1,000 jobs were sent before the failure below"
+    assert lines[1].startswith("enqueue failed:") and "refused by a trigger" in lines[1]
+    assert db.execute("SELECT count(*) AS n FROM pgmq.q_q_collectability").fetchone()["n"] == 500
