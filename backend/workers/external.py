@@ -16,7 +16,7 @@ from backend.db import ledger
 from backend.db import queries as q
 from backend.jobs import Job
 from backend.workers.delivery import Outcome
-from backend.workers.strategy import Conn, ShouldStop, Strategy, reraise_if_connection_lost
+from backend.workers.strategy import Conn, ShouldStop, Strategy
 
 
 class ExternalHandler(Protocol):
@@ -58,19 +58,17 @@ class ExternalStrategy(Strategy):
         """Run the handler with its leases extended, then settle; False when another worker
         took the job over (the extension failed and the leases lapsed)."""
         self.held.hold(job.msg_id, job.idempotency_key)
-        try:
+
+        def run() -> None:
             check = getattr(self.handler, "check", None)
             if check is not None:
                 with conn.transaction():
                     q.bound_transaction(conn, self.options.transaction_limit_ms)
                     check(conn, job)
             self.handler.handle(job)
-            out.done.append(job)
-        except MemoryError:
-            raise
-        except Exception as exc:
-            reraise_if_connection_lost(conn, exc)
-            self.fail(job, exc, out)
+
+        try:
+            self.attempt(conn, job, out, run)
         finally:
             self.held.put_down()
         with conn.transaction():

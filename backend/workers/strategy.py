@@ -191,6 +191,19 @@ class Strategy:
                 )
         return [p for p in pending if p[0]["idempotency_key"] not in taken]
 
+    def attempt(self, conn: Conn, job: Job, out: Outcome, run: Callable[[], None]) -> None:
+        """Run one job's handler: done, or its failure recorded. A MemoryError and a lost
+        connection are not the job's failure: they propagate (a crash, an outage)."""
+        try:
+            run()
+        except MemoryError:
+            raise
+        except Exception as exc:
+            reraise_if_connection_lost(conn, exc)
+            self.fail(job, exc, out)
+        else:
+            out.done.append(job)
+
     def fail(self, job: Job, exc: Exception, out: Outcome) -> None:
         """Record a handler's failure: a retry after the backoff, or a dead letter when the
         error is permanent or the attempts are used up."""

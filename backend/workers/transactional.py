@@ -151,15 +151,12 @@ class TransactionalStrategy(Strategy):
 
     def _run_one(self, conn: Conn, job: Job, out: Outcome) -> None:
         """Run one job in a savepoint: its failure rolls back its own writes only."""
-        try:
+
+        def run() -> None:
             with conn.transaction():
                 self.handler.handle(conn, job)
-            out.done.append(job)
-        except MemoryError:
-            raise
-        except Exception as exc:
-            reraise_if_connection_lost(conn, exc)
-            self.fail(job, exc, out)
+
+        self.attempt(conn, job, out, run)
 
     # --- run alone -----------------------------------------------------------------------
 
