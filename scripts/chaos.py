@@ -23,7 +23,8 @@ SIGTERM and checks:
   replica's heartbeat row stopped advancing and reads as dead; a chaos worker replica ended
   by one of its killer jobs exited 137 right after saying so;
 - liveness: transactional replicas are also frozen (SIGSTOP, then SIGCONT) for longer than
-  the visibility timeout, a chaos worker (``scripts/chaos_worker.py``) gets jobs that end its
+  the visibility timeout, never the last unfrozen one of its kind (the stall is measured
+  while a worker of the queue is free), a chaos worker (``scripts/chaos_worker.py``) gets jobs that end its
   process, and the queues get undecodable and oversized bodies; the longest stall (how long
   a job took from its enqueue to its completion, less the retry delays it was given and the
   time PostgreSQL was down) must stay within the visibility timeout + 10 s.
@@ -599,9 +600,24 @@ class Supervisor:
                 and (replica.frozen_until is None)
                 and (replica.booted or name == "SIGKILL")
                 and (name != "SIGSTOP" or (replica.booted and replica.kind in FREEZABLE))
+                and (name != "SIGSTOP" or self._another_free(replica))
             ):
                 return replica
         return None
+
+    def _another_free(self, replica: Replica) -> bool:
+        """Whether a replica of the same kind stays free to work: the longest stall counts
+        the wait of a job while a worker of its queue was free, so a freeze never takes the
+        last one (kills and restarts still may)."""
+        return any(
+            other is not None
+            and other is not replica
+            and other.kind == replica.kind
+            and other.alive()
+            and other.booted
+            and other.frozen_until is None
+            for other in self.current
+        )
 
     def stop_all(self, timeout_s: float) -> None:
         """SIGTERM every replica and wait for them all; SIGKILL any that outlive ``timeout_s``."""
