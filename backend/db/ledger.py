@@ -72,9 +72,10 @@ SELECT k, %(queue)s, m, %(status)s, 1, %(worker)s,
 FROM unnest(%(keys)b::text[], %(ids)b::bigint[]) AS t(k, m)
 -- A key with a live claim is not even try-locked: a batch that will not claim it must not
 -- hold its lock until its commit, while the claim's owner waits for it to start the run.
-WHERE CASE WHEN EXISTS (SELECT 1 FROM workers.processed_jobs AS l WHERE l.queue_name = %(queue)s
-                        AND l.job_key = t.k AND l.status = {_PROCESSING}
-                        AND l.lease_expires_at > clock_timestamp())
+-- The live claims are read once per statement (the partial index of them), not probed per key.
+WHERE CASE WHEN t.k = ANY (ARRAY(SELECT l.job_key FROM workers.processed_jobs AS l
+                                 WHERE l.status = {_PROCESSING} AND l.queue_name = %(queue)s
+                                   AND l.lease_expires_at > clock_timestamp()))
            THEN false ELSE {_KEY_LOCK.format(queue="%(queue)s", key="t.k")} END
 ORDER BY k  -- one row lock order for every worker: no deadlocks between batches
 ON CONFLICT (queue_name, job_key) DO UPDATE

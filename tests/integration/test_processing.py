@@ -494,6 +494,33 @@ def test_every_transaction_bounds_itself_and_leaves_the_session_unbounded(
     assert (after["i"], after["s"]) == ("0", "0")
 
 
+def test_a_batch_goes_on_without_the_keys_another_workers_open_transaction_is_claiming(
+    db: Conn, work_conn: Conn, clean_db: str
+) -> None:
+    """A key that another worker's open transaction is claiming (a batch in flight, or
+    frozen) is skipped at once, its message delayed; the rest of the batch completes."""
+    for key in ("held", "a", "b"):
+        send(db, key)
+    other = psycopg.connect(clean_db, autocommit=True)
+    try:
+        with other.transaction():
+            assert claim(other, queue=QUEUE, worker_id="other", keys=["held"], msg_ids=[0], lease_s=5) == {
+                "held": 1
+            }
+            recorder = Recorder()
+            proc = processor(clean_db, recorder)
+            started = time.monotonic()
+            assert proc.process(work_conn) == 3
+            took_s = time.monotonic() - started
+            assert recorder.batches == [["a", "b"]]
+            delayed = db.execute("SELECT count(*) AS n FROM pgmq.q_q_probe WHERE vt > clock_timestamp()")
+            assert delayed.fetchone()["n"] == 1
+    finally:
+        other.close()
+    assert took_s < 1
+    assert effects(db) == 2 and effects(db, "held") == 0
+
+
 def test_a_key_whose_run_alone_ended_without_an_outcome_runs_alone_again_counted(
     db: Conn, work_conn: Conn, clean_db: str
 ) -> None:
