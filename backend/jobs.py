@@ -12,6 +12,7 @@ from backend.errors import InvalidEnvelope, PermanentJobError
 REQUIRED_TEXT_FIELDS = ("idempotency_key", "entity_type", "entity_id", "org_id")
 OPTIONAL_TEXT_FIELDS = ("trace_id", "created_at")
 MAX_KEY_LENGTH = 512
+_REQUIRED_FIELDS = frozenset((*REQUIRED_TEXT_FIELDS, "payload"))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,8 +50,8 @@ def validate_envelope(body: Any, *, max_bytes: int, size: int | None = None) -> 
         size = len(json.dumps(body, separators=(",", ":")).encode())
     if size > max_bytes:
         raise InvalidEnvelope(f"envelope is {size} bytes, over the limit of {max_bytes}")
-    missing = [name for name in (*REQUIRED_TEXT_FIELDS, "payload") if name not in body]
-    if missing:
+    if not body.keys() >= _REQUIRED_FIELDS:
+        missing = [name for name in (*REQUIRED_TEXT_FIELDS, "payload") if name not in body]
         raise InvalidEnvelope(f"missing field(s): {', '.join(missing)}")
     for name in REQUIRED_TEXT_FIELDS:
         value = body[name]
@@ -67,7 +68,15 @@ def validate_envelope(body: Any, *, max_bytes: int, size: int | None = None) -> 
 
 
 def job_from_envelope(envelope: Mapping[str, Any], *, msg_id: int, queue_name: str, attempt: int = 1) -> Job:
-    return Job(
+    """The ``Job`` of a validated envelope.
+
+    Built once per job on the hot path, so its fields are set in the instance's ``__dict__``
+    directly: a frozen dataclass's ``__init__`` sets them one by one through
+    ``object.__setattr__``, about a microsecond per job. The result is the same ``Job``
+    (equal to one built with its ``__init__``; a test keeps it so when a field is added).
+    """
+    job = object.__new__(Job)
+    vars(job).update(
         msg_id=msg_id,
         queue_name=queue_name,
         idempotency_key=envelope["idempotency_key"],
@@ -79,6 +88,7 @@ def job_from_envelope(envelope: Mapping[str, Any], *, msg_id: int, queue_name: s
         created_at=envelope.get("created_at"),
         attempt=attempt,
     )
+    return job
 
 
 def _json_type(value: Any) -> str:
