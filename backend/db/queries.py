@@ -63,13 +63,13 @@ _BODY_OF = """LATERAL (SELECT x.text, octet_length(x.text) AS size
 def _lock_sql(queue: str) -> str:
     table = queue_table(queue)
     return f"""
-SELECT m.msg_id, {_BODY.format(prefix=PREFIX_CHARS)}, s.msg_id IS NOT NULL
+SELECT m.msg_id, {_BODY.format(prefix=PREFIX_CHARS)},
+       -- a hashed subplan: the records' ids are read into one hash table per statement
+       m.msg_id IN (SELECT unnest(msg_ids) FROM workers.deliveries WHERE queue_name = %(queue)s)
 FROM ({_BOUND}) AS bound,
      (SELECT msg_id, message FROM {table} WHERE vt <= clock_timestamp()
       ORDER BY msg_id LIMIT %(qty)s FOR UPDATE SKIP LOCKED) AS m
-CROSS JOIN {_BODY_OF.format(row="m")}
-LEFT JOIN (SELECT DISTINCT unnest(msg_ids) AS msg_id FROM workers.deliveries
-           WHERE queue_name = %(queue)s) AS s ON s.msg_id = m.msg_id"""
+CROSS JOIN {_BODY_OF.format(row="m")}"""
 
 
 def lock_messages(conn: Conn, queue: str, *, qty: int, max_bytes: int, limit_ms: int) -> list[Message]:
