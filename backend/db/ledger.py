@@ -11,7 +11,7 @@ from typing import Any
 import psycopg
 from psycopg.rows import tuple_row
 
-from backend.db.queries import delete_messages, queue_table, set_visibility
+from backend.db.queries import delete_messages, int_array, queue_table, set_visibility
 
 Conn = psycopg.Connection[Any]
 
@@ -69,7 +69,7 @@ SELECT k, %(queue)s, m, %(status)s, 1, %(worker)s,
        CASE WHEN %(status)s = {_PROCESSING} THEN clock_timestamp() + make_interval(secs => %(lease)s) END,
        clock_timestamp(), clock_timestamp(),
        CASE WHEN %(status)s = {_COMPLETED} THEN clock_timestamp() END
-FROM unnest(%(keys)b::text[], %(ids)b::bigint[]) AS t(k, m)
+FROM unnest(%(keys)b::text[], %(ids)s::bigint[]) AS t(k, m)
 -- A key with a live claim is not even try-locked: a batch that will not claim it must not
 -- hold its lock until its commit, while the claim's owner waits for it to start the run.
 -- The live claims are read once per statement (the partial index of them), not probed per key.
@@ -120,7 +120,7 @@ def claim(
                 "lease": lease_s,
                 "status": status,
                 "keys": list(keys),
-                "ids": list(msg_ids),
+                "ids": int_array(msg_ids),
             },
         ).fetchall()
     return dict(rows)

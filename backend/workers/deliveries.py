@@ -36,7 +36,8 @@ class DeliveryLog:
     def record(self, msg_ids: Sequence[int]) -> None:
         """Send the record of the messages about to run; ``confirm`` before running them."""
         self._send(
-            q.RECORD_DELIVERY, [self.worker_id.encode(), self.queue_name.encode(), q.int_array(msg_ids)]
+            q.RECORD_DELIVERY,
+            [self.worker_id.encode(), self.queue_name.encode(), q.int_array(msg_ids).encode()],
         )
 
     def forget(self, timeout_s: float) -> None:
