@@ -1,0 +1,170 @@
+"""What one transactional batch costs, against the plain pgmq loop and against another
+commit's runtime, measured batch by batch in one process so the machine's drift cancels.
+
+    python -m scripts.batch_cost                      # this tree's no-op batch vs the pgmq loop
+    python -m scripts.batch_cost --against 5bd2014    # ... and vs that commit's runtime
+
+On a shared 2-core machine the speed moves by a third from one minute to the next, so two
+worker runs a minute apart cannot tell a 5% change. Here every round runs one batch of the
+plain loop (``pgmq.read`` of 100, one ``pgmq.delete``), then one no-op batch of each
+runtime (their order alternating), each on its own queue of a fresh embedded server; the
+medians of the per-batch times are compared. ``--against REV`` exports ``backend/`` of REV
+(``git archive``) and imports it as the package ``backend_ref`` beside this tree's.
+
+The figures are per batch of the strategy alone, in process: no worker process, heartbeat
+or housekeeping thread, so the ratio to the loop is higher here than in
+``python -m scripts.bench``, which is the measure of the targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import io
+import re
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import psycopg
+
+from scripts.bench.database import BenchDatabase, start_embedded
+from scripts.bench.plan import BASE_QUEUE, BENCH_QUEUE, VT_S
+from scripts.harness.process import ROOT
+
+REF_PACKAGE = "backend_ref"
+REF_QUEUE = "q_bench_ref"
+_IMPORT = re.compile(r"\bbackend\.")
+WARMUP = 20  # batches left out of the medians: statements not yet prepared, caches cold
+
+
+class _NoOp:
+    def handle(self, conn: Any, job: Any) -> None:
+        pass
+
+    def handle_batch(self, conn: Any, jobs: list[Any]) -> None:
+        pass
+
+
+def export_reference(rev: str, into: Path) -> None:
+    """REV's ``backend/`` as the package ``backend_ref`` under ``into``."""
+    archive = subprocess.run(
+        ["git", "archive", rev, "backend"], cwd=ROOT, capture_output=True, check=True
+    ).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(into / "src", filter="data")
+    (into / "src" / "backend").rename(into / REF_PACKAGE)
+    for path in (into / REF_PACKAGE).rglob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        text = _IMPORT.sub(f"{REF_PACKAGE}.", text).replace(
+            "from backend import", f"from {REF_PACKAGE} import"
+        )
+        path.write_text(text, encoding="utf-8")
+    sys.path.insert(0, str(into))
+
+
+def forget_reference(into: Path) -> None:
+    """Undo ``export_reference``: its folder off the import path, its modules unloaded."""
+    if str(into) in sys.path:
+        sys.path.remove(str(into))
+    for name in [m for m in sys.modules if m == REF_PACKAGE or m.startswith(f"{REF_PACKAGE}.")]:
+        del sys.modules[name]
+
+
+def strategy(package: str, url: str, queue: str, name: str) -> tuple[Any, Any]:
+    """A no-op ``TransactionalStrategy`` of ``package`` on ``queue``, and its connection."""
+    modules: dict[str, ModuleType] = {
+        m: importlib.import_module(f"{package}.{m}")
+        for m in ("workers.transactional", "workers.deliveries", "workers.delivery", "db.connect")
+    }
+    connect: Callable[..., Any] = modules["db.connect"].connect
+    deliveries = modules["workers.deliveries"].DeliveryLog(
+        queue_name=queue, worker_id=name, open_conn=lambda: connect(url, f"{name}:deliveries")
+    )
+    made = modules["workers.transactional"].TransactionalStrategy(
+        handler=_NoOp(),
+        deliveries=deliveries,
+        queue=queue,
+        worker_id=name,
+        options=modules["workers.delivery"].ProcessingOptions(),
+    )
+    return made, connect(url, name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m scripts.batch_cost", description=__doc__)
+    parser.add_argument("--against", metavar="REV", help="a commit whose runtime to compare with")
+    parser.add_argument("--batches", type=int, default=600, help="rounds (default 600)")
+    args = parser.parse_args(argv)
+    batch = 100
+    with tempfile.TemporaryDirectory(prefix="batch-cost-") as tmp:
+        runtimes = {"this tree": ("backend", BENCH_QUEUE)}
+        if args.against:
+            export_reference(args.against, Path(tmp))
+            runtimes[args.against] = (REF_PACKAGE, REF_QUEUE)
+        server, url = start_embedded(Path(tmp) / "pg")
+        made: dict[str, tuple[Any, Any]] = {}
+        db = BenchDatabase(url)
+        try:
+            db.prepare()
+            jobs = (args.batches + WARMUP) * batch
+            for _, queue in runtimes.values():
+                db.conn.execute("SELECT pgmq.create(%s)", (queue,))
+                db.fill_bench(queue, jobs, queue)
+            db.fill_bench(BASE_QUEUE, jobs, "base")
+            for i, (label, (package, queue)) in enumerate(runtimes.items()):
+                made[label] = strategy(package, url, queue, f"cost-{i}")
+            times = measure(url, made, args.batches + WARMUP, batch)
+        finally:
+            for runtime, conn in made.values():
+                runtime.deliveries.close()
+                conn.close()
+            db.conn.close()
+            server.stop()
+            forget_reference(Path(tmp))
+    report({k: v[WARMUP:] for k, v in times.items()}, args.against)
+    return 0
+
+
+def measure(url: str, made: dict[str, tuple[Any, Any]], rounds: int, batch: int) -> dict[str, list[float]]:
+    """Seconds per batch: the loop's, then each runtime's, round after round."""
+    times: dict[str, list[float]] = {"pgmq loop": [], **{label: [] for label in made}}
+    order = list(made)
+    with psycopg.connect(url, autocommit=True) as loop:
+        for i in range(rounds):
+            started = time.perf_counter()
+            rows = loop.execute(
+                "SELECT msg_id FROM pgmq.read(%s, %s, %s)", (BASE_QUEUE, VT_S, batch)
+            ).fetchall()
+            loop.execute("SELECT pgmq.delete(%s, %s::bigint[])", (BASE_QUEUE, [r[0] for r in rows]))
+            times["pgmq loop"].append(time.perf_counter() - started)
+            for label in order if i % 2 == 0 else reversed(order):
+                runtime, conn = made[label]
+                started = time.perf_counter()
+                taken = runtime.process(conn)
+                times[label].append(time.perf_counter() - started)
+                if taken != batch:
+                    raise RuntimeError(f"{label} took {taken} messages, not {batch}")
+    return times
+
+
+def report(times: dict[str, list[float]], against: str | None) -> None:
+    loop = statistics.median(times["pgmq loop"])
+    print(f"{len(times['pgmq loop'])} rounds, batch of 100; median ms per batch (loop / it):")
+    for label, values in times.items():
+        median = statistics.median(values)
+        print(f"  {label:<12} {median * 1000:7.3f} ms   {loop / median:5.2f}")
+    if against:
+        ours, theirs = statistics.median(times["this tree"]), statistics.median(times[against])
+        print(f"this tree / {against}: {ours / theirs:.3f} of its time per batch")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
