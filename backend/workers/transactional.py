@@ -88,8 +88,9 @@ class TransactionalStrategy(Strategy):
             return len(messages)
         self._one_by_one = False
         self.after_commit(out)
-        for envelope, _ in delivery.together:  # their copies were deleted or delayed with them
-            delivery.copies.pop(envelope["idempotency_key"], None)
+        if delivery.copies:
+            for envelope, _ in delivery.together:  # their copies were deleted or delayed with them
+                delivery.copies.pop(envelope["idempotency_key"], None)
         self.run_alone(conn, delivery, should_stop)
         return len(messages)
 
@@ -118,12 +119,14 @@ class TransactionalStrategy(Strategy):
             out.done.extend(claims.jobs)
         if out.done and time.monotonic() - started > _STALE_COMPLETION_S:
             ledger.complete(conn, self.queue, [j.idempotency_key for j in out.done])  # fresh completed_at
-        already = set(claims.completed)
-        done_keys = {j.idempotency_key for j in out.done} | {
-            env["idempotency_key"] for env, msg_id in delivery.together if msg_id in already
-        }
-        copies_done = [m for k, ids in delivery.copies.items() if k in done_keys for m in ids]
-        claims.waits.update(_copies_wait(delivery.together, delivery.copies, out, claims.waits))
+        copies_done: list[int] = []
+        if delivery.copies:  # later messages of the batch's keys: done with them, or wait
+            already = set(claims.completed)
+            done_keys = {j.idempotency_key for j in out.done} | {
+                env["idempotency_key"] for env, msg_id in delivery.together if msg_id in already
+            }
+            copies_done = [m for k, ids in delivery.copies.items() if k in done_keys for m in ids]
+            claims.waits.update(_copies_wait(delivery.together, delivery.copies, out, claims.waits))
         self.settle(conn, out, delete=[*claims.completed, *copies_done], waits=claims.waits, complete=False)
 
     def _run_batch(self, conn: Conn, jobs: list[Job]) -> None:
@@ -184,8 +187,6 @@ def _copies_wait(
     """Msg id -> delay for the later copies of keys whose first message of the batch waits:
     a failed attempt's backoff, or another worker's lease. Without it a copy would be
     delivered again at once and run the key's next attempt without its backoff."""
-    if not copies:
-        return {}
     wait = {f.job_key: f.delay_s for f in out.failures}
     wait.update({env["idempotency_key"]: waits[msg_id] for env, msg_id in pending if msg_id in waits})
     return {m: wait[key] for key, ids in copies.items() if key in wait for m in ids}
