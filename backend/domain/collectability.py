@@ -139,6 +139,29 @@ def age_in_years(start: date, today: date) -> int:
     return today.year - start.year - ((today.month, today.day) < (start.month, start.day))
 
 
+@dataclass(frozen=True, kw_only=True)
+class _Table:
+    """A scoring table arranged for scoring: the base rows in order, and each rule's adjust
+    rows in order, each row with its condition's text (rendered once, not per judgment)."""
+
+    bases: tuple[tuple[ScoringRule, str], ...]
+    adjusts: dict[str, tuple[tuple[ScoringRule, str], ...]]
+
+    @classmethod
+    def of(cls, rules: Sequence[ScoringRule]) -> _Table:
+        adjusts: dict[str, list[tuple[ScoringRule, str]]] = {}
+        for r in rules:
+            if r.step == "adjust":
+                adjusts.setdefault(r.rule, []).append((r, render_when(r.when)))
+        return cls(
+            bases=tuple((r, render_when(r.when)) for r in rules if r.step == "base"),
+            adjusts={rule: tuple(rows) for rule, rows in adjusts.items()},
+        )
+
+
+_SCORING_TABLE = _Table.of(SCORING_RULES)
+
+
 def score_judgment(
     amount: Decimal, judgment_date: date, today: date, rules: Sequence[ScoringRule] = SCORING_RULES
 ) -> Score:
@@ -147,15 +170,16 @@ def score_judgment(
         raise ValueError(f"amount must be positive, got {amount}")
     if judgment_date > today:
         raise ValueError(f"judgment date {judgment_date} is after {today}")
+    table = _SCORING_TABLE if rules is SCORING_RULES else _Table.of(rules)
     age = age_in_years(judgment_date, today)
     facts = {"amount": amount, "age_years": age}
-    base = next(r for r in rules if r.step == "base" and all(c.holds(facts) for c in r.when))
+    base, text = next((r, t) for r, t in table.bases if all(c.holds(facts) for c in r.when))
     total = base.points
-    steps = [f"rule {base.rule} ({render_when(base.when)}) base {base.points}"]
-    for row in rules:
-        if row.step == "adjust" and row.rule == base.rule and all(c.holds(facts) for c in row.when):
+    steps = [f"rule {base.rule} ({text}) base {base.points}"]
+    for row, text in table.adjusts.get(base.rule, ()):
+        if all(c.holds(facts) for c in row.when):
             total += row.points
-            steps.append(f"{row.points:+d} {render_when(row.when)}")
+            steps.append(f"{row.points:+d} {text}")
     score = min(100, max(0, total))
     reason = f"amount ${amount:,.2f}, {age} full years old; {'; '.join(steps)}; score {score}"
     return Score(score=score, tier=base.tier, reason=reason)
