@@ -103,34 +103,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--against", metavar="REV", help="a commit whose runtime to compare with")
     parser.add_argument("--batches", type=int, default=600, help="rounds (default 600)")
     args = parser.parse_args(argv)
-    batch = 100
     with tempfile.TemporaryDirectory(prefix="batch-cost-") as tmp:
-        runtimes = {"this tree": ("backend", BENCH_QUEUE)}
-        if args.against:
-            export_reference(args.against, Path(tmp))
-            runtimes[args.against] = (REF_PACKAGE, REF_QUEUE)
-        server, url = start_embedded(Path(tmp) / "pg")
-        made: dict[str, tuple[Any, Any]] = {}
-        db = BenchDatabase(url)
         try:
-            db.prepare()
-            jobs = (args.batches + WARMUP) * batch
-            for _, queue in runtimes.values():
-                db.conn.execute("SELECT pgmq.create(%s)", (queue,))
-                db.fill_bench(queue, jobs, queue)
-            db.fill_bench(BASE_QUEUE, jobs, "base")
-            for i, (label, (package, queue)) in enumerate(runtimes.items()):
-                made[label] = strategy(package, url, queue, f"cost-{i}")
-            times = measure(url, made, args.batches + WARMUP, batch)
+            times = run(Path(tmp), args.against, args.batches + WARMUP)
         finally:
-            for runtime, conn in made.values():
-                runtime.deliveries.close()
-                conn.close()
-            db.conn.close()
-            server.stop()
             forget_reference(Path(tmp))
     report({k: v[WARMUP:] for k, v in times.items()}, args.against)
     return 0
+
+
+def run(tmp: Path, against: str | None, rounds: int) -> dict[str, list[float]]:
+    """A fresh server in ``tmp``, a filled queue per runtime and for the loop; the times."""
+    batch = 100
+    runtimes = {"this tree": ("backend", BENCH_QUEUE)}
+    if against:
+        export_reference(against, tmp)
+        runtimes[against] = (REF_PACKAGE, REF_QUEUE)
+    server, url = start_embedded(tmp / "pg")
+    made: dict[str, tuple[Any, Any]] = {}
+    db: BenchDatabase | None = None
+    try:
+        db = BenchDatabase(url)
+        db.prepare()
+        for _, queue in runtimes.values():
+            db.conn.execute("SELECT pgmq.create(%s)", (queue,))
+            db.fill_bench(queue, rounds * batch, queue)
+        db.fill_bench(BASE_QUEUE, rounds * batch, "base")
+        for i, (label, (package, queue)) in enumerate(runtimes.items()):
+            made[label] = strategy(package, url, queue, f"cost-{i}")
+        return measure(url, made, rounds, batch)
+    finally:
+        for runtime, conn in made.values():
+            runtime.deliveries.close()
+            conn.close()
+        if db is not None:
+            db.conn.close()
+        server.stop()
 
 
 def measure(url: str, made: dict[str, tuple[Any, Any]], rounds: int, batch: int) -> dict[str, list[float]]:
