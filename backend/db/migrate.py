@@ -24,7 +24,7 @@ from typing import Any
 import psycopg
 
 from backend.config import QUEUES
-from backend.db.queries import queue_table
+from backend.db.queries import queue_exists, queue_table
 from backend.errors import ConfigError, describe
 from backend.events import Event
 from backend.logs import log_event
@@ -172,11 +172,18 @@ def ensure_pgmq(conn: psycopg.Connection[Any]) -> str:
 def ensure_queue(conn: psycopg.Connection[Any], queue: str) -> None:
     """Create the queue (idempotent) and attach the statement-level insert notification.
 
+    An existing queue is left as it is: ``pgmq.create`` runs ``CREATE INDEX IF NOT EXISTS``
+    on its table, which takes a share lock before it finds the index there, so it would wait
+    for every transaction that writes the queue (a worker's batch deletes its messages with
+    their claim; a frozen one holds that lock until the server ends its transaction), and
+    every worker's next write would queue behind it.
+
     pgmq's own per-row notification (1.7 and later), if enabled, is switched off: it
     updates one shared throttle row per message, so a large batch in one transaction
     slows down quadratically and concurrent producers wait for each other.
     """
-    conn.execute("SELECT pgmq.create(%s)", (queue,))
+    if not queue_exists(conn, queue):
+        conn.execute("SELECT pgmq.create(%s)", (queue,))
     if _has_trigger(conn, queue, PGMQ_NOTIFY_TRIGGER):
         conn.execute("SELECT pgmq.disable_notify_insert(%s)", (queue,))
     if not _has_trigger(conn, queue, NOTIFY_TRIGGER):

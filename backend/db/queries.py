@@ -260,10 +260,12 @@ def read_only(conn: Conn) -> bool:
 
 
 def queue_exists(conn: Conn, queue: str) -> bool:
-    row = conn.execute(
-        "SELECT to_regclass(format('pgmq.%%I', 'q_' || %s)) IS NOT NULL AS ok", (queue,)
-    ).fetchone()
-    return bool(row and row["ok"])
+    """Whether ``queue``'s table exists (a catalog lookup: no lock on the table)."""
+    with conn.cursor(row_factory=tuple_row) as cur:
+        row = cur.execute(
+            "SELECT to_regclass(format('pgmq.%%I', 'q_' || %s)) IS NOT NULL", (queue,)
+        ).fetchone()
+    return bool(row and row[0])
 
 
 def notifications_available(conn: Conn, queue: str) -> bool:

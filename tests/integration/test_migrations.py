@@ -41,6 +41,22 @@ def test_migrations_are_idempotent_and_create_the_queues(db: psycopg.Connection[
     assert {"job_key", "status", "attempts", "lease_expires_at", "completed_at"} <= cols
 
 
+def test_migrating_does_not_wait_for_a_transaction_writing_a_queue(
+    db: psycopg.Connection[Any], clean_db: str
+) -> None:
+    """A worker's batch deletes its messages inside its transaction (a frozen one holds that
+    lock until the server ends it): a booting worker's migration must not wait for it, or
+    every other worker's next write would queue behind the migration."""
+    with psycopg.connect(clean_db) as worker:
+        worker.execute("DELETE FROM pgmq.q_q_escalation")  # open: holds the queue's row-exclusive lock
+        with psycopg.connect(clean_db, autocommit=True, row_factory=dict_row) as booting:
+            booting.execute("SET lock_timeout = '2s'")
+            started = time.monotonic()
+            assert apply_migrations(booting) == []
+            assert time.monotonic() - started < 2
+        worker.rollback()
+
+
 def test_every_queue_notifies_once_per_inserting_statement(
     db: psycopg.Connection[Any], clean_db: str
 ) -> None:
