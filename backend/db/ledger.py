@@ -3,6 +3,7 @@ functions. A key's status is a ``LedgerStatus``."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -86,8 +87,20 @@ SET status = EXCLUDED.status, attempts = p.attempts + 1, msg_id = EXCLUDED.msg_i
 WHERE (p.status = {_FAILED} AND coalesce(p.lease_expires_at <= clock_timestamp(), true))
    OR (%(status)s = {_PROCESSING} AND p.status = {_PROCESSING}
        AND p.lease_expires_at < clock_timestamp())
-RETURNING p.job_key, p.attempts
+RETURNING p.job_key, p.attempts, p.msg_id
 """
+
+
+@functools.cache
+def _claim_sql(delete_from: str | None) -> str:
+    """The claim; with ``delete_from``, the claimed keys' messages of that queue deleted in
+    the same statement."""
+    if delete_from is None:
+        return _CLAIM
+    return (
+        f"WITH c AS ({_CLAIM}), d AS (DELETE FROM {queue_table(delete_from)}"
+        " WHERE msg_id = ANY (ARRAY(SELECT c.msg_id FROM c))) SELECT job_key, attempts FROM c"
+    )
 
 
 def claim(
@@ -99,6 +112,7 @@ def claim(
     msg_ids: Sequence[int],
     lease_s: float,
     status: LedgerStatus = LedgerStatus.PROCESSING,
+    delete_claimed: bool = False,
 ) -> dict[str, int]:
     """Claim each key not completed, dead, held by a live lease or by another worker's open
     transaction; return key -> attempt.
@@ -108,12 +122,18 @@ def claim(
     of a worker that died in the handler. ``completed`` is for a transactional batch, whose
     claim and effects commit together or not at all; it leaves an expired claim alone, so
     such a job is run alone, with its delivery counted first.
+
+    ``delete_claimed`` (``completed`` only) deletes the claimed keys' messages in the same
+    statement: a transactional batch's claims, effects and deletions commit together or not
+    at all, so the batch saves a statement.
     """
     if not keys:
         return {}
+    if delete_claimed and status != LedgerStatus.COMPLETED:
+        raise ValueError("only a claim as completed deletes its messages with it")
     with conn.cursor(row_factory=tuple_row) as cur:
         rows = cur.execute(
-            _CLAIM,
+            _claim_sql(queue if delete_claimed else None),
             {
                 "queue": queue,
                 "worker": worker_id,
@@ -123,7 +143,7 @@ def claim(
                 "ids": int_array(msg_ids),
             },
         ).fetchall()
-    return dict(rows)
+    return {key: attempt for key, attempt, *_ in rows}
 
 
 def keys_are_per_queue(conn: Conn) -> bool:

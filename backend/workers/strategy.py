@@ -104,11 +104,14 @@ class Strategy:
         *,
         status: LedgerStatus,
         expired: list[Pending] | None = None,
+        delete_claimed: bool = False,
     ) -> Claims:
         """Claim the pending envelopes' keys. A message whose key is already dead goes to
         ``out.letters``. A batch's claim leaves a ``processing`` claim whose lease expired
         (a run alone that ended with its worker gone or its transaction ended) to the
-        ``expired`` list: such a job runs alone again, counted, never merely delayed."""
+        ``expired`` list: such a job runs alone again, counted, never merely delayed.
+        ``delete_claimed``: the claimed jobs' messages are deleted with the claim
+        (``ledger.claim``)."""
         if self.shared_keys:
             pending = self._refuse_shared_keys(conn, pending, out)
         attempts = ledger.claim(
@@ -119,6 +122,7 @@ class Strategy:
             keys=[env["idempotency_key"] for env, _ in pending],
             msg_ids=[msg_id for _, msg_id in pending],
             lease_s=self.options.visibility_timeout_s,
+            delete_claimed=delete_claimed,
         )
         result = Claims(
             jobs=[
@@ -257,8 +261,10 @@ class Strategy:
         delete: Sequence[int] = (),
         waits: dict[int, int] | None = None,
         complete: bool = True,
+        done_deleted: bool = False,
     ) -> None:
-        """Write every outcome: completions, failures, dead letters, deletions."""
+        """Write every outcome: completions, failures, dead letters, deletions
+        (``done_deleted``: the done jobs' messages are deleted already, with their claim)."""
         if complete:
             ledger.complete(conn, self.queue, [j.idempotency_key for j in out.done])
         ledger.record_failures(conn, self.queue, out.failures)
@@ -266,7 +272,8 @@ class Strategy:
         delays.update(waits or {})
         q.set_visibility(conn, self.queue, list(delays), list(delays.values()))
         ledger.dead_letter(conn, queue=self.queue, worker_id=self.worker_id, letters=out.letters)
-        q.delete_messages(conn, self.queue, [*(j.msg_id for j in out.done), *delete])
+        done = () if done_deleted else (j.msg_id for j in out.done)
+        q.delete_messages(conn, self.queue, [*done, *delete])
 
     def after_commit(self, out: Outcome) -> None:
         """Count the outcome and log each dead letter, once its transaction committed."""

@@ -2,10 +2,10 @@
 
 One transaction per batch locks the messages (the row locks are the lease: every reader
 skips locked rows, and they end with the transaction, so with the worker), claims their
-keys in the ledger as completed, runs the handler on the same connection and deletes the
-messages. Before the handlers run, the batch's message ids are committed to
-``workers.deliveries`` on another connection (``DeliveryLog``, overlapping the claim): a
-batch whose worker dies (a job that kills the process, a freeze, a cut) leaves that record,
+keys in the ledger as completed and deletes the claimed messages in one statement, and runs
+the handler on the same connection. Before the handlers run, the batch's message ids are
+committed to ``workers.deliveries`` on another connection (``DeliveryLog``, overlapping the
+claim): a batch whose worker dies (a job that kills the process, a freeze, a cut) leaves that record,
 and the next worker to lock one of its messages runs it alone (``Strategy.run_alone``).
 When a handler raises inside a batch, the batch rolls back and the next one runs its jobs
 one by one, each in a savepoint.
@@ -98,21 +98,32 @@ class TransactionalStrategy(Strategy):
         return not msg.delivered_before
 
     def _batch(self, conn: Conn, delivery: Delivery, out: Outcome) -> None:
-        """Inside the batch's transaction: record the delivery, claim (as completed), handle,
-        settle, delete. Optimistic: the handler gets the whole batch; when it raises, the
-        transaction rolls back and the next batch runs one by one."""
+        """Inside the batch's transaction: record the delivery, claim (as completed, the
+        claimed messages deleted with it), handle, settle. Optimistic: the handler gets the
+        whole batch; when it raises, the transaction rolls back and the next batch runs one
+        by one."""
         recorded = bool(delivery.together)
         if recorded:
             self.deliveries.record([msg_id for _, msg_id in delivery.together])
         expired: list[Pending] = []
-        claims = self.claim(conn, delivery.together, out, status=LedgerStatus.COMPLETED, expired=expired)
+        # Optimistic: the claimed jobs' messages go with their claim (a handler that raises
+        # rolls both back); one by one, a job that fails keeps its message for its retry.
+        together = not self._one_by_one
+        claims = self.claim(
+            conn,
+            delivery.together,
+            out,
+            status=LedgerStatus.COMPLETED,
+            expired=expired,
+            delete_claimed=together,
+        )
         if expired:  # after the commit, alone, their copies with them
             delivery.alone.extend(expired)
             delivery.together = [p for p in delivery.together if p not in expired]
         if recorded:
             self.deliveries.confirm(self.options.visibility_timeout_s)  # before any handler runs
         started = time.monotonic()
-        if self._one_by_one:
+        if not together:
             self._run_one_by_one(conn, claims.jobs, out)
         elif claims.jobs:
             self._run_batch(conn, claims.jobs)
@@ -127,7 +138,14 @@ class TransactionalStrategy(Strategy):
             }
             copies_done = [m for k, ids in delivery.copies.items() if k in done_keys for m in ids]
             claims.waits.update(_copies_wait(delivery.together, delivery.copies, out, claims.waits))
-        self.settle(conn, out, delete=[*claims.completed, *copies_done], waits=claims.waits, complete=False)
+        self.settle(
+            conn,
+            out,
+            delete=[*claims.completed, *copies_done],
+            waits=claims.waits,
+            complete=False,
+            done_deleted=together,
+        )
 
     def _run_batch(self, conn: Conn, jobs: list[Job]) -> None:
         try:

@@ -202,8 +202,9 @@ def test_a_batch_is_recorded_and_held_by_lock_before_the_handler_runs(
 ) -> None:
     """While the batch runs, every other reader skips its messages, its delivery record is
     committed, and the messages are not rewritten (pgmq.read would set vt and read_ct of
-    each); a batch whose handler raises is rolled back and forgotten, and the next batch
-    runs the same jobs one by one."""
+    each), only deleted with their claim inside the batch's transaction; a batch whose
+    handler raises is rolled back and forgotten, and the next batch runs the same jobs one
+    by one."""
     seen: dict[str, Any] = {}
 
     class Peek(Recorder):
@@ -213,6 +214,8 @@ def test_a_batch_is_recorded_and_held_by_lock_before_the_handler_runs(
                 seen["record"] = other.execute(
                     "SELECT msg_ids FROM workers.deliveries WHERE worker_id = 'test-worker'"
                 ).fetchone()
+                seen["outside"] = other.execute("SELECT count(*) FROM pgmq.q_q_probe").fetchone()[0]
+            seen["inside"] = conn.execute("SELECT count(*) AS n FROM pgmq.q_q_probe").fetchone()["n"]
             seen["updated"] = conn.execute(
                 "SELECT n_tup_upd FROM pg_stat_xact_user_tables WHERE relid = 'pgmq.q_q_probe'::regclass"
             ).fetchone()["n_tup_upd"]
@@ -224,6 +227,7 @@ def test_a_batch_is_recorded_and_held_by_lock_before_the_handler_runs(
     assert seen["pgmq.read"] == []
     assert seen["record"] == (ids,)
     assert seen["updated"] == 0, "the batch wrote new versions of its messages"
+    assert (seen["inside"], seen["outside"]) == (0, 3), "deleted with their claim, not yet committed"
     assert (
         db.execute(
             "SELECT count(*) AS n FROM pgmq.q_q_probe WHERE read_ct = 0 AND vt <= clock_timestamp()"
