@@ -16,6 +16,9 @@ from backend.jobs import Job, validate_envelope
 
 Pending = tuple[dict[str, Any], int]  # a valid envelope and its message id
 _PREVIEW_CHARS = 120
+# Bodies decoded together (``_decode_together``) only while their texts add up to at most
+# this: beyond it the joined copy would cost more memory than the calls it saves.
+_TOGETHER_MAX_CHARS = 1 << 20
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,9 +73,11 @@ def sort_delivery(
     with the rest of the delivery or alone (``runs_together``); later ones are its copies."""
     out = Delivery()
     seen: set[str] = set()
+    bodies = _decode_together(messages, max_bytes)
     for msg in messages:
         try:
-            envelope = validate_envelope(decode(msg, max_bytes), max_bytes=max_bytes, size=msg.size)
+            body = bodies[msg.msg_id] if msg.msg_id in bodies else decode(msg, max_bytes)
+            envelope = validate_envelope(body, max_bytes=max_bytes, size=msg.size)
         except InvalidEnvelope as exc:
             out.letters.append(
                 DeadLetter(
@@ -87,6 +92,28 @@ def sort_delivery(
         seen.add(key)
         (out.together if runs_together(msg) else out.alone).append((envelope, msg.msg_id))
     return out
+
+
+def _decode_together(messages: Sequence[q.Message], max_bytes: int) -> dict[int, Any]:
+    """Msg id -> body of the delivery's bodies within the size limit, decoded in one call
+    as one JSON array: a hundred small envelopes cost less than half of a call each.
+
+    Each text is a jsonb value's output, one JSON value, so joined with commas inside
+    brackets they are an array of as many values. When the decoder rejects the array (one
+    body too deep or with too long a number), the answer is empty and every body is
+    decoded on its own (``decode``), which names the one at fault. A delivery of large
+    bodies is decoded one by one too, never copied into one string of their total size."""
+    texts = [m.text for m in messages if m.text is not None and m.size <= max_bytes]
+    if not texts or sum(map(len, texts)) > _TOGETHER_MAX_CHARS:
+        return {}
+    try:
+        values = json.loads("[" + ",".join(texts) + "]")
+    except (ValueError, RecursionError, MemoryError):
+        return {}
+    if len(values) != len(texts):  # not one value per text: leave it to ``decode``
+        return {}
+    ids = [m.msg_id for m in messages if m.text is not None and m.size <= max_bytes]
+    return dict(zip(ids, values, strict=True))
 
 
 def decode(msg: q.Message, max_bytes: int) -> Any:
