@@ -40,14 +40,7 @@ class Condition:
             raise ValueError(f"operator {self.op!r} does not take {self.value!r}")
 
     def holds(self, facts: Mapping[str, Any]) -> bool:
-        actual = facts[self.fact]
-        if actual is None:
-            return False
-        if isinstance(self.value, tuple):
-            return actual in self.value
-        if self.op == ">=":
-            return bool(actual >= self.value)
-        return bool(actual < self.value)
+        return _all_hold(((self.fact, self.op, self.value),), facts)
 
     def __str__(self) -> str:
         value = ",".join(self.value) if isinstance(self.value, tuple) else str(self.value)
@@ -139,22 +132,50 @@ def age_in_years(start: date, today: date) -> int:
     return today.year - start.year - ((today.month, today.day) < (start.month, start.day))
 
 
+_Check = tuple[str, Op, Decimal | tuple[str, ...]]  # a condition's fact, operator and value
+
+
+def _all_hold(checks: tuple[_Check, ...], facts: Mapping[str, Any]) -> bool:
+    """``Condition.holds`` of every check, in one loop (run for each row of each judgment)."""
+    for fact, op, value in checks:
+        actual = facts[fact]
+        if actual is None:
+            return False
+        if op == ">=":
+            if not actual >= value:
+                return False
+        elif op == "<":
+            if not actual < value:
+                return False
+        elif actual not in cast(tuple[str, ...], value):
+            return False
+    return True
+
+
+# A row as scoring reads it: the row, its condition's text, its conditions as checks.
+_Arranged = tuple["ScoringRule", str, tuple[_Check, ...]]
+
+
 @dataclass(frozen=True, kw_only=True)
 class _Table:
     """A scoring table arranged for scoring: the base rows in order, and each rule's adjust
-    rows in order, each row with its condition's text (rendered once, not per judgment)."""
+    rows in order, each row with its condition's text (rendered once, not per judgment)
+    and its conditions as plain tuples (``_all_hold``)."""
 
-    bases: tuple[tuple[ScoringRule, str], ...]
-    adjusts: dict[str, tuple[tuple[ScoringRule, str], ...]]
+    bases: tuple[_Arranged, ...]
+    adjusts: dict[str, tuple[_Arranged, ...]]
 
     @classmethod
     def of(cls, rules: Sequence[ScoringRule]) -> _Table:
-        adjusts: dict[str, list[tuple[ScoringRule, str]]] = {}
+        def arranged(r: ScoringRule) -> _Arranged:
+            return r, render_when(r.when), tuple((c.fact, c.op, c.value) for c in r.when)
+
+        adjusts: dict[str, list[_Arranged]] = {}
         for r in rules:
             if r.step == "adjust":
-                adjusts.setdefault(r.rule, []).append((r, render_when(r.when)))
+                adjusts.setdefault(r.rule, []).append(arranged(r))
         return cls(
-            bases=tuple((r, render_when(r.when)) for r in rules if r.step == "base"),
+            bases=tuple(arranged(r) for r in rules if r.step == "base"),
             adjusts={rule: tuple(rows) for rule, rows in adjusts.items()},
         )
 
@@ -173,11 +194,11 @@ def score_judgment(
     table = _SCORING_TABLE if rules is SCORING_RULES else _Table.of(rules)
     age = age_in_years(judgment_date, today)
     facts = {"amount": amount, "age_years": age}
-    base, text = next((r, t) for r, t in table.bases if all(c.holds(facts) for c in r.when))
+    base, text = next((r, t) for r, t, checks in table.bases if _all_hold(checks, facts))
     total = base.points
     steps = [f"rule {base.rule} ({text}) base {base.points}"]
-    for row, text in table.adjusts.get(base.rule, ()):
-        if all(c.holds(facts) for c in row.when):
+    for row, text, checks in table.adjusts.get(base.rule, ()):
+        if _all_hold(checks, facts):
             total += row.points
             steps.append(f"{row.points:+d} {text}")
     score = min(100, max(0, total))
@@ -185,10 +206,14 @@ def score_judgment(
     return Score(score=score, tier=base.tier, reason=reason)
 
 
-_SELECT_JUDGMENTS = "SELECT id, org_id, amount, judgment_date FROM dragonfly.judgments WHERE id = ANY(%s)"
+# Arrays go in binary: psycopg's text format quotes and escapes every element (the reasons,
+# a hundred per batch, took 0.2 ms to dump as text, 0.02 ms in binary).
+_SELECT_JUDGMENTS = (
+    "SELECT id, org_id, amount, judgment_date FROM dragonfly.judgments WHERE id = ANY(%b::bigint[])"
+)
 _UPSERT_SCORES = """
 INSERT INTO dragonfly.collectability_scores (judgment_id, score, tier, reason, job_key)
-SELECT * FROM unnest(%s::bigint[], %s::smallint[], %s::text[], %s::text[], %s::text[])
+SELECT * FROM unnest(%b::bigint[], %b::smallint[], %b::text[], %b::text[], %b::text[])
 ON CONFLICT (judgment_id) DO UPDATE
 SET score = EXCLUDED.score, tier = EXCLUDED.tier, reason = EXCLUDED.reason,
     job_key = EXCLUDED.job_key, scored_at = EXCLUDED.scored_at
