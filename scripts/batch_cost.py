@@ -3,6 +3,7 @@ commit's runtime, measured batch by batch in one process so the machine's drift 
 
     python -m scripts.batch_cost                      # this tree's no-op batch vs the pgmq loop
     python -m scripts.batch_cost --against 5bd2014    # ... and vs that commit's runtime
+    python -m scripts.batch_cost --handler collectability --against 5bd2014   # scoring batches
 
 On a shared 2-core machine the speed moves by a third from one minute to the next, so two
 worker runs a minute apart cannot tell a 5% change. Here every round runs one batch of the
@@ -10,6 +11,8 @@ plain loop (``pgmq.read`` of 100, one ``pgmq.delete``), then one no-op batch of 
 runtime (their order alternating), each on its own queue of a fresh embedded server; the
 medians of the per-batch times are compared. ``--against REV`` exports ``backend/`` of REV
 (``git archive``) and imports it as the package ``backend_ref`` beside this tree's.
+``--handler collectability`` runs each runtime's own collectability handler instead of the
+no-op one, each on judgments of its own (seeded first, one job per judgment).
 
 The figures are per batch of the strategy alone, in process: no worker process, heartbeat
 or housekeeping thread, so the ratio to the loop is higher here than in
@@ -35,14 +38,17 @@ from typing import Any
 
 import psycopg
 
-from scripts.bench.database import BenchDatabase, start_embedded
-from scripts.bench.plan import BASE_QUEUE, BENCH_QUEUE, VT_S
+from scripts.bench.database import JUDGMENT_BODIES, BenchDatabase, start_embedded
+from scripts.bench.plan import BASE_QUEUE, BENCH_QUEUE, ORG, VT_S
+from scripts.bench.throughput import seed_judgments
 from scripts.harness.process import ROOT
 
 REF_PACKAGE = "backend_ref"
 REF_QUEUE = "q_bench_ref"
 _IMPORT = re.compile(r"\bbackend\.")
 WARMUP = 20  # batches left out of the medians: statements not yet prepared, caches cold
+BATCH = 100
+HANDLERS = ("noop", "collectability")
 
 
 class _NoOp:
@@ -78,8 +84,18 @@ def forget_reference(into: Path) -> None:
         del sys.modules[name]
 
 
-def strategy(package: str, url: str, queue: str, name: str) -> tuple[Any, Any]:
-    """A no-op ``TransactionalStrategy`` of ``package`` on ``queue``, and its connection."""
+def handler_of(package: str, handler: str) -> Any:
+    """The no-op handler, or ``package``'s collectability worker (its handler reads no
+    settings, so it is made without them)."""
+    if handler == "noop":
+        return _NoOp()
+    worker = importlib.import_module(f"{package}.workers.collectability").CollectabilityWorker
+    return object.__new__(worker)
+
+
+def strategy(package: str, url: str, queue: str, name: str, handler: Any = None) -> tuple[Any, Any]:
+    """A ``TransactionalStrategy`` of ``package`` on ``queue`` (no-op unless ``handler``),
+    and its connection."""
     modules: dict[str, ModuleType] = {
         m: importlib.import_module(f"{package}.{m}")
         for m in ("workers.transactional", "workers.deliveries", "workers.delivery", "db.connect")
@@ -89,7 +105,7 @@ def strategy(package: str, url: str, queue: str, name: str) -> tuple[Any, Any]:
         queue_name=queue, worker_id=name, open_conn=lambda: connect(url, f"{name}:deliveries")
     )
     made = modules["workers.transactional"].TransactionalStrategy(
-        handler=_NoOp(),
+        handler=handler or _NoOp(),
         deliveries=deliveries,
         queue=queue,
         worker_id=name,
@@ -102,19 +118,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scripts.batch_cost", description=__doc__)
     parser.add_argument("--against", metavar="REV", help="a commit whose runtime to compare with")
     parser.add_argument("--batches", type=int, default=600, help="rounds (default 600)")
+    parser.add_argument(
+        "--handler", choices=HANDLERS, default="noop", help="what each batch runs (default noop)"
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="batch-cost-") as tmp:
         try:
-            times = run(Path(tmp), args.against, args.batches + WARMUP)
+            times = run(Path(tmp), args.against, args.batches + WARMUP, args.handler)
         finally:
             forget_reference(Path(tmp))
-    report({k: v[WARMUP:] for k, v in times.items()}, args.against)
+    report({k: v[WARMUP:] for k, v in times.items()}, args.against, args.handler)
     return 0
 
 
-def run(tmp: Path, against: str | None, rounds: int) -> dict[str, list[float]]:
+def run(tmp: Path, against: str | None, rounds: int, handler: str = "noop") -> dict[str, list[float]]:
     """A fresh server in ``tmp``, a filled queue per runtime and for the loop; the times."""
-    batch = 100
     runtimes = {"this tree": ("backend", BENCH_QUEUE)}
     if against:
         export_reference(against, tmp)
@@ -125,13 +143,24 @@ def run(tmp: Path, against: str | None, rounds: int) -> dict[str, list[float]]:
     try:
         db = BenchDatabase(url)
         db.prepare()
-        for _, queue in runtimes.values():
+        jobs = rounds * BATCH
+        judgments = seed_judgments(db, jobs * len(runtimes)) if handler == "collectability" else []
+        for i, (_, queue) in enumerate(runtimes.values()):
             db.conn.execute("SELECT pgmq.create(%s)", (queue,))
-            db.fill_bench(queue, rounds * batch, queue)
-        db.fill_bench(BASE_QUEUE, rounds * batch, "base")
+            if judgments:
+                own = {"tag": queue, "org": ORG, "ids": judgments[i * jobs : (i + 1) * jobs]}
+                db.fill(queue, JUDGMENT_BODIES, own, jobs)
+            else:
+                db.fill_bench(queue, jobs, queue)
+        db.fill_bench(BASE_QUEUE, jobs, "base")
         for i, (label, (package, queue)) in enumerate(runtimes.items()):
-            made[label] = strategy(package, url, queue, f"cost-{i}")
-        return measure(url, made, rounds, batch)
+            made[label] = strategy(package, url, queue, f"cost-{i}", handler_of(package, handler))
+        times = measure(url, made, rounds, BATCH)
+        if judgments:  # every job scored, or the times measured something else
+            row = db.conn.execute("SELECT count(*) AS n FROM dragonfly.collectability_scores").fetchone()
+            if row is None or row["n"] != len(judgments):
+                raise RuntimeError(f"{row and row['n']} scores stored for {len(judgments)} jobs")
+        return times
     finally:
         for runtime, conn in made.values():
             runtime.deliveries.close()
@@ -163,9 +192,10 @@ def measure(url: str, made: dict[str, tuple[Any, Any]], rounds: int, batch: int)
     return times
 
 
-def report(times: dict[str, list[float]], against: str | None) -> None:
+def report(times: dict[str, list[float]], against: str | None, handler: str = "noop") -> None:
     loop = statistics.median(times["pgmq loop"])
-    print(f"{len(times['pgmq loop'])} rounds, batch of 100; median ms per batch (loop / it):")
+    rounds = len(times["pgmq loop"])
+    print(f"{rounds} rounds, batch of {BATCH}, {handler} handler; median ms per batch (loop / it):")
     for label, values in times.items():
         median = statistics.median(values)
         print(f"  {label:<12} {median * 1000:7.3f} ms   {loop / median:5.2f}")
