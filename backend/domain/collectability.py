@@ -15,7 +15,7 @@ from decimal import Decimal
 from typing import Any, Literal, cast, get_args
 
 import psycopg
-from psycopg.rows import dict_row
+from psycopg.rows import tuple_row
 
 from backend.errors import PermanentJobError, TenantMismatch
 
@@ -152,15 +152,16 @@ def _all_hold(checks: tuple[_Check, ...], facts: Mapping[str, Any]) -> bool:
     return True
 
 
-# A row as scoring reads it: the row, its condition's text, its conditions as checks.
+# A row as scoring reads it: the row, its step as the reason states it, its conditions as checks.
 _Arranged = tuple["ScoringRule", str, tuple[_Check, ...]]
 
 
 @dataclass(frozen=True, kw_only=True)
 class _Table:
     """A scoring table arranged for scoring: the base rows in order, and each rule's adjust
-    rows in order, each row with its condition's text (rendered once, not per judgment)
-    and its conditions as plain tuples (``_all_hold``)."""
+    rows in order, each row with its step's text in the reason (``rule B-large (amount >=
+    5000) base 65``, ``+5 amount >= 7500``: rendered once, not per judgment) and its
+    conditions as plain tuples (``_all_hold``)."""
 
     bases: tuple[_Arranged, ...]
     adjusts: dict[str, tuple[_Arranged, ...]]
@@ -168,7 +169,9 @@ class _Table:
     @classmethod
     def of(cls, rules: Sequence[ScoringRule]) -> _Table:
         def arranged(r: ScoringRule) -> _Arranged:
-            return r, render_when(r.when), tuple((c.fact, c.op, c.value) for c in r.when)
+            when = render_when(r.when)
+            step = f"rule {r.rule} ({when}) base {r.points}" if r.step == "base" else f"{r.points:+d} {when}"
+            return r, step, tuple((c.fact, c.op, c.value) for c in r.when)
 
         adjusts: dict[str, list[_Arranged]] = {}
         for r in rules:
@@ -183,6 +186,13 @@ class _Table:
 _SCORING_TABLE = _Table.of(SCORING_RULES)
 
 
+def _first_holding(rows: tuple[_Arranged, ...], facts: Mapping[str, Any]) -> _Arranged:
+    for arranged in rows:
+        if _all_hold(arranged[2], facts):
+            return arranged
+    raise ValueError("no base row applies")  # _check_rules: one always does
+
+
 def score_judgment(
     amount: Decimal, judgment_date: date, today: date, rules: Sequence[ScoringRule] = SCORING_RULES
 ) -> Score:
@@ -194,13 +204,13 @@ def score_judgment(
     table = _SCORING_TABLE if rules is SCORING_RULES else _Table.of(rules)
     age = age_in_years(judgment_date, today)
     facts = {"amount": amount, "age_years": age}
-    base, text = next((r, t) for r, t, checks in table.bases if _all_hold(checks, facts))
+    base, step, _ = _first_holding(table.bases, facts)
     total = base.points
-    steps = [f"rule {base.rule} ({text}) base {base.points}"]
-    for row, text, checks in table.adjusts.get(base.rule, ()):
+    steps = [step]
+    for row, step, checks in table.adjusts.get(base.rule, ()):
         if _all_hold(checks, facts):
             total += row.points
-            steps.append(f"{row.points:+d} {text}")
+            steps.append(step)
     score = min(100, max(0, total))
     reason = f"amount ${amount:,.2f}, {age} full years old; {'; '.join(steps)}; score {score}"
     return Score(score=score, tier=base.tier, reason=reason)
@@ -242,19 +252,20 @@ def score_and_store(
     if out_of_range:
         raise PermanentJobError(f"judgment(s) not found: {out_of_range}")
     key_by_id = dict(zip(judgment_ids, job_keys, strict=True))
-    with conn.cursor(row_factory=dict_row) as cur:
+    with conn.cursor(row_factory=tuple_row) as cur:
         rows = cur.execute(_SELECT_JUDGMENTS, (list(key_by_id),)).fetchall()
-        missing = sorted(key_by_id.keys() - {row["id"] for row in rows})
+        owner = {judgment_id: org_id for judgment_id, org_id, _, _ in rows}
+        missing = sorted(key_by_id.keys() - owner.keys())
         if missing:
             raise PermanentJobError(f"judgment(s) not found: {missing}")
         if org_ids is not None:
-            _check_tenants(rows, judgment_ids, org_ids)
+            _check_tenants(owner, judgment_ids, org_ids)
         scores: dict[int, Score] = {}
-        for row in rows:
+        for judgment_id, _, amount, judgment_date in rows:
             try:
-                scores[row["id"]] = score_judgment(row["amount"], row["judgment_date"], today)
+                scores[judgment_id] = score_judgment(amount, judgment_date, today)
             except ValueError as exc:
-                raise PermanentJobError(f"judgment {row['id']} cannot be scored: {exc}") from exc
+                raise PermanentJobError(f"judgment {judgment_id} cannot be scored: {exc}") from exc
         ids = list(key_by_id)
         cur.execute(
             _UPSERT_SCORES,
@@ -269,11 +280,8 @@ def score_and_store(
     return [scores[i] for i in judgment_ids]
 
 
-def _check_tenants(
-    rows: Sequence[dict[str, Any]], judgment_ids: Sequence[int], org_ids: Sequence[str]
-) -> None:
-    """Every judgment must belong to the organisation its job names."""
-    owner = {row["id"]: row["org_id"] for row in rows}
+def _check_tenants(owner: Mapping[int, str], judgment_ids: Sequence[int], org_ids: Sequence[str]) -> None:
+    """Every judgment must belong to the organisation its job names (``owner``: id -> org)."""
     foreign = sorted({i for i, org in zip(judgment_ids, org_ids, strict=True) if owner[i] != org})
     if foreign:
         raise TenantMismatch(f"judgment(s) {foreign} belong to another organisation than the job's org_id")
