@@ -27,6 +27,7 @@ class Event(StrEnum):
     BATCH_RETRIED_ONE_BY_ONE = "BATCH_RETRIED_ONE_BY_ONE"
     JOB_DEAD_LETTERED = "JOB_DEAD_LETTERED"
     JOB_CLAIM_LOST = "JOB_CLAIM_LOST"
+    JOB_RESCUED = "JOB_RESCUED"
     JOB_COMPLETED = "JOB_COMPLETED"  # DEBUG
     JOB_SKIPPED = "JOB_SKIPPED"  # DEBUG: a copy of a key already completed
     # liveness (consumer, housekeeping, runtime)
@@ -137,6 +138,7 @@ FIELDS: Mapping[Event, tuple[str, ...]] = {
     Event.JOB_SKIPPED: ("queue", "job_key", "msg_id", "reason"),
     Event.RELEASE_FAILED: ("worker_id", "messages", "claims", *_ERROR, "consequence"),
     Event.JOB_CLAIM_LOST: ("queue", "job_key", "msg_id", "attempt"),
+    Event.JOB_RESCUED: ("queue", "job_key", "msg_id", "owner", "consequence"),
     Event.DB_BOOT_RETRY: ("attempt", "delay_s", *_ERROR),
     Event.DB_OUTAGE: ("worker_id", *_ERROR),
     Event.DB_RETRY: ("attempt", "delay_s", *_ERROR),

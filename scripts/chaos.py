@@ -683,6 +683,7 @@ class Timeline:
     drained: bool = False
     drain_wait_s: float = 0.0
     elapsed_s: float = 0.0
+    started_wall: float = 0.0  # the storm's start (time.time()): the kills' and freezes' at_s count from it
 
 
 class ChaosRun:
@@ -715,6 +716,7 @@ class ChaosRun:
         try:
             self._boot()
             t0 = time.monotonic()
+            self.timeline.started_wall = time.time()
             offsets = [
                 i * WAVE_SPREAD * self.opts.duration_s / max(1, len(self.plan.waves) - 1)
                 for i in range(len(self.plan.waves))
@@ -1019,6 +1021,7 @@ def run(opts: Options, log: Callable[[str], None] = print) -> dict[str, Any]:
                 retries,
                 outage=(restart.get("stopped_wall"), restart.get("started_wall")),
                 limit_s=VISIBILITY_S + STALL_ALLOWANCE_S,
+                started_wall=timeline.started_wall,
             )
         return build_report(opts, db, plan, timeline, effects, processes, recovery, stalls)
     finally:

@@ -350,6 +350,7 @@ def check_stalls(
     retries: Sequence[Mapping[str, Any]],
     outage: tuple[float | None, float | None],
     limit_s: float,
+    started_wall: float = 0.0,
 ) -> dict[str, Any]:
     """How long each job waited beyond its enqueue: from its enqueue (its wave's commit; for
     a recommendation's notification, the recommendation's commit) to its completion, less
@@ -374,6 +375,7 @@ def check_stalls(
         delayed[str(line.get("job_key"))] += float(line.get("retry_in_s") or 0)
     down_from, down_to = outage
     stalls: dict[str, float] = {}
+    spans: dict[str, tuple[float, float]] = {}
     for key in plan.expected_keys:
         done = effects.get(("completed", key))
         if done is None or key not in enqueued:
@@ -381,12 +383,16 @@ def check_stalls(
         start, end = enqueued[key], done[1]
         overlap = max(0.0, min(end, down_to or 0.0) - max(start, down_from or 0.0)) if down_from else 0.0
         stalls[key] = max(0.0, end - start - delayed[key] - overlap)
+        spans[key] = (start - started_wall, end - started_wall)
     worst = max(stalls, key=lambda k: stalls[k], default=None)
     over = sorted((k for k, v in stalls.items() if v > limit_s), key=lambda k: -stalls[k])
     return {
         "jobs": len(stalls),
         "longest_s": round(stalls[worst], 3) if worst else None,
         "longest_key": worst,
+        # when it was enqueued and completed, in seconds from the storm's start (as the
+        # kills' and freezes' at_s), to find what held it up
+        "longest_span_s": [round(t, 3) for t in spans[worst]] if worst else None,
         "limit_s": limit_s,
         "over_limit": len(over),
         "examples": [{"key": k, "stall_s": round(stalls[k], 3)} for k in over[:EXAMPLES]],
@@ -510,6 +516,10 @@ def recovery_s(conn: Conn, started_wall: float | None) -> float | None:
 # --- the terminal table ---------------------------------------------------------------------
 
 
+def _span(span: Sequence[float] | None) -> str:
+    return f", enqueued at {span[0]:.1f} s, done at {span[1]:.1f} s" if span else ""
+
+
 def _mark(ok: bool) -> str:
     return "ok" if ok else "FAIL"
 
@@ -540,7 +550,7 @@ def render(report: Mapping[str, Any]) -> str:
         ),
         (
             "longest stall",
-            f"{_seconds(stall['longest_s'])} ({stall['longest_key']};"
+            f"{_seconds(stall['longest_s'])} ({stall['longest_key']}{_span(stall.get('longest_span_s'))};"
             f" p99 {_seconds(stall['p99_s'])}, limit {stall['limit_s']:g} s)",
             _mark(not stall["over_limit"]),
         ),

@@ -239,6 +239,81 @@ def extend_leases(
         )
 
 
+# --- leases of workers that are gone ----------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class Rescued:
+    """A live claim given back because its worker's process is gone."""
+
+    job_key: str
+    msg_id: int
+    owner: str  # the worker that held it
+
+
+# A worker's sessions carry its worker id as application_name (backend.db.connect), and a
+# process that dies (SIGKILL, the OOM killer, a crash) closes them: a live claim of a worker
+# with no session left is given back now (claim expired, message visible) instead of when
+# its lease ends. A frozen or cut-off worker keeps its sessions: its lease still runs out.
+# Only for a worker whose heartbeat says its sessions are named by its worker id (not behind
+# a pooler that names them itself), and only when it wrote its claim or a heartbeat since
+# the server started (after a restart every worker's sessions are gone until it reconnects).
+# Rows another transaction holds are skipped, never waited for.
+_ORPHANS = f"""
+orphans AS (
+    SELECT p.job_key FROM workers.processed_jobs AS p
+    JOIN workers.heartbeats AS h ON h.worker_id = p.worker_id
+    WHERE p.status = {_PROCESSING} AND p.queue_name = %(queue)s AND p.worker_id <> %(worker)s
+      AND p.lease_expires_at > clock_timestamp()
+      AND coalesce((h.metadata ->> 'named_sessions')::boolean, false)
+      AND greatest(p.updated_at, h.last_heartbeat_at) > pg_postmaster_start_time()
+      AND NOT EXISTS (SELECT 1 FROM pg_stat_activity AS a WHERE a.application_name = left(p.worker_id, 63))
+    FOR UPDATE OF p SKIP LOCKED
+), expired AS (
+    UPDATE workers.processed_jobs AS p
+    SET lease_expires_at = clock_timestamp(), updated_at = clock_timestamp()
+    FROM orphans AS o WHERE p.queue_name = %(queue)s AND p.job_key = o.job_key
+    RETURNING p.job_key, p.msg_id, p.worker_id
+), visible AS (
+    UPDATE {{table}} AS m SET vt = clock_timestamp()
+    WHERE m.msg_id = ANY (ARRAY(SELECT e.msg_id FROM expired AS e)) AND m.vt > clock_timestamp()
+)"""
+
+
+@functools.cache
+def _rescue_sql(queue: str, *, with_visible: bool) -> str:
+    table = queue_table(queue)
+    orphans = _ORPHANS.format(table=table)
+    if not with_visible:
+        return f"WITH {orphans} SELECT job_key, msg_id, worker_id FROM expired"
+    return (
+        f"WITH {orphans} SELECT e.job_key, e.msg_id, e.worker_id, v.ok"
+        f" FROM (SELECT EXISTS (SELECT 1 FROM {table} WHERE vt <= clock_timestamp()) AS ok) AS v"
+        " LEFT JOIN expired AS e ON true"
+    )
+
+
+def rescue_orphans(conn: Conn, *, queue: str, worker_id: str) -> list[Rescued]:
+    """Give back the queue's live claims whose worker's process is gone (``_ORPHANS``); the
+    next delivery takes each over as a new attempt, counted."""
+    with conn.cursor(row_factory=tuple_row) as cur:
+        rows = cur.execute(
+            _rescue_sql(queue, with_visible=False), {"queue": queue, "worker": worker_id}
+        ).fetchall()
+    return [Rescued(job_key=k, msg_id=m, owner=w) for k, m, w in rows]
+
+
+def visible_or_rescued(conn: Conn, *, queue: str, worker_id: str) -> tuple[bool, list[Rescued]]:
+    """``rescue_orphans`` and whether a message of the queue is visible, in one statement
+    (the idle worker's check: one statement per poll either way)."""
+    with conn.cursor(row_factory=tuple_row) as cur:
+        rows = cur.execute(
+            _rescue_sql(queue, with_visible=True), {"queue": queue, "worker": worker_id}
+        ).fetchall()
+    rescued = [Rescued(job_key=k, msg_id=m, owner=w) for k, m, w, _ in rows if k is not None]
+    return bool(rescued) or any(ok for *_, ok in rows), rescued
+
+
 # --- dead letters ------------------------------------------------------------------------
 
 

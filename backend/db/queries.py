@@ -253,6 +253,17 @@ def has_visible(conn: Conn, queue: str) -> bool:
     return bool(row and row["ok"])
 
 
+def session_named(conn: Conn, name: str) -> bool:
+    """Whether pg_stat_activity shows this session under ``name`` (its application_name, as
+    PostgreSQL truncates it): not so when a pooler names the server's sessions itself."""
+    with conn.cursor(row_factory=tuple_row) as cur:
+        row = cur.execute(
+            "SELECT application_name = left(%s, 63) FROM pg_stat_activity WHERE pid = pg_backend_pid()",
+            (name,),
+        ).fetchone()
+    return bool(row and row[0])
+
+
 def read_only(conn: Conn) -> bool:
     """Whether this session cannot write (a standby, or ``default_transaction_read_only``)."""
     row = conn.execute("SELECT current_setting('transaction_read_only') = 'on' AS ro").fetchone()

@@ -187,10 +187,11 @@ class Consumer:
 
         The check costs one statement per poll (or per ``notify_wait_s`` with notifications)
         instead of the three of an empty batch transaction; it also catches retries whose
-        delay ends, which no insert notification announces.
+        delay ends, which no insert notification announces, and gives back the claims of
+        workers whose process is gone (``Strategy.has_work``).
         """
         while not self.stopping.is_set():
-            if self._idle(conn) or q.has_visible(conn, self.queue):
+            if self._idle(conn) or self.strategy.has_work(conn):
                 return
 
     def _idle(self, conn: Conn) -> bool:

@@ -31,6 +31,9 @@ class ProcessingOptions:
     retry_base_s: float = DEFAULTS["WORKER_RETRY_BASE_S"]
     retry_max_s: float = DEFAULTS["WORKER_RETRY_MAX_S"]
     max_payload_bytes: int = DEFAULTS["WORKER_MAX_PAYLOAD_BYTES"]
+    # Give back at once the claims of workers whose process is gone (``ledger.rescue_orphans``);
+    # the runtime turns it off when its sessions are not named by its worker id (a pooler).
+    rescue_orphans: bool = True
 
     @property
     def transaction_limit_ms(self) -> int:

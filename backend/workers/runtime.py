@@ -14,6 +14,7 @@ import signal
 import threading
 import time
 import traceback
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,6 +22,7 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from backend.db import ledger
+from backend.db import queries as q
 from backend.db.connect import (
     DB_ERRORS,
     boot_retrying,
@@ -74,6 +76,10 @@ class Runtime:
         # The last instance of this queue's worker on this replica, said in WORKER_BOOT.
         self.replica = settings.railway.get("RAILWAY_REPLICA_ID") or settings.hostname
         self.previous: dict[str, Any] | None = None
+        # Whether pg_stat_activity names this process's sessions by its worker id (not behind
+        # the transaction pooler, and names passed through): what rescuing dead workers'
+        # claims relies on, on both sides (``ledger.rescue_orphans``).
+        self.sessions_named = False
         self.heartbeat = HeartbeatWriter(
             worker_id=self.worker_id, pool=lambda: self.pool, build_row=self.heartbeat_row
         )
@@ -123,6 +129,7 @@ class Runtime:
                 "heartbeat_interval_s": s.heartbeat_interval_s,
                 "visibility_timeout_s": s.visibility_timeout_s,
                 "pooled": s.uses_transaction_pooler,
+                "named_sessions": self.sessions_named,
                 **self.failure,
             },
         }
@@ -244,6 +251,10 @@ class Runtime:
         self.pool.open(wait=True, timeout=max(2.0, self.settings.boot_timeout_s))
         with self.pool.connection(timeout=_STATUS_WRITE_TIMEOUT_S) as conn:
             self.previous = previous_instance(conn, self.queue, self.worker_id, self.replica)
+            self.sessions_named = not self.settings.uses_transaction_pooler and q.session_named(
+                conn, self.worker_id
+            )
+        self.strategy.options = replace(self.strategy.options, rescue_orphans=self.sessions_named)
 
     def boot_failed(self, exc: BaseException) -> int:
         data = {"db_status": "error", **self._crash_data(exc)}

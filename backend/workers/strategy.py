@@ -13,13 +13,15 @@ its worker down is isolated and, after ``max_attempts`` such runs, dead-lettered
 Every transaction is bounded by the lease (``queries.bound_transaction``): the server ends
 a frozen, hung or cut-off worker's transaction, and its locks, after the visibility
 timeout. Keys are claimed under try-locks: a key that another worker's open transaction
-holds is skipped and retried shortly, never waited for.
+holds is skipped and retried shortly, never waited for. A claim whose worker's process is
+gone is given back at once (``rescue``), not when its lease ends.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -40,6 +42,8 @@ Conn = psycopg.Connection[Any]
 ShouldStop = Callable[[], bool]
 
 _LOG = logging.getLogger(EVENT_LOGGER)
+# A busy worker looks for claims of dead workers this often (an idle one at each poll).
+RESCUE_INTERVAL_S = 1.0
 
 
 class Strategy:
@@ -63,14 +67,42 @@ class Strategy:
         self.rng = rng or random.Random()
         self.in_flight = 0
         self.shared_keys = False  # the ledger's key is still the key alone (before 0007)
+        self._next_rescue = 0.0
 
     def process(self, conn: Conn, should_stop: ShouldStop = lambda: False) -> int:
         """Take and process up to one delivery; return how many messages were taken."""
         try:
+            if self.options.rescue_orphans and time.monotonic() >= self._next_rescue:
+                self._log_rescued(ledger.rescue_orphans(conn, queue=self.queue, worker_id=self.worker_id))
             return self._deliver(conn, should_stop)
         finally:
             self.in_flight = 0
             self.held.clear()
+
+    def has_work(self, conn: Conn) -> bool:
+        """The idle check: whether a message is visible, after giving back the claims of
+        workers whose process is gone. One statement either way."""
+        if not self.options.rescue_orphans:
+            return q.has_visible(conn, self.queue)
+        visible, rescued = ledger.visible_or_rescued(conn, queue=self.queue, worker_id=self.worker_id)
+        self._log_rescued(rescued)
+        return visible
+
+    def _log_rescued(self, rescued: Sequence[ledger.Rescued]) -> None:
+        self._next_rescue = time.monotonic() + RESCUE_INTERVAL_S
+        for r in rescued:
+            log_event(
+                Event.JOB_RESCUED,
+                {
+                    "queue": self.queue,
+                    "job_key": r.job_key,
+                    "msg_id": r.msg_id,
+                    "owner": r.owner,
+                    "consequence": "its worker's process is gone: delivered again now, the attempt counted,"
+                    " instead of when its lease ends",
+                },
+                logging.WARNING,
+            )
 
     def _deliver(self, conn: Conn, should_stop: ShouldStop) -> int:
         raise NotImplementedError

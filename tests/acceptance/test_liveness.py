@@ -328,3 +328,65 @@ def test_a_second_sigterm_under_a_network_cut_ends_the_worker_within_a_second(
     took_s = time.monotonic() - second_at
     assert took_s < 1.0, took_s
     assert a.wait_for("WORKER_SHUTDOWN")["abandoned"].startswith("second signal")
+
+
+def _run_alone_with_a_sleeper(db: Conn, kind: str) -> None:
+    """One job that sleeps 2 s in its handler. On a transactional queue it is made to run
+    alone (a delivery record says an earlier batch never finished it): a leased claim, like
+    every external job, and not the row lock of a batch, which ends with its worker anyway."""
+    msg_id = enqueue(db, "q_probe", job("slow", sleep_s=2))
+    if kind == "transactional":
+        db.execute(
+            "INSERT INTO workers.deliveries (worker_id, queue_name, msg_ids) VALUES ('gone', 'q_probe', %s)",
+            ([msg_id],),
+        )
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_job_whose_worker_was_killed_in_its_handler_runs_again_at_once(
+    spawn: Spawn, db: Conn, clean_db: str, kind: str
+) -> None:
+    """Its lease would hold it for 30 s: a worker whose process is gone has no session left,
+    so a replica gives its claim back at once and runs it again, the attempt counted."""
+    _run_alone_with_a_sleeper(db, kind)
+    a = spawn(PROBE_KIND=kind)
+    owner = a.wait_for("WORKER_BOOT")["worker_id"]
+    a.wait_for("PROBE_IN_HANDLER")
+    b = spawn(PROBE_KIND=kind)
+    b.wait_for("WORKER_BOOT")
+    a.send(signal.SIGKILL)
+    killed_at = time.monotonic()
+    assert a.wait_exit() == -signal.SIGKILL
+    rescued = b.wait_for("JOB_RESCUED", timeout=10)
+    assert (rescued["job_key"], rescued["owner"]) == ("slow", owner)
+    wait_until(lambda: completed(db) == 1, timeout=10)
+    took_s = time.monotonic() - killed_at
+    b.send(signal.SIGTERM)
+    assert b.wait_exit() == 0
+    attempts = db.execute("SELECT attempt FROM probe.attempts WHERE job_key = 'slow' ORDER BY id")
+    assert [r["attempt"] for r in attempts] == [1, 2]
+    assert took_s < 10, f"moved after {took_s:.1f} s; its lease was 30 s"
+    _, report = inspector(clean_db)
+    [dead] = [w for w in report["workers"] if w["worker_id"] == owner]
+    assert dead["verdict"] == "dead"
+
+
+def test_a_frozen_workers_claim_is_not_given_back_before_its_lease_ends(spawn: Spawn, db: Conn) -> None:
+    """A frozen worker keeps its sessions: it may wake up and finish, so its lease stands."""
+    _run_alone_with_a_sleeper(db, "external")
+    a = spawn(PROBE_KIND="external")
+    a.wait_for("PROBE_IN_HANDLER")
+    a.send(signal.SIGSTOP)
+    try:
+        b = spawn(PROBE_KIND="external")
+        b.wait_for("WORKER_BOOT")
+        time.sleep(4)  # four idle checks of B
+        assert b.named("JOB_RESCUED") == []
+        assert completed(db) == 0
+    finally:
+        a.send(signal.SIGCONT)
+    wait_until(lambda: completed(db) == 1, timeout=10)
+    for w in (a, b):
+        w.send(signal.SIGTERM)
+        assert w.wait_exit() == 0
+    assert [r["attempt"] for r in db.execute("SELECT attempt FROM probe.attempts")] == [1]

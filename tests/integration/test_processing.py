@@ -12,6 +12,7 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
+from backend.db import ledger as ledger_mod
 from backend.db import queries as q
 from backend.db.ledger import claim
 from backend.enqueue import build_envelope, enqueue
@@ -576,3 +577,62 @@ def test_before_0007_a_key_another_queue_holds_is_dead_lettered_and_the_batch_go
             "ALTER TABLE workers.processed_jobs DROP CONSTRAINT processed_jobs_pkey,"
             " ADD CONSTRAINT processed_jobs_pkey PRIMARY KEY USING INDEX processed_jobs_queue_key_idx"
         )
+
+
+def _held_by(db: Conn, worker: str, key: str, *, named: bool | None = True) -> int:
+    """A message leased for 30 s and its live claim, held by ``worker`` (with a heartbeat row
+    saying whether its sessions are named by its id, unless ``named`` is None)."""
+    msg_id = send(db, key)
+    db.execute(
+        "UPDATE pgmq.q_q_probe SET vt = clock_timestamp() + interval '30 s' WHERE msg_id = %s", (msg_id,)
+    )
+    assert claim(db, queue=QUEUE, worker_id=worker, keys=[key], msg_ids=[msg_id], lease_s=30) == {key: 1}
+    if named is not None:
+        db.execute(
+            "INSERT INTO workers.heartbeats (worker_id, worker_name, queue_name, status, hostname, pid,"
+            " version, started_at, last_heartbeat_at, metadata)"
+            " VALUES (%s, 'probe', %s, 'RUNNING', 'h', 1, 'v', now(), now(), %s)",
+            (worker, QUEUE, Jsonb({"named_sessions": named})),
+        )
+    return msg_id
+
+
+def test_the_claims_of_a_worker_whose_process_is_gone_are_given_back_at_once(
+    db: Conn, work_conn: Conn, clean_db: str
+) -> None:
+    """A live claim whose worker has no session left (killed, crashed) is expired and its
+    message made visible; one whose worker still has a session (frozen, or busy outside the
+    database), whose sessions are not named by its id (a pooler), or that never wrote a
+    heartbeat, keeps its lease."""
+    gone = _held_by(db, "gone-worker", "gone")
+    _held_by(db, "frozen-worker", "frozen")
+    _held_by(db, "pooled-worker", "pooled", named=False)
+    _held_by(db, "nameless-worker", "nameless", named=None)
+    with psycopg.connect(clean_db, application_name="frozen-worker"):
+        rescued = ledger_mod.rescue_orphans(work_conn, queue=QUEUE, worker_id="me")
+        assert rescued == [ledger_mod.Rescued(job_key="gone", msg_id=gone, owner="gone-worker")]
+        assert ledger_mod.rescue_orphans(work_conn, queue=QUEUE, worker_id="me") == []
+    visible = db.execute("SELECT msg_id FROM pgmq.q_q_probe WHERE vt <= clock_timestamp()").fetchall()
+    assert [r["msg_id"] for r in visible] == [gone]
+    live = db.execute(
+        "SELECT job_key FROM workers.processed_jobs WHERE lease_expires_at > clock_timestamp() ORDER BY 1"
+    ).fetchall()
+    assert [r["job_key"] for r in live] == ["frozen", "nameless", "pooled"]
+    # The next delivery takes the claim over as a new attempt, counted.
+    handler = External()
+    proc = processor(clean_db, handler, kind="external")
+    run_until(proc, work_conn, lambda: ledger(db, "gone")["status"] == "completed")
+    assert handler.keys == [("gone", 2)], "run once more, as its second attempt"
+
+
+def test_the_idle_check_gives_back_a_gone_workers_claim_and_says_there_is_work(
+    db: Conn, work_conn: Conn, clean_db: str
+) -> None:
+    gone = _held_by(db, "gone-worker", "gone")
+    assert ledger_mod.visible_or_rescued(work_conn, queue=QUEUE, worker_id="me") == (
+        True,
+        [ledger_mod.Rescued(job_key="gone", msg_id=gone, owner="gone-worker")],
+    )
+    assert ledger_mod.visible_or_rescued(work_conn, queue=QUEUE, worker_id="me") == (True, [])
+    db.execute("DELETE FROM pgmq.q_q_probe")
+    assert ledger_mod.visible_or_rescued(work_conn, queue=QUEUE, worker_id="me") == (False, [])
