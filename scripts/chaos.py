@@ -683,6 +683,7 @@ class Timeline:
     drained: bool = False
     drain_wait_s: float = 0.0
     elapsed_s: float = 0.0
+    rescued: int = 0  # claims of killed workers given back at once (JOB_RESCUED lines)
     started_wall: float = 0.0  # the storm's start (time.time()): the kills' and freezes' at_s count from it
 
 
@@ -941,6 +942,7 @@ def build_report(
             "SIGKILL": kills["SIGKILL"],
             "skipped": timeline.skipped_kills,
             "inside_external_handler": sum(1 for k in timeline.kills if k["inside_external_handler"]),
+            "claims_rescued": timeline.rescued,
             "by_worker": dict(Counter(f"{k['worker']} {k['signal']}" for k in timeline.kills)),
             "log": timeline.kills,
         },
@@ -1010,6 +1012,7 @@ def run(opts: Options, log: Callable[[str], None] = print) -> dict[str, Any]:
             calls = [Call.of(r) for r in receiver.requests]
         records = [r.record() for r in chaos.supervisor.history]
         retries = [e for r in chaos.supervisor.history for e in r.proc.named("JOB_FAILED")]
+        timeline.rescued = sum(len(r.proc.named("JOB_RESCUED")) for r in chaos.supervisor.history)
         restart = timeline.db_restart or {}
         with connect(db.url) as conn:
             effects = check_effects(conn, plan, calls)

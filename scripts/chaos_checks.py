@@ -538,7 +538,8 @@ def render(report: Mapping[str, Any]) -> str:
         (
             "kills",
             f"{k['total']} (SIGTERM {k['SIGTERM']}, SIGKILL {k['SIGKILL']}, not fired {k['skipped']};"
-            f" {k['inside_external_handler']} inside an outbox handler)",
+            f" {k['inside_external_handler']} inside an outbox handler;"
+            f" {k.get('claims_rescued', 0)} claims of killed workers given back at once)",
             _mark(k["SIGTERM"] > 0 and k["SIGKILL"] > 0),
         ),
         ("freezes", f"{report['freezes']['count']} (SIGSTOP longer than the visibility timeout)", ""),
