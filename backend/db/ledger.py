@@ -254,11 +254,19 @@ class Rescued:
 # A worker's sessions carry its worker id as application_name (backend.db.connect), and a
 # process that dies (SIGKILL, the OOM killer, a crash) closes them: a live claim of a worker
 # with no session left is given back now (claim expired, message visible) instead of when
-# its lease ends. A frozen or cut-off worker keeps its sessions: its lease still runs out.
-# Only for a worker whose heartbeat says its sessions are named by its worker id (not behind
-# a pooler that names them itself), and only when it wrote its claim or a heartbeat since
-# the server started (after a restart every worker's sessions are gone until it reconnects).
-# Rows another transaction holds are skipped, never waited for.
+# its lease ends. A frozen worker keeps its sessions, and so does one cut off until the
+# server notices: their leases run out as before.
+# Sessions also end while their process lives, so a claim is given back only when:
+# - the worker's heartbeat says its sessions are named by its worker id (not behind a
+#   pooler that names them itself);
+# - a session older than the claim's last sign of life (its claim or lease extension, or the
+#   worker's heartbeat) is still connected: no crash-restart, failover or restart since
+#   then, which end every session while the workers live on to reconnect;
+# - the server does not end idle sessions (idle_session_timeout): a live worker's session
+#   waiting on a handler outside the database would be one.
+# What is left is a live worker whose own sessions were all ended (pg_terminate_backend, a
+# reset of its own network): its job may be sent twice, which its key deduplicates, and it
+# finds its claim taken over (JOB_CLAIM_LOST). Rows another transaction holds are skipped.
 _ORPHANS = f"""
 orphans AS (
     SELECT p.job_key FROM workers.processed_jobs AS p
@@ -266,7 +274,9 @@ orphans AS (
     WHERE p.status = {_PROCESSING} AND p.queue_name = %(queue)s AND p.worker_id <> %(worker)s
       AND p.lease_expires_at > clock_timestamp()
       AND coalesce((h.metadata ->> 'named_sessions')::boolean, false)
-      AND greatest(p.updated_at, h.last_heartbeat_at) > pg_postmaster_start_time()
+      AND current_setting('idle_session_timeout') = '0'
+      AND (SELECT min(a.backend_start) FROM pg_stat_activity AS a WHERE a.backend_type = 'client backend')
+          < greatest(p.updated_at, h.last_heartbeat_at)
       AND NOT EXISTS (SELECT 1 FROM pg_stat_activity AS a WHERE a.application_name = left(p.worker_id, 63))
     FOR UPDATE OF p SKIP LOCKED
 ), expired AS (

@@ -602,13 +602,23 @@ def test_the_claims_of_a_worker_whose_process_is_gone_are_given_back_at_once(
 ) -> None:
     """A live claim whose worker has no session left (killed, crashed) is expired and its
     message made visible; one whose worker still has a session (frozen, or busy outside the
-    database), whose sessions are not named by its id (a pooler), or that never wrote a
-    heartbeat, keeps its lease."""
+    database), whose sessions are not named by its id (a pooler), that never wrote a
+    heartbeat, or that was last heard of before every session now connected began, keeps its
+    lease; so does every claim while the server ends idle sessions."""
     gone = _held_by(db, "gone-worker", "gone")
     _held_by(db, "frozen-worker", "frozen")
     _held_by(db, "pooled-worker", "pooled", named=False)
     _held_by(db, "nameless-worker", "nameless", named=None)
+    # Last heard of before every session now connected began: a restart since then, say.
+    _held_by(db, "unheard-worker", "unheard")
+    db.execute("UPDATE workers.processed_jobs SET updated_at = '2000-01-01' WHERE job_key = 'unheard'")
+    db.execute(
+        "UPDATE workers.heartbeats SET last_heartbeat_at = '2000-01-01' WHERE worker_id = 'unheard-worker'"
+    )
     with psycopg.connect(clean_db, application_name="frozen-worker"):
+        work_conn.execute("SET idle_session_timeout = '1min'")  # sessions may end while alive
+        assert ledger_mod.rescue_orphans(work_conn, queue=QUEUE, worker_id="me") == []
+        work_conn.execute("RESET idle_session_timeout")
         rescued = ledger_mod.rescue_orphans(work_conn, queue=QUEUE, worker_id="me")
         assert rescued == [ledger_mod.Rescued(job_key="gone", msg_id=gone, owner="gone-worker")]
         assert ledger_mod.rescue_orphans(work_conn, queue=QUEUE, worker_id="me") == []
@@ -617,7 +627,7 @@ def test_the_claims_of_a_worker_whose_process_is_gone_are_given_back_at_once(
     live = db.execute(
         "SELECT job_key FROM workers.processed_jobs WHERE lease_expires_at > clock_timestamp() ORDER BY 1"
     ).fetchall()
-    assert [r["job_key"] for r in live] == ["frozen", "nameless", "pooled"]
+    assert [r["job_key"] for r in live] == ["frozen", "nameless", "pooled", "unheard"]
     # The next delivery takes the claim over as a new attempt, counted.
     handler = External()
     proc = processor(clean_db, handler, kind="external")
