@@ -274,7 +274,7 @@ orphans AS (
     WHERE p.status = {_PROCESSING} AND p.queue_name = %(queue)s AND p.worker_id <> %(worker)s
       AND p.lease_expires_at > clock_timestamp()
       AND coalesce((h.metadata ->> 'named_sessions')::boolean, false)
-      AND current_setting('idle_session_timeout') = '0'
+      AND coalesce(current_setting('idle_session_timeout', true), '0') = '0'
       AND (SELECT min(a.backend_start) FROM pg_stat_activity AS a WHERE a.backend_type = 'client backend')
           < greatest(p.updated_at, h.last_heartbeat_at)
       AND NOT EXISTS (SELECT 1 FROM pg_stat_activity AS a WHERE a.application_name = left(p.worker_id, 63))
