@@ -106,7 +106,8 @@ def _decode_together(messages: Sequence[q.Message], max_bytes: int) -> dict[int,
     body too deep or with too long a number), the answer is empty and every body is
     decoded on its own (``decode``), which names the one at fault. A delivery of large
     bodies is decoded one by one too, never copied into one string of their total size."""
-    texts = [m.text for m in messages if m.text is not None and m.size <= max_bytes]
+    fitting = [m for m in messages if m.text is not None and m.size <= max_bytes]
+    texts = [m.text for m in fitting if m.text is not None]
     if not texts or sum(map(len, texts)) > _TOGETHER_MAX_CHARS:
         return {}
     try:
@@ -115,8 +116,7 @@ def _decode_together(messages: Sequence[q.Message], max_bytes: int) -> dict[int,
         return {}
     if len(values) != len(texts):  # not one value per text: leave it to ``decode``
         return {}
-    ids = [m.msg_id for m in messages if m.text is not None and m.size <= max_bytes]
-    return dict(zip(ids, values, strict=True))
+    return {m.msg_id: value for m, value in zip(fitting, values, strict=True)}
 
 
 def decode(msg: q.Message, max_bytes: int) -> Any:

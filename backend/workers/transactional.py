@@ -5,8 +5,9 @@ skips locked rows, and they end with the transaction, so with the worker), claim
 keys in the ledger as completed and deletes the claimed messages in one statement, and runs
 the handler on the same connection. Before the handlers run, the batch's message ids are
 committed to ``workers.deliveries`` on another connection (``DeliveryLog``, overlapping the
-claim): a batch whose worker dies (a job that kills the process, a freeze, a cut) leaves that record,
-and the next worker to lock one of its messages runs it alone (``Strategy.run_alone``).
+claim): a batch whose worker dies (a job that kills the process, a freeze, a cut) leaves
+that record, and the next worker to lock one of its messages runs it alone
+(``Strategy.run_alone``).
 When a handler raises inside a batch, the batch rolls back and the next one runs its jobs
 one by one, each in a savepoint.
 """
