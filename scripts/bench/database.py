@@ -37,13 +37,21 @@ FROM unnest(%(ids)s::bigint[]) WITH ORDINALITY AS u(j, i) WHERE i BETWEEN %(firs
 
 
 def start_embedded(pgdata: Path) -> tuple[EmbeddedPostgres, str]:
-    """A fresh server with pg_stat_statements preloaded (tracking off unless a role asks)."""
+    """A fresh server with pg_stat_statements preloaded (tracking off unless a role asks)
+    and no checkpoint before its shutdown.
+
+    A bench run writes about 2 GB of WAL; with the default max_wal_size (1 GB) the server
+    checkpointed every 25 to 50 s, and the full-page writes after each checkpoint slowed
+    whichever runs they fell on: one bench run's worker / baseline ratios spread over
+    0.64-1.14. Without them, 0.85-1.02 in three runs (docs/BENCHMARKS.md)."""
     server = EmbeddedPostgres(pgdata)
     server.reset()
     url = server.start()
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'")
         conn.execute("ALTER SYSTEM SET pg_stat_statements.track = 'none'")
+        conn.execute("ALTER SYSTEM SET max_wal_size = '8GB'")
+        conn.execute("ALTER SYSTEM SET checkpoint_timeout = '30min'")
     server.stop()
     return server, server.start()
 
