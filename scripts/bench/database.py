@@ -43,7 +43,7 @@ def start_embedded(pgdata: Path) -> tuple[EmbeddedPostgres, str]:
     A bench run writes about 2 GB of WAL; with the default max_wal_size (1 GB) the server
     checkpointed every 25 to 50 s, and the full-page writes after each checkpoint slowed
     whichever runs they fell on: five bench runs' worker / baseline ratios spread over
-    0.64-1.14. Without them, 0.82-1.02 in five runs (docs/BENCHMARKS.md)."""
+    0.64-1.14. Without them, 0.80-1.02 in six runs (docs/BENCHMARKS.md)."""
     server = EmbeddedPostgres(pgdata)
     server.reset()
     url = server.start()
