@@ -252,6 +252,22 @@ def test_every_worker_verdict_and_a_killed_worker_is_unhealthy(db: Conn, clean_d
     assert by_id(doc)["w-stale"]["verdict"] == "alive"
 
 
+def test_sessions_tell_dead_from_late_only_where_they_carry_the_worker_id(db: Conn, clean_db: str) -> None:
+    """Two heartbeat intervals late and no session under its id: dead where the worker's
+    sessions are named by its id; behind a pooler that names them itself only the
+    heartbeat's age counts, and it is not old enough for stale yet."""
+    beat = {"heartbeat_interval_s": 5, "pooled": False}
+    add_worker(db, "w-named", "q_collectability", "RUNNING", 20, metadata={**beat, "named_sessions": True})
+    add_worker(db, "w-unnamed", "q_collectability", "RUNNING", 20, metadata={**beat, "named_sessions": False})
+    add_worker(db, "w-older", "q_collectability", "RUNNING", 20, metadata=beat)  # before named_sessions
+    _, doc = report(clean_db)
+    assert {k: w["verdict"] for k, w in by_id(doc).items()} == {
+        "w-named": "dead",
+        "w-unnamed": "alive",
+        "w-older": "dead",
+    }
+
+
 def test_a_worker_dead_before_the_window_is_hidden_and_only_a_warning(db: Conn, clean_db: str) -> None:
     add_worker(db, "w-long-gone", "q_escalation", "RUNNING", 2 * 86400)
     code, doc = report(clean_db)

@@ -39,8 +39,10 @@ VERDICTS = ("dead", "frozen", "stale", "alive", "crashed", "stopped")
 # tells a killed process (its sessions closed with it: dead once its heartbeat is two of
 # its intervals late) from a frozen one (SIGSTOP, a stalled container, a network cut: its
 # sessions stay open while its heartbeat is late, or one sits idle in transaction, or
-# blocks others, for longer than its visibility timeout). Behind the transaction pooler
-# sessions are not the worker's own, and only the heartbeat's age counts.
+# blocks others, for longer than its visibility timeout). Where its sessions do not show
+# under its worker id (behind the transaction pooler, or a pooler that names the server's
+# sessions itself: the worker says so in its heartbeat, `named_sessions`; older rows by
+# `pooled`) only the heartbeat's age counts.
 _CLASSIFIED = """
 WITH blockers AS (  -- asked only of the sessions waiting for a lock: usually none
     SELECT DISTINCT unnest(pg_blocking_pids(pid)) AS pid FROM pg_stat_activity WHERE wait_event_type = 'Lock'
@@ -63,8 +65,8 @@ WITH blockers AS (  -- asked only of the sessions waiting for a lock: usually no
            -- Two heartbeat intervals, at least 5 s: a busy machine may delay one beat a little.
            greatest(2 * coalesce((h.metadata ->> 'heartbeat_interval_s')::float8, 30), 5) AS late_s,
            coalesce((h.metadata ->> 'visibility_timeout_s')::float8, 30) AS visibility_s,
-           coalesce((h.metadata ->> 'pooled')::boolean, h.metadata ->> 'heartbeat_interval_s' IS NULL)
-               AS pooled
+           coalesce(NOT (h.metadata ->> 'named_sessions')::boolean, (h.metadata ->> 'pooled')::boolean,
+                    h.metadata ->> 'heartbeat_interval_s' IS NULL) AS pooled
     FROM workers.heartbeats h LEFT JOIN sessions s ON s.worker_id = left(h.worker_id, 63)
 ), classified AS (
     SELECT aged.*,
