@@ -12,7 +12,7 @@ of a long transaction.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import psycopg
@@ -113,12 +113,20 @@ def int_array(values: Sequence[int]) -> str:
     return "{" + ",".join(map(str, values)) + "}"
 
 
-def prune_deliveries(conn: Conn, queue: str) -> int:
-    """Delete the delivery records of ``queue`` none of whose messages is left."""
-    return conn.execute(
-        f"DELETE FROM workers.deliveries AS d WHERE queue_name = %s AND NOT EXISTS"
+# The bound of the housekeeping thread's transactions when none is given: a third of the
+# default lease (``HousekeepingPlan.maintenance_limit_ms`` says why a third).
+MAINTENANCE_LIMIT_MS = 10_000
+
+
+def prune_deliveries(conn: Conn, queue: str, *, limit_ms: int = MAINTENANCE_LIMIT_MS) -> int:
+    """Delete the delivery records of ``queue`` none of whose messages is left, in a
+    transaction bounded by ``limit_ms`` (``execute_bounded``)."""
+    return execute_bounded(
+        conn,
+        "DELETE FROM workers.deliveries AS d WHERE queue_name = %(q)s AND NOT EXISTS"
         f" (SELECT 1 FROM {queue_table(queue)} AS m WHERE m.msg_id = ANY(d.msg_ids))",
-        (queue,),
+        {"q": queue},
+        limit_ms=limit_ms,
     ).rowcount
 
 
@@ -204,6 +212,23 @@ def bound_transaction(conn: Conn, limit_ms: int) -> None:
     conn.execute(_BOUND, {"ms": str(limit_ms)})
 
 
+def execute_bounded(
+    conn: Conn, query: str, params: Mapping[str, Any], *, limit_ms: int
+) -> psycopg.ClientCursor[Any]:
+    """Run one statement in a transaction of its own, bounded as ``bound_transaction``
+    bounds a batch's; the cursor is on its result. ``conn`` must be in autocommit mode.
+
+    The bound and the statement go in one message (the parameters bound client-side, as
+    the simple-query protocol wants): PostgreSQL runs them as one transaction and commits it
+    without waiting for the client, so a worker frozen or cut off once it sent the message
+    holds no lock after the statement ends; and a statement that waits on a lock, or runs
+    long, is ended after ``limit_ms`` (the timeout applies to each statement of a message)."""
+    cur = psycopg.ClientCursor(conn)
+    cur.execute(f"{_BOUND};\n{query}", {**params, "ms": str(limit_ms)})
+    cur.nextset()
+    return cur
+
+
 _SLOT = "to_timestamp(floor(extract(epoch FROM now()) / %(i)s) * %(i)s)"
 # Counting stops here: the housekeeping thread also extends leases and writes heartbeats,
 # so a count never scans more; past it, the planner's estimate of the table stands in.
@@ -225,13 +250,14 @@ RETURNING 1 AS wrote
 """
 
 
-def sample_queue(conn: Conn, queue: str, interval_s: float) -> bool:
+def sample_queue(conn: Conn, queue: str, interval_s: float, *, limit_ms: int = MAINTENANCE_LIMIT_MS) -> bool:
     """Record the queue's depth, in-flight messages and oldest age for the current interval
     unless a replica did already; True when this call wrote the sample. Counts stop at
-    ``_COUNT_CAP``: a larger queue gets the planner's estimate of its depth."""
+    ``_COUNT_CAP``: a larger queue gets the planner's estimate of its depth. A transaction
+    bounded by ``limit_ms`` (``execute_bounded``)."""
     table = queue_table(queue)
     params = {"q": queue, "i": interval_s, "t": table, "cap": _COUNT_CAP}
-    row = conn.execute(_SAMPLE.format(table=table), params).fetchone()
+    row = execute_bounded(conn, _SAMPLE.format(table=table), params, limit_ms=limit_ms).fetchone()
     return row is not None
 
 

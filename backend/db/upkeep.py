@@ -10,6 +10,7 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
+from backend.db import queries as q
 from backend.db.ledger import LedgerStatus
 
 Conn = psycopg.Connection[Any]
@@ -34,7 +35,10 @@ SET status = EXCLUDED.status, last_heartbeat_at = EXCLUDED.last_heartbeat_at,
 
 
 def upsert_heartbeat(conn: Conn, row: dict[str, Any]) -> None:
-    """Write the worker's heartbeat row (``stopped_at`` set when it is STOPPED or CRASHED)."""
+    """Write the worker's heartbeat row (``stopped_at`` set when it is STOPPED or CRASHED).
+
+    One autocommit statement, no transaction to bound: the server commits it whatever
+    becomes of the worker, and the only row it locks is the worker's own."""
     conn.execute(_HEARTBEAT, {**row, "metadata": Jsonb(row.get("metadata") or {})})
 
 
@@ -42,6 +46,43 @@ def upsert_heartbeat(conn: Conn, row: dict[str, Any]) -> None:
 
 _PRUNE_LOCK = 7_310_412_002
 PRUNE_CHUNK = 5000  # ledger rows per transaction: a few milliseconds of locks each
+
+# One chunk of a pass is one statement, sent with its bound in one message
+# (``queries.execute_bounded``), so the server runs and commits it without a round trip to
+# the worker. Were it a transaction the worker drives statement by statement, a worker frozen
+# (SIGSTOP, a stalled container) or cut off inside it would keep up to ``PRUNE_CHUNK`` ledger
+# rows locked, and the prune lock, until the server ended it; and a healthy replica claiming
+# one of those keys (an old job enqueued again) waits on the row lock: the claim is an
+# upsert, it cannot skip the row. Its batch then ends at its own bound and starts over
+# behind the same lock, ahead of every newer message. As one statement, the rows are
+# deleted and committed by the time the worker could stop, and the bound only ends a chunk
+# that waits on a lock or runs long. The prune lock is taken with ``try``: a replica never
+# waits for another's pass. The first chunk of a pass also prunes the small tables.
+_PRUNE_CHUNK_SQL = f"""
+WITH lock AS MATERIALIZED (SELECT pg_try_advisory_xact_lock(%(lock)s) AS ok),
+ledger AS (
+    DELETE FROM workers.processed_jobs WHERE (queue_name, job_key) IN (
+        SELECT queue_name, job_key FROM workers.processed_jobs
+        WHERE (SELECT ok FROM lock) AND status = {LedgerStatus.COMPLETED.sql}
+          AND completed_at < clock_timestamp() - make_interval(secs => %(ledger_s)s)
+        LIMIT %(chunk)s FOR UPDATE SKIP LOCKED)
+    RETURNING 1
+), beats AS (
+    DELETE FROM workers.heartbeats WHERE %(small)s AND (SELECT ok FROM lock)
+        AND stopped_at < clock_timestamp() - make_interval(secs => %(heartbeat_s)s)
+    RETURNING 1
+), samples AS (
+    DELETE FROM workers.queue_samples WHERE %(small)s AND (SELECT ok FROM lock)
+        AND sampled_at < clock_timestamp() - make_interval(secs => %(heartbeat_s)s)
+), letters AS (
+    DELETE FROM workers.dead_letters WHERE %(small)s AND (SELECT ok FROM lock)
+        AND (replayed_at IS NOT NULL OR discarded_at IS NOT NULL)
+        AND coalesce(replayed_at, discarded_at) < clock_timestamp() - make_interval(secs => %(ledger_s)s)
+    RETURNING 1
+)
+SELECT (SELECT ok FROM lock) AS ok, (SELECT count(*) FROM ledger) AS ledger_rows,
+       (SELECT count(*) FROM beats) AS heartbeat_rows, (SELECT count(*) FROM letters) AS dead_letter_rows
+"""
 
 
 @dataclass
@@ -61,60 +102,41 @@ def prune(
     heartbeat_days: float,
     chunk: int = PRUNE_CHUNK,
     budget_s: float = 1.0,
+    limit_ms: int = q.MAINTENANCE_LIMIT_MS,
     clock: Callable[[], float] = time.monotonic,
 ) -> Pruned | None:
-    """Delete completed ledger rows older than ``ledger_days`` in chunks of ``chunk``, each in
-    a short transaction of its own, until none is left or ``budget_s`` is spent (then
-    ``done`` is False: call again soon); and, in the first chunk, old stopped heartbeats and
-    dead letters replayed or discarded longer than ``ledger_days`` ago. None when another
-    replica is pruning right now (one replica at a time, under a transaction's advisory lock)."""
+    """Delete completed ledger rows older than ``ledger_days`` in chunks of ``chunk``, each
+    one statement in a transaction of its own bounded by ``limit_ms``, until none is left or
+    ``budget_s`` is spent (then ``done`` is False: call again soon); and, in the first chunk,
+    old stopped heartbeats, old queue samples and dead letters replayed or discarded longer
+    than ``ledger_days`` ago. None when another replica is pruning right now (one replica at
+    a time, under a transaction's advisory lock). ``conn`` must be in autocommit mode."""
     out = Pruned()
     started = clock()
+    params = {"lock": _PRUNE_LOCK, "ledger_s": ledger_days * 86400, "heartbeat_s": heartbeat_days * 86400}
     first = True
     while True:
-        with conn.transaction():
-            row = conn.execute("SELECT pg_try_advisory_xact_lock(%s) AS ok", (_PRUNE_LOCK,)).fetchone()
-            if not row or not row["ok"]:
-                if first:
-                    return None
-                out.done = False
-                return out
-            deleted = conn.execute(
-                "DELETE FROM workers.processed_jobs WHERE (queue_name, job_key) IN (SELECT queue_name,"
-                f" job_key FROM workers.processed_jobs WHERE status = {LedgerStatus.COMPLETED.sql}"
-                " AND completed_at < clock_timestamp() - make_interval(secs => %s)"
-                " LIMIT %s FOR UPDATE SKIP LOCKED)",
-                (ledger_days * 86400, chunk),
-            ).rowcount
+        row = q.execute_bounded(
+            conn, _PRUNE_CHUNK_SQL, {**params, "chunk": chunk, "small": first}, limit_ms=limit_ms
+        ).fetchone()
+        if not row or not row["ok"]:
             if first:
-                out.heartbeat_rows, out.dead_letter_rows = _prune_small_tables(
-                    conn, ledger_days, heartbeat_days
-                )
+                return None
+            out.done = False
+            return out
+        deleted = int(row["ledger_rows"])
         out.ledger_rows += deleted
+        if first:
+            out.heartbeat_rows, out.dead_letter_rows = (
+                int(row["heartbeat_rows"]),
+                int(row["dead_letter_rows"]),
+            )
         first = False
         if deleted < chunk:
             return out
         if clock() - started >= budget_s:
             out.done = False
             return out
-
-
-def _prune_small_tables(conn: Conn, ledger_days: float, heartbeat_days: float) -> tuple[int, int]:
-    beats = conn.execute(
-        "DELETE FROM workers.heartbeats WHERE stopped_at IS NOT NULL AND stopped_at"
-        " < clock_timestamp() - make_interval(secs => %s)",
-        (heartbeat_days * 86400,),
-    ).rowcount
-    conn.execute(
-        "DELETE FROM workers.queue_samples WHERE sampled_at < clock_timestamp() - make_interval(secs => %s)",
-        (heartbeat_days * 86400,),
-    )
-    letters = conn.execute(
-        "DELETE FROM workers.dead_letters WHERE (replayed_at IS NOT NULL OR discarded_at IS NOT NULL)"
-        " AND coalesce(replayed_at, discarded_at) < clock_timestamp() - make_interval(secs => %s)",
-        (ledger_days * 86400,),
-    ).rowcount
-    return beats, letters
 
 
 def previous_instance(conn: Conn, queue: str, worker_id: str, replica: str) -> dict[str, Any] | None:

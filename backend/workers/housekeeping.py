@@ -48,6 +48,14 @@ class HousekeepingPlan:
     heartbeat_retention_days: float
 
     @property
+    def maintenance_limit_ms(self) -> int:
+        """The bound of the thread's own transactions (retention, queue samples): a third of
+        the lease. This thread extends the leases of running jobs every third of a lease, so
+        a duty held up by a lock never lets them lapse; and a batch whose claim waits on rows
+        a chunk of retention locks gets them back well within its own bound, the lease."""
+        return max(1, self.lease_s * 1000 // 3)
+
+    @property
     def tick_s(self) -> float:
         return max(0.01, min(self.heartbeat_interval_s, self.memory_check_interval_s, self.lease_s / 3))
 
@@ -130,7 +138,9 @@ class Housekeeper:
 
     def _sample(self) -> None:
         with self.pool.connection(timeout=_POOL_WAIT_S) as conn:
-            q.sample_queue(conn, self.plan.queue, self.plan.sample_interval_s)
+            q.sample_queue(
+                conn, self.plan.queue, self.plan.sample_interval_s, limit_ms=self.plan.maintenance_limit_ms
+            )
 
     def _progress(self, now: float) -> bool:
         """While jobs flow, say how many were done and failed since the last line, how fast,
@@ -234,9 +244,10 @@ class Housekeeper:
                 conn,
                 ledger_days=self.plan.ledger_retention_days,
                 heartbeat_days=self.plan.heartbeat_retention_days,
+                limit_ms=self.plan.maintenance_limit_ms,
             )
             if result is None or result.done:
-                q.prune_deliveries(conn, self.plan.queue)
+                q.prune_deliveries(conn, self.plan.queue, limit_ms=self.plan.maintenance_limit_ms)
         self._pruning = result is not None and not result.done
         if result and (result.ledger_rows or result.heartbeat_rows or result.dead_letter_rows):
             log_event(

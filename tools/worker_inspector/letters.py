@@ -43,7 +43,7 @@ def replay_letters(conn: queries.Conn, args: argparse.Namespace) -> int:
                 continue
         else:
             try:
-                replayed = queries.replay(conn, letter_id)
+                replayed = queries.replay(conn, letter_id, limit_ms=_limit_ms(args))
             except psycopg.OperationalError:
                 raise
             except psycopg.DatabaseError as exc:
@@ -87,6 +87,11 @@ def replay_letters(conn: queries.Conn, args: argparse.Namespace) -> int:
     return EXIT_FAILED if failed else EXIT_DONE
 
 
+def _limit_ms(args: argparse.Namespace) -> int:
+    """The bound of each write: the command's --timeout."""
+    return max(1, int(args.timeout * 1000))
+
+
 def _job(job_key: str | None) -> str:
     return f"job {job_key}" if job_key else "no job key"
 
@@ -105,7 +110,7 @@ def discard_letters(conn: queries.Conn, args: argparse.Namespace) -> int:
             skipped.append({"id": letter_id, "reason": why})
             lines.append(f"skipped dead letter {letter_id}: {why}")
             continue
-        if not args.dry_run and not queries.discard(conn, letter_id, args.reason):
+        if not args.dry_run and not queries.discard(conn, letter_id, args.reason, limit_ms=_limit_ms(args)):
             skipped.append({"id": letter_id, "reason": "closed meanwhile"})
             lines.append(f"skipped dead letter {letter_id}: closed meanwhile")
             continue
