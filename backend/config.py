@@ -18,6 +18,12 @@ from backend.dburl import check_db_url, is_transaction_pooler, redact_url
 from backend.errors import ConfigError
 
 Mode = Literal["dev", "prod"]
+# Through the transaction pooler a session advisory lock neither serialises the migrations
+# nor ends with its process (it stays on a pooled server connection).
+SESSION_NEEDED = (
+    "migrations need a session connection (a session advisory lock, DDL): use the session pooler"
+    " (port 5432) or the direct host, not the transaction pooler (port 6543, pgbouncer=true)"
+)
 
 DEFAULT_DRAIN_TIMEOUT_S = 25.0
 RAILWAY_VARIABLES = (
@@ -78,6 +84,14 @@ TUNABLES: tuple[Tunable, ...] = (
         variable="WORKER_RETRY_MAX_S", default=300.0, parse=float, minimum=0, help="cap of the retry delay"
     ),
     Tunable(
+        variable="WORKER_JOB_TIMEOUT_S",
+        default=60.0,
+        parse=float,
+        minimum=0.1,
+        help="deadline of one handler call (a job, or a transactional batch); past it the handler"
+        " is interrupted, or the worker exits 1 if it cannot be; the attempt counts",
+    ),
+    Tunable(
         variable="WORKER_DRAIN_TIMEOUT_S",
         default=DEFAULT_DRAIN_TIMEOUT_S,
         parse=float,
@@ -90,6 +104,14 @@ TUNABLES: tuple[Tunable, ...] = (
         parse=float,
         minimum=0,
         help="how long boot retries the database before giving up",
+    ),
+    Tunable(
+        variable="WORKER_MIGRATION_LOCK_TIMEOUT_S",
+        default=60.0,
+        parse=float,
+        minimum=0,
+        help="how long python -m backend.db.migrate waits for the migrations' lock that another"
+        " session holds (a dev worker's boot: at most WORKER_BOOT_TIMEOUT_S)",
     ),
     Tunable(
         variable="WORKER_POLL_INTERVAL_S",
@@ -204,8 +226,10 @@ class Settings:
     max_attempts: int
     retry_base_s: float
     retry_max_s: float
+    job_timeout_s: float
     drain_timeout_s: float
     boot_timeout_s: float
+    migration_lock_timeout_s: float
     poll_interval_s: float
     notify_wait_s: float
     notifications: str
@@ -251,7 +275,9 @@ def load_settings(
     something is misconfigured) replaces a bad ``WORKER_*`` tunable by its default and says
     so in ``Settings.warnings``; the mode and the database URL stay strict. ``defaults``
     replaces some tunables' defaults (a worker's own, ``BaseWorker.defaults``). ``url_variable``
-    names the variable of the database URL (migrate's own, ``SUPABASE_MIGRATION_DB_URL``)."""
+    names the variable of the database URL (migrate's own, ``SUPABASE_MIGRATION_DB_URL``).
+    A strict load (a worker's) in dev mode refuses the transaction pooler, before anything
+    connects: such a worker applies the migrations at boot."""
     env = os.environ if environ is None else environ
     db_url = env.get(url_variable) or None
     mode = _mode(env, db_url)
@@ -264,6 +290,10 @@ def load_settings(
             db_url = check_db_url(db_url, prod=mode == "prod")
         except ConfigError as exc:
             raise ConfigError(url_variable, str(exc).partition(": ")[2]) from None
+        if mode == "dev" and not lenient and is_transaction_pooler(db_url):
+            raise ConfigError(
+                url_variable, f"a worker in dev mode applies the migrations at boot; {SESSION_NEEDED}"
+            )
     warnings: list[str] = []
     values: dict[str, Any] = {}
     for tunable in TUNABLES:

@@ -28,6 +28,7 @@ class Event(StrEnum):
     JOB_DEAD_LETTERED = "JOB_DEAD_LETTERED"
     JOB_CLAIM_LOST = "JOB_CLAIM_LOST"
     JOB_RESCUED = "JOB_RESCUED"
+    JOB_TIMED_OUT = "JOB_TIMED_OUT"
     JOB_COMPLETED = "JOB_COMPLETED"  # DEBUG
     JOB_SKIPPED = "JOB_SKIPPED"  # DEBUG: a copy of a key already completed
     # liveness (consumer, housekeeping, runtime)
@@ -53,6 +54,7 @@ class Event(StrEnum):
     # python -m backend.db.migrate
     MIGRATION_APPLIED = "MIGRATION_APPLIED"
     MIGRATION_DEFERRED = "MIGRATION_DEFERRED"
+    MIGRATION_WAITING = "MIGRATION_WAITING"
     MIGRATIONS_DONE = "MIGRATIONS_DONE"
     MIGRATION_STATUS = "MIGRATION_STATUS"
     MIGRATION_FAILED = "MIGRATION_FAILED"
@@ -107,6 +109,8 @@ FIELDS: Mapping[Event, tuple[str, ...]] = {
         "drained",
         *_MEMORY,
         "abandoned",
+        "job_keys",
+        "stack",
     ),
     Event.WORKER_MEMORY_SOFT_LIMIT: ("worker_id", *_MEMORY),
     Event.JOB_FAILED: (
@@ -138,6 +142,19 @@ FIELDS: Mapping[Event, tuple[str, ...]] = {
     Event.JOB_SKIPPED: ("queue", "job_key", "msg_id", "reason"),
     Event.RELEASE_FAILED: ("worker_id", "messages", "claims", *_ERROR, "consequence"),
     Event.JOB_CLAIM_LOST: ("queue", "job_key", "msg_id", "attempt"),
+    Event.JOB_TIMED_OUT: (
+        "queue",
+        "job_key",
+        "msg_id",
+        "jobs",
+        "attempt",
+        "seconds",
+        "deadline_s",
+        "interrupted",
+        "stack",
+        "outcome",
+        "fix",
+    ),
     Event.JOB_RESCUED: ("queue", "job_key", "msg_id", "owner", "consequence"),
     Event.DB_BOOT_RETRY: ("attempt", "delay_s", *_ERROR),
     Event.DB_OUTAGE: ("worker_id", *_ERROR),
@@ -161,6 +178,16 @@ FIELDS: Mapping[Event, tuple[str, ...]] = {
     ),
     Event.MIGRATION_APPLIED: ("version", "name"),
     Event.MIGRATION_DEFERRED: ("version", "name", "older_workers", "fix"),
+    Event.MIGRATION_WAITING: (
+        "waited_s",
+        "timeout_s",
+        "holder_pid",
+        "holder_application_name",
+        "holder_state",
+        "holder_backend_start",
+        "holder_state_change",
+        "fix",
+    ),
     Event.MIGRATIONS_DONE: ("applied", "version", "queues"),
     Event.MIGRATION_STATUS: ("current", "latest", "pending"),
     Event.MIGRATION_FAILED: _ERROR,

@@ -1,10 +1,12 @@
 """Versioned, idempotent migrations of the ``workers`` schema (and the domain tables).
 
     python -m backend.db.migrate            # apply pending migrations, install pgmq, create queues
-    python -m backend.db.migrate --check    # exit 1 when migrations are pending
+    python -m backend.db.migrate --check    # exit 1 when migrations are pending (or the
+                                            # schema has a contract step this code predates)
 
 Fit to be Railway's pre-deploy command. Safe to run from several processes at once:
-an advisory lock serialises them.
+an advisory lock serialises them (``migration_lock``). pgmq, the queues and the workers'
+role are ``install``'s; which releases a schema still allows is ``rollbacks``'.
 """
 
 from __future__ import annotations
@@ -23,16 +25,16 @@ from typing import Any
 
 import psycopg
 
-from backend.config import QUEUES
-from backend.db.queries import queue_exists, queue_table
-from backend.errors import ConfigError, describe
+from backend.config import QUEUES, SESSION_NEEDED
+from backend.db import migration_lock, rollbacks
+from backend.db.install import WORKER_ROLE as WORKER_ROLE
+from backend.db.install import ensure_pgmq, ensure_queue, grant_worker_role
+from backend.db.migration_lock import LOCK_KEY as LOCK_KEY
+from backend.db.migration_lock import LockWait
+from backend.errors import ConfigError, WorkerError, describe
 from backend.events import Event
 from backend.logs import log_event
 
-WORKER_ROLE = "dragonfly_worker"  # the workers' least-privilege role (worker_role.sql)
-_LOCK_KEY = 7_310_412_001  # pg_advisory_lock key of migrations
-NOTIFY_TRIGGER = "workers_notify_insert"
-PGMQ_NOTIFY_TRIGGER = "trigger_notify_queue_insert_listeners"
 _FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 # Directives a migration states in its first comment lines.
 _OUTSIDE = "-- migrate: outside a transaction"
@@ -135,107 +137,23 @@ def _get(row: Any, key: str) -> Any:
     return row[key] if isinstance(row, dict) else row[0]
 
 
-def has_pgmq(conn: psycopg.Connection[Any]) -> bool:
-    row = conn.execute("SELECT to_regproc('pgmq.read_with_poll') IS NOT NULL AS ok").fetchone()
-    return bool(row and _get(row, "ok"))
-
-
-def ensure_pgmq(conn: psycopg.Connection[Any]) -> str:
-    """pgmq by ``CREATE EXTENSION`` where the server has it, else the bundled SQL install."""
-    if has_pgmq(conn):
-        return "present"
-    try:
-        with conn.transaction():
-            conn.execute("CREATE EXTENSION IF NOT EXISTS pgmq")
-        return "extension"
-    except psycopg.Error:
-        pass
-    try:
-        from pgmq.install import install_pgmq_from_sql
-    except ModuleNotFoundError:
-        raise ConfigError(
-            "SUPABASE_DB_URL",
-            "the server has no pgmq extension, and pgmq's bundled SQL belongs to the local extra:"
-            " install pgmq on the server (Supabase: Database, Extensions) or pip install -e '.[local]'",
-        ) from None
-
-    was_autocommit = conn.autocommit
-    conn.autocommit = False
-    try:
-        version = install_pgmq_from_sql(conn=conn)
-    finally:
-        conn.commit()
-        conn.autocommit = was_autocommit
-    return f"sql {version}"
-
-
-def ensure_queue(conn: psycopg.Connection[Any], queue: str) -> None:
-    """Create the queue (idempotent) and attach the statement-level insert notification.
-
-    An existing queue is left as it is: ``pgmq.create`` runs ``CREATE INDEX IF NOT EXISTS``
-    on its table, which takes a share lock before it finds the index there, so it would wait
-    for every transaction that writes the queue (a worker's batch deletes its messages with
-    their claim; a frozen one holds that lock until the server ends its transaction), and
-    every worker's next write would queue behind it.
-
-    pgmq's own per-row notification (1.7 and later), if enabled, is switched off: it
-    updates one shared throttle row per message, so a large batch in one transaction
-    slows down quadratically and concurrent producers wait for each other.
-    """
-    if not queue_exists(conn, queue):
-        conn.execute("SELECT pgmq.create(%s)", (queue,))
-    if _has_trigger(conn, queue, PGMQ_NOTIFY_TRIGGER):
-        conn.execute("SELECT pgmq.disable_notify_insert(%s)", (queue,))
-    if not _has_trigger(conn, queue, NOTIFY_TRIGGER):
-        conn.execute(
-            f"CREATE TRIGGER {NOTIFY_TRIGGER} AFTER INSERT ON {queue_table(queue)}"
-            " FOR EACH STATEMENT EXECUTE FUNCTION workers.notify_queue_insert()"
-        )
-
-
-def grant_worker_role(conn: psycopg.Connection[Any], queues: tuple[str, ...]) -> None:
-    """Create the workers' least-privilege role (``dragonfly_worker``) if missing and grant
-    it what the workers need, the queues included: reading, locking, delaying and deleting
-    their messages, sending to any of them (escalation to the outbox, a replay)."""
-    conn.execute(files("backend.db").joinpath("worker_role.sql").read_text().encode())
-    for queue in queues:
-        table = queue_table(queue)
-        conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON {table} TO {WORKER_ROLE}")
-        row = conn.execute("SELECT pg_get_serial_sequence(%s, 'msg_id') AS seq", (table,)).fetchone()
-        if row and _get(row, "seq"):
-            conn.execute(f"GRANT USAGE ON SEQUENCE {_get(row, 'seq')} TO {WORKER_ROLE}")
-
-
-def _has_trigger(conn: psycopg.Connection[Any], queue: str, name: str) -> bool:
-    row = conn.execute(
-        "SELECT EXISTS (SELECT 1 FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
-        " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'pgmq'"
-        " AND c.relname = 'q_' || %s AND t.tgname = %s) AS ok",
-        (queue, name),
-    ).fetchone()
-    return bool(row and _get(row, "ok"))
-
-
-def _lock(conn: psycopg.Connection[Any]) -> None:
-    """Take the migrations' advisory lock by polling, never by waiting in one statement: a
-    session blocked in pg_advisory_lock holds a snapshot that another service's CREATE INDEX
-    CONCURRENTLY would wait for while that service holds the lock (a deadlock)."""
-    while True:
-        row = conn.execute("SELECT pg_try_advisory_lock(%s) AS ok", (_LOCK_KEY,)).fetchone()
-        if row and _get(row, "ok"):
-            return
-        time.sleep(0.2)
-
-
 def apply_migrations(
-    conn: psycopg.Connection[Any], queues: tuple[str, ...] = QUEUES, up_to: int | None = None
+    conn: psycopg.Connection[Any],
+    queues: tuple[str, ...] = QUEUES,
+    up_to: int | None = None,
+    *,
+    lock_wait: LockWait | None = None,
 ) -> list[int]:
     """Install pgmq, apply pending migrations (up to ``up_to``), create the queues; return
     the versions applied. A contract step that live older workers still need is deferred
-    to a later run (``MIGRATION_DEFERRED``); the migrations after it are applied."""
+    to a later run (``MIGRATION_DEFERRED``); the migrations after it are applied.
+
+    Raises ``MigrationLockTimeout`` when another session holds the migrations' lock past
+    ``lock_wait``, and ``ReleaseTooOld`` on a schema with a contract step this code predates."""
     conn.autocommit = True
-    _lock(conn)
+    migration_lock.take(conn, lock_wait)
     try:
+        rollbacks.refuse_predating(conn, latest_version())
         ensure_pgmq(conn)
         conn.execute("CREATE SCHEMA IF NOT EXISTS workers")
         conn.execute(
@@ -254,12 +172,15 @@ def apply_migrations(
                 continue  # a deferred contract step: the expand steps after it still apply
             applied.append(migration.version)
             log_event(Event.MIGRATION_APPLIED, {"version": migration.version, "name": migration.name})
+        rollbacks.backfill_requirements(
+            conn, {m.version: m.after_workers_at for m in migrations() if m.after_workers_at is not None}
+        )
         for queue in queues:
             ensure_queue(conn, queue)
         grant_worker_role(conn, queues)
         return applied
     finally:
-        conn.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_KEY,))
+        migration_lock.release(conn)
 
 
 def _apply(conn: psycopg.Connection[Any], migration: Migration) -> bool:
@@ -293,16 +214,30 @@ def _apply(conn: psycopg.Connection[Any], migration: Migration) -> bool:
 
 
 def _run(conn: psycopg.Connection[Any], migration: Migration) -> None:
-    record = "INSERT INTO workers.schema_migrations (version, name) VALUES (%s, %s)"
     if migration.outside_transaction:
         _drop_invalid_indexes(conn)
         for statement in migration.statements():
             conn.execute(statement.encode())
-        conn.execute(record, (migration.version, migration.name))
+        _record(conn, migration)
         return
     with conn.transaction():
         conn.execute(migration.sql.encode())
-        conn.execute(record, (migration.version, migration.name))
+        _record(conn, migration)
+
+
+def _record(conn: psycopg.Connection[Any], migration: Migration) -> None:
+    """Record the migration as applied; a contract step with what it requires, in the same
+    transaction, so that no older release boots on it unwarned."""
+    if rollbacks.records_requirements(conn):
+        conn.execute(
+            "INSERT INTO workers.schema_migrations (version, name, requires_schema) VALUES (%s, %s, %s)",
+            (migration.version, migration.name, migration.after_workers_at),
+        )
+    else:
+        conn.execute(
+            "INSERT INTO workers.schema_migrations (version, name) VALUES (%s, %s)",
+            (migration.version, migration.name),
+        )
 
 
 def _drop_invalid_indexes(conn: psycopg.Connection[Any]) -> None:
@@ -335,11 +270,14 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m backend.db.migrate", description="Apply the workers schema migrations."
     )
     parser.add_argument(
-        "--check", action="store_true", help="only report; exit 1 when migrations are pending"
+        "--check",
+        action="store_true",
+        help="only report; exit 1 when migrations are pending or this release predates the schema",
     )
     args = parser.parse_args(argv)
+    url_variable = migration_url_variable(os.environ)
     try:
-        settings = load_settings(lenient=True, url_variable=migration_url_variable(os.environ))
+        settings = load_settings(lenient=True, url_variable=url_variable)
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 1
@@ -347,11 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     configure_logging(settings.log_level, secrets=secrets_of(settings.db_url))
     if settings.uses_transaction_pooler:
-        print(
-            "configuration error: SUPABASE_DB_URL: migrations need a session connection (the advisory"
-            " lock and DDL); use the session pooler (port 5432) or the direct host, not port 6543",
-            file=sys.stderr,
-        )
+        print(f"configuration error: {ConfigError(url_variable, SESSION_NEEDED)}", file=sys.stderr)
         return 1
     try:
         url = resolve_db_url(settings)
@@ -363,18 +297,19 @@ def main(argv: list[str] | None = None) -> int:
             add_secret(secret)
         with connect(url, "dragonfly-migrate") as conn:
             if args.check:
+                rollbacks.refuse_predating(conn, latest_version())
                 pending = pending_versions(conn)
                 log_event(
                     Event.MIGRATION_STATUS,
                     {"current": current_version(conn), "latest": latest_version(), "pending": pending},
                 )
                 return 1 if pending else 0
-            applied = apply_migrations(conn)
+            applied = apply_migrations(conn, lock_wait=LockWait(timeout_s=settings.migration_lock_timeout_s))
             log_event(
                 Event.MIGRATIONS_DONE,
                 {"applied": applied, "version": current_version(conn), "queues": list(QUEUES)},
             )
-    except (psycopg.Error, ConfigError) as exc:
+    except (psycopg.Error, WorkerError) as exc:  # the database, the lock, a rollback refused
         log_event(
             Event.MIGRATION_FAILED,
             {"error": describe(exc), "error_type": type(exc).__name__},

@@ -14,6 +14,7 @@ from psycopg.types.json import Jsonb
 from backend.config import QUEUES
 from backend.db import ledger
 from backend.db.migrate import (
+    LOCK_KEY,
     applied_versions,
     apply_migrations,
     current_version,
@@ -22,6 +23,8 @@ from backend.db.migrate import (
     needed_version,
     older_live_workers,
 )
+from backend.db.migration_lock import LockWait, MigrationLockTimeout
+from backend.db.rollbacks import ReleaseTooOld
 from tests.helpers import wait_until
 from tools.worker_inspector.report import pending_contracts
 
@@ -74,7 +77,7 @@ def test_every_queue_notifies_once_per_inserting_statement(
 
 def test_pgmq_row_level_notifications_are_replaced(db: psycopg.Connection[Any]) -> None:
     from backend.db import queries as q
-    from backend.db.migrate import ensure_queue
+    from backend.db.install import ensure_queue
 
     db.execute("SELECT pgmq.create('q_legacy')")
     db.execute("SELECT pgmq.enable_notify_insert('q_legacy', 0)")
@@ -148,6 +151,7 @@ def test_the_key_per_queue_migration_is_safe_beside_running_workers(fresh_url: s
         conn.execute("UPDATE workers.heartbeats SET status = 'STOPPED', stopped_at = now()")
         assert "is due" in pending_contracts(conn)[0].message
         assert apply_migrations(conn, queues=queues) == [7]
+        assert _requirements(conn) == {7: 6}  # recorded with the step: code older than 6 refuses
         assert pending_contracts(conn) == []
         assert applied_versions(conn) == set(range(1, latest_version() + 1))
 
@@ -204,3 +208,53 @@ def test_three_services_migrating_at_once_all_succeed(fresh_url: str) -> None:
     assert errors == []
     with psycopg.connect(fresh_url) as conn:
         assert applied_versions(conn) == set(range(1, latest_version() + 1))
+
+
+def _requirements(conn: psycopg.Connection[Any]) -> dict[int, int]:
+    rows = conn.execute(
+        "SELECT version, requires_schema FROM workers.schema_migrations WHERE requires_schema IS NOT NULL"
+    ).fetchall()
+    return {r["version"]: r["requires_schema"] for r in rows}
+
+
+def test_a_contract_step_applied_before_requirements_were_recorded_is_back_filled(fresh_url: str) -> None:
+    with psycopg.connect(fresh_url, autocommit=True, row_factory=dict_row) as conn:
+        apply_migrations(conn, queues=("q_collectability",), up_to=8)
+        assert 7 in applied_versions(conn)
+        apply_migrations(conn, queues=("q_collectability",))
+        assert _requirements(conn) == {7: 6}  # from 0007's directive
+
+
+def test_migrating_refuses_a_schema_with_a_contract_step_this_code_predates(
+    db: psycopg.Connection[Any],
+) -> None:
+    future = latest_version() + 1
+    db.execute(
+        "INSERT INTO workers.schema_migrations (version, name, requires_schema) VALUES (%s, 'next', %s)",
+        (future, future),
+    )
+    try:
+        with pytest.raises(ReleaseTooOld, match=f"deploy a release of schema {future} or later"):
+            apply_migrations(db)
+    finally:
+        db.execute("DELETE FROM workers.schema_migrations WHERE version = %s", (future,))
+    assert apply_migrations(db) == []
+
+
+def test_a_held_migration_lock_is_named_while_waited_for_then_given_up(
+    db: psycopg.Connection[Any], clean_db: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with psycopg.connect(clean_db, autocommit=True, application_name="stuck-deploy") as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
+        pid = holder.info.backend_pid
+        wait = LockWait(timeout_s=0.6, first_notice_s=0.1, notice_every_s=0.2, poll_s=0.05)
+        started = time.monotonic()
+        with pytest.raises(MigrationLockTimeout, match=f"pid {pid} \\(application_name 'stuck-deploy'"):
+            apply_migrations(db, lock_wait=wait)
+        assert 0.6 <= time.monotonic() - started < 2
+    waiting = [
+        getattr(r, "data", {}) for r in caplog.records if getattr(r, "event", None) == "MIGRATION_WAITING"
+    ]
+    assert len(waiting) >= 2 and all(w["holder_pid"] == pid for w in waiting)
+    assert waiting[0]["holder_application_name"] == "stuck-deploy"
+    assert apply_migrations(db, lock_wait=wait) == []  # the holder's session ended: its lock with it
