@@ -64,3 +64,8 @@ class PayloadTooLarge(InvalidEnvelope):
 class UndecodableMessage(InvalidEnvelope):
     """A body the JSON decoder rejects (nesting too deep, a number too long): dead-lettered
     with its text."""
+
+
+class JobTimedOut(WorkerError):
+    """A handler call ran past its deadline (``WORKER_JOB_TIMEOUT_S``): the attempt fails,
+    and after the last one the job is dead-lettered with this type."""

@@ -43,6 +43,9 @@ class TransactionalWorker(BaseWorker):
     """A worker whose effects are database writes, made in the claim's transaction."""
 
     kind: ClassVar[HandlerKind] = "transactional"
+    # A batch's handler call runs inside a transaction the server ends after the visibility
+    # timeout (30 s by default): its deadline comes well before that.
+    defaults: ClassVar[Mapping[str, Any]] = {"WORKER_JOB_TIMEOUT_S": 20.0}
 
     def handle(self, conn: psycopg.Connection[Any], job: Job) -> None:
         raise NotImplementedError

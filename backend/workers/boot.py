@@ -10,9 +10,18 @@ import psycopg
 
 from backend.config import QUEUES, Settings
 from backend.db import queries as q
-from backend.db.migrate import apply_migrations, current_version, missing_for_workers, needed_version
+from backend.db.migrate import (
+    apply_migrations,
+    current_version,
+    latest_version,
+    missing_for_workers,
+    needed_version,
+)
+from backend.db.migration_lock import TIMEOUT_VARIABLE, LockWait
+from backend.db.rollbacks import refuse_predating
 from backend.errors import BootError
 from backend.workers.base import BaseWorker, ExternalWorker, TransactionalWorker
+from backend.workers.deadline import Deadline
 from backend.workers.deliveries import DeliveryLog
 from backend.workers.delivery import ProcessingOptions
 from backend.workers.external import ExternalStrategy
@@ -48,12 +57,13 @@ def processing_options(settings: Settings) -> ProcessingOptions:
     )
 
 
-def make_strategy(worker: BaseWorker, deliveries: DeliveryLog | None) -> Strategy:
+def make_strategy(worker: BaseWorker, deliveries: DeliveryLog | None, deadline: Deadline) -> Strategy:
     """The worker kind's strategy, with the worker as its handler."""
     common: dict[str, Any] = {
         "queue": worker.queue,
         "worker_id": worker.worker_id,
         "options": processing_options(worker.settings),
+        "deadline": deadline,
     }
     if isinstance(worker, TransactionalWorker):
         assert deliveries is not None, "a transactional worker records its deliveries"
@@ -65,9 +75,12 @@ def make_strategy(worker: BaseWorker, deliveries: DeliveryLog | None) -> Strateg
 
 def check_schema(conn: psycopg.Connection[Any], settings: Settings, queue: str) -> bool:
     """Migrate (dev) or check the schema and the queue (prod); return whether insert
-    notifications can be used."""
+    notifications can be used. Either way, first refuse (``ReleaseTooOld``) a schema with a
+    contract step this code predates, before anything is migrated or any message read."""
+    refuse_predating(conn, latest_version())
     if settings.mode == "dev":
-        apply_migrations(conn, queues=(*QUEUES, queue) if queue not in QUEUES else QUEUES)
+        queues = (*QUEUES, queue) if queue not in QUEUES else QUEUES
+        apply_migrations(conn, queues=queues, lock_wait=boot_lock_wait(settings))
     else:
         missing = missing_for_workers(conn)
         if missing:
@@ -83,6 +96,13 @@ def check_schema(conn: psycopg.Connection[Any], settings: Settings, queue: str) 
         and not settings.uses_transaction_pooler
         and q.notifications_available(conn, queue)
     )
+
+
+def boot_lock_wait(settings: Settings) -> LockWait:
+    """A dev worker's boot waits for the migrations' lock within its boot budget."""
+    if settings.boot_timeout_s < settings.migration_lock_timeout_s:
+        return LockWait(timeout_s=settings.boot_timeout_s, variable="WORKER_BOOT_TIMEOUT_S")
+    return LockWait(timeout_s=settings.migration_lock_timeout_s, variable=TIMEOUT_VARIABLE)
 
 
 def housekeeping_plan(settings: Settings, queue: str, worker_id: str) -> HousekeepingPlan:

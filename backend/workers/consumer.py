@@ -27,6 +27,7 @@ from backend.db.connect import DB_ERRORS, outage_retrying
 from backend.errors import describe
 from backend.events import Event
 from backend.logs import log_event
+from backend.workers.deadline import Call
 from backend.workers.strategy import Strategy
 
 Conn = psycopg.Connection[Any]
@@ -83,7 +84,13 @@ class Consumer:
                     self._wait_for_work(conn)
                 elif self.notifications:
                     _forget_notifications(conn)
-            except psycopg.Error as exc:
+            except BaseException as exc:
+                if (call := self.strategy.deadline.take_expired()) is not None:
+                    self._after_deadline(conn, call)
+                    conn = None
+                    continue
+                if not isinstance(exc, psycopg.Error):
+                    raise
                 if not isinstance(exc, DB_ERRORS) and not (conn is not None and conn.broken):
                     raise
                 if exc.sqlstate in _BOUND_SQLSTATES:
@@ -110,6 +117,19 @@ class Consumer:
                 self._give_back(conn)
                 conn = self._reconnect()
         self._give_back(conn)
+
+    def _after_deadline(self, conn: Conn | None, call: Call) -> None:
+        """A handler interrupted at its deadline: the interrupt may have landed anywhere in
+        its use of the connection, so the connection is closed (the server rolls back its
+        transaction) and replaced, and the attempt recorded on another."""
+        if conn is not None:
+            conn.close()
+            self._give_back(conn)  # the pool drops a closed connection
+        assert self.pool is not None
+        pool = self.pool
+        self.strategy.record_timeout(
+            lambda: pool.connection(timeout=_ACQUIRE_TIMEOUT_S), call, interrupted=True
+        )
 
     def _log_bound_exceeded(self, exc: psycopg.Error) -> None:
         """The server ended this worker's transaction: it paused (a frozen process, a cut

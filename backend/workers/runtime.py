@@ -34,12 +34,13 @@ from backend.db.connect import (
 from backend.db.migrate import latest_version
 from backend.db.upkeep import previous_instance
 from backend.dburl import secrets_of
-from backend.errors import BootError, WorkerError, describe
+from backend.errors import BootError, JobTimedOut, WorkerError, describe
 from backend.events import Event
 from backend.logs import add_secret, log_event
 from backend.workers.base import BaseWorker, TransactionalWorker
 from backend.workers.boot import check_schema, housekeeping_plan, identity, make_strategy
 from backend.workers.consumer import Consumer
+from backend.workers.deadline import Call, Deadline
 from backend.workers.deliveries import DeliveryLog
 from backend.workers.held import give_back
 from backend.workers.housekeeping import Housekeeper
@@ -51,6 +52,7 @@ EXIT_OK, EXIT_FAILURE, EXIT_SIGNAL = 0, 1, 143
 SIGNAL_REASONS = {signal.SIGTERM: "SIGTERM (Deployment/Scale-down)", signal.SIGINT: "SIGINT (Interrupt)"}
 MEMORY_REASON = "memory soft limit"
 _STATUS_WRITE_TIMEOUT_S = 1.0  # short: on a dead network it delays a SIGTERM's exit
+_BOOT_POOL_WAIT_S = 5.0  # the pool's first connection at boot, per boot attempt
 # An abandon (second signal, drain timeout) gives back what it held and writes its state
 # within these, so that it ends the process within a second on any network.
 _ABANDON_RELEASE_S, _ABANDON_STATUS_S = 0.5, 0.3
@@ -90,7 +92,14 @@ class Runtime:
             if isinstance(worker, TransactionalWorker)
             else None
         )
-        self.strategy = make_strategy(worker, self.deliveries)
+        deadline_s = settings.job_timeout_s
+        self.deadline = Deadline(
+            deadline_s=deadline_s,
+            on_hung=self._on_hung_job,
+            # The heartbeat row shows the stack of a call running for a few heartbeats.
+            stack_after_s=min(3 * settings.heartbeat_interval_s, deadline_s / 4),
+        )
+        self.strategy = make_strategy(worker, self.deliveries, self.deadline)
         self.counters, self.held = self.strategy.counters, self.strategy.held
         self.consumer = Consumer(strategy=self.strategy, settings=settings, stopping=self.stop_requested)
 
@@ -130,6 +139,8 @@ class Runtime:
                 "visibility_timeout_s": s.visibility_timeout_s,
                 "pooled": s.uses_transaction_pooler,
                 "named_sessions": self.sessions_named,
+                "job_timeout_s": self.deadline.deadline_s,
+                "job": self.deadline.in_hand(),
                 **self.failure,
             },
         }
@@ -237,19 +248,26 @@ class Runtime:
         url = resolve_db_url(self.settings)
         for secret in secrets_of(url):
             add_secret(secret)
+        self._db_url = url
         try:
+            # The pool's first connection too: a database that goes away between the check
+            # and the pool (a restart) is waited for like one that was never there.
             for attempt in boot_retrying(self.settings.boot_timeout_s, self.stop_requested):
-                with attempt, connect(url, f"boot:{self.worker_id}") as conn:
-                    self.notifications = check_schema(conn, self.settings, self.queue)
-                    self.strategy.shared_keys = not ledger.keys_are_per_queue(conn)
+                with attempt:
+                    self._boot_on(url)
         except psycopg.OperationalError as exc:
             if reason := permanent_reason(exc):
                 raise BootError(reason) from None
             raise
-        self._db_url = url
-        self.pool = make_pool(url, self.worker_id)
-        self.pool.open(wait=True, timeout=max(2.0, self.settings.boot_timeout_s))
-        with self.pool.connection(timeout=_STATUS_WRITE_TIMEOUT_S) as conn:
+
+    def _boot_on(self, url: str) -> None:
+        with connect(url, f"boot:{self.worker_id}") as conn:
+            self.notifications = check_schema(conn, self.settings, self.queue)
+            self.strategy.shared_keys = not ledger.keys_are_per_queue(conn)
+        if self.pool is None:
+            self.pool = make_pool(url, self.worker_id)
+            self.pool.open(wait=False)
+        with self.pool.connection(timeout=_BOOT_POOL_WAIT_S) as conn:
             self.previous = previous_instance(conn, self.queue, self.worker_id, self.replica)
             self.sessions_named = not self.settings.uses_transaction_pooler and q.session_named(
                 conn, self.worker_id
@@ -278,9 +296,20 @@ class Runtime:
         self._close()
         return EXIT_FAILURE
 
+    def _stopped_while_booting(self) -> int:
+        """A stop requested while boot retried the database (a redeploy during an outage):
+        nothing was taken, so it is a clean stop, exit 0, not a failed boot."""
+        self.loop_done.set()
+        self._enter_draining()
+        self.lifecycle.finish(**self._shutdown_data(drained=True, exit_code=EXIT_OK))
+        if self.pool is None and self.settings.db_url:
+            record_once(self.settings.db_url, self.heartbeat_row())  # best effort: it may be down
+        self._close()
+        return EXIT_OK
+
     def _record_failure(self, data: dict[str, Any]) -> None:
         """What the row's metadata keeps of a crash: the inspector shows the last error."""
-        keep = ("error", "error_type", "exit_code", "variable", "state_before")
+        keep = ("error", "error_type", "exit_code", "variable", "state_before", "job_keys")
         self.failure = {k: data[k] for k in keep if data.get(k) is not None}
 
     # --- run -----------------------------------------------------------------------------
@@ -290,6 +319,8 @@ class Runtime:
         try:
             self._boot()
         except Exception as exc:  # ConfigError, BootError, a database error, or any other
+            if self.stop_requested.is_set() and isinstance(exc, DB_ERRORS):
+                return self._stopped_while_booting()
             return self.boot_failed(exc)
         booted = self.lifecycle.booted(
             db_status="ok",
@@ -312,6 +343,7 @@ class Runtime:
             counters=self.counters,
         )
         self.housekeeper.start()
+        self.deadline.start()
         try:
             self.consumer.run(self.pool, notifications=self.notifications)
         except (Exception, MemoryError) as exc:
@@ -346,6 +378,7 @@ class Runtime:
             "exit_code": EXIT_FAILURE,
             "jobs_processed": self.counters.processed,
             "jobs_failed": self.counters.failed,
+            **({"job_keys": keys} if (keys := self.deadline.keys_in_hand()) else {}),
             **extra,
         }
 
@@ -358,6 +391,27 @@ class Runtime:
         data = {**self._crash_data(error), **figures, **extra}
         self._record_failure(data)
         return data
+
+    def _on_hung_job(self, call: Call) -> None:
+        """A handler past its deadline that did not give control back after the interrupt
+        (a C call such as a socket read with no timeout): record the attempt on a connection
+        of its own, then end the process, exit 1, for the platform to start a fresh one."""
+        self.held.clear()  # its leases are no longer extended
+        url = self._db_url
+        if url is not None:
+            self.strategy.record_timeout(
+                lambda: connect(url, f"{self.worker_id}:deadline"), call, interrupted=False
+            )
+        error = JobTimedOut(
+            f"handler call of job {call.key} ran past its deadline of {call.deadline_s:g} s"
+            f" (WORKER_JOB_TIMEOUT_S) and did not give control back"
+        )
+        data = self._crash_data(error, stack=call.stack)
+        self._record_failure(data)
+        self.lifecycle.crash(**data)
+        self.heartbeat.flush(_STATUS_WRITE_TIMEOUT_S)
+        logging.shutdown()
+        os._exit(EXIT_FAILURE)
 
     def _crash(self, exc: BaseException) -> int:
         data = self._crash_data(exc)

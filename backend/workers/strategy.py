@@ -23,6 +23,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import psycopg
@@ -30,11 +31,13 @@ import psycopg
 from backend.backoff import retry_delay_s
 from backend.db import ledger
 from backend.db import queries as q
+from backend.db.connect import DB_ERRORS
 from backend.db.ledger import DeadLetter, Failure, LedgerStatus
-from backend.errors import PermanentJobError, RetryableError, describe
+from backend.errors import JobTimedOut, PermanentJobError, RetryableError, describe
 from backend.events import Event
 from backend.jobs import Job, job_from_envelope
 from backend.logs import EVENT_LOGGER, log_event
+from backend.workers.deadline import Call, Deadline
 from backend.workers.delivery import Claims, Delivery, Outcome, Pending, ProcessingOptions, sort_delivery
 from backend.workers.held import Counters, HeldJobs
 
@@ -42,6 +45,11 @@ Conn = psycopg.Connection[Any]
 ShouldStop = Callable[[], bool]
 
 _LOG = logging.getLogger(EVENT_LOGGER)
+# What a handler raises that is its job's failure. ``sys.exit`` and ``KeyboardInterrupt``
+# from a job are too: signals never raise here (``SignalWatcher``), so they came from its code.
+HANDLER_ERRORS = (Exception, SystemExit, KeyboardInterrupt)
+# Jobs run alone after the others when their last run ended so: it may end the next one too.
+_SUSPECT = (LedgerStatus.PROCESSING, LedgerStatus.FAILED)
 # A busy worker looks for claims of dead workers this often (an idle one at each poll).
 RESCUE_INTERVAL_S = 1.0
 
@@ -58,6 +66,7 @@ class Strategy:
         counters: Counters | None = None,
         held: HeldJobs | None = None,
         rng: random.Random | None = None,
+        deadline: Deadline | None = None,
     ) -> None:
         self.queue = queue
         self.worker_id = worker_id
@@ -65,6 +74,8 @@ class Strategy:
         self.counters = counters or Counters()
         self.held = held or HeldJobs()
         self.rng = rng or random.Random()
+        # Every handler call runs under it; without one (a test), none is ever interrupted.
+        self.deadline = deadline or Deadline(deadline_s=float("inf"), on_hung=lambda call: None)
         self.in_flight = 0
         self.shared_keys = False  # the ledger's key is still the key alone (before 0007)
         self._next_rescue = 0.0
@@ -144,18 +155,27 @@ class Strategy:
         ``expired`` list: such a job runs alone again, counted, never merely delayed.
         ``delete_claimed``: the claimed jobs' messages are deleted with the claim
         (``ledger.claim``)."""
-        if self.shared_keys:
-            pending = self._refuse_shared_keys(conn, pending, out)
-        attempts = ledger.claim(
-            conn,
-            queue=self.queue,
-            worker_id=self.worker_id,
-            status=status,
-            keys=[env["idempotency_key"] for env, _ in pending],
-            msg_ids=[msg_id for _, msg_id in pending],
-            lease_s=self.options.visibility_timeout_s,
-            delete_claimed=delete_claimed,
-        )
+        attempts = None
+        while attempts is None:
+            if self.shared_keys:
+                pending = self._refuse_shared_keys(conn, pending, out)
+            try:
+                with conn.transaction() if self.shared_keys else nullcontext():
+                    attempts = ledger.claim(
+                        conn,
+                        queue=self.queue,
+                        worker_id=self.worker_id,
+                        status=status,
+                        keys=[env["idempotency_key"] for env, _ in pending],
+                        msg_ids=[msg_id for _, msg_id in pending],
+                        lease_s=self.options.visibility_timeout_s,
+                        delete_claimed=delete_claimed,
+                    )
+            except psycopg.errors.UniqueViolation:
+                if not self.shared_keys:
+                    raise
+                # Another queue claimed one of the keys since they were looked up: its
+                # savepoint rolled back, the next look refuses it.
         result = Claims(
             jobs=[
                 job_from_envelope(
@@ -229,18 +249,20 @@ class Strategy:
 
     def attempt(self, conn: Conn, job: Job, out: Outcome, run: Callable[[], None]) -> None:
         """Run one job's handler: done, or its failure recorded. A MemoryError and a lost
-        connection are not the job's failure: they propagate (a crash, an outage)."""
+        connection are not the job's failure: they propagate (a crash, an outage), and so does
+        an interrupt at the deadline (``Consumer`` records it once the connection is replaced)."""
         try:
-            run()
+            with self.deadline.watch((job,), conn.info.backend_pid):
+                run()
         except MemoryError:
             raise
-        except Exception as exc:
+        except HANDLER_ERRORS as exc:
             reraise_if_connection_lost(conn, exc)
             self.fail(job, exc, out)
         else:
             out.done.append(job)
 
-    def fail(self, job: Job, exc: Exception, out: Outcome) -> None:
+    def fail(self, job: Job, exc: BaseException, out: Outcome) -> None:
         """Record a handler's failure: a retry after the backoff, or a dead letter when the
         error is permanent or the attempts are used up."""
         error = describe(exc)
@@ -337,11 +359,69 @@ class Strategy:
                 logging.ERROR,
             )
 
+    def record_timeout(
+        self, open_conn: Callable[[], AbstractContextManager[Conn]], call: Call, *, interrupted: bool
+    ) -> None:
+        """Record a handler call past its deadline on a connection of its own (``open_conn``),
+        not the loop's: a job whose claim is committed (run alone, external) fails its attempt
+        (``JobTimedOut``: retried after its backoff, dead-lettered after the last attempt); a
+        batch's claims roll back with its transaction, and its record runs its jobs alone.
+
+        Not ``interrupted``: the handler still runs, so the loop's session is ended first
+        (its transaction, and the locks the claim waits for, go with it)."""
+        where = call.stack[-1] if call.stack else "unknown"
+        error = JobTimedOut(
+            f"the handler ran past its deadline of {call.deadline_s:g} s (WORKER_JOB_TIMEOUT_S),"
+            f" {'interrupted' if interrupted else 'not giving control back'} at {where}"
+        )
+        out = Outcome()
+        try:
+            with open_conn() as conn:
+                if not interrupted and call.backend_pid:
+                    conn.execute("SELECT pg_terminate_backend(%s)", (call.backend_pid,))
+                with conn.transaction():
+                    q.bound_transaction(conn, self.options.transaction_limit_ms)
+                    for job in call.jobs:
+                        if ledger.owns_claim(conn, self.queue, job.idempotency_key, self.worker_id):
+                            self.fail(job, error, out)
+                    self.settle(conn, out)
+            outcome = (
+                f"dead-lettered (attempt {call.jobs[0].attempt}, the last)"
+                if out.letters
+                else f"attempt {call.jobs[0].attempt} failed, retried in {out.failures[0].delay_s} s"
+                if out.failures
+                else "rolled back with its batch: each of the batch's jobs runs alone next"
+            )
+        except DB_ERRORS as exc:
+            out = Outcome()
+            outcome = f"not recorded ({describe(exc)}): the job runs again when its lease ends"
+        job = call.jobs[0]
+        log_event(
+            Event.JOB_TIMED_OUT,
+            {
+                "queue": self.queue,
+                "job_key": job.idempotency_key,
+                "msg_id": job.msg_id,
+                "jobs": len(call.jobs),
+                "attempt": job.attempt,
+                "seconds": round((call.interrupted_at or self.deadline.clock()) - call.started, 3),
+                "deadline_s": call.deadline_s,
+                "interrupted": interrupted,
+                "stack": call.stack,
+                "outcome": outcome,
+                "fix": "give the handler's blocking calls (sockets, locks, libraries) timeouts shorter"
+                " than WORKER_JOB_TIMEOUT_S, or raise it",
+            },
+            logging.ERROR,
+        )
+        self.after_commit(out)
+
     # --- jobs run alone ------------------------------------------------------------------
 
     def run_alone(self, conn: Conn, delivery: Delivery, should_stop: ShouldStop) -> list[int]:
-        """Run each job of ``delivery.alone`` on its own, the ones whose last run ended with
-        their worker gone last; return the message ids not started because of a stop."""
+        """Run each job of ``delivery.alone`` on its own, the ones whose last run failed or
+        ended with their worker gone (a killer, a hung handler) after the others; return the
+        message ids not started because of a stop."""
         pending = self._suspects_last(conn, delivery.alone)
         while pending and not should_stop():
             envelope, msg_id = pending.pop(0)
@@ -366,7 +446,7 @@ class Strategy:
         states = ledger.ledger_status(conn, self.queue, [env["idempotency_key"] for env, _ in pending])
         return sorted(
             pending,
-            key=lambda p: (states.get(p[0]["idempotency_key"], (None,))[0] == LedgerStatus.PROCESSING, p[1]),
+            key=lambda p: (states.get(p[0]["idempotency_key"], (None,))[0] in _SUSPECT, p[1]),
         )
 
     def _one(self, conn: Conn, pending: Pending) -> tuple[bool, int]:
@@ -418,7 +498,7 @@ class Strategy:
         )
 
 
-def reraise_if_connection_lost(conn: Conn, exc: Exception) -> None:
+def reraise_if_connection_lost(conn: Conn, exc: BaseException) -> None:
     """A handler error on a dead connection is the connection's end (an outage, or the
     server ending a transaction past its bound), not a job failure."""
     if conn.broken or conn.closed:

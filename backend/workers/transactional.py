@@ -30,7 +30,7 @@ from backend.jobs import Job
 from backend.logs import log_event
 from backend.workers.deliveries import DeliveryLog
 from backend.workers.delivery import Delivery, Outcome, Pending
-from backend.workers.strategy import Conn, ShouldStop, Strategy, reraise_if_connection_lost
+from backend.workers.strategy import HANDLER_ERRORS, Conn, ShouldStop, Strategy, reraise_if_connection_lost
 
 # Claims of transactional jobs are written as completed; a batch whose handlers ran longer
 # than this rewrites completed_at, so the ledger's time stays within it of the truth.
@@ -150,10 +150,11 @@ class TransactionalStrategy(Strategy):
 
     def _run_batch(self, conn: Conn, jobs: list[Job]) -> None:
         try:
-            self.handler.handle_batch(conn, jobs)
+            with self.deadline.watch(jobs, conn.info.backend_pid):
+                self.handler.handle_batch(conn, jobs)
         except MemoryError:
             raise
-        except Exception as exc:
+        except HANDLER_ERRORS as exc:
             reraise_if_connection_lost(conn, exc)
             log_event(
                 Event.BATCH_RETRIED_ONE_BY_ONE,

@@ -126,6 +126,20 @@ def test_unreachable_database_fails_boot_within_the_budget(spawn: Spawn) -> None
     assert 2 <= elapsed < 2 + 8
 
 
+def test_sigterm_while_boot_retries_is_a_clean_stop(spawn: Spawn) -> None:
+    """A redeploy's SIGTERM reaching a worker that retries its boot (the database or its
+    pooler briefly down): nothing was taken, so it stops cleanly, not as a failed boot."""
+    worker = spawn(db_url="postgresql://dragonfly@127.0.0.1:1/nowhere", WORKER_BOOT_TIMEOUT_S=30)
+    worker.wait_for("DB_BOOT_RETRY")
+    time.sleep(1)
+    worker.send(signal.SIGTERM)
+    assert worker.wait_exit(timeout=10) == 0
+    shutdown = worker.wait_for("WORKER_SHUTDOWN")
+    assert (shutdown["from"], shutdown["exit_code"]) == ("DRAINING", 0)
+    assert not worker.named("WORKER_CRASH")
+    assert [b.get("db_status") for b in worker.named("WORKER_BOOT")] == []
+
+
 @pytest.mark.parametrize(
     ("env", "variable"),
     [

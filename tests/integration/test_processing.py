@@ -549,9 +549,24 @@ def test_a_key_whose_run_alone_ended_without_an_outcome_runs_alone_again_counted
     assert queue_depth(db) == 0
 
 
+@pytest.mark.parametrize("race", [False, True])
 def test_before_0007_a_key_another_queue_holds_is_dead_lettered_and_the_batch_goes_on(
-    db: Conn, work_conn: Conn, clean_db: str
+    db: Conn, work_conn: Conn, clean_db: str, monkeypatch: pytest.MonkeyPatch, race: bool
 ) -> None:
+    """``race``: the other queue claims the key between the look-up of such keys and the
+    claim (the look-up is made to miss it once, the row inserted right after)."""
+    if race:
+        look_up = ledger_mod.keys_on_other_queues
+        missed: list[bool] = []
+
+        def late(conn: Conn, queue: str, keys: Any) -> dict[str, str]:
+            if not missed:
+                missed.append(True)
+                claim(db, queue="q_escalation", worker_id="x", keys=["shared"], msg_ids=[1], lease_s=5)
+                return {}
+            return look_up(conn, queue, keys)
+
+        monkeypatch.setattr(ledger_mod, "keys_on_other_queues", late)
     # The ledger as it is between migrations 0006 and 0007: the key alone is the primary key.
     db.execute(
         "ALTER TABLE workers.processed_jobs DROP CONSTRAINT processed_jobs_pkey,"
@@ -561,7 +576,8 @@ def test_before_0007_a_key_another_queue_holds_is_dead_lettered_and_the_batch_go
         "CREATE UNIQUE INDEX processed_jobs_queue_key_idx ON workers.processed_jobs (queue_name, job_key)"
     )
     try:
-        claim(db, queue="q_escalation", worker_id="x", keys=["shared"], msg_ids=[1], lease_s=5)
+        if not race:
+            claim(db, queue="q_escalation", worker_id="x", keys=["shared"], msg_ids=[1], lease_s=5)
         send(db, "shared")
         send(db, "own")
         proc = processor(clean_db, Recorder())

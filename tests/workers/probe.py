@@ -6,7 +6,12 @@ Payload keys: ``sleep_s`` (pause inside the handler, after the effect is written
 ``busy_s`` (transactional: keep the transaction busy that long, one short statement after
 another), ``fail_times`` (raise on the first N attempts), ``permanent`` (raise
 PermanentJobError), ``rss_mb`` (allocate that much and keep it), ``exit_code`` (end the
-process at once with ``os._exit``, as a crashing extension or the OOM killer would). Effects:
+process at once with ``os._exit``, as a crashing extension or the OOM killer would), ``hang``
+(never return, after the effect is written: ``loop``, a Python loop of short sleeps, which
+an interrupt stops; ``recv``, a socket read with no timeout, blocked in C, which it does
+not), ``sys_exit`` (call ``sys.exit`` with that code, as a library giving up would),
+``memory_error`` (raise ``MemoryError``).
+Effects:
 - transactional: a row in ``probe.effects`` written on the job's own connection;
 - external: a call to a receiver that deduplicates by idempotency key
   (``probe.receiver``, written on a separate autocommit connection, like a remote system).
@@ -16,6 +21,8 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import sys
 import time
 from typing import Any, ClassVar
 
@@ -56,6 +63,10 @@ def _behave(job: Job, worker_id: str, note: psycopg.Connection[Any]) -> None:
         raise PermanentJobError(f"probe: permanent failure of {job.idempotency_key}")
     if job.attempt <= int(p.get("fail_times", 0)):
         raise RuntimeError(f"probe: planned failure {job.attempt} of {p['fail_times']}")
+    if p.get("memory_error"):
+        raise MemoryError("probe: out of memory")
+    if p.get("sys_exit") is not None:
+        sys.exit(int(p["sys_exit"]))
     if p.get("exit_code") is not None:
         log_worker_event("PROBE_EXITING", {"job_key": job.idempotency_key, "attempt": job.attempt})
         logging.shutdown()
@@ -68,6 +79,18 @@ def _busy(job: Job, conn: psycopg.Connection[Any]) -> None:
     until = time.monotonic() + float(job.payload.get("busy_s", 0))
     while time.monotonic() < until:
         conn.execute("SELECT pg_sleep(0.1)")
+
+
+def _hang(job: Job, worker_id: str) -> None:
+    how = job.payload.get("hang")
+    if not how:
+        return
+    log_worker_event("PROBE_HANGING", {"job_key": job.idempotency_key, "attempt": job.attempt, "how": how})
+    if how == "recv":
+        reader, _writer = socket.socketpair()
+        reader.recv(1)  # nothing is ever written: blocked in C, with no timeout
+    while True:
+        time.sleep(0.05)
 
 
 def _pause(job: Job, worker_id: str) -> None:
@@ -103,6 +126,7 @@ class ProbeTransactional(TransactionalWorker):
         )
         _busy(job, conn)
         _pause(job, self.worker_id)
+        _hang(job, self.worker_id)
 
 
 class ProbeExternal(ExternalWorker):
@@ -118,6 +142,7 @@ class ProbeExternal(ExternalWorker):
             (job.idempotency_key,),
         )
         _pause(job, self.worker_id)
+        _hang(job, self.worker_id)
 
 
 if __name__ == "__main__":
