@@ -74,6 +74,7 @@ class Runtime:
         self.loop_done = threading.Event()
         self.stop_reason = ""
         self.memory: MemoryVerdict | None = None
+        self.memory_limit_bytes = settings.memory_limit_bytes  # the cgroup's, read once
         self.failure: dict[str, Any] = {}  # why it crashed: kept in the row's metadata
         # The last instance of this queue's worker on this replica, said in WORKER_BOOT.
         self.replica = settings.railway.get("RAILWAY_REPLICA_ID") or settings.hostname
@@ -140,6 +141,10 @@ class Runtime:
                 "pooled": s.uses_transaction_pooler,
                 "named_sessions": self.sessions_named,
                 "job_timeout_s": self.deadline.deadline_s,
+                # How an instance ended and what bounded it, for judging a replica's history.
+                "stop_reason": self.stop_reason or None,
+                "drain_timeout_s": s.drain_timeout_s,
+                "memory_limit_bytes": self.memory_limit_bytes,
                 "job": self.deadline.in_hand(),
                 **self.failure,
             },

@@ -14,10 +14,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
+from backend.enqueue import enqueue_many
 from scripts.harness.process import WorkerProcess
-from tests.helpers import wait_until
+from tests.helpers import job, wait_until
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -91,3 +93,22 @@ def test_a_frozen_worker_is_reported_frozen_with_the_way_to_end_it(spawn: Spawn,
     stalled = worker.wait_for("WORKER_STALLED", timeout=10)
     assert stalled["stalled_s"] >= 4
     wait_until(lambda: verdict_of(clean_db, worker_id)[1]["verdict"] == "alive", timeout=10, interval=0.5)
+
+
+def test_killed_workers_are_dead_at_once_at_the_default_heartbeat(spawn: Spawn, clean_db: str) -> None:
+    """Three workers SIGKILLed with the default 30-s heartbeat, the inspector 2 s later:
+    none is counted alive (their sessions are gone), and the queue's backlog shows."""
+    workers = [spawn("backend.workers.collectability", WORKER_HEARTBEAT_INTERVAL_S=30) for _ in range(3)]
+    ids = {w.wait_boot()["worker_id"] for w in workers}
+    with psycopg.connect(clean_db, autocommit=True) as db:
+        enqueue_many(db, "q_collectability", [job(f"backlog-{i}") for i in range(5)])
+        for worker in workers:
+            worker.send(signal.SIGKILL)
+            worker.wait_exit()
+        time.sleep(2)
+        code, doc = report(clean_db)
+    verdicts = {w["worker_id"]: w["verdict"] for w in doc["workers"] if w["worker_id"] in ids}
+    assert verdicts == dict.fromkeys(ids, "dead"), verdicts
+    assert code == 1
+    [queue] = [q for q in doc["queues"] if q["queue_name"] == "q_collectability"]
+    assert queue["depth"] >= 5

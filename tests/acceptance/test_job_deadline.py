@@ -11,6 +11,8 @@ and exits 1). The 19 others complete exactly once within deadline + visibility t
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -19,9 +21,9 @@ import psycopg
 import pytest
 
 from backend.enqueue import enqueue_many
-from scripts.harness.process import WorkerProcess
+from scripts.harness.process import ROOT, WorkerProcess
 from tests.acceptance.test_liveness import depth, effects_per_key, inspector
-from tests.helpers import job, one, wait_until
+from tests.helpers import PASSWORD, job, one, wait_until, worker_env
 
 pytestmark = pytest.mark.slow
 Spawn = Callable[..., WorkerProcess]
@@ -142,3 +144,37 @@ def test_a_crash_in_a_handler_names_its_job(spawn: Spawn, db: Conn, kind: str) -
     assert worker.wait_exit() == 1
     crash = worker.wait_for("WORKER_CRASH")
     assert crash["error_type"] == "MemoryError" and "greedy" in crash["job_keys"]
+
+
+def test_the_inspector_shows_a_long_job_in_hand_and_where_it_waits(
+    spawn: Spawn, db: Conn, clean_db: str
+) -> None:
+    """Deadline 60 s, 15 s into a hung job: the inspector (JSON and text) shows the job in
+    hand, its age and the frame where it waits."""
+    worker = spawn(
+        PROBE_KIND="external",
+        WORKER_JOB_TIMEOUT_S=60,
+        WORKER_HEARTBEAT_INTERVAL_S=1,
+        WORKER_DRAIN_TIMEOUT_S=1,
+    )
+    worker.wait_boot()
+    enqueue_many(db, "q_probe", [job("slowpoke", hang="loop")])
+    worker.wait_for("PROBE_HANGING")
+    time.sleep(15)
+    _code, report = inspector(clean_db)
+    [mine] = [w for w in report["workers"] if w["worker_id"] == worker.named("WORKER_BOOT")[0]["worker_id"]]
+    in_hand = mine["job"]
+    assert in_hand["key"] == "slowpoke" and 13 <= in_hand["age_s"] <= 20
+    assert "tests/workers/probe.py" in in_hand["stack"][-1] and "in _hang" in in_hand["stack"][-1]
+    text = subprocess.run(
+        [sys.executable, "-m", "tools.worker_inspector"],
+        cwd=ROOT,
+        env=worker_env(clean_db),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout
+    assert "slowpoke" in text and in_hand["stack"][-1] in text
+    assert PASSWORD not in text
+    worker.send(signal.SIGTERM)
+    assert worker.wait_exit(timeout=40) in (0, 143)

@@ -58,7 +58,8 @@ def render_html(report: Report, history: History) -> str:
         body.append(line_chart(series, history.start, history.end, unit, title))
     body.append("<h2>Worker instances</h2>")
     verdicts = {w.worker_id: w.verdict for w in report.workers}
-    body.append(timeline(history, verdicts, report.options.dead_after_s))
+    jobs = {w.worker_id: f"{w.job.label()} for {duration(w.job.age_s)}" for w in report.workers if w.job}
+    body.append(timeline(history, verdicts, report.options.dead_after_s, jobs))
     body.append("<h2>The inspector now</h2>")
     body.append(f"<pre>{html.escape(render_report(report))}</pre>")
     body.append("</body></html>")
@@ -118,8 +119,9 @@ def line_chart(series: dict[str, list[Point]], start: float, end: float, unit: s
     return "".join(parts)
 
 
-def timeline(history: History, verdicts: dict[str, str], dead_after_s: float) -> str:
-    """A bar per worker instance, boot to stop or last heartbeat, coloured by how it ended."""
+def timeline(history: History, verdicts: dict[str, str], dead_after_s: float, jobs: dict[str, str]) -> str:
+    """A bar per worker instance, boot to stop or last heartbeat, coloured by how it ended;
+    its title names the job in hand (``jobs``: worker id -> text)."""
     rows = history.instances
     lane_h = 16
     height = PAD_T + PAD_B + max(1, len(rows)) * lane_h
@@ -142,10 +144,12 @@ def timeline(history: History, verdicts: dict[str, str], dead_after_s: float) ->
         x1 = _x(end if alive and not killed else min(r["ended"], end), start, end)
         y = PAD_T + i * lane_h
         ended = f"{status.lower()}" + (f" ({r['error_type']})" if r.get("error_type") else "")
+        job = jobs.get(r["worker_id"])
+        held = f"; job {job}" if job else ""
         parts.append(
             f'<rect x="{x0:.1f}" y="{y}" width="{max(x1 - x0, 2):.1f}" height="{lane_h - 4}"'
             f' fill="{STATUS_COLOURS.get(status, "#64748b")}"><title>{html.escape(r["worker_id"])}'
-            f" pid {r['pid']} on {html.escape(r['hostname'])}: {html.escape(ended)}</title></rect>"
+            f" pid {r['pid']} on {html.escape(r['hostname'])}: {html.escape(ended + held)}</title></rect>"
         )
         parts.append(
             f'<text x="{W - PAD_R + 6}" y="{y + 10}">'

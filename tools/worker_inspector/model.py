@@ -3,13 +3,17 @@ and how they become JSON (``Report.to_json``, documented in docs/WORKER_INSPECTO
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, is_dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from backend.config import QUEUES
 
 KILLED_NOTE = "killed without shutting down (OOM kill or SIGKILL)"
+DRAIN_KILLED_NOTE = (
+    "killed while draining (SIGKILL at the end of the draining window:"
+    " RAILWAY_DEPLOYMENT_DRAINING_SECONDS must exceed WORKER_DRAIN_TIMEOUT_S)"
+)
 
 
 def frozen_note(worker_id: str, sessions: int, pid: int | None, idle_tx_s: float | None) -> str:
@@ -39,11 +43,32 @@ class Options:
 
 @dataclass(frozen=True, kw_only=True)
 class Finding:
-    """One reason for an unhealthy verdict, or one warning; ``code`` is stable."""
+    """One reason for an unhealthy verdict, or one warning; ``code`` is stable. ``stack``
+    (innermost frame last) goes with the findings about a job in hand only."""
 
     code: str
     subject: str | None
     message: str
+    stack: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobInHand:
+    """The handler call a worker's heartbeat row says it runs: the first job's key, how
+    many jobs the call holds (a transactional batch's size), since when and until when."""
+
+    key: str
+    msg_id: int | None
+    jobs: int
+    since: datetime
+    age_s: float  # the database's now() minus since
+    held_s: float  # how long it had run when the row was last written: what is judged
+    deadline_s: float | None
+    stack: tuple[str, ...]  # empty until the call has run long
+
+    def label(self) -> str:
+        """The key, and ``+N`` for the other jobs of its batch."""
+        return self.key + (f" +{self.jobs - 1}" if self.jobs > 1 else "")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,6 +96,9 @@ class Worker:
     note: str | None
     error_type: str | None = None  # of a crash, kept in the row's metadata
     error: str | None = None
+    heartbeat_interval_s: float | None = None  # how often the worker rewrites its row
+    job_timeout_s: float | None = None  # the worker's deadline for a handler call
+    job: JobInHand | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -149,8 +177,8 @@ class Report:
         o = self.options
         return {
             "verdict": self.verdict,
-            "reasons": [_plain(f) for f in self.reasons],
-            "warnings": [_plain(f) for f in self.warnings],
+            "reasons": [_finding(f) for f in self.reasons],
+            "warnings": [_finding(f) for f in self.warnings],
             "generated_at": _iso(self.generated_at),
             "database": self.database,
             "thresholds": {
@@ -193,11 +221,28 @@ def _iso(value: datetime) -> str:
     return value.astimezone(UTC).isoformat()
 
 
+def _finding(f: Finding) -> dict[str, Any]:
+    """A finding as JSON: ``stack`` only on the findings that have one."""
+    plain = _plain(f)
+    if f.stack is None:
+        del plain["stack"]
+    return plain
+
+
 def _plain(obj: Any) -> dict[str, Any]:
-    """A dataclass as a JSON-ready dict: datetimes as ISO-8601 strings."""
+    """A dataclass as a JSON-ready dict: datetimes as ISO-8601 strings, a dataclass inside
+    it as an object."""
     return jsonable(vars(obj))
 
 
 def jsonable(row: dict[str, Any]) -> dict[str, Any]:
     """A row with its datetimes as UTC ISO-8601 strings."""
-    return {k: _iso(v) if isinstance(v, datetime) else v for k, v in row.items()}
+    return {k: _value(v) for k, v in row.items()}
+
+
+def _value(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return _iso(value)
+    if is_dataclass(value) and not isinstance(value, type):
+        return _plain(value)
+    return value

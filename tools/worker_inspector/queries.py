@@ -5,7 +5,8 @@ The report reads one section per query inside a single read-only snapshot (see
 database's clock, never the operator's laptop. pgmq is read only through what 1.4.4 has
 (``list_queues`` and the ``pgmq.q_<queue>`` tables), by column name.
 
-``replay`` / ``replay_dead_letter`` are the only statements that write.
+``replay`` (and ``replay_dead_letter``) and ``discard`` are the only statements that write,
+each bounded by the ``--timeout`` of its command.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import psycopg
 from psycopg import sql
 
 from backend.db.ledger import LedgerStatus
+from backend.db.queries import execute_bounded
 
 # A dead letter neither replayed nor discarded: one that weighs on the verdict.
 _OPEN = "replayed_at IS NULL AND discarded_at IS NULL"
@@ -66,7 +68,8 @@ WITH blockers AS (  -- asked only of the sessions waiting for a lock: usually no
            greatest(2 * coalesce((h.metadata ->> 'heartbeat_interval_s')::float8, 30), 5) AS late_s,
            coalesce((h.metadata ->> 'visibility_timeout_s')::float8, 30) AS visibility_s,
            coalesce(NOT (h.metadata ->> 'named_sessions')::boolean, (h.metadata ->> 'pooled')::boolean,
-                    h.metadata ->> 'heartbeat_interval_s' IS NULL) AS pooled
+                    h.metadata ->> 'heartbeat_interval_s' IS NULL) AS pooled,
+           coalesce((h.metadata ->> 'named_sessions')::boolean, false) AS named
     FROM workers.heartbeats h LEFT JOIN sessions s ON s.worker_id = left(h.worker_id, 63)
 ), classified AS (
     SELECT aged.*,
@@ -76,7 +79,13 @@ WITH blockers AS (  -- asked only of the sessions waiting for a lock: usually no
                      AND (age_s > late_s OR idle_tx_s > visibility_s OR blocking_s > visibility_s)
                      THEN 'frozen'
                 WHEN age_s > %(dead)s THEN 'dead'
-                WHEN NOT pooled AND sessions = 0 AND age_s > late_s THEN 'dead'
+                -- No session left: killed, at once, unless the server restarted since its
+                -- last heartbeat (every session ended, the workers reconnecting): the
+                -- checkpointer starts again with every restart, crash recovery included.
+                WHEN NOT pooled AND sessions = 0
+                     AND (age_s > late_s OR named AND (SELECT min(backend_start) FROM pg_stat_activity
+                                             WHERE backend_type = 'checkpointer') < last_heartbeat_at)
+                     THEN 'dead'
                 WHEN age_s > %(stale)s THEN 'stale'
                 ELSE 'alive' END AS verdict
     FROM aged
@@ -91,10 +100,14 @@ WITH blockers AS (  -- asked only of the sessions waiting for a lock: usually no
 
 
 def snapshot_start(conn: Conn, statement_timeout_s: float) -> Any:
-    """Bound every statement of the current transaction; return its ``now()``."""
+    """Bound every statement of the current transaction, and every pause between them;
+    return its ``now()``. An inspector stopped mid-report (Ctrl-Z) would otherwise keep its
+    table locks, behind which a migration's exclusive lock, and every worker behind that,
+    would queue."""
     row = conn.execute(
-        "SELECT now() AS now, set_config('statement_timeout', %s, true) AS timeout",
-        (f"{int(statement_timeout_s * 1000)}ms",),
+        "SELECT now() AS now, set_config('statement_timeout', %(ms)s, true) AS timeout,"
+        " set_config('idle_in_transaction_session_timeout', %(ms)s, true) AS idle",
+        {"ms": f"{int(statement_timeout_s * 1000)}ms"},
     ).fetchone()
     assert row is not None
     return row["now"]
@@ -111,6 +124,8 @@ def worker_rows(
            version, git_sha, started_at, last_heartbeat_at, stopped_at, jobs_processed,
            jobs_failed, rss_bytes, metadata ->> 'RAILWAY_REPLICA_ID' AS replica_id,
            metadata ->> 'error_type' AS error_type, metadata ->> 'error' AS error,
+           metadata -> 'heartbeat_interval_s' AS heartbeat_interval_s,
+           metadata -> 'job_timeout_s' AS job_timeout_s, metadata -> 'job' AS job,
            sessions, idle_tx_s, blocking_s, session_pid
     FROM judged
     WHERE %(include_historic)s OR NOT historic
@@ -253,9 +268,35 @@ class Replay:
     ledger_reset: bool
 
 
-def replay(conn: Conn, dead_letter_id: int) -> Replay | None:
+# One statement, sent with its bound (``execute_bounded``): the server commits it without a
+# round trip to the inspector, so an operator's inspector stopped mid-replay (Ctrl-Z, a
+# dropped SSH session) never keeps the letter or the key's ledger row locked, where a
+# worker's claim of that key would wait; and a statement held up by a lock ends at the bound.
+_REPLAY = f"""
+WITH letter AS (
+    SELECT id, queue_name, job_key, message FROM workers.dead_letters
+    WHERE id = %(id)s AND {_OPEN} FOR UPDATE
+), sent AS (
+    SELECT pgmq.send(queue_name, coalesce(message, 'null'::jsonb), 0::integer) AS msg_id FROM letter
+), marked AS (
+    UPDATE workers.dead_letters AS d SET replayed_at = clock_timestamp() FROM letter WHERE d.id = letter.id
+), reset AS (
+    UPDATE workers.processed_jobs AS p SET status = {_FAILED}, attempts = 0, lease_expires_at = NULL,
+           updated_at = clock_timestamp()
+    FROM letter WHERE p.queue_name = letter.queue_name AND p.job_key = letter.job_key
+      AND p.status IN ({_DEAD}, {_FAILED})
+    RETURNING 1
+)
+SELECT letter.queue_name, letter.job_key, sent.msg_id, EXISTS (SELECT 1 FROM reset) AS ledger_reset
+FROM letter, sent
+"""
+# The bound of a write when the caller gives none: the default of the inspector's --timeout.
+WRITE_LIMIT_MS = 10_000
+
+
+def replay(conn: Conn, dead_letter_id: int, *, limit_ms: int = WRITE_LIMIT_MS) -> Replay | None:
     """Re-send a dead letter's original body to its queue, in one transaction with marking
-    it replayed and giving its job a fresh attempt budget.
+    it replayed and giving its job a fresh attempt budget; bounded by ``limit_ms``.
 
     Returns None when the letter does not exist or was already replayed (so a second
     replay does nothing). The row lock makes two concurrent replays send once. The ledger
@@ -263,37 +304,15 @@ def replay(conn: Conn, dead_letter_id: int) -> Replay | None:
     worker then deletes the message without running it again) and a ``processing`` claim
     belongs to a live delivery. ``conn`` must be in autocommit mode.
     """
-    with conn.transaction():
-        letter = conn.execute(
-            f"SELECT id, queue_name, job_key FROM workers.dead_letters WHERE id = %s AND {_OPEN} FOR UPDATE",
-            (dead_letter_id,),
-        ).fetchone()
-        if letter is None:
-            return None
-        sent = conn.execute(
-            "SELECT pgmq.send(queue_name, coalesce(message, 'null'::jsonb), 0::integer) AS msg_id"
-            " FROM workers.dead_letters WHERE id = %s",
-            (dead_letter_id,),
-        ).fetchone()
-        assert sent is not None
-        conn.execute(
-            "UPDATE workers.dead_letters SET replayed_at = clock_timestamp() WHERE id = %s",
-            (dead_letter_id,),
-        )
-        reset = 0
-        if letter["job_key"] is not None:
-            reset = conn.execute(
-                f"UPDATE workers.processed_jobs SET status = {_FAILED}, attempts = 0,"
-                " lease_expires_at = NULL, updated_at = clock_timestamp()"
-                f" WHERE queue_name = %s AND job_key = %s AND status IN ({_DEAD}, {_FAILED})",
-                (letter["queue_name"], letter["job_key"]),
-            ).rowcount
+    row = execute_bounded(conn, _REPLAY, {"id": dead_letter_id}, limit_ms=limit_ms).fetchone()
+    if row is None:
+        return None
     return Replay(
         dead_letter_id=dead_letter_id,
-        queue_name=letter["queue_name"],
-        job_key=letter["job_key"],
-        msg_id=int(sent["msg_id"]),
-        ledger_reset=reset > 0,
+        queue_name=row["queue_name"],
+        job_key=row["job_key"],
+        msg_id=int(row["msg_id"]),
+        ledger_reset=bool(row["ledger_reset"]),
     )
 
 
@@ -303,11 +322,14 @@ def replay_dead_letter(conn: Conn, dead_letter_id: int) -> int | None:
     return done.msg_id if done else None
 
 
-def discard(conn: Conn, dead_letter_id: int, reason: str) -> bool:
-    """Close an open dead letter without replaying it; False when it was not open."""
-    row = conn.execute(
-        "UPDATE workers.dead_letters SET discarded_at = clock_timestamp(), discard_reason = %s"
-        f" WHERE id = %s AND {_OPEN} RETURNING id",
-        (reason or None, dead_letter_id),
+def discard(conn: Conn, dead_letter_id: int, reason: str, *, limit_ms: int = WRITE_LIMIT_MS) -> bool:
+    """Close an open dead letter without replaying it; False when it was not open. One
+    statement, bounded by ``limit_ms`` as ``replay`` is."""
+    row = execute_bounded(
+        conn,
+        "UPDATE workers.dead_letters SET discarded_at = clock_timestamp(), discard_reason = %(reason)s"
+        f" WHERE id = %(id)s AND {_OPEN} RETURNING id",
+        {"reason": reason or None, "id": dead_letter_id},
+        limit_ms=limit_ms,
     ).fetchone()
     return row is not None

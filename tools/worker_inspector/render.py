@@ -9,9 +9,11 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from tools.worker_inspector.model import Finding, Report, duration
+from tools.worker_inspector.model import Finding, JobInHand, Report, Worker, duration
 
 Cell = str | int | float | None
+KEY_WIDTH = 40  # of a job key in a table
+ERROR_WIDTH = 60  # of a worker's last error in the NOTE column
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Cell]], numeric: Sequence[str] = ()) -> list[str]:
@@ -66,7 +68,20 @@ def render_report(report: Report) -> str:
 def _findings(title: str, findings: list[Finding]) -> list[str]:
     if not findings:
         return []
-    return ["", f"{title}:", *(f"  - {f.message}" for f in findings)]
+    lines = ["", f"{title}:"]
+    for f in findings:
+        lines.append(f"  - {f.message}")
+        if f.stack:
+            lines += ["      stack, innermost last:", *(f"        {frame}" for frame in f.stack)]
+    return lines
+
+
+def job_cells(job: JobInHand | None) -> tuple[str | None, str | None]:
+    """The job in hand as (key +N, age): a key is cut to keep the table readable
+    (``--json`` has it whole)."""
+    if job is None:
+        return None, None
+    return _cut(job.key, KEY_WIDTH) + job.label()[len(job.key) :], duration(job.age_s)
 
 
 def _workers(report: Report) -> list[str]:
@@ -87,11 +102,12 @@ def _workers(report: Report) -> list[str]:
             duration(w.heartbeat_age_s),
             w.jobs_processed,
             w.jobs_failed,
+            *job_cells(w.job),
             w.rss_mb,
             w.version,
             w.git_sha,
             w.replica_id,
-            w.note,
+            _note(w),
         ]
         for w in report.workers
     ]
@@ -103,13 +119,27 @@ def _workers(report: Report) -> list[str]:
         "HEARTBEAT",
         "DONE",
         "FAILED",
+        "JOB",
+        "JOB AGE",
         "RSS MB",
         "VERSION",
         "SHA",
         "REPLICA",
         "NOTE",
     ]
-    return [title, *table(headers, rows, numeric=("HEARTBEAT", "DONE", "FAILED", "RSS MB"))]
+    return [title, *table(headers, rows, numeric=("HEARTBEAT", "DONE", "FAILED", "JOB AGE", "RSS MB"))]
+
+
+def _note(w: Worker) -> str | None:
+    """The row's note; for a crashed or dead worker, its last error, cut to fit (``--json``
+    has ``error_type`` and ``error`` whole); for a job that has run long, where it waits."""
+    error = (
+        f"{w.error_type}: {_cut(w.error, ERROR_WIDTH)}"
+        if w.error and w.verdict in ("crashed", "dead")
+        else None
+    )
+    waits = f"job waits at {w.job.stack[-1]}" if w.job and w.job.stack else None
+    return "; ".join(part for part in (w.note, error, waits) if part) or None
 
 
 def _queues(report: Report) -> list[str]:

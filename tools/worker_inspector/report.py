@@ -8,13 +8,15 @@ sections agree with each other and every age is measured against the same ``now(
 from __future__ import annotations
 
 from collections import Counter
-from datetime import timedelta
+from datetime import datetime
 
 from psycopg import IsolationLevel
 
 from backend.db.migrate import applied_versions, migrations, older_live_workers
 from tools.worker_inspector import queries
+from tools.worker_inspector.jobs import job_findings, job_in_hand, seconds
 from tools.worker_inspector.model import (
+    DRAIN_KILLED_NOTE,
     KILLED_NOTE,
     DeadLetterGroup,
     Finding,
@@ -27,9 +29,7 @@ from tools.worker_inspector.model import (
     frozen_note,
 )
 from tools.worker_inspector.queries import VERDICTS, Conn, Row
-
-# A crash loop: this many unclean ends of one queue's workers within this window.
-CRASH_LOOP_WINDOW_S, CRASH_LOOP_COUNT = 600, 3
+from tools.worker_inspector.replicas import replica_findings, replica_instances
 
 
 def build_report(conn: Conn, options: Options, *, database: str = "") -> Report:
@@ -48,6 +48,7 @@ def build_report(conn: Conn, options: Options, *, database: str = "") -> Report:
             stuck_total, stuck_rows = queries.stuck_claims(conn, o.stuck_limit)
             letter_rows = queries.dead_letter_counts(conn)
             contracts = pending_contracts(conn)
+            instances = replica_instances(conn, **thresholds)
     finally:
         conn.read_only, conn.isolation_level = saved
 
@@ -67,7 +68,7 @@ def build_report(conn: Conn, options: Options, *, database: str = "") -> Report:
         generated_at=now,
         database=database,
         options=o,
-        workers=[_worker(r) for r in worker_rows],
+        workers=[_worker(r, now) for r in worker_rows],
         verdict_counts=dict(verdict_counts),
         hidden_workers=0 if o.show_all else hidden,
         queues=[
@@ -82,8 +83,10 @@ def build_report(conn: Conn, options: Options, *, database: str = "") -> Report:
         stuck_items=[StuckClaim(**_rounded(r, "age_s")) for r in stuck_rows],
         dead_letters=letters,
     )
-    report.reasons.extend(_reasons(report, names))
-    report.warnings.extend(_warnings(report, hidden_dead))
+    hung, long = job_findings(report.workers)
+    loops, patterns = replica_findings(instances)
+    report.reasons.extend([*_reasons(report, names), *loops, *hung])
+    report.warnings.extend([*_warnings(report, hidden_dead), *patterns, *long])
     report.warnings.extend(contracts)
     return report
 
@@ -116,12 +119,15 @@ def _rounded(row: Row, key: str) -> Row:
     return {**row, key: None if value is None else round(value, 3)}
 
 
-def _worker(row: Row) -> Worker:
+def _worker(row: Row, now: datetime) -> Worker:
     # Only a process that never got to write STOPPED or CRASHED leaves a dead heartbeat.
-    note = KILLED_NOTE if row["verdict"] == "dead" else None
+    note = None
+    if row["verdict"] == "dead":
+        note = DRAIN_KILLED_NOTE if row["status"] == "DRAINING" else KILLED_NOTE
     if row["verdict"] == "frozen":
         note = frozen_note(row["worker_id"], row["sessions"], row["session_pid"], row["idle_tx_s"])
     rss = row["rss_bytes"]
+    timeout = seconds(row["job_timeout_s"])
     return Worker(
         worker_id=row["worker_id"],
         worker_name=row["worker_name"],
@@ -144,6 +150,9 @@ def _worker(row: Row) -> Worker:
         note=note,
         error_type=row["error_type"],
         error=row["error"],
+        heartbeat_interval_s=seconds(row["heartbeat_interval_s"]),
+        job_timeout_s=timeout,
+        job=job_in_hand(row["job"], timeout, now, row["last_heartbeat_at"]),
     )
 
 
@@ -158,7 +167,7 @@ def _reasons(report: Report, queue_names: list[str]) -> list[Finding]:
                     code="dead_worker",
                     subject=w.worker_id,
                     message=f"worker {w.worker_name} {w.worker_id} is dead: still {w.status} but "
-                    f"no heartbeat for {duration(w.heartbeat_age_s)}; {KILLED_NOTE}",
+                    f"no heartbeat for {duration(w.heartbeat_age_s)}; {w.note}",
                 )
             )
         if w.verdict == "frozen":
@@ -170,7 +179,6 @@ def _reasons(report: Report, queue_names: list[str]) -> list[Finding]:
                     f" frozen, heartbeat {duration(w.heartbeat_age_s)} old; {w.note}",
                 )
             )
-    found.extend(_crash_loops(report))
     for name in o.expected_queues:
         if name not in queue_names:
             found.append(
@@ -218,35 +226,6 @@ def _reasons(report: Report, queue_names: list[str]) -> list[Finding]:
     return found
 
 
-def _crash_loops(report: Report) -> list[Finding]:
-    """A queue whose workers crashed, failed to boot or died CRASH_LOOP_COUNT times within
-    CRASH_LOOP_WINDOW_S, with no clean boot of the same replica since each of them."""
-    since = report.generated_at - timedelta(seconds=CRASH_LOOP_WINDOW_S)
-    found: list[Finding] = []
-    for queue in sorted({w.queue_name for w in report.workers}):
-        mine = [w for w in report.workers if w.queue_name == queue]
-        unclean = [
-            w
-            for w in mine
-            if w.verdict in ("crashed", "dead")
-            and w.started_at >= since
-            and not _booted_cleanly_since(w, mine)
-        ]
-        if len(unclean) < CRASH_LOOP_COUNT:
-            continue
-        last = max(unclean, key=lambda w: w.started_at)
-        why = f"{last.error_type}: {last.error}" if last.error else (last.note or f"status {last.status}")
-        found.append(
-            Finding(
-                code="crash_loop",
-                subject=queue,
-                message=f"queue {queue}: {len(unclean)} workers crashed, failed to boot or died in the last"
-                f" {duration(CRASH_LOOP_WINDOW_S)} with no clean boot since; the last: {why}",
-            )
-        )
-    return found
-
-
 def _booted_cleanly_since(w: Worker, workers: list[Worker]) -> bool:
     """Whether a later instance on the same replica (Railway's replica id, else the host) got
     past its boot: it is alive, or stopped cleanly."""
@@ -280,7 +259,7 @@ def _warnings(report: Report, hidden_dead: int) -> list[Finding]:
                 Finding(
                     code="replaced_dead_worker",
                     subject=w.worker_id,
-                    message=f"worker {w.worker_name} {w.worker_id} was {KILLED_NOTE},"
+                    message=f"worker {w.worker_name} {w.worker_id} was {w.note},"
                     f" {duration(w.heartbeat_age_s)} ago; its replica has booted cleanly since",
                 )
             )

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 
 from tools.worker_inspector.model import Report, duration
-from tools.worker_inspector.render import render_report
+from tools.worker_inspector.render import job_cells, render_report
 
 Build = Callable[[], Report]
 
@@ -66,22 +66,26 @@ def screen_lines(report: Report, interval_s: float) -> list[str]:
     lines = [
         f"worker inspector watch  {report.verdict.upper()}  {now}Z  every {duration(interval_s)}  (q quits)",
         "",
-        f"{'QUEUE':<22}{'DEPTH':>8}{'VISIBLE':>9}{'IN FLIGHT':>11}{'OLDEST':>9}{'DEAD':>6}{'WORKERS':>9}",
+        f"{'QUEUE':<22}{'DEPTH':>8}{'VISIBLE':>9}{'IN FLIGHT':>11}{'DELAYED':>9}{'OLDEST':>9}{'DEAD':>6}"
+        f"{'WORKERS':>9}",
     ]
     for q in report.queues:
         lines.append(
-            f"{q.queue_name:<22}{q.depth:>8}{q.visible:>9}{q.in_flight:>11}"
+            f"{q.queue_name:<22}{q.depth:>8}{q.visible:>9}{q.in_flight:>11}{q.delayed:>9}"
             f"{duration(q.oldest_age_s) if q.oldest_age_s is not None else '-':>9}"
             f"{q.dead_letters:>6}{q.workers_alive:>9}"
         )
     lines += [
         "",
-        f"{'WORKER':<40}{'STATE':<10}{'VERDICT':<9}{'JOBS':>8}{'FAILED':>8}{'RSS MB':>8}{'BEAT':>7}",
+        f"{'WORKER':<40}{'STATE':<10}{'VERDICT':<9}{'JOBS':>8}{'FAILED':>8}{'RSS MB':>8}{'BEAT':>7}"
+        f"{'JOB AGE':>9}  JOB",
     ]
     for w in report.workers:
+        key, age = job_cells(w.job)
         lines.append(
             f"{w.worker_id[:39]:<40}{w.status:<10}{w.verdict:<9}{w.jobs_processed:>8}{w.jobs_failed:>8}"
             f"{w.rss_mb if w.rss_mb is not None else '-':>8}{duration(w.heartbeat_age_s):>7}"
+            f"{age or '-':>9}  {key or '-'}"
         )
     lines += [
         "",
