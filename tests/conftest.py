@@ -25,9 +25,11 @@ RESET_SCHEMAS = ("workers", "dragonfly", "probe")
 
 
 def _remove_stale_servers() -> None:
-    """Servers left by test sessions that died (their pid is gone) are stopped and deleted."""
-    for folder in TEST_DATA.glob("pg-*"):
-        pid = int(folder.name.removeprefix("pg-")) if folder.name[3:].isdigit() else 0
+    """Servers left by test sessions that died (their pid is gone) are stopped and deleted:
+    the session's (``pg-<pid>``) and those its tests start of their own (``own-<pid>``)."""
+    for folder in [*TEST_DATA.glob("pg-*"), *TEST_DATA.glob("own-*")]:
+        suffix = folder.name.partition("-")[2]
+        pid = int(suffix) if suffix.isdigit() else 0
         if pid and _alive(pid):
             continue
         EmbeddedPostgres(folder).stop("immediate")
