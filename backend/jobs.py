@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from backend.errors import InvalidEnvelope, PermanentJobError
 
 REQUIRED_TEXT_FIELDS = ("idempotency_key", "entity_type", "entity_id", "org_id")
 OPTIONAL_TEXT_FIELDS = ("trace_id", "created_at")
+# Ids a producer may send as JSON integers (a bigint from SQL, a number from JavaScript):
+# normalised to their decimal text, so a key derived from them is the same whoever sent it.
+INTEGER_ID_FIELDS = ("entity_id", "org_id")
 MAX_KEY_LENGTH = 512
 _REQUIRED_FIELDS = frozenset((*REQUIRED_TEXT_FIELDS, "payload"))
 
@@ -53,18 +58,48 @@ def validate_envelope(body: Any, *, max_bytes: int, size: int | None = None) -> 
     if not body.keys() >= _REQUIRED_FIELDS:
         missing = [name for name in (*REQUIRED_TEXT_FIELDS, "payload") if name not in body]
         raise InvalidEnvelope(f"missing field(s): {', '.join(missing)}")
+    _normalise(body)
     for name in REQUIRED_TEXT_FIELDS:
         value = body[name]
         if not isinstance(value, str) or not value.strip():
-            raise InvalidEnvelope(f"{name} must be a non-empty string, got {_json_type(value)}")
+            raise InvalidEnvelope(
+                f"{name} must be a non-empty string{_ALSO_ACCEPTED.get(name, '')}, got {_json_type(value)}"
+            )
     if len(body["idempotency_key"]) > MAX_KEY_LENGTH:
         raise InvalidEnvelope(f"idempotency_key is longer than {MAX_KEY_LENGTH} characters")
     if not isinstance(body["payload"], dict):
         raise InvalidEnvelope(f"payload must be a JSON object, got {_json_type(body['payload'])}")
     for name in OPTIONAL_TEXT_FIELDS:
         if body.get(name) is not None and not isinstance(body[name], str):
-            raise InvalidEnvelope(f"{name} must be a string, got {_json_type(body[name])}")
+            raise InvalidEnvelope(
+                f"{name} must be a string{_ALSO_ACCEPTED.get(name, '')}, got {_json_type(body[name])}"
+            )
     return body
+
+
+_ALSO_ACCEPTED = {name: " or an integer" for name in INTEGER_ID_FIELDS} | {
+    "created_at": " (ISO 8601) or epoch seconds"
+}
+# Epoch seconds a datetime can hold (years 1 to 9999): beyond, the value is no time.
+_EPOCH_RANGE = (-62_135_596_800, 253_402_300_799)
+
+
+def _normalise(body: dict[str, Any]) -> None:
+    """What producers naturally send, in place: integer ids as their decimal text (not a
+    bool, not a float: 42.0 is no id), ``created_at`` in epoch seconds as ISO 8601 text."""
+    for name in INTEGER_ID_FIELDS:
+        if type(body[name]) is int:
+            body[name] = str(body[name])
+    created = body.get("created_at")
+    if isinstance(created, int | float) and not isinstance(created, bool) and math.isfinite(created):
+        body["created_at"] = _epoch_text(created)
+
+
+def _epoch_text(seconds: float) -> str:
+    """Epoch seconds as ISO 8601 text in UTC; InvalidEnvelope when out of range."""
+    if not _EPOCH_RANGE[0] <= seconds <= _EPOCH_RANGE[1]:
+        raise InvalidEnvelope(f"created_at {seconds!r} is out of range for epoch seconds (milliseconds?)")
+    return datetime.fromtimestamp(seconds, UTC).isoformat()
 
 
 def job_from_envelope(envelope: Mapping[str, Any], *, msg_id: int, queue_name: str, attempt: int = 1) -> Job:
@@ -100,5 +135,5 @@ def _json_type(value: Any) -> str:
         str: "string",
         bool: "boolean",
         int: "number",
-        float: "number",
+        float: "non-integer number",
     }.get(type(value), type(value).__name__)

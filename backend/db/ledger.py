@@ -328,16 +328,16 @@ def visible_or_rescued(conn: Conn, *, queue: str, worker_id: str) -> tuple[bool,
 
 
 def dead_letter(conn: Conn, *, queue: str, worker_id: str, letters: Iterable[DeadLetter]) -> None:
-    """Move messages to ``workers.dead_letters`` with their body exactly as queued (copied on
-    the server: an oversized body never passes through the worker), mark their keys dead,
-    delete them. A message already gone (another worker finished it) leaves no letter."""
+    """Move messages to ``workers.dead_letters`` with their body and pgmq headers as queued
+    (copied on the server; ``to_jsonb`` reads headers where the table has them, pgmq 1.5+), mark
+    their keys dead, delete them. A message already gone leaves no letter."""
     letters = list(letters)
     if not letters:
         return
     conn.execute(
         f"WITH moved AS (INSERT INTO workers.dead_letters (queue_name, msg_id, job_key, message,"
-        " error, error_type, attempts, worker_id)"
-        " SELECT %(queue)s, d.m, d.k, q.message, d.e, d.t, d.a, %(worker)s"
+        " error, error_type, attempts, worker_id, headers) SELECT %(queue)s, d.m, d.k, q.message,"
+        " d.e, d.t, d.a, %(worker)s, nullif(to_jsonb(q) -> 'headers', 'null')"
         " FROM unnest(%(ids)s::bigint[], %(keys)s::text[], %(errors)s::text[], %(types)s::text[],"
         f" %(attempts)s::int[]) AS d(m, k, e, t, a) JOIN {queue_table(queue)} AS q ON q.msg_id = d.m"
         " RETURNING job_key, error)"

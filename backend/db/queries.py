@@ -57,20 +57,45 @@ PREFIX_CHARS = 200
 # body never reaches the worker. OFFSET 0 keeps the planner from inlining the subquery.
 _BODY = """CASE WHEN b.size <= %(max)s THEN b.text ELSE left(b.text, {prefix}) END, coalesce(b.size, 0)"""
 _BODY_OF = """LATERAL (SELECT x.text, octet_length(x.text) AS size
-                 FROM (SELECT {row}.message::text AS text OFFSET 0) AS x) AS b"""
+                 FROM (SELECT {body}::text AS text OFFSET 0) AS x) AS b"""
+# pgmq 1.5+ keeps headers: a W3C ``traceparent`` (its trace-id field), else ``x-trace-id``, fills
+# an envelope's missing trace_id. Only where the table has them; no headers costs a null test.
+_TRACE = r"""coalesce(nullif(substring({row}.headers ->> 'traceparent'
+                                  FROM '^[0-9a-f]{{2}}-([0-9a-f]{{32}})-[0-9a-f]{{16}}-[0-9a-f]{{2}}'),
+                        '00000000000000000000000000000000'), {row}.headers ->> 'x-trace-id')"""
+_TRACED = f"""CASE WHEN {{row}}.headers IS NULL OR jsonb_typeof({{row}}.message) <> 'object'
+                OR {{row}}.message ->> 'trace_id' IS NOT NULL OR {_TRACE} IS NULL THEN {{row}}.message
+           ELSE {{row}}.message || jsonb_build_object('trace_id', {_TRACE}) END"""
+_WITH_HEADERS: set[str] = set()  # the queues whose table has headers, as boot found them
+
+
+def detect_headers(conn: Conn, queue: str) -> bool:
+    """Whether ``queue``'s table has pgmq's headers (1.5+); this process reads them from now on."""
+    row = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(%s)"
+        " AND attname = 'headers' AND NOT attisdropped) AS ok",
+        (queue_table(queue),),
+    ).fetchone()
+    (_WITH_HEADERS.add if row and row["ok"] else _WITH_HEADERS.discard)(queue)
+    return queue in _WITH_HEADERS
+
+
+def _body_of(row: str, headers: bool) -> str:
+    return _BODY_OF.format(body=_TRACED.format(row=row) if headers else f"{row}.message")
 
 
 @functools.cache
-def _lock_sql(queue: str) -> str:
+def _lock_sql(queue: str, headers: bool) -> str:
     table = queue_table(queue)
+    columns = "msg_id, message, headers" if headers else "msg_id, message"
     return f"""
 SELECT m.msg_id, {_BODY.format(prefix=PREFIX_CHARS)},
        -- a hashed subplan: the records' ids are read into one hash table per statement
        m.msg_id IN (SELECT unnest(msg_ids) FROM workers.deliveries WHERE queue_name = %(queue)s)
 FROM ({_BOUND}) AS bound,
-     (SELECT msg_id, message FROM {table} WHERE vt <= clock_timestamp()
+     (SELECT {columns} FROM {table} WHERE vt <= clock_timestamp()
       ORDER BY msg_id LIMIT %(qty)s FOR UPDATE SKIP LOCKED) AS m
-CROSS JOIN {_BODY_OF.format(row="m")}"""
+CROSS JOIN {_body_of("m", headers)}"""
 
 
 def lock_messages(conn: Conn, queue: str, *, qty: int, max_bytes: int, limit_ms: int) -> list[Message]:
@@ -84,7 +109,8 @@ def lock_messages(conn: Conn, queue: str, *, qty: int, max_bytes: int, limit_ms:
     """
     with conn.cursor(row_factory=tuple_row) as cur:
         rows = cur.execute(
-            _lock_sql(queue), {"qty": qty, "max": max_bytes, "queue": queue, "ms": str(limit_ms)}
+            _lock_sql(queue, queue in _WITH_HEADERS),
+            {"qty": qty, "max": max_bytes, "queue": queue, "ms": str(limit_ms)},
         ).fetchall()
     rows.sort()  # oldest first, as locked; sorting here costs less than on the server
     return list(map(Message._make, rows))
@@ -131,7 +157,7 @@ def prune_deliveries(conn: Conn, queue: str, *, limit_ms: int = MAINTENANCE_LIMI
 
 
 @functools.cache
-def _fetch_sql(queue: str, by_id: bool) -> str:
+def _fetch_sql(queue: str, by_id: bool, headers: bool) -> str:
     table = queue_table(queue)
     which = "msg_id = %(id)s AND vt <= clock_timestamp()" if by_id else "vt <= clock_timestamp()"
     return f"""
@@ -142,10 +168,10 @@ WITH picked AS (
     UPDATE {table} AS q SET vt = clock_timestamp() + make_interval(secs => %(vt)s),
            read_ct = q.read_ct + 1
     FROM picked WHERE q.msg_id = picked.msg_id
-    RETURNING q.msg_id, q.read_ct, q.message
+    RETURNING q.msg_id, q.read_ct, q.message{", q.headers" if headers else ""}
 )
 SELECT t.msg_id, {_BODY.format(prefix=PREFIX_CHARS)}, t.read_ct
-FROM taken AS t CROSS JOIN {_BODY_OF.format(row="t")}
+FROM taken AS t CROSS JOIN {_body_of("t", headers)}
 ORDER BY t.msg_id"""
 
 
@@ -158,7 +184,8 @@ def fetch_messages(conn: Conn, queue: str, *, qty: int, vt_s: int, max_bytes: in
     """
     with conn.cursor(row_factory=tuple_row) as cur:
         rows = cur.execute(
-            _fetch_sql(queue, False), {"qty": qty, "vt": vt_s, "max": max_bytes, "id": None}
+            _fetch_sql(queue, False, queue in _WITH_HEADERS),
+            {"qty": qty, "vt": vt_s, "max": max_bytes, "id": None},
         ).fetchall()
     return [Message(m, t, n, d > 1) for m, t, n, d in rows]
 
@@ -167,7 +194,9 @@ def take_message(conn: Conn, queue: str, msg_id: int, *, vt_s: int) -> bool:
     """Lease one message by id for ``vt_s``, as ``fetch_messages`` does; False when it is
     gone, invisible, or locked by another worker."""
     with conn.cursor(row_factory=tuple_row) as cur:
-        rows = cur.execute(_fetch_sql(queue, True), {"qty": 1, "vt": vt_s, "max": 0, "id": msg_id}).fetchall()
+        rows = cur.execute(
+            _fetch_sql(queue, True, False), {"qty": 1, "vt": vt_s, "max": 0, "id": msg_id}
+        ).fetchall()
     return bool(rows)
 
 

@@ -10,6 +10,7 @@ import psycopg
 
 from backend.config import QUEUES, Settings
 from backend.db import queries as q
+from backend.db.install import rls_hidden
 from backend.db.migrate import (
     apply_migrations,
     current_version,
@@ -76,7 +77,9 @@ def make_strategy(worker: BaseWorker, deliveries: DeliveryLog | None, deadline: 
 def check_schema(conn: psycopg.Connection[Any], settings: Settings, queue: str) -> bool:
     """Migrate (dev) or check the schema and the queue (prod); return whether insert
     notifications can be used. Either way, first refuse (``ReleaseTooOld``) a schema with a
-    contract step this code predates, before anything is migrated or any message read."""
+    contract step this code predates, before anything is migrated or any message read.
+    Refuse a queue whose rows row-level security hides from this role: it would read an
+    empty queue forever. Whether the queue's messages carry pgmq headers is decided here too."""
     refuse_predating(conn, latest_version())
     if settings.mode == "dev":
         queues = (*QUEUES, queue) if queue not in QUEUES else QUEUES
@@ -91,6 +94,10 @@ def check_schema(conn: psycopg.Connection[Any], settings: Settings, queue: str) 
             )
         if not q.queue_exists(conn, queue):
             raise BootError(f"queue {queue} does not exist: run `python -m backend.db.migrate`")
+    hidden = rls_hidden(conn, queue)
+    if hidden:
+        raise BootError(hidden)
+    q.detect_headers(conn, queue)
     return (
         settings.notifications == "auto"
         and not settings.uses_transaction_pooler

@@ -52,8 +52,15 @@ def test_optional_fields_default_to_none_and_the_first_attempt() -> None:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"org_id": None}, "org_id must be a non-empty string, got null"),
-        ({"entity_id": 42}, "entity_id must be a non-empty string, got number"),
+        ({"org_id": None}, "org_id must be a non-empty string or an integer, got null"),
+        ({"entity_id": 42.0}, "entity_id must be a non-empty string or an integer, got non-integer number"),
+        ({"org_id": True}, "org_id must be a non-empty string or an integer, got boolean"),
+        ({"idempotency_key": 42}, "idempotency_key must be a non-empty string, got number"),
+        ({"created_at": False}, r"created_at must be a string \(ISO 8601\) or epoch seconds, got boolean"),
+        (
+            {"created_at": 1.7e12},
+            r"created_at 1700000000000.0 is out of range for epoch seconds \(milliseconds\?\)",
+        ),
         ({"idempotency_key": "  "}, "idempotency_key must be a non-empty string, got string"),
         ({"idempotency_key": "k" * 513}, "idempotency_key is longer than 512 characters"),
         ({"payload": [1]}, "payload must be a JSON object, got array"),
@@ -77,3 +84,25 @@ def test_not_an_object_and_over_the_size_limit() -> None:
     with pytest.raises(InvalidEnvelope, match="envelope is 301 bytes, over the limit of 300"):
         validate_envelope(ENVELOPE, max_bytes=300, size=301)
     assert validate_envelope(ENVELOPE, max_bytes=300, size=300) is ENVELOPE
+
+
+def test_integer_ids_become_their_decimal_text_whoever_sent_them() -> None:
+    """A bigint from SQL and a number from JavaScript give the same envelope as text ids."""
+    sent = validate_envelope({**ENVELOPE, "entity_id": 42, "org_id": 7}, max_bytes=262_144, size=300)
+    assert (sent["entity_id"], sent["org_id"]) == ("42", "7")
+    assert job_from_envelope(sent, msg_id=1, queue_name="q").integer_entity_id("judgment") == 42
+    big = validate_envelope({**ENVELOPE, "entity_id": 2**63 - 1}, max_bytes=262_144, size=300)
+    assert big["entity_id"] == "9223372036854775807"
+
+
+@pytest.mark.parametrize(
+    ("sent", "stored"),
+    [
+        (1764410400, "2025-11-29T10:00:00+00:00"),
+        (1764410400.25, "2025-11-29T10:00:00.250000+00:00"),
+        ("2026-11-29T10:00:00+00:00", "2026-11-29T10:00:00+00:00"),
+    ],
+)
+def test_created_at_is_iso_text_or_epoch_seconds(sent: Any, stored: str) -> None:
+    envelope = validate_envelope({**ENVELOPE, "created_at": sent}, max_bytes=262_144, size=300)
+    assert envelope["created_at"] == stored

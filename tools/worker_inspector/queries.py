@@ -272,12 +272,14 @@ class Replay:
 # round trip to the inspector, so an operator's inspector stopped mid-replay (Ctrl-Z, a
 # dropped SSH session) never keeps the letter or the key's ledger row locked, where a
 # worker's claim of that key would wait; and a statement held up by a lock ends at the bound.
+# The letter's headers are read through ``to_jsonb``: null before migration 0010 added them.
 _REPLAY = f"""
 WITH letter AS (
-    SELECT id, queue_name, job_key, message FROM workers.dead_letters
-    WHERE id = %(id)s AND {_OPEN} FOR UPDATE
+    SELECT id, queue_name, job_key, message, nullif(to_jsonb(d) -> 'headers', 'null') AS headers
+    FROM workers.dead_letters AS d WHERE id = %(id)s AND {_OPEN} FOR UPDATE
 ), sent AS (
-    SELECT pgmq.send(queue_name, coalesce(message, 'null'::jsonb), 0::integer) AS msg_id FROM letter
+    SELECT pgmq.send(queue_name, coalesce(message, 'null'::jsonb), {{headers}}0::integer) AS msg_id
+    FROM letter
 ), marked AS (
     UPDATE workers.dead_letters AS d SET replayed_at = clock_timestamp() FROM letter WHERE d.id = letter.id
 ), reset AS (
@@ -295,7 +297,7 @@ WRITE_LIMIT_MS = 10_000
 
 
 def replay(conn: Conn, dead_letter_id: int, *, limit_ms: int = WRITE_LIMIT_MS) -> Replay | None:
-    """Re-send a dead letter's original body to its queue, in one transaction with marking
+    """Re-send a dead letter's original body (and pgmq headers) to its queue, in one transaction with marking
     it replayed and giving its job a fresh attempt budget; bounded by ``limit_ms``.
 
     Returns None when the letter does not exist or was already replayed (so a second
@@ -304,7 +306,12 @@ def replay(conn: Conn, dead_letter_id: int, *, limit_ms: int = WRITE_LIMIT_MS) -
     worker then deletes the message without running it again) and a ``processing`` claim
     belongs to a live delivery. ``conn`` must be in autocommit mode.
     """
-    row = execute_bounded(conn, _REPLAY, {"id": dead_letter_id}, limit_ms=limit_ms).fetchone()
+    # pgmq 1.5 and later send headers; an older server gets the body alone.
+    with_headers = conn.execute(
+        "SELECT to_regprocedure('pgmq.send(text,jsonb,jsonb,integer)') IS NOT NULL AS ok"
+    ).fetchone()
+    sql = _REPLAY.format(headers="headers, " if with_headers and with_headers["ok"] else "")
+    row = execute_bounded(conn, sql, {"id": dead_letter_id}, limit_ms=limit_ms).fetchone()
     if row is None:
         return None
     return Replay(

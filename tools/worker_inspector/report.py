@@ -12,6 +12,7 @@ from datetime import datetime
 
 from psycopg import IsolationLevel
 
+from backend.db.install import rls_hidden
 from backend.db.migrate import applied_versions, migrations, older_live_workers
 from tools.worker_inspector import queries
 from tools.worker_inspector.jobs import job_findings, job_in_hand, seconds
@@ -45,6 +46,8 @@ def build_report(conn: Conn, options: Options, *, database: str = "") -> Report:
             counts = queries.worker_counts(conn, **thresholds)
             names = queries.queue_names(conn)
             queue_rows = queries.queue_stats(conn, names)
+            # This login's view of the queues: row-level security may hide their rows.
+            unseen = [(n, why) for n in names if (why := rls_hidden(conn, n, ("SELECT",)))]
             stuck_total, stuck_rows = queries.stuck_claims(conn, o.stuck_limit)
             letter_rows = queries.dead_letter_counts(conn)
             contracts = pending_contracts(conn)
@@ -86,6 +89,7 @@ def build_report(conn: Conn, options: Options, *, database: str = "") -> Report:
     hung, long = job_findings(report.workers)
     loops, patterns = replica_findings(instances)
     report.reasons.extend([*_reasons(report, names), *loops, *hung])
+    report.reasons.extend(Finding(code="queue_hidden", subject=name, message=why) for name, why in unseen)
     report.warnings.extend([*_warnings(report, hidden_dead), *patterns, *long])
     report.warnings.extend(contracts)
     return report
