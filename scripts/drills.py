@@ -4,11 +4,17 @@ what the on-call engineer sees: the event line, and the inspector's verdict and 
     python -m scripts.drills                    # every drill, on a fresh embedded server
     python -m scripts.drills frozen_worker ...  # some of them
     python -m scripts.drills --url URL          # on that database (it must be one to spare)
+    python -m scripts.drills --defaults         # at the production settings, with restarts
 
 Short heartbeat settings make a verdict come in seconds instead of minutes: every worker
 runs with ``WORKER_HEARTBEAT_INTERVAL_S=1`` and ``WORKER_VISIBILITY_TIMEOUT_S=3``, so "two
 heartbeat intervals" is the inspector's floor of 5 s. Each drill waits at most 60 s for its
 verdict. ``tests/acceptance/test_drills.py`` runs every drill in the test suite.
+
+``--defaults`` runs the drills of ``scripts/drills_railway.py`` instead: the workers'
+default settings (30 s heartbeat and visibility timeout), a new instance 2-5 s after each
+exit as Railway's restart policy does, and a table of what the inspector said, how soon
+after the first failure, and whether it kept saying it while the restarts went on.
 """
 
 from __future__ import annotations
@@ -83,15 +89,22 @@ class Drill:
             text=True,
             timeout=60,
         )
-        doc = json.loads(done.stdout) if done.returncode in (0, 1) else None
-        return done.returncode, doc, done.stderr.strip()
+        try:
+            doc = json.loads(done.stdout) if done.returncode in (0, 1) else None
+        except json.JSONDecodeError:
+            doc = None  # cut short: what it printed on stderr says why
+        return (
+            done.returncode,
+            doc,
+            (done.stderr if doc is not None else done.stderr or done.stdout[:300]).strip(),
+        )
 
     def await_reason(self, code: str, subject: str | None, since: float, seen: Seen) -> dict[str, Any]:
         """Poll the inspector until ``code`` (for ``subject``) is among its reasons."""
         deadline = since + VERDICT_WITHIN_S
         while True:
             exit_code, doc, err = self.inspector()
-            found = [
+            found: list[dict[str, Any]] = [
                 r
                 for r in (doc or {}).get("reasons", [])
                 if r["code"] == code and (subject is None or r["subject"] == subject)
@@ -329,6 +342,21 @@ def reset(url: str) -> None:
             conn.execute("SELECT pgmq.purge_queue(%s)", (row["queue_name"],))
 
 
+def run_railway(url: str, names: list[str], pace_name: str) -> int:
+    """The drills at the production settings (or the suite's short ones), with restarts."""
+    from scripts import drills_railway
+
+    pace = drills_railway.SHORT if pace_name == "short" else drills_railway.DEFAULTS
+    results = []
+    for name in names:
+        reset(url)
+        results.append(drills_railway.run_drill(url, name, pace))
+        print(drills_railway.table(results[-1:]).splitlines()[-1], flush=True)
+    print()
+    print(drills_railway.table(results))
+    return 0 if all(r.passed for r in results) else 1
+
+
 def run(url: str, names: list[str]) -> int:
     failed = 0
     for name in names:
@@ -359,13 +387,34 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("drills", nargs="*", help=f"which drills (default: all): {', '.join(DRILLS)}")
     parser.add_argument("--url", help="a database to spare (its workers schema is emptied)")
+    parser.add_argument(
+        "--defaults",
+        action="store_const",
+        const="defaults",
+        dest="pace",
+        help="the restart drills at the production settings (30 s heartbeat and visibility timeout)",
+    )
+    parser.add_argument(
+        "--short",
+        action="store_const",
+        const="short",
+        dest="pace",
+        help="the restart drills at the suite's pace",
+    )
     args = parser.parse_args(argv)
-    names = args.drills or list(DRILLS)
-    unknown = [n for n in names if n not in DRILLS]
+    from scripts.drills_railway import RAILWAY_DRILLS
+
+    known = RAILWAY_DRILLS if args.pace else DRILLS
+    names = args.drills or list(known)
+    unknown = [n for n in names if n not in known]
     if unknown:
         parser.error(f"no such drill: {', '.join(unknown)}")
+
+    def drive(url: str) -> int:
+        return run_railway(url, names, args.pace) if args.pace else run(url, names)
+
     if args.url:
-        return run(args.url, names)
+        return drive(args.url)
     from backend.db.embedded import EmbeddedPostgres
     from backend.db.migrate import apply_migrations
 
@@ -375,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             with _connection(url) as conn:
                 apply_migrations(conn)
-            return run(url, names)
+            return drive(url)
         finally:
             server.stop("immediate")
 

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 from tenacity import (
@@ -79,7 +80,27 @@ def connect_kwargs(url: str, application_name: str) -> dict[str, Any]:
 
 def connect(url: str, application_name: str, *, autocommit: bool = True) -> psycopg.Connection[Any]:
     """One connection, outside the pool (boot checks, migrations, tools)."""
-    return psycopg.connect(libpq_url(url), autocommit=autocommit, **connect_kwargs(url, application_name))
+    kwargs = connect_kwargs(url, application_name)
+    try:
+        return psycopg.connect(libpq_url(url), autocommit=autocommit, **kwargs)
+    except psycopg.OperationalError as exc:
+        # libpq says only "connection timeout expired": which server did not answer is
+        # what the operator needs (a firewall, the IPv6-only direct host, a wrong port).
+        if "timeout expired" not in str(exc):
+            raise
+        raise psycopg.OperationalError(
+            f"{exc}: no answer from {endpoint(url)} within {kwargs['connect_timeout']} s"
+        ) from exc
+
+
+def endpoint(url: str) -> str:
+    """``host:port`` of a URL or conninfo string, never its password."""
+    try:
+        info = conninfo_to_dict(libpq_url(url))
+    except psycopg.Error:
+        return "the server of SUPABASE_DB_URL"
+    host = str(info.get("host") or info.get("hostaddr") or "localhost")
+    return f"{host}:{info.get('port') or 5432}"
 
 
 def _name_session(application_name: str) -> Callable[[psycopg.Connection[Any]], None]:

@@ -16,6 +16,7 @@ from backend.errors import ConfigError
 from backend.events import Event
 from backend.logs import configure_logging, console_wanted, log_event
 from backend.workers.base import BaseWorker
+from backend.workers.last_resort import failure_url
 from backend.workers.lifecycle import Lifecycle, State
 from backend.workers.memory import rss_bytes
 from backend.workers.runtime import EXIT_FAILURE, Runtime
@@ -89,9 +90,16 @@ class BareIdentity:
             settings = load_settings(lenient=True, defaults=self.worker_cls.defaults)
         except ConfigError:
             return  # the mode or the URL itself is what is wrong
-        if not settings.db_url:
+        url = failure_url(settings.db_url, settings.mode)
+        if not url:
             return
-        failure = {"error": str(exc), "error_type": "ConfigError", "variable": exc.variable, "exit_code": 1}
+        failure = {
+            "error": str(exc),
+            "error_type": "ConfigError",
+            "variable": exc.variable,
+            "exit_code": 1,
+            "state_before": State.BOOTING.value,  # a failed boot, not a crash of a running worker
+        }
         row = {
             "worker_id": self.worker_id,
             "worker_name": self.queue,
@@ -107,7 +115,7 @@ class BareIdentity:
             "rss_bytes": rss_bytes(),
             "metadata": {**settings.railway, **failure},
         }
-        record_once(settings.db_url, row)
+        record_once(url, row)
 
 
 def _package_version() -> str:

@@ -44,6 +44,7 @@ from backend.workers.deadline import Call, Deadline
 from backend.workers.deliveries import DeliveryLog
 from backend.workers.held import give_back
 from backend.workers.housekeeping import Housekeeper
+from backend.workers.last_resort import failure_url
 from backend.workers.lifecycle import Lifecycle, State
 from backend.workers.memory import MemoryVerdict, rss_bytes
 from backend.workers.status import HeartbeatWriter, record_once
@@ -295,7 +296,7 @@ class Runtime:
                 logging.ERROR,
             )
             self.lifecycle.crash(**data)
-        url = self.settings.db_url
+        url = self._db_url or failure_url(self.settings.db_url, self.settings.mode)
         if self.pool is None and url and not isinstance(exc, DB_ERRORS):
             record_once(url, self.heartbeat_row())  # no pool yet: the row on a connection of its own
         self._close()

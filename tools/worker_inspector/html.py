@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 from datetime import UTC, datetime
+from typing import Any
 
 from tools.worker_inspector.history import History, Point
 from tools.worker_inspector.model import Report, duration
@@ -35,6 +36,7 @@ pre { background: #f3f4f6; padding: 12px; overflow-x: auto; font-size: 12px; }
 def render_html(report: Report, history: History) -> str:
     """The whole document."""
     generated = report.generated_at.strftime("%Y-%m-%d %H:%M:%SZ")
+    start, end = shown_window(history)
     charts = [
         ("Jobs completed per bucket", "jobs", history.completed),
         ("Keys failing or dead-lettered, by their last attempt", "keys", history.failing),
@@ -49,21 +51,52 @@ def render_html(report: Report, history: History) -> str:
         f"<style>{_CSS}</style></head><body>",
         f'<h1>Dragonfly workers <span class="verdict {report.verdict}">{report.verdict.upper()}</span></h1>',
         f'<p class="meta">{html.escape(report.database)} &middot; generated {generated} &middot;'
-        f" the last {duration(history.since_s)}, buckets of {duration(history.bucket_s)}</p>",
+        f" the last {duration(history.since_s)}, buckets of {duration(history.bucket_s)};"
+        f" the charts show {_stamp(start)} to {_stamp(end)}, where its data is</p>",
     ]
     if report.reasons:
         body.append("<ul>" + "".join(f"<li>{html.escape(r.message)}</li>" for r in report.reasons) + "</ul>")
     for title, unit, series in charts:
         body.append(f"<h2>{html.escape(title)}</h2>")
-        body.append(line_chart(series, history.start, history.end, unit, title))
+        body.append(line_chart(series, start, end, unit, title, gap_s=history.bucket_s))
     body.append("<h2>Worker instances</h2>")
     verdicts = {w.worker_id: w.verdict for w in report.workers}
     jobs = {w.worker_id: f"{w.job.label()} for {duration(w.job.age_s)}" for w in report.workers if w.job}
-    body.append(timeline(history, verdicts, report.options.dead_after_s, jobs))
+    body.append(timeline(history, verdicts, report.options.dead_after_s, jobs, window=(start, end)))
     body.append("<h2>The inspector now</h2>")
     body.append(f"<pre>{html.escape(render_report(report))}</pre>")
     body.append("</body></html>")
     return "\n".join(body)
+
+
+def shown_window(history: History) -> tuple[float, float]:
+    """The part of the window that has data, a bucket before its first point: a few
+    minutes of data over a 24 h window fill the chart instead of one dot at its edge."""
+    firsts = [pts[0][0] for series in _all_series(history) for pts in series.values() if pts]
+    firsts += [r["started"] for r in history.instances]
+    if not firsts:
+        return history.start, history.end
+    start = max(history.start, min(firsts) - history.bucket_s)
+    return start, max(history.end, start + history.bucket_s)
+
+
+def _all_series(history: History) -> list[dict[str, list[Point]]]:
+    return [history.completed, history.failing, history.depth, history.oldest_age, history.dead_letters]
+
+
+def _stamp(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).strftime("%m-%d %H:%M")
+
+
+def _runs(pts: list[Point], gap_s: float) -> list[list[Point]]:
+    """The points split where buckets are missing: no line is drawn across an empty bucket."""
+    runs: list[list[Point]] = []
+    for t, v in pts:
+        if runs and t - runs[-1][-1][0] <= gap_s * 1.5:
+            runs[-1].append((t, v))
+        else:
+            runs.append([(t, v)])
+    return runs
 
 
 def _x(t: float, start: float, end: float) -> float:
@@ -88,7 +121,9 @@ def _axes(start: float, end: float, top: float, unit: str) -> list[str]:
     return parts
 
 
-def line_chart(series: dict[str, list[Point]], start: float, end: float, unit: str, title: str) -> str:
+def line_chart(
+    series: dict[str, list[Point]], start: float, end: float, unit: str, title: str, *, gap_s: float
+) -> str:
     """One line per series; ``data-points`` counts what was drawn (0: an empty chart)."""
     points = sum(len(v) for v in series.values())
     top = max((v for pts in series.values() for _, v in pts), default=0.0) or 1.0
@@ -104,14 +139,17 @@ def line_chart(series: dict[str, list[Point]], start: float, end: float, unit: s
         )
     for n, (name, pts) in enumerate(sorted(series.items())):
         colour = COLOURS[n % len(COLOURS)]
-        coords = " ".join(
-            f"{_x(t, start, end):.1f},{H - PAD_B - (H - PAD_T - PAD_B) * v / top:.1f}" for t, v in pts
-        )
-        if len(pts) == 1:
-            x, y = coords.split(",")
-            parts.append(f'<circle cx="{x}" cy="{y}" r="3" fill="{colour}"/>')
-        else:
-            parts.append(f'<polyline points="{coords}" fill="none" stroke="{colour}" stroke-width="1.6"/>')
+        for run in _runs([(t, v) for t, v in pts if t >= start], gap_s):
+            coords = " ".join(
+                f"{_x(t, start, end):.1f},{H - PAD_B - (H - PAD_T - PAD_B) * v / top:.1f}" for t, v in run
+            )
+            if len(run) == 1:
+                x, y = coords.split(",")
+                parts.append(f'<circle cx="{x}" cy="{y}" r="3" fill="{colour}"/>')
+            else:
+                parts.append(
+                    f'<polyline points="{coords}" fill="none" stroke="{colour}" stroke-width="1.6"/>'
+                )
         ly = PAD_T + 14 * n
         parts.append(f'<rect x="{W - PAD_R + 12}" y="{ly - 8}" width="10" height="10" fill="{colour}"/>')
         parts.append(f'<text x="{W - PAD_R + 26}" y="{ly + 1}">{html.escape(name)}</text>')
@@ -119,16 +157,27 @@ def line_chart(series: dict[str, list[Point]], start: float, end: float, unit: s
     return "".join(parts)
 
 
-def timeline(history: History, verdicts: dict[str, str], dead_after_s: float, jobs: dict[str, str]) -> str:
+def timeline(
+    history: History,
+    verdicts: dict[str, str],
+    dead_after_s: float,
+    jobs: dict[str, str],
+    *,
+    window: tuple[float, float] | None = None,
+) -> str:
     """A bar per worker instance, boot to stop or last heartbeat, coloured by how it ended;
-    its title names the job in hand (``jobs``: worker id -> text)."""
+    its title names the job in hand (``jobs``: worker id -> text). The labels are whole:
+    the picture widens for the longest."""
     rows = history.instances
     lane_h = 16
     height = PAD_T + PAD_B + max(1, len(rows)) * lane_h
-    start, end = history.start, history.end
+    start, end = window or (history.start, history.end)
+    labels = [_label(r, verdicts, dead_after_s) for r in rows]
+    width = max(W, W - PAD_R + 12 + int(6.5 * max((len(label) for label in labels), default=0)))
     parts = [
-        f'<svg class="chart timeline" role="img" aria-label="Worker instances" width="{W}" height="{height}"'
-        f' viewBox="0 0 {W} {height}" data-series="1" data-points="{len(rows)}">'
+        f'<svg class="chart timeline" role="img" aria-label="Worker instances"'
+        f' width="{width}" height="{height}"'
+        f' viewBox="0 0 {width} {height}" data-series="1" data-points="{len(rows)}">'
     ]
     if not rows:
         parts.append(
@@ -151,12 +200,16 @@ def timeline(history: History, verdicts: dict[str, str], dead_after_s: float, jo
             f' fill="{STATUS_COLOURS.get(status, "#64748b")}"><title>{html.escape(r["worker_id"])}'
             f" pid {r['pid']} on {html.escape(r['hostname'])}: {html.escape(ended + held)}</title></rect>"
         )
-        parts.append(
-            f'<text x="{W - PAD_R + 6}" y="{y + 10}">'
-            f"{html.escape(r['queue_name'].removeprefix('q_')[:12])} {html.escape(ended[:10])}</text>"
-        )
+        parts.append(f'<text x="{W - PAD_R + 6}" y="{y + 10}">{html.escape(labels[i])}</text>')
     parts.append("</svg>")
     return "".join(parts)
+
+
+def _label(r: dict[str, Any], verdicts: dict[str, str], dead_after_s: float) -> str:
+    alive = r["status"] in ("BOOTING", "RUNNING", "DRAINING")
+    killed = alive and (verdicts.get(r["worker_id"]) == "dead" or r["age_s"] > dead_after_s)
+    status = "killed" if killed else verdicts.get(r["worker_id"], r["status"])
+    return f"{r['queue_name'].removeprefix('q_')} {status.lower()}"
 
 
 def _nice(value: float) -> float:

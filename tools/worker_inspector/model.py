@@ -138,6 +138,8 @@ class DeadLetterGroup:
     oldest_dead_at: datetime
     newest_dead_at: datetime
     error_types: dict[str, int]
+    newest_key: str | None = None  # null when the envelope was unreadable
+    newest_error: str | None = None
 
     def kinds(self) -> str:
         return ", ".join(f"{n} {kind}" for kind, n in sorted(self.error_types.items()))

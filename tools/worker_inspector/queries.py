@@ -202,14 +202,18 @@ def stuck_claims(conn: Conn, limit: int) -> tuple[int, list[Row]]:
 
 
 def dead_letter_counts(conn: Conn) -> list[Row]:
-    """Unreplayed dead letters per queue, with the oldest, the newest, and how many of each
-    error type (what went wrong: ``AttemptsExhausted``, ``PayloadTooLarge``, ...)."""
+    """Unreplayed dead letters per queue, with the oldest, the newest (its key and error), and
+    how many of each error type (what went wrong: ``AttemptsExhausted``, ``PayloadTooLarge``, ...)."""
     return conn.execute(
-        "SELECT queue_name, sum(n)::bigint AS count, min(oldest) AS oldest_dead_at,"
+        "SELECT g.*, n.job_key AS newest_key, n.error AS newest_error FROM"
+        " (SELECT queue_name, sum(n)::bigint AS count, min(oldest) AS oldest_dead_at,"
         " max(newest) AS newest_dead_at, jsonb_object_agg(error_type, n) AS error_types"
         " FROM (SELECT queue_name, error_type, count(*) AS n, min(dead_at) AS oldest,"
         f" max(dead_at) AS newest FROM workers.dead_letters WHERE {_OPEN}"
-        " GROUP BY queue_name, error_type) AS t GROUP BY queue_name ORDER BY queue_name"
+        " GROUP BY queue_name, error_type) AS t GROUP BY queue_name) AS g"
+        " CROSS JOIN LATERAL (SELECT job_key, error FROM workers.dead_letters AS d"
+        f" WHERE d.queue_name = g.queue_name AND {_OPEN} ORDER BY dead_at DESC LIMIT 1) AS n"
+        " ORDER BY g.queue_name"
     ).fetchall()
 
 

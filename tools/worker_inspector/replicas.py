@@ -25,7 +25,7 @@ from typing import Any
 from backend.config import DEFAULT_DRAIN_TIMEOUT_S
 from tools.worker_inspector.jobs import seconds
 from tools.worker_inspector.model import Finding, duration
-from tools.worker_inspector.queries import _CLASSIFIED, Conn, Row
+from tools.worker_inspector.queries import _CLASSIFIED, _PROCESSING, Conn, Row
 
 LOOP_WINDOW_S, LOOP_COUNT = 600.0, 3
 CLEAN_AFTER_S = 600.0
@@ -47,7 +47,18 @@ SELECT worker_id, queue_name, status, verdict, sessions, pooled, started_at,
        metadata ->> 'state_before' AS state_before, metadata -> 'exit_code' AS exit_code,
        metadata -> 'job_keys' AS job_keys, metadata -> 'job' ->> 'key' AS job_key,
        metadata ->> 'stop_reason' AS stop_reason, metadata -> 'drain_timeout_s' AS drain_timeout_s,
-       metadata -> 'memory_limit_bytes' AS memory_limit_bytes
+       metadata -> 'memory_limit_bytes' AS memory_limit_bytes,
+       -- A killed process records no job: the jobs it left to be delivered again do, as a
+       -- claim of a later delivery, or a dead letter once its deliveries ran out.
+       ARRAY(SELECT p.job_key FROM workers.processed_jobs AS p
+             WHERE p.status = """
+    + _PROCESSING
+    + """ AND p.worker_id = judged.worker_id AND p.attempts > 1
+             UNION
+             SELECT d.job_key FROM workers.dead_letters AS d
+             WHERE d.queue_name = judged.queue_name AND d.worker_id = judged.worker_id
+               AND d.error_type = 'AttemptsExhausted' AND d.job_key IS NOT NULL
+               AND d.replayed_at IS NULL AND d.discarded_at IS NULL) AS redelivered_keys
 FROM judged
 WHERE coalesce(stopped_at, last_heartbeat_at) > now() - make_interval(secs => %(window)s)
    OR (status NOT IN ('STOPPED', 'CRASHED') AND NOT historic)
@@ -74,6 +85,7 @@ class Instance:
     uptime_s: float
     ended_s: float  # how long ago its row was last written
     keys: tuple[str, ...]  # the job keys in hand when it ended, as its row records them
+    redelivered: tuple[str, ...]  # jobs it claimed on a later delivery, or dead-lettered as such
     peak_rss_bytes: Any
     error_type: str | None
     error: str | None
@@ -108,6 +120,7 @@ def _judged(row: Row, *, newer: bool) -> Instance:
     return Instance(
         end=end,
         keys=tuple(str(k) for k in keys if k),
+        redelivered=tuple(row["redelivered_keys"] or ()),
         **{name: row[name] for name in _FROM_ROW},
     )
 
@@ -154,13 +167,17 @@ def _crash_loop(queue: str, replica: str, instances: list[Instance]) -> Finding 
     kinds = Counter(i.end for i in loop)
     keys = Counter(k for i in loop for k in i.keys)
     held = ", ".join(f"{k} ({n}x)" if n > 1 else k for k, n in keys.most_common(5))
+    # Killed instances record nothing: the jobs of the replica delivered again are the suspects.
+    again = sorted({k for i in instances for k in i.redelivered} - set(keys))[:5]
+    if again and kinds.keys() & {"killed", "crashed"}:
+        held += ("; " if held else "") + f"delivered again after an instance ended: {', '.join(again)}"
     return Finding(
         code="crash_loop",
         subject=queue,
         message=f"queue {queue}, replica {replica}: {len(loop)} unclean ends within"
         f" {duration(LOOP_WINDOW_S)} ({', '.join(f'{n} {kind}' for kind, n in sorted(kinds.items()))}),"
         f" the last {duration(last.ended_s)} ago: {_how(last)}"
-        + (f"; jobs in hand when they ended: {held}" if held else "")
+        + (f"; jobs in hand when they ended: {held}" if held and keys else f"; {held}" if held else "")
         + f"; fix: {_fix(last, bool(held))}"
         + f"; it clears after {duration(CLEAN_AFTER_S)} without an unclean end",
     )
@@ -183,8 +200,17 @@ def _how(i: Instance) -> str:
 
 def _fix(i: Instance, jobs: bool) -> str:
     if i.end == "failed boot":
-        return f"set {i.variable} right" if i.variable else "fix what the error names, then redeploy"
+        if i.variable:
+            return f"set {i.variable} right"
+        if i.error_type in ("ImportError", "ModuleNotFoundError"):
+            return (
+                "install the missing dependency (redeploy with the locked dependencies) or fix the"
+                " module the WORKER_CRASH line's traceback names"
+            )
+        return "fix what the error names, then redeploy"
     job = ", or dead-letter the job in hand or fix its handler" if jobs else ""
+    if i.end == "crashed" and i.error_type == "MemoryError":
+        return "raise the service's memory (or WORKER_MEMORY_LIMIT_MB), or lower WORKER_BATCH_SIZE" + job
     if i.end == "crashed":
         return "fix the error the WORKER_CRASH line's traceback shows" + job
     if i.status == "DRAINING":

@@ -224,7 +224,10 @@ def _reasons(report: Report, queue_names: list[str]) -> list[Finding]:
             Finding(
                 code="dead_letters",
                 subject=g.queue_name,
-                message=f"queue {g.queue_name} has {g.count} unreplayed dead letter(s): {g.kinds()}",
+                message=f"queue {g.queue_name} has {g.count} unreplayed dead letter(s): {g.kinds()};"
+                f" the newest: {g.newest_key or 'an unreadable message'}, {g.newest_error}; fix: the"
+                f" handler's error (or the message), then python -m tools.worker_inspector dead-letters"
+                f" replay --queue {g.queue_name} --all, or discard those that need no replay",
             )
         )
     return found
