@@ -228,14 +228,18 @@ def release_claims(conn: Conn, queue: str, worker_id: str, keys: Sequence[str]) 
 def extend_leases(
     conn: Conn, *, queue: str, worker_id: str, msg_ids: Sequence[int], keys: Sequence[str], lease_s: int
 ) -> None:
-    """Keep running external jobs invisible and their claims live for another ``lease_s``."""
+    """Keep running jobs invisible and their claims live for another ``lease_s``. A claim
+    row locked by the job's own open transaction (a transactional job run alone) is
+    skipped, not waited for: while that lock stands nobody can take the claim over."""
     set_visibility(conn, queue, msg_ids, [lease_s] * len(msg_ids))
     if keys:
         conn.execute(
             "UPDATE workers.processed_jobs SET lease_expires_at = clock_timestamp()"
             " + make_interval(secs => %s), updated_at = clock_timestamp()"
-            f" WHERE queue_name = %s AND job_key = ANY(%s) AND worker_id = %s AND status = {_PROCESSING}",
-            (lease_s, queue, list(keys), worker_id),
+            " WHERE queue_name = %s AND job_key = ANY (ARRAY(SELECT job_key FROM workers.processed_jobs"
+            f" WHERE queue_name = %s AND job_key = ANY(%s) AND worker_id = %s AND status = {_PROCESSING}"
+            " FOR UPDATE SKIP LOCKED))",
+            (lease_s, queue, queue, list(keys), worker_id),
         )
 
 

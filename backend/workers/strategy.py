@@ -390,7 +390,8 @@ class Strategy:
                 if out.letters
                 else f"attempt {call.jobs[0].attempt} failed, retried in {out.failures[0].delay_s} s"
                 if out.failures
-                else "rolled back with its batch: each of the batch's jobs runs alone next"
+                else "nothing recorded: no claim of it was committed (a batch's, rolled back with it:"
+                " each of its jobs runs alone next) or its claim was taken over"
             )
         except DB_ERRORS as exc:
             out = Outcome()

@@ -105,7 +105,9 @@ class TransactionalStrategy(Strategy):
         by one."""
         recorded = bool(delivery.together)
         if recorded:
-            self.deliveries.record([msg_id for _, msg_id in delivery.together])
+            # The jobs to run alone after it stay recorded too: this record replaces the
+            # last, and a batch that never commits must not erase their mark.
+            self.deliveries.record([msg_id for _, msg_id in (*delivery.together, *delivery.alone)])
         expired: list[Pending] = []
         # Optimistic: the claimed jobs' messages go with their claim (a handler that raises
         # rolls both back); one by one, a job that fails keeps its message for its retry.
@@ -191,12 +193,19 @@ class TransactionalStrategy(Strategy):
         return True
 
     def _run_claimed(self, conn: Conn, job: Job, out: Outcome) -> bool:
-        """Run and settle in one transaction that holds the claim."""
+        """Run and settle in one transaction that holds the claim. Its leases are extended
+        while it runs, as an external job's: if the server ends the transaction (a handler
+        stuck outside the database), the claim stays this worker's until the deadline
+        records the attempt."""
         with conn.transaction():
             q.bound_transaction(conn, self.options.transaction_limit_ms)
             if not ledger.owns_claim(conn, self.queue, job.idempotency_key, self.worker_id):
                 return False
-            self._run_one(conn, job, out)
+            self.held.hold(job.msg_id, job.idempotency_key)
+            try:
+                self._run_one(conn, job, out)
+            finally:
+                self.held.put_down()
             self.settle(conn, out)
         return True
 

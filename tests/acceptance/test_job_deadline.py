@@ -178,3 +178,47 @@ def test_the_inspector_shows_a_long_job_in_hand_and_where_it_waits(
     assert PASSWORD not in text
     worker.send(signal.SIGTERM)
     assert worker.wait_exit(timeout=40) in (0, 143)
+
+
+def test_hung_jobs_arriving_in_two_reads_are_each_isolated(spawn: Spawn, db: Conn) -> None:
+    """A hung job in a new batch, while one from an earlier batch waits to run alone: the
+    new batch's record must not erase the earlier job's mark, or the two batches take
+    turns being interrupted and nothing is ever counted."""
+    worker = spawn(
+        WORKER_JOB_TIMEOUT_S=2, WORKER_VISIBILITY_TIMEOUT_S=5, WORKER_MAX_ATTEMPTS=2, WORKER_RETRY_BASE_S=0
+    )
+    worker.wait_boot()
+    enqueue_many(db, "q_probe", [job(f"a{i}", **({"hang": "loop"} if i == 0 else {})) for i in range(6)])
+    worker.wait_for("PROBE_HANGING")
+    enqueue_many(db, "q_probe", [job(f"b{i}", **({"hang": "loop"} if i == 0 else {})) for i in range(6)])
+    wait_until(lambda: depth(db) == 0, timeout=60, interval=0.2)
+    letters = {r["job_key"]: r["error_type"] for r in db.execute("SELECT * FROM workers.dead_letters")}
+    assert letters == {"a0": "JobTimedOut", "b0": "JobTimedOut"}
+    done = effects_per_key(db, "transactional")
+    assert done == {f"{p}{i}": 1 for p in "ab" for i in range(1, 6)}
+
+
+def test_a_claim_stuck_in_c_past_the_visibility_timeout_stays_its_workers(spawn: Spawn, db: Conn) -> None:
+    """Deadline plus grace longer than the visibility timeout, two replicas: the server ends
+    the stuck job's transaction first, yet its claim stays with its worker (its lease is
+    extended) until the deadline records the attempt, so it ends JobTimedOut."""
+    env = {
+        "WORKER_JOB_TIMEOUT_S": 4,
+        "WORKER_VISIBILITY_TIMEOUT_S": 3,
+        "WORKER_MAX_ATTEMPTS": 2,
+        "WORKER_RETRY_BASE_S": 0,
+    }
+    workers = [spawn(**env) for _ in range(2)]
+    for w in workers:
+        w.wait_boot()
+    enqueue_many(db, "q_probe", [job("stuck", hang="recv")])
+    until = time.monotonic() + 90
+    while _dead_letter(db) is None and time.monotonic() < until:
+        for n, w in enumerate(workers):
+            if w.proc.poll() is not None:
+                assert w.wait_exit() == 1
+                workers[n] = spawn(**env)
+                workers[n].wait_boot()
+        time.sleep(0.2)
+    letter = _dead_letter(db)
+    assert letter is not None and (letter["job_key"], letter["error_type"]) == ("stuck", "JobTimedOut")
