@@ -27,10 +27,19 @@ SIGTERM and checks:
   while a worker of the queue is free), a chaos worker (``scripts/chaos_worker.py``) gets jobs that end its
   process, and the queues get undecodable and oversized bodies; the longest stall (how long
   a job took from its enqueue to its completion, less the retry delays it was given and the
-  time PostgreSQL was down) must stay within the visibility timeout + 10 s.
+  time PostgreSQL was down) must stay within the visibility timeout + 10 s;
+- hung handlers: every worker runs with a short deadline (``--job-timeout``), and both chaos
+  workers, the transactional one and its external twin, get jobs whose handler never
+  returns, a Python loop (interrupted) and a socket read (blocked in C: the worker exits 1).
+  Each is dead-lettered ``JobTimedOut`` (``AttemptsExhausted`` when its last attempt ended
+  unrecorded, its worker killed or frozen meanwhile), never committed (transactional) or
+  sent with its own key only (external); a replica's exit 1 is expected when its
+  ``WORKER_CRASH`` names a hung job; the jobs of those two queues may wait deadline +
+  visibility timeout + 10 s.
 
     python -m scripts.chaos [--duration 60] [--jobs 2000] [--workers-per-kind 2]
-        [--kill-interval 4] [--seed N] [--no-db-restart] [--report PATH]
+        [--kill-interval 4] [--job-timeout 2] [--max-attempts N] [--hung-jobs N]
+        [--seed N] [--no-db-restart] [--report PATH]
     python -m scripts.chaos --url postgresql://... [--pgdata DIR] [--reset]
 
 Without ``--url`` it runs its own embedded PostgreSQL in ``.data/chaos-pg`` (emptied first,
@@ -71,9 +80,10 @@ import psycopg
 from psycopg.rows import dict_row
 
 from backend.config import QUEUES as WORKER_QUEUES
-from backend.config import WORKER_NAMES, redact_url
+from backend.config import TUNABLES, WORKER_NAMES
 from backend.db.embedded import EmbeddedPostgres
 from backend.db.migrate import apply_migrations
+from backend.dburl import redact_url
 from backend.domain.seed import seed_demo
 from backend.enqueue import enqueue_many
 from scripts.chaos_checks import (
@@ -81,6 +91,7 @@ from scripts.chaos_checks import (
     HEARTBEAT_S,
     ProcessRecord,
     check_effects,
+    check_hung,
     check_processes,
     check_stalls,
     install_audit,
@@ -90,9 +101,13 @@ from scripts.chaos_checks import (
     render,
 )
 from scripts.chaos_workload import (
+    CHAOS_EXTERNAL,
+    CHAOS_EXTERNAL_QUEUE,
     CHAOS_QUEUE,
     CHAOS_WORKER,
+    HUNG_QUEUES,
     ORG_ID,
+    SLOW_MAX_S,
     Call,
     ChaosReplies,
     DbRestart,
@@ -115,6 +130,10 @@ RESULTS = ROOT / "chaos-results"
 # appear in a log line.
 SENTINEL_PASSWORD = "chaos-Pw-never-printed"
 VISIBILITY_S = 5
+# Every worker's deadline. With the grace the runtime gives a handler after the interrupt
+# (backend.workers.deadline, 2 s), below the visibility timeout: a transactional job run
+# alone is leased for that long, so a handler blocked in C is recorded before its lease ends.
+JOB_TIMEOUT_S, DEADLINE_GRACE_S = 2.0, 2.0
 DRAIN_TIMEOUT_S = 15.0
 BOOT_TIMEOUT_S = 30.0  # a replica restarted while PostgreSQL is down waits for it
 WORKER_ENV = {
@@ -125,12 +144,11 @@ WORKER_ENV = {
     "WORKER_BOOT_TIMEOUT_S": str(BOOT_TIMEOUT_S),
     "WORKER_RETRY_BASE_S": "0.5",
     "WORKER_RETRY_MAX_S": "5",
-    "OUTBOX_HTTP_TIMEOUT_S": "10",
     "PYTHONUNBUFFERED": "1",
 }
 WAVE_SPREAD = 0.7  # the workload arrives over the first 70% of the run
-QUEUES = (*WORKER_QUEUES, CHAOS_QUEUE)
-KINDS = (*WORKER_NAMES, CHAOS_WORKER)
+QUEUES = (*WORKER_QUEUES, CHAOS_QUEUE, CHAOS_EXTERNAL_QUEUE)
+KINDS = (*WORKER_NAMES, CHAOS_WORKER, CHAOS_EXTERNAL)
 # Freezes are for transactional workers: a frozen external worker that wakes after its lease
 # was taken over may still send (with the same key), which the receiver would count twice.
 FREEZABLE = ("collectability", "escalation", CHAOS_WORKER)
@@ -154,12 +172,16 @@ class Options:
     jobs: int = 2000
     per_kind: int = 2
     kill_interval_s: float = 4.0
+    job_timeout_s: float = JOB_TIMEOUT_S
+    max_attempts: int | None = None  # each worker's own default
+    hung_each: int = 1
     seed: int = 1
     url: str | None = None
     pgdata: Path | None = None
     db_restart: bool = True
     reset: bool = False
     report: Path | None = None
+    logs: Path | None = None  # a folder for every replica's output
 
     def replay_command(self) -> str:
         """The command line that replays this run (the URL without its password)."""
@@ -177,7 +199,13 @@ class Options:
             str(self.per_kind),
             "--kill-interval",
             f"{self.kill_interval_s:g}",
+            "--job-timeout",
+            f"{self.job_timeout_s:g}",
+            "--hung-jobs",
+            str(self.hung_each),
         ]
+        if self.max_attempts:
+            args += ["--max-attempts", str(self.max_attempts)]
         if self.url:
             args += ["--url", redact_url(self.url)]
         if self.pgdata:
@@ -201,11 +229,26 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         default=2000,
         help="distinct jobs enqueued (default 2000), besides copies, derived notifications and poison",
     )
-    parser.add_argument(
-        "--workers-per-kind", type=int, default=2, help="replicas of each of the three workers (default 2)"
-    )
+    parser.add_argument("--workers-per-kind", type=int, default=2, help="replicas of each worker (default 2)")
     parser.add_argument(
         "--kill-interval", type=float, default=4.0, help="mean seconds between kills (default 4)"
+    )
+    parser.add_argument(
+        "--job-timeout",
+        type=float,
+        default=JOB_TIMEOUT_S,
+        help=f"WORKER_JOB_TIMEOUT_S of every worker (default {JOB_TIMEOUT_S:g}; with the runtime's"
+        f" {DEADLINE_GRACE_S:g} s of grace, below the visibility timeout, {VISIBILITY_S} s)",
+    )
+    parser.add_argument(
+        "--max-attempts",
+        type=int,
+        help="WORKER_MAX_ATTEMPTS of the chaos workers, whose jobs hang (default: the runtime's, 5)",
+    )
+    parser.add_argument(
+        "--hung-jobs",
+        type=int,
+        help="hung jobs of each way on each chaos worker (default 2 in a run of 2 minutes or more, else 1)",
     )
     parser.add_argument("--seed", type=int, help="seed of the workload and the kills (default: random)")
     parser.add_argument("--url", help="database to use (default: an embedded server in .data/chaos-pg)")
@@ -219,11 +262,22 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         help="empty the workers and dragonfly tables and the queues of --url first",
     )
     parser.add_argument("--report", type=Path, help="JSON report (default chaos-results/chaos-<seed>.json)")
+    parser.add_argument("--logs", type=Path, help="a folder to keep every replica's output in, one file each")
     args = parser.parse_args(argv)
     if args.duration <= 0 or args.kill_interval <= 0:
         parser.error("--duration and --kill-interval must be positive")
     if args.jobs < 10 or args.workers_per_kind < 1:
         parser.error("--jobs must be at least 10 and --workers-per-kind at least 1")
+    hung_each = args.hung_jobs if args.hung_jobs is not None else 2 if args.duration >= 120 else 1
+    if (
+        not 1 <= args.job_timeout < VISIBILITY_S - DEADLINE_GRACE_S
+        or (args.max_attempts or 1) < 1
+        or hung_each < 0
+    ):
+        parser.error(
+            f"--job-timeout must be at least 1 and below {VISIBILITY_S - DEADLINE_GRACE_S:g} (the visibility"
+            " timeout less the grace after the deadline), --max-attempts at least 1, --hung-jobs at least 0"
+        )
     if args.url and args.pgdata is None and not args.no_db_restart:
         parser.error(
             "restarting PostgreSQL behind --url needs --pgdata DIR (its embedded server's "
@@ -235,13 +289,30 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         jobs=args.jobs,
         per_kind=args.workers_per_kind,
         kill_interval_s=args.kill_interval,
+        job_timeout_s=args.job_timeout,
+        max_attempts=args.max_attempts,
+        hung_each=hung_each,
         seed=seed,
         url=args.url,
         pgdata=args.pgdata,
         db_restart=not args.no_db_restart,
         reset=args.reset,
         report=args.report,
+        logs=args.logs,
     )
+
+
+def stall_limits(opts: Options) -> dict[str, float]:
+    """The queues where jobs hang, and their stall limit: a job there may also wait for a
+    hung handler's deadline, so deadline + visibility timeout + 10 s."""
+    limit = opts.job_timeout_s + VISIBILITY_S + STALL_ALLOWANCE_S
+    return dict.fromkeys(HUNG_QUEUES, limit) if opts.hung_each else {}
+
+
+def max_attempts(opts: Options) -> int:
+    """The chaos workers' WORKER_MAX_ATTEMPTS (by default the runtime's)."""
+    default = next(t.default for t in TUNABLES if t.variable == "WORKER_MAX_ATTEMPTS")
+    return opts.max_attempts or int(default)
 
 
 # --- the database ---------------------------------------------------------------------------
@@ -513,12 +584,14 @@ class Replica:
             else None
         )
         job_exit = bool(self.proc.named("CHAOS_JOB_EXIT")) and self.exit_code == 137
+        timed_out = [c for c in crashes if c.get("error_type") == "JobTimedOut"]
         return ProcessRecord(
             kind=self.kind,
             slot=self.slot,
             pid=self.proc.pid,
             worker_id=self.worker_id,
             job_exit=job_exit,
+            timed_out_keys=tuple(timed_out[-1].get("job_keys") or ()) if timed_out else (),
             booted=self.booted,
             signal=self.signal,
             final=self.final,
@@ -545,8 +618,14 @@ class Supervisor:
         seed: int,
         log: Callable[[str], None],
         secret: str | None = None,
+        kind_env: Mapping[str, Mapping[str, str]] | None = None,
+        logs: Path | None = None,
     ) -> None:
         self.env = dict(env)
+        self.logs = logs
+        if logs is not None:
+            logs.mkdir(parents=True, exist_ok=True)
+        self.kind_env = kind_env or {}  # kind -> variables of its own
         self.secrets = (secret,) if secret else ()
         self.slots = [(kind, i) for kind in KINDS for i in range(per_kind)]
         self.current: list[Replica | None] = [None] * len(self.slots)
@@ -562,8 +641,13 @@ class Supervisor:
 
     def _spawn(self, index: int) -> None:
         kind, slot = self.slots[index]
-        module = "scripts.chaos_worker" if kind == CHAOS_WORKER else f"backend.workers.{kind}"
-        replica = Replica(kind=kind, slot=slot, proc=WorkerProcess(module, self.env, secrets=self.secrets))
+        chaos = kind in (CHAOS_WORKER, CHAOS_EXTERNAL)
+        module = "scripts.chaos_worker" if chaos else f"backend.workers.{kind}"
+        env = {**self.env, **self.kind_env.get(kind, {})}
+        log = self.logs / f"{kind}-{slot}-{len(self.history)}.log" if self.logs else None
+        replica = Replica(
+            kind=kind, slot=slot, proc=WorkerProcess(module, env, secrets=self.secrets, log_path=log)
+        )
         self.current[index] = replica
         self.history.append(replica)
 
@@ -628,10 +712,10 @@ class Supervisor:
         while any(r.alive() for r in self.history) and time.monotonic() < deadline:
             now = time.monotonic()
             self.tick(now)
-            for replica in self.current:
+            for running in self.current:
                 # One still booting gets its SIGTERM once booted, as in ``victim``.
-                if replica is not None and replica.alive() and replica.signal is None and replica.booted:
-                    replica.send("SIGTERM", now, final=True)
+                if running is not None and running.alive() and running.signal is None and running.booted:
+                    running.send("SIGTERM", now, final=True)
             time.sleep(TICK_S)
         for replica in self.history:
             if replica.alive():
@@ -703,11 +787,21 @@ class ChaosRun:
         self.receiver = receiver
         env = inherited_env(
             **WORKER_ENV,
+            WORKER_JOB_TIMEOUT_S=f"{opts.job_timeout_s:g}",
+            # Shorter than the deadline, as the guide asks: a receiver that does not answer
+            # fails the attempt, it does not hang the handler.
+            OUTBOX_HTTP_TIMEOUT_S=f"{0.8 * opts.job_timeout_s:g}",
             SUPABASE_DB_URL=db.worker_url,
             OUTBOX_WEBHOOK_URL=receiver.url_for("/hooks/dragonfly"),
             OUTBOX_SLACK_WEBHOOK_URL=receiver.url_for("/slack/T000/B000/chaos"),
+            CHAOS_RECEIVER_URL=receiver.url_for("/chaos/external"),
         )
-        self.supervisor = Supervisor(env, opts.per_kind, opts.seed, log, secret=db.password)
+        # The chaos workers' own: their kind, and the attempts their hung jobs use up.
+        chaos_env = {"WORKER_MAX_ATTEMPTS": str(max_attempts(opts))}
+        kind_env = {CHAOS_WORKER: chaos_env, CHAOS_EXTERNAL: {**chaos_env, "CHAOS_WORKER_KIND": "external"}}
+        self.supervisor = Supervisor(
+            env, opts.per_kind, opts.seed, log, secret=db.password, kind_env=kind_env, logs=opts.logs
+        )
         self.abort = threading.Event()
         self.timeline = Timeline()
         self.restarter: DbRestarter | None = None
@@ -902,9 +996,10 @@ def build_report(
     processes: Mapping[str, Any],
     recovery: float | None,
     stalls: Mapping[str, Any],
+    hung: Mapping[str, Any],
 ) -> dict[str, Any]:
     kills = Counter(k["signal"] for k in timeline.kills)
-    violations = list(effects["violations"]) + list(stalls["violations"])
+    violations = list(effects["violations"]) + list(stalls["violations"]) + list(hung["violations"])
     if processes["problem_count"]:
         violations.append(f"{processes['problem_count']} process problem(s)")
     if not timeline.drained:
@@ -930,11 +1025,15 @@ def build_report(
             "jobs": opts.jobs,
             "workers_per_kind": opts.per_kind,
             "kill_interval_s": opts.kill_interval_s,
+            "job_timeout_s": opts.job_timeout_s,
+            "max_attempts": opts.max_attempts,
+            "hung_jobs_each": opts.hung_each,
             "db_restart": opts.db_restart,
         },
         "database": {"url": redact_url(db.url), "own_server": db.owned},
         "freezes": {"count": len(timeline.freezes), "log": timeline.freezes},
         "killer_jobs": {"count": len(plan.killers), "worker_exits": processes["job_exits"]},
+        "hung_jobs": {**hung, "worker_exits": processes["hung_exits"]},
         "stalls": stalls,
         "kills": {
             "total": len(timeline.kills),
@@ -959,6 +1058,7 @@ def build_report(
                 "escalation": len(plan.escalations),
                 "outbox_processor": len(plan.deliveries),
                 CHAOS_WORKER: len(plan.chaos_jobs),
+                CHAOS_EXTERNAL: len(plan.external_jobs),
             },
         },
         "effects": effects["effects"],
@@ -992,6 +1092,8 @@ def run(opts: Options, log: Callable[[str], None] = print) -> dict[str, Any]:
             case_ids=seeded["case_ids"],
             notes=n_notes,
             waves=max(2, min(100, int(opts.duration_s / 2))),
+            hung_each=opts.hung_each,
+            slow_max_s=min(SLOW_MAX_S, opts.job_timeout_s / 2),  # well within the outbox's deadline
         )
         slots = len(KINDS) * opts.per_kind
         schedule = build_schedule(
@@ -1012,11 +1114,19 @@ def run(opts: Options, log: Callable[[str], None] = print) -> dict[str, Any]:
             calls = [Call.of(r) for r in receiver.requests]
         records = [r.record() for r in chaos.supervisor.history]
         retries = [e for r in chaos.supervisor.history for e in r.proc.named("JOB_FAILED")]
+        chaos_replicas = [r for r in chaos.supervisor.history if r.kind in (CHAOS_WORKER, CHAOS_EXTERNAL)]
+        hangs = [e for r in chaos_replicas for e in r.proc.named("CHAOS_JOB_HANG")]
+        timeouts = [e for r in chaos_replicas for e in r.proc.named("JOB_TIMED_OUT")]
+        elsewhere = sum(
+            len(r.proc.named("JOB_TIMED_OUT")) for r in chaos.supervisor.history if r not in chaos_replicas
+        )
         timeline.rescued = sum(len(r.proc.named("JOB_RESCUED")) for r in chaos.supervisor.history)
         restart = timeline.db_restart or {}
         with connect(db.url) as conn:
             effects = check_effects(conn, plan, calls)
-            processes = check_processes(records, load_heartbeats(conn), time.time())
+            processes = check_processes(records, load_heartbeats(conn), time.time(), hung=set(plan.hung))
+            hung = check_hung(conn, plan, calls, hangs, timeouts, max_attempts(opts))
+            hung["timed_out"]["dragonfly_workers"] = elsewhere  # no job of theirs hangs
             recovery = recovery_s(conn, restart.get("started_wall"))
             stalls = check_stalls(
                 conn,
@@ -1025,8 +1135,9 @@ def run(opts: Options, log: Callable[[str], None] = print) -> dict[str, Any]:
                 outage=(restart.get("stopped_wall"), restart.get("started_wall")),
                 limit_s=VISIBILITY_S + STALL_ALLOWANCE_S,
                 started_wall=timeline.started_wall,
+                limits=stall_limits(opts),
             )
-        return build_report(opts, db, plan, timeline, effects, processes, recovery, stalls)
+        return build_report(opts, db, plan, timeline, effects, processes, recovery, stalls, hung)
     finally:
         db.close()
 

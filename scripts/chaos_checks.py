@@ -1,5 +1,6 @@
 """The chaos run's checks: every effect exactly once, nothing lost, dead letters only for
-the poison, no stuck claim, and every replica ended as its signal says it must.
+the poison, no stuck claim, each hung job dead-lettered ``JobTimedOut``, and every replica
+ended as its signal (or a job of its own) says it must.
 
 Committed effects are counted by audit triggers (``install_audit``, schema ``chaos``): each
 row is written in the transaction of its effect, so a rolled-back effect leaves none and an
@@ -11,13 +12,13 @@ from __future__ import annotations
 import signal
 import statistics
 from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 
-from scripts.chaos_workload import Call, Plan, notify_key
+from scripts.chaos_workload import CHAOS_EXTERNAL_QUEUE, CHAOS_QUEUE, HANGS, Call, Plan, notify_key
 
 Conn = psycopg.Connection[Any]
 Effects = Mapping[tuple[str, str], tuple[int, float]]  # (kind, job key) -> (count, first at)
@@ -115,10 +116,16 @@ class ProcessRecord:
     bad_lines: tuple[str, ...] = ()
     tail: tuple[str, ...] = ()  # its last output lines, to read when it has a problem
     job_exit: bool = False  # a chaos worker ended by one of its killer jobs (exit 137)
+    timed_out_keys: tuple[str, ...] = ()  # its WORKER_CRASH's job_keys, when JobTimedOut
 
     @property
     def name(self) -> str:
         return f"{self.kind}/{self.slot} pid {self.pid}"
+
+    @property
+    def hung_exit(self) -> bool:
+        """Ended (exit 1) by a handler that did not give control back at its deadline."""
+        return self.exit_code == 1 and bool(self.timed_out_keys)
 
 
 class _Tally:
@@ -211,7 +218,7 @@ def _check_receiver(
     plan: Plan, calls: Sequence[Call], effects: Effects, dup: _Tally, lost: _Tally
 ) -> dict[str, Any]:
     accepted = Counter(c.key for c in calls if c.accepted and c.key)
-    for key in plan.deliveries:
+    for key in plan.receiver_keys:
         if not accepted[key]:
             lost.add(key, "never accepted by the receiver")
     for call in calls:
@@ -221,11 +228,13 @@ def _check_receiver(
     called = Counter(c.key for c in calls)
     return {
         "receiver_calls": len(calls),
-        "receiver_accepted_keys": len(set(accepted) & plan.deliveries),
+        "receiver_accepted_keys": len(set(accepted) & plan.receiver_keys),
         "receiver_redelivered_keys": sum(1 for n in called.values() if n > 1),
         "receiver_refused_calls": sum(1 for c in calls if not c.accepted),
         "receiver_callers_gone": sum(1 for c in calls if c.caller_gone),
-        "receiver_unexpected_keys": sorted(k for k in accepted if k not in plan.deliveries)[:EXAMPLES],
+        "receiver_unexpected_keys": sorted(
+            k for k in accepted if k not in plan.receiver_keys and k not in plan.hung
+        )[:EXAMPLES],
     }
 
 
@@ -239,7 +248,7 @@ def check_dead_letters(conn: Conn, plan: Plan) -> dict[str, Any]:
         " FROM workers.dead_letters ORDER BY id"
     ).fetchall()
     written = {
-        id(p): conn.execute("SELECT %s::jsonb::text AS t", (p.text,)).fetchone()["t"]
+        id(p): _one(conn.execute("SELECT %s::jsonb::text AS t", (p.text,)).fetchone())["t"]
         for p in plan.poison
         if p.key is None
     }
@@ -281,6 +290,7 @@ def check_dead_letters(conn: Conn, plan: Plan) -> dict[str, Any]:
     not_dead = sorted(str(p.key) for p in plan.poison if p.key and ledger.get(p.key) != "dead")
     return {
         "total": len(rows),
+        "by_type": dict(Counter(str(r["error_type"]) for r in rows)),
         "poison": len(plan.poison),
         "matched": len(plan.poison) - len(remaining),
         "missing": [{"queue": p.queue, "key": p.key} for p in remaining],
@@ -288,6 +298,11 @@ def check_dead_letters(conn: Conn, plan: Plan) -> dict[str, Any]:
         "unexpected": unexpected[:EXAMPLES],
         "unexpected_count": len(unexpected),
     }
+
+
+def _one(row: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    assert row is not None
+    return row
 
 
 def check_effects(conn: Conn, plan: Plan, calls: Sequence[Call]) -> dict[str, Any]:
@@ -344,6 +359,68 @@ def check_effects(conn: Conn, plan: Plan, calls: Sequence[Call]) -> dict[str, An
     }
 
 
+def check_hung(
+    conn: Conn,
+    plan: Plan,
+    calls: Sequence[Call],
+    hangs: Sequence[Mapping[str, Any]],
+    timeouts: Sequence[Mapping[str, Any]],
+    max_attempts: int,
+) -> dict[str, Any]:
+    """Each hung job dead-lettered ``JobTimedOut``, its effect never committed (the
+    transactional one) or sent with its own key (the external one: the receiver deduplicates).
+
+    ``hangs`` are the chaos workers' ``CHAOS_JOB_HANG`` lines and ``timeouts`` their
+    ``JOB_TIMED_OUT`` lines. ``AttemptsExhausted`` is right only when the last attempt hung and
+    no record of it dead-lettered the job: its worker was SIGKILL'd or frozen past its lease
+    meanwhile (or the database was down), so the next delivery found the attempts used up."""
+    hung = list(plan.hung)
+    letters = {
+        r["job_key"]: r["error_type"]
+        for r in conn.execute(
+            "SELECT job_key, error_type FROM workers.dead_letters WHERE job_key = ANY(%s)", (hung,)
+        )
+    }
+    ledger = {
+        r["job_key"]: r["status"]
+        for r in conn.execute(
+            "SELECT job_key, status FROM workers.processed_jobs WHERE job_key = ANY(%s)", (hung,)
+        )
+    }
+    committed = Counter(
+        r["job_key"]
+        for r in conn.execute("SELECT job_key FROM chaos.worker_effects WHERE job_key = ANY(%s)", (hung,))
+    )
+    sent = Counter(c.key for c in calls if c.accepted and c.key in plan.hung)
+    last_hung = {str(h.get("job_key")) for h in hangs if h.get("attempt") == max_attempts}
+    recorded = {str(t.get("job_key")) for t in timeouts if str(t.get("outcome")).startswith("dead-lettered")}
+    problems: list[str] = []
+    for key, queue in sorted(plan.hung.items()):
+        kind = letters.get(key)
+        unrecorded = key in last_hung and key not in recorded
+        if kind != "JobTimedOut" and not (kind == "AttemptsExhausted" and unrecorded):
+            problems.append(f"{key}: dead-lettered {kind}" if kind else f"{key}: not dead-lettered")
+        if ledger.get(key) != "dead":
+            problems.append(f"{key}: ledger status {ledger.get(key) or 'missing'}")
+        if queue == CHAOS_QUEUE and committed[key]:
+            problems.append(f"{key}: its effect committed {committed[key]} times")
+        if queue == CHAOS_EXTERNAL_QUEUE and not sent[key]:
+            problems.append(f"{key}: never reached the receiver")
+    return {
+        "count": len(hung),
+        "by_way": {how: sum(1 for k in hung if f"hung-{how}:" in k) for how in HANGS},
+        "runs": len(hangs),
+        "timed_out": {
+            "interrupted": sum(1 for t in timeouts if t.get("interrupted")),
+            "not_interrupted": sum(1 for t in timeouts if not t.get("interrupted")),
+        },
+        "dead_letters": dict(Counter(str(v) for v in letters.values())),
+        "receiver_calls": sum(sent.values()),
+        "problems": problems[:EXAMPLES],
+        "violations": [f"{len(problems)} hung job problem(s)"] if problems else [],
+    }
+
+
 def check_stalls(
     conn: Conn,
     plan: Plan,
@@ -351,12 +428,22 @@ def check_stalls(
     outage: tuple[float | None, float | None],
     limit_s: float,
     started_wall: float = 0.0,
+    limits: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """How long each job waited beyond its enqueue: from its enqueue (its wave's commit; for
     a recommendation's notification, the recommendation's commit) to its completion, less
     the retry delays its failed attempts were given (``JOB_FAILED`` lines) and the time
     PostgreSQL was down. Queues are far faster than the producer, so this is the time a job
-    was held up: a killed, frozen or cut-off worker's lease, a killer job's batch."""
+    was held up: a killed, frozen or cut-off worker's lease, a killer job's batch, a hung
+    job's deadline. Each job is held to ``limit_s``, or to its queue's own in ``limits``
+    (queue -> seconds: where jobs hang). Hung jobs themselves never complete: not counted."""
+    queue_of = {item.key: item.queue for wave in plan.waves for item in wave if item.key}
+    queue_of.update({notify_key(k): "q_outbox_processor" for k in plan.escalations})
+    limits = limits or {}
+
+    def limit_of(key: str) -> float:
+        return limits.get(queue_of.get(key, ""), limit_s)
+
     enqueued: dict[str, float] = {}
     waves = {
         r["wave"]: r["at"]
@@ -370,7 +457,7 @@ def check_stalls(
     for key in plan.escalations:
         if ("outbox_message", notify_key(key)) in effects:
             enqueued[notify_key(key)] = effects[("outbox_message", notify_key(key))][1]
-    delayed: Counter[str] = Counter()
+    delayed: dict[str, float] = defaultdict(float)
     for line in retries:
         delayed[str(line.get("job_key"))] += float(line.get("retry_in_s") or 0)
     down_from, down_to = outage
@@ -385,7 +472,15 @@ def check_stalls(
         stalls[key] = max(0.0, end - start - delayed[key] - overlap)
         spans[key] = (start - started_wall, end - started_wall)
     worst = max(stalls, key=lambda k: stalls[k], default=None)
-    over = sorted((k for k, v in stalls.items() if v > limit_s), key=lambda k: -stalls[k])
+    over = sorted((k for k, v in stalls.items() if v > limit_of(k)), key=lambda k: -stalls[k])
+
+    def longest(hung: bool) -> dict[str, Any] | None:
+        """The longest stall of the jobs that share their queue with hung jobs, or of the others."""
+        key = max(
+            (k for k in stalls if (queue_of.get(k) in limits) == hung), key=stalls.__getitem__, default=None
+        )
+        return {"key": key, "stall_s": round(stalls[key], 3), "limit_s": limit_of(key)} if key else None
+
     return {
         "jobs": len(stalls),
         "longest_s": round(stalls[worst], 3) if worst else None,
@@ -393,11 +488,17 @@ def check_stalls(
         # when it was enqueued and completed, in seconds from the storm's start (as the
         # kills' and freezes' at_s), to find what held it up
         "longest_span_s": [round(t, 3) for t in spans[worst]] if worst else None,
-        "limit_s": limit_s,
+        "limit_s": limit_of(worst) if worst else limit_s,  # the longest one's
+        "base_limit_s": limit_s,
+        "limits_s": dict(limits),
+        "elsewhere": longest(hung=False),
+        "beside_hung": longest(hung=True),
         "over_limit": len(over),
-        "examples": [{"key": k, "stall_s": round(stalls[k], 3)} for k in over[:EXAMPLES]],
+        "examples": [
+            {"key": k, "stall_s": round(stalls[k], 3), "limit_s": limit_of(k)} for k in over[:EXAMPLES]
+        ],
         "p99_s": round(sorted(stalls.values())[int(0.99 * (len(stalls) - 1))], 3) if stalls else None,
-        "violations": [f"{len(over)} job(s) stalled longer than {limit_s:g} s"] if over else [],
+        "violations": [f"{len(over)} job(s) stalled longer than their limit"] if over else [],
     }
 
 
@@ -424,30 +525,24 @@ def _heartbeat_of(record: ProcessRecord, heartbeats: Sequence[Mapping[str, Any]]
 
 
 def _process_problems(
-    record: ProcessRecord, heartbeats: Sequence[Mapping[str, Any]], now: float
+    record: ProcessRecord, heartbeats: Sequence[Mapping[str, Any]], now: float, hung: Set[str]
 ) -> list[str]:
     problems: list[str] = []
     if record.job_exit:
         pass  # one of its jobs ended it (exit 137), whatever it was sent: a drain runs them too
+    elif record.hung_exit:
+        # A handler blocked in C past its deadline ends its worker, exit 1, whatever it was
+        # sent: right for a hung job (its call may be a batch that holds one), wrong for others.
+        if not set(record.timed_out_keys) & hung:
+            keys = list(record.timed_out_keys)
+            problems.append(f"exited 1 at the deadline of jobs that do not hang: {keys}")
     elif record.signal == "SIGTERM":
         if record.exit_code not in (0, 143):
             problems.append(f"exited {record.exit_code} after SIGTERM (expected 0 or 143)")
         if not record.shutdown_logged:
             problems.append("no WORKER_SHUTDOWN line after SIGTERM")
     elif record.signal == "SIGKILL":
-        if record.exit_code != -signal.SIGKILL:
-            problems.append(f"exited {record.exit_code} though SIGKILL'd")
-        row = _heartbeat_of(record, heartbeats)
-        if row is not None:
-            if row["status"] not in ("BOOTING", "RUNNING", "DRAINING"):
-                problems.append(f"heartbeat row says {row['status']} though SIGKILL'd")
-            if record.signalled_wall is not None and row["beat"] > record.signalled_wall + 1.0:
-                late = row["beat"] - record.signalled_wall
-                problems.append(f"heartbeat advanced {late:.1f} s after SIGKILL")
-            if now - row["beat"] <= DEAD_AFTER_S:
-                problems.append(f"heartbeat only {now - row['beat']:.1f} s old: not recognisable as dead")
-        # No row at all (killed before its first write reached the database, during the
-        # outage say) claims nothing: there is nothing to mistake for a live worker.
+        problems += _sigkill_problems(record, heartbeats, now)
     else:
         problems.append(
             f"exited {record.exit_code} without being signalled"
@@ -457,11 +552,35 @@ def _process_problems(
     return problems
 
 
+def _sigkill_problems(
+    record: ProcessRecord, heartbeats: Sequence[Mapping[str, Any]], now: float
+) -> list[str]:
+    problems: list[str] = []
+    if record.exit_code != -signal.SIGKILL:
+        problems.append(f"exited {record.exit_code} though SIGKILL'd")
+    row = _heartbeat_of(record, heartbeats)
+    if row is not None:
+        if row["status"] not in ("BOOTING", "RUNNING", "DRAINING"):
+            problems.append(f"heartbeat row says {row['status']} though SIGKILL'd")
+        if record.signalled_wall is not None and row["beat"] > record.signalled_wall + 1.0:
+            late = row["beat"] - record.signalled_wall
+            problems.append(f"heartbeat advanced {late:.1f} s after SIGKILL")
+        if now - row["beat"] <= DEAD_AFTER_S:
+            problems.append(f"heartbeat only {now - row['beat']:.1f} s old: not recognisable as dead")
+    # No row at all (killed before its first write reached the database, during the
+    # outage say) claims nothing: there is nothing to mistake for a live worker.
+    return problems
+
+
 def check_processes(
-    records: Sequence[ProcessRecord], heartbeats: Sequence[Mapping[str, Any]], now: float
+    records: Sequence[ProcessRecord],
+    heartbeats: Sequence[Mapping[str, Any]],
+    now: float,
+    hung: Set[str] = frozenset(),
 ) -> dict[str, Any]:
-    """Exit codes, shutdown lines and heartbeats of every replica, against what it was sent."""
-    found = {id(r): _process_problems(r, heartbeats, now) for r in records}
+    """Exit codes, shutdown lines and heartbeats of every replica, against what it was sent
+    (or what its jobs did: a killer job's exit 137; a ``hung`` job's exit 1)."""
+    found = {id(r): _process_problems(r, heartbeats, now, hung) for r in records}
     problems = [
         {"process": r.name, "worker_id": r.worker_id, "problem": p, "last_lines": list(r.tail)}
         for r in records
@@ -472,6 +591,8 @@ def check_processes(
         cause = (
             "killer job"
             if r.job_exit
+            else "hung job"
+            if r.hung_exit
             else "final SIGTERM"
             if r.final
             else f"after {r.signal}"
@@ -487,6 +608,7 @@ def check_processes(
         "started": len(records),
         "exit_codes": {k: dict(v) for k, v in exits.items()},
         "job_exits": sum(1 for r in records if r.job_exit),
+        "hung_exits": sum(1 for r in records if r.hung_exit and set(r.timed_out_keys) & hung),
         "sigkilled": len(killed),
         "recognised_dead": dead,
         "sigkilled_without_heartbeat_row": rowless,
@@ -549,12 +671,14 @@ def render(report: Mapping[str, Any]) -> str:
             f" {report['killer_jobs']['worker_exits']} worker exits",
             "",
         ),
+        _hung_row(report["hung_jobs"]),
         (
             "longest stall",
             f"{_seconds(stall['longest_s'])} ({stall['longest_key']}{_span(stall.get('longest_span_s'))};"
             f" p99 {_seconds(stall['p99_s'])}, limit {stall['limit_s']:g} s)",
             _mark(not stall["over_limit"]),
         ),
+        ("stall limits", _limits(stall), _mark(not stall["over_limit"])),
         (
             "processes",
             f"{p['started']} started, {p['problem_count']} problem(s)",
@@ -592,7 +716,9 @@ def render(report: Mapping[str, Any]) -> str:
         (
             "dead letters",
             f"{letters['total']} ({letters['matched']} of {letters['poison']} poison, "
-            f"{letters['unexpected_count']} unexpected)",
+            f"{letters['unexpected_count']} unexpected: "
+            + ", ".join(f"{kind} x{n}" for kind, n in sorted(letters.get("by_type", {}).items()))
+            + ")",
             _mark(letters["matched"] == letters["poison"] == letters["total"]),
         ),
         ("stuck claims", str(report["stuck_claims"]["count"]), _mark(not report["stuck_claims"]["count"])),
@@ -619,7 +745,39 @@ def render(report: Mapping[str, Any]) -> str:
         lines += [f"    {section}: {x['key']}: {', '.join(x['why'])}" for x in report[section]["examples"]]
     lines += [f"    process: {x['process']}: {x['problem']}" for x in report["processes"]["problems"]]
     lines += [f"    dead letter: {x['queue']} {x['key']}: {x['error']}" for x in letters["unexpected"]]
+    lines += [f"    hung job: {x}" for x in report["hung_jobs"]["problems"]]
     return "\n".join(lines)
+
+
+def _hung_row(hung: Mapping[str, Any]) -> tuple[str, str, str]:
+    ways = ", ".join(f"{n} {how}" for how, n in hung["by_way"].items())
+    letters = ", ".join(f"{kind} x{n}" for kind, n in sorted(hung["dead_letters"].items())) or "none"
+    timed = hung["timed_out"]
+    return (
+        "hung jobs",
+        f"{hung['count']} handlers that never return ({ways}): {hung['runs']} runs,"
+        f" {timed['interrupted']} interrupted, {timed['not_interrupted']} not (each a worker exit:"
+        f" {hung['worker_exits']}); dead letters {letters}; {hung['receiver_calls']} receiver calls;"
+        f" {timed.get('dragonfly_workers', 0)} deadlines reached on the Dragonfly workers",
+        _mark(not hung["problems"]),
+    )
+
+
+def _limits(stall: Mapping[str, Any]) -> str:
+    """The limits (the visibility timeout + 10 s, and the deadline besides where jobs hang),
+    the longest stall under each, and how many jobs went over."""
+    parts = []
+    for label, limit, longest in (
+        ("", f"{stall['base_limit_s']:g} s", stall.get("elsewhere")),
+        (
+            " where jobs hang",
+            " and ".join(f"{s:g} s on {q}" for q, s in sorted(stall["limits_s"].items())),
+            stall.get("beside_hung"),
+        ),
+    ):
+        if longest:
+            parts.append(f"{limit}{label} (longest {_seconds(longest['stall_s'])}, {longest['key']})")
+    return "; ".join(parts) + f"; {stall['over_limit']} over"
 
 
 def _seconds(value: float | None) -> str:

@@ -2,9 +2,10 @@
 
 ``build_plan`` turns a seed and the seeded ids into waves of messages: collectability jobs,
 escalation jobs (each enqueues its own notification), direct notifications (some slow, some
-refused once), re-enqueued copies of some keys, jobs for the chaos worker of
-``scripts/chaos_worker.py`` (a few of which end their worker's process), and poison
-messages (malformed, undecodable, oversized). ``build_schedule`` turns the seed into kill
+refused once), re-enqueued copies of some keys, jobs for the chaos workers of
+``scripts/chaos_worker.py`` (a transactional one, a few of whose jobs end its process, and
+an external one), hung jobs for both (handlers that never return), and poison messages
+(malformed, undecodable, oversized). ``build_schedule`` turns the seed into kill
 times, signals (SIGTERM, SIGKILL, and SIGSTOP freezes longer than the visibility timeout)
 and victims, and the database restart. ``ChaosReplies`` is how the webhook and Slack
 endpoint the outbox delivers to (a ``scripts.harness.receivers.HttpRecorder``) answers;
@@ -17,7 +18,7 @@ import json
 import random
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from backend.enqueue import build_envelope
@@ -31,7 +32,17 @@ FREEZE_SHARE = 0.2
 # The chaos worker (scripts/chaos_worker.py) and its queue: a transactional worker some of
 # whose jobs end its process, as a crashing extension or the OOM killer would.
 CHAOS_WORKER, CHAOS_QUEUE = "chaos_worker", "q_chaos_worker"
+# Its external twin, which sends each job to the receiver with its key, as the outbox does.
+CHAOS_EXTERNAL, CHAOS_EXTERNAL_QUEUE = "chaos_external", "q_chaos_external"
 KILLERS, CHAOS_JOBS_SHARE = 3, 0.05
+# Hung jobs: handlers that never return, a Python loop (interrupted at the deadline) or a
+# socket read (blocked in C: the worker exits 1), on each chaos worker.
+HANGS = ("recv", "loop")  # the longer-lived first
+# The hung jobs of a queue arrive evenly over this share of the waves: so far apart that few
+# are alive at once (each holds a replica for its deadline per attempt), all done in the run.
+HUNG_SPREAD = 0.6
+HUNG_QUEUES = (CHAOS_QUEUE, CHAOS_EXTERNAL_QUEUE)
+SLOW_MAX_S = 2.5
 # Freezes last longer than the visibility timeout, so the frozen worker's work must move.
 FREEZE_BEYOND_S = (1.0, 4.0)
 
@@ -69,6 +80,13 @@ class Plan:
     flaky: tuple[str, ...]
     chaos_jobs: tuple[str, ...] = ()  # the chaos worker's jobs that must complete
     killers: tuple[str, ...] = ()  # the chaos worker's jobs that end its process
+    external_jobs: tuple[str, ...] = ()  # the external chaos worker's jobs that must complete
+    hung: Mapping[str, str] = field(default_factory=dict)  # hung job key -> its queue
+
+    @property
+    def receiver_keys(self) -> set[str]:
+        """Keys the receiver must accept: the outbox's deliveries, the external chaos jobs."""
+        return self.deliveries | set(self.external_jobs)
 
     @property
     def deliveries(self) -> set[str]:
@@ -78,7 +96,7 @@ class Plan:
     @property
     def expected_keys(self) -> set[str]:
         """Every key that must end completed in the ledger."""
-        return set(self.scores) | set(self.escalations) | self.deliveries | set(self.chaos_jobs)
+        return set(self.scores) | set(self.escalations) | self.receiver_keys | set(self.chaos_jobs)
 
     @property
     def messages(self) -> int:
@@ -97,9 +115,18 @@ def split_jobs(jobs: int) -> tuple[int, int, int]:
 
 
 def build_plan(
-    *, seed: int, judgment_ids: Sequence[int], case_ids: Sequence[int], notes: int, waves: int
+    *,
+    seed: int,
+    judgment_ids: Sequence[int],
+    case_ids: Sequence[int],
+    notes: int,
+    waves: int,
+    hung_each: int = 1,
+    slow_max_s: float = SLOW_MAX_S,
 ) -> Plan:
-    """The workload for the seeded ids; the same seed and ids give the same plan."""
+    """The workload for the seeded ids; the same seed and ids give the same plan.
+    ``hung_each``: hung jobs of each way on each chaos worker; ``slow_max_s``: the longest
+    slow reply (shorter than the outbox's deadline)."""
     rng = random.Random(f"{seed}:workload")
     note_keys = [f"note:{i}" for i in range(1, notes + 1)]
     webhook = [k for k in note_keys if rng.random() < 0.8]
@@ -107,7 +134,7 @@ def build_plan(
     # A dozen at least, so that even a short run has kills inside a slow delivery.
     hinted = rng.sample(webhook, min(len(webhook), max(12, round(notes * (SLOW_SHARE + FLAKY_SHARE)))))
     slow, flaky = hinted[: len(hinted) // 2], hinted[len(hinted) // 2 :]
-    hints: dict[str, dict[str, Any]] = {k: {"delay_s": round(rng.uniform(0.5, 2.5), 2)} for k in slow}
+    hints: dict[str, dict[str, Any]] = {k: {"delay_s": round(rng.uniform(0.5, slow_max_s), 2)} for k in slow}
     hints.update({k: {"fail_first": 1} for k in flaky})
     items = [_job("q_collectability", "judgment", j, f"score:{j}") for j in judgment_ids]
     items += [
@@ -123,8 +150,11 @@ def build_plan(
     items += [
         _note(k, channel="webhook" if k in webhook_keys else "slack", chaos=hints.get(k)) for k in note_keys
     ]
-    chaos_keys = [f"chaos:{i}" for i in range(1, max(20, round(len(items) * CHAOS_JOBS_SHARE)) + 1)]
+    chaos_count = max(20, round(len(items) * CHAOS_JOBS_SHARE))
+    chaos_keys = [f"chaos:{i}" for i in range(1, chaos_count + 1)]
+    external_keys = [f"external:{i}" for i in range(1, chaos_count + 1)]
     items += [_job(CHAOS_QUEUE, "chaos", i, key) for i, key in enumerate(chaos_keys)]
+    items += [_job(CHAOS_EXTERNAL_QUEUE, "chaos", i, key) for i, key in enumerate(external_keys)]
     rng.shuffle(items)
     slices: list[list[Item]] = [items[i::waves] for i in range(waves)]
     copies = rng.sample(range(len(items)), round(len(items) * COPY_SHARE))
@@ -141,19 +171,28 @@ def build_plan(
     )
     for item in killers:
         slices[rng.randrange(waves // 4, max(waves // 4 + 1, 3 * waves // 4))].append(item)
+    hung = []
+    for queue in HUNG_QUEUES:
+        ways = [(i, how) for i in range(1, hung_each + 1) for how in HANGS]
+        for j, (i, how) in enumerate(ways):
+            item = _job(queue, "chaos", 0, f"{queue[2:]}:hung-{how}:{i}", payload={"hang": how})
+            slices[int(j * HUNG_SPREAD * waves / len(ways))].append(item)
+            hung.append(item)
     for wave in slices:
         rng.shuffle(wave)
     return Plan(
         scores={f"score:{j}": j for j in judgment_ids},
         escalations={f"escalate:{c}": c for c in case_ids},
         notes=tuple(note_keys),
-        poison=poison + killers,
+        poison=poison + killers + tuple(hung),
         waves=tuple(tuple(w) for w in slices),
         copies=len(copies),
         slow=tuple(slow),
         flaky=tuple(flaky),
         chaos_jobs=tuple(chaos_keys),
         killers=tuple(str(k.key) for k in killers),
+        external_jobs=tuple(external_keys),
+        hung={str(h.key): h.queue for h in hung},
     )
 
 

@@ -1,6 +1,7 @@
 """The chaos run, CI-sized (``python -m scripts.chaos`` as a process: workers SIGTERM'd and
-SIGKILL'd at random, PostgreSQL restarted, under a mixed workload), and proof that its
-checks see what they are there to see: a planted duplicate, a lost job, a bad exit."""
+SIGKILL'd at random, PostgreSQL restarted, hung handlers, under a mixed workload), and proof
+that its checks see what they are there to see: a planted duplicate, a lost job, a bad exit,
+a hung job that was not dead-lettered as it must be."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from backend.enqueue import build_envelope, enqueue
 from scripts.chaos_checks import (
     ProcessRecord,
     check_effects,
+    check_hung,
     check_processes,
     check_stalls,
     install_audit,
@@ -61,6 +63,10 @@ def test_a_ci_sized_chaos_run_loses_nothing_and_doubles_nothing(
         "2",
         "--kill-interval",
         "0.8",
+        # 2 attempts on the chaos workers, so that their hung jobs (one of each way on each,
+        # under the run's 2-s deadline) are dead-lettered within the time the run takes anyway.
+        "--max-attempts",
+        "2",
         "--report",
         str(report_path),
     ]
@@ -85,11 +91,17 @@ def test_a_ci_sized_chaos_run_loses_nothing_and_doubles_nothing(
     assert report["stuck_claims"]["count"] == 0, output
     assert report["freezes"]["count"] >= 1, output
     assert report["killer_jobs"]["count"] == 3 and report["killer_jobs"]["worker_exits"] >= 1, output
+    hung = report["hung_jobs"]
+    assert hung["count"] == 4 and hung["by_way"] == {"loop": 2, "recv": 2} and not hung["problems"], output
+    assert hung["timed_out"]["interrupted"] >= 1 and hung["worker_exits"] >= 1, output
+    assert report["stalls"]["over_limit"] == 0, output
     assert report["stalls"]["longest_s"] <= report["stalls"]["limit_s"], output
     assert report["db_restart"]["recovery_s"] is not None, output
     effects = report["effects"]
-    assert effects["receiver_accepted_keys"] == report["jobs"]["by_worker"]["outbox_processor"], output
-    assert effects["score_rows"] == report["jobs"]["by_worker"]["collectability"], output
+    by_worker = report["jobs"]["by_worker"]
+    receiver_keys = by_worker["outbox_processor"] + by_worker["chaos_external"]
+    assert effects["receiver_accepted_keys"] == receiver_keys, output
+    assert effects["score_rows"] == by_worker["collectability"], output
     assert (
         effects["recommendations"]
         == effects["notifications_enqueued"]
@@ -177,7 +189,8 @@ def play_correct_run(db: Conn, plan: Plan) -> list[Call]:
     """Leave the state a correct run leaves: every job done once, the poison dead-lettered;
     return the receiver's calls (each delivery accepted before its key was completed)."""
     calls = [
-        Call(key=key, path="/hooks/dragonfly", status=200, at=time.time()) for key in sorted(plan.deliveries)
+        Call(key=key, path="/hooks/dragonfly", status=200, at=time.time())
+        for key in sorted(plan.receiver_keys | {k for k, q in plan.hung.items() if q == "q_chaos_external"})
     ]
     for key, judgment_id in plan.scores.items():
         _score(db, judgment_id, key)
@@ -199,7 +212,11 @@ def play_correct_run(db: Conn, plan: Plan) -> list[Call]:
     for key in sorted(plan.expected_keys):
         _complete(db, key)
     for item in plan.poison:
-        kind = "AttemptsExhausted" if item.key in plan.killers else "Test"
+        kind = "Test"
+        if item.key in plan.killers:
+            kind = "AttemptsExhausted"
+        elif item.key in plan.hung:
+            kind = "JobTimedOut"
         db.execute(
             "INSERT INTO workers.dead_letters (queue_name, msg_id, job_key, message, error,"
             " error_type) VALUES (%s, 0, %s, %s::jsonb, 'poison', %s)",
@@ -221,10 +238,45 @@ def keys(section: dict[str, Any]) -> set[str]:
 
 def test_the_checks_pass_a_correct_run(audited: Conn) -> None:
     plan = _small_plan(audited)
-    found = check_effects(audited, plan, play_correct_run(audited, plan))
+    calls = play_correct_run(audited, plan)
+    found = check_effects(audited, plan, calls)
     assert found["violations"] == []
     assert found["jobs"]["completed"] == found["jobs"]["expected"] == len(plan.expected_keys)
     assert found["dead_letters"]["matched"] == found["dead_letters"]["total"] == len(plan.poison)
+    hung = check_hung(audited, plan, calls, [], [], max_attempts=5)
+    assert hung["violations"] == [] and hung["count"] == 4
+    assert hung["dead_letters"] == {"JobTimedOut": 4}
+
+
+def test_the_hung_job_check_reports_a_hung_job_that_committed_went_unsent_or_died_otherwise(
+    audited: Conn,
+) -> None:
+    plan = _small_plan(audited)
+    calls = play_correct_run(audited, plan)
+    transactional = sorted(k for k, q in plan.hung.items() if q == "q_chaos_worker")
+    external = sorted(k for k, q in plan.hung.items() if q == "q_chaos_external")
+    # A transactional hung job whose effect committed; an external one that never reached
+    # the receiver; one dead-lettered AttemptsExhausted with no attempt left unrecorded.
+    audited.execute("INSERT INTO chaos.worker_effects (job_key, attempt) VALUES (%s, 1)", (transactional[0],))
+    calls = [c for c in calls if c.key != external[0]]
+    audited.execute(
+        "UPDATE workers.dead_letters SET error_type = 'AttemptsExhausted' WHERE job_key = ANY(%s)",
+        ([transactional[1], external[1]],),
+    )
+    # The last attempt of one of those hung, and no record of it dead-lettered the job: its
+    # worker was killed meanwhile, so AttemptsExhausted is right for it.
+    hangs = [{"job_key": external[1], "attempt": 3, "how": "recv"}]
+    timeouts = [{"job_key": external[1], "attempt": 2, "interrupted": False, "outcome": "attempt 2 failed"}]
+
+    found = check_hung(audited, plan, calls, hangs, timeouts, max_attempts=3)
+
+    assert sorted(found["problems"]) == [
+        f"{external[0]}: never reached the receiver",
+        f"{transactional[0]}: its effect committed 1 times",
+        f"{transactional[1]}: dead-lettered AttemptsExhausted",
+    ]
+    assert found["violations"] == ["3 hung job problem(s)"]
+    assert found["timed_out"] == {"interrupted": 0, "not_interrupted": 1}
 
 
 def test_the_stall_check_reports_a_job_held_up_and_forgives_retry_delays(audited: Conn) -> None:
@@ -240,10 +292,19 @@ def test_the_stall_check_reports_a_job_held_up_and_forgives_retry_delays(audited
 
     found = check_stalls(audited, plan, [], outage=(None, None), limit_s=15)
     assert found["over_limit"] == len(held) and found["longest_s"] >= 99
-    assert found["violations"] and {e["key"] for e in found["examples"]} == set(held)
+    assert found["violations"] and {e["key"] for e in found["examples"]} <= set(held)
 
     retries = [{"job_key": key, "retry_in_s": 100} for key in held]
     assert check_stalls(audited, plan, retries, outage=(None, None), limit_s=15)["violations"] == []
+
+    # Where jobs hang, a queue has its own limit; the others keep theirs.
+    queues = {i.key: i.queue for i in plan.waves[1] if i.key in held}
+    chaos = {k for k, q in queues.items() if q == "q_chaos_worker"}
+    assert chaos and chaos != set(held)
+    found = check_stalls(audited, plan, [], outage=(None, None), limit_s=15, limits={"q_chaos_worker": 120})
+    assert found["over_limit"] == len(set(held) - chaos)
+    assert {e["key"] for e in found["examples"]} <= set(held) - chaos
+    assert found["beside_hung"]["limit_s"] == 120 and found["beside_hung"]["key"] in chaos
 
 
 def test_the_checks_report_a_planted_duplicate_of_each_kind(audited: Conn) -> None:
@@ -336,18 +397,25 @@ def test_the_process_checks_report_bad_exits_and_live_looking_heartbeats() -> No
         ),
         # Killed before its first heartbeat reached the database: no row claims it is alive.
         _record(worker_id="kill-rowless", signal="SIGKILL", exit_code=-9, signalled_wall=1800.0),
+        # Ended by a handler blocked past its deadline: a hung job's (in a batch), even
+        # while draining; one of a job that does not hang is a problem.
+        _record(worker_id="hung", kind="chaos_worker", exit_code=1, timed_out_keys=("chaos:1", "h:1")),
+        _record(worker_id="hung-in-drain", signal="SIGTERM", exit_code=1, timed_out_keys=("h:2",)),
+        _record(worker_id="not-hung", exit_code=1, crash="deadline", timed_out_keys=("note:1",)),
     ]
     heartbeats = [
         {"worker_id": "ok-kill", "pid": 1, "status": "RUNNING", "started": 1000.0, "beat": 1499.8},
         {"worker_id": "kill-beating", "pid": 2, "status": "RUNNING", "started": 1000.0, "beat": 1999.0},
     ]
 
-    found = check_processes(records, heartbeats, now)
+    found = check_processes(records, heartbeats, now, hung={"h:1", "h:2"})
 
     by_worker: dict[str, list[str]] = {}
     for problem in found["problems"]:
         by_worker.setdefault(problem["worker_id"], []).append(problem["problem"])
-    assert set(by_worker) == {"term-no-shutdown", "kill-beating", "crashed"}
+    assert set(by_worker) == {"term-no-shutdown", "kill-beating", "crashed", "not-hung"}
+    assert by_worker["not-hung"] == ["exited 1 at the deadline of jobs that do not hang: ['note:1']"]
+    assert found["hung_exits"] == 2 and found["exit_codes"]["hung job"] == {"1": 3}
     assert any("exited -15 after SIGTERM" in p for p in by_worker["term-no-shutdown"])
     assert any("no WORKER_SHUTDOWN" in p for p in by_worker["term-no-shutdown"])
     assert any("advanced" in p for p in by_worker["kill-beating"])
