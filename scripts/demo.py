@@ -36,7 +36,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def depth(conn: psycopg.Connection[Any]) -> dict[str, int]:
-    return {q: conn.execute(f"SELECT count(*) AS n FROM pgmq.q_{q}").fetchone()["n"] for q in QUEUES}
+    return {q: _count(conn, f"SELECT count(*) AS n FROM pgmq.q_{q}") for q in QUEUES}
+
+
+def _count(conn: psycopg.Connection[Any], statement: str, params: tuple[Any, ...] = ()) -> int:
+    row = conn.execute(statement, params).fetchone()
+    assert row is not None  # a count always has its row
+    return int(row["n"])
 
 
 def start_workers(env: dict[str, str], logs: Path) -> dict[str, WorkerProcess]:
@@ -188,9 +194,9 @@ def main() -> int:
             (f"{run}:%",),
         ).fetchall()
         print("ledger: " + ", ".join(f"{r['status']}: {r['n']}" for r in ledger))
-        dead = conn.execute(
-            "SELECT count(*) AS n FROM workers.dead_letters WHERE job_key LIKE %s", (f"{run}:%",)
-        ).fetchone()["n"]
+        dead = _count(
+            conn, "SELECT count(*) AS n FROM workers.dead_letters WHERE job_key LIKE %s", (f"{run}:%",)
+        )
         print(f"dead letters: {dead}")
     receiver.stop()
     ok = all(code == 0 for code in codes.values()) and took <= args.timeout

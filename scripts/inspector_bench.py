@@ -34,8 +34,9 @@ from backend.db.connect import connect
 from backend.db.embedded import EmbeddedPostgres
 from backend.db.migrate import apply_migrations
 from tools.worker_inspector import queries
+from tools.worker_inspector.model import Options
 from tools.worker_inspector.render import render_report
-from tools.worker_inspector.report import Options, build_report
+from tools.worker_inspector.report import build_report
 
 ROOT = Path(__file__).resolve().parents[1]
 

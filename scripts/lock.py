@@ -72,9 +72,9 @@ def lock_problems(pyproject_text: str, lock_text: str) -> list[str]:
     names = {canonicalize_name(r.name) for r in wanted}
     for stale in sorted(direct(lock_text) - names):
         problems.append(f"{stale} is pinned as a dependency of the project but the pyproject has no such")
-    for name in DEVELOPMENT_ONLY:
-        if name in pinned:
-            problems.append(f"{name} is for local development only and must not be in the lock")
+    for excluded in DEVELOPMENT_ONLY:
+        if excluded in pinned:
+            problems.append(f"{excluded} is for local development only and must not be in the lock")
     if " ".join(COMMAND[1:]) not in lock_text:
         problems.append("the lock was not written by `python -m scripts.lock`")
     return problems

@@ -22,6 +22,11 @@ class Figure:
     target: str = ""
 
 
+def _target(batch: int, limit: float) -> dict[str, Any]:
+    """The target of a worker figure: at the default batch size only, at least ``limit``."""
+    return {"limit": limit, "at_least": True, "target": "1"} if batch == DEFAULT_BATCH else {}
+
+
 def figures(plan: Plan) -> list[Figure]:
     """The table's rows, in order, for the plan's batch sizes and volumes."""
     rows = [
@@ -37,7 +42,7 @@ def figures(plan: Plan) -> list[Figure]:
             key=f"worker_rate_{b}",
             label=f"no-op worker, batch {b}",
             unit="jobs/s",
-            **({"limit": 15_000, "at_least": True, "target": "1"} if b == DEFAULT_BATCH else {}),
+            **_target(b, 15_000),
         )
         for b in plan.batch_sizes
     ]
@@ -46,7 +51,7 @@ def figures(plan: Plan) -> list[Figure]:
             key=f"ratio_{b}",
             label=f"worker / baseline, batch {b}",
             unit="x",
-            **({"limit": 0.8, "at_least": True, "target": "1"} if b == DEFAULT_BATCH else {}),
+            **_target(b, 0.8),
         )
         for b in plan.batch_sizes
     ]

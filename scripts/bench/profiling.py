@@ -79,13 +79,10 @@ def profile_run(db: BenchDatabase, plan: Plan, out_dir: Path) -> dict[str, Any]:
     done, span = db.ledger_span(BENCH_QUEUE)
     batches = max(1, -(-done // DEFAULT_BATCH))
     delta = statement_delta(before, db.statements()) if db.counted_url else {}
-    statements = sorted(
-        (
-            {"statement": " ".join(q.split())[:120], "per_batch": c / batches, "ms_per_batch": ms / batches}
-            for q, (c, ms) in delta.items()
-        ),
-        key=lambda r: -r["ms_per_batch"],
-    )
+    statements = [
+        {"statement": " ".join(q.split())[:120], "per_batch": c / batches, "ms_per_batch": ms / batches}
+        for q, (c, ms) in sorted(delta.items(), key=lambda item: -item[1][1])
+    ]
     return {
         "jobs": done,
         "rate_while_profiled": (done - DEFAULT_BATCH) / span if span else None,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import psycopg
@@ -133,7 +134,7 @@ def throughput(db: BenchDatabase, plan: Plan, out: Collected, rep: int) -> None:
             BENCH_QUEUE,
             batch,
             jobs,
-            lambda tag=tag, jobs=jobs: db.fill_bench(BENCH_QUEUE, jobs, tag),
+            partial(db.fill_bench, BENCH_QUEUE, jobs, tag),
         )
         out.runs.append(run)
         out.add(f"worker_rate_{batch}", run["rate"])

@@ -22,16 +22,12 @@ import pytest
 from backend.db.embedded import PROJECT_ROOT, EmbeddedPostgres
 from backend.domain.seed import seed_demo
 from backend.enqueue import build_envelope, enqueue
-from scripts.chaos_checks import (
-    ProcessRecord,
-    check_effects,
-    check_hung,
-    check_processes,
-    check_stalls,
-    install_audit,
-    remove_audit,
-)
-from scripts.chaos_workload import ORG_ID, Call, Plan, build_plan, notify_key
+from scripts.chaos.audit import install_audit, remove_audit
+from scripts.chaos.effects import check_effects
+from scripts.chaos.liveness import check_hung, check_stalls
+from scripts.chaos.processes import ProcessRecord, check_processes
+from scripts.chaos.receiver import Call
+from scripts.chaos.workload import ORG_ID, Plan, build_plan, notify_key
 from tests import chromium
 from tools.worker_inspector import html as html_report
 

@@ -1,8 +1,8 @@
 """The chaos run's own workers: a transactional one on queue ``q_chaos_worker`` and an
 external one on ``q_chaos_external``.
 
-    python -m scripts.chaos_worker                                  # transactional
-    CHAOS_WORKER_KIND=external CHAOS_RECEIVER_URL=http://... python -m scripts.chaos_worker
+    python -m scripts.chaos.worker                                  # transactional
+    CHAOS_WORKER_KIND=external CHAOS_RECEIVER_URL=http://... python -m scripts.chaos.worker
 
 The transactional worker writes one row to ``chaos.worker_effects`` per job on the job's
 own connection (so a row exists once per committed effect). The external one, like the

@@ -1,35 +1,23 @@
-"""The chaos run's workload, its kill schedule and the outbox's receiver, all seeded.
-
-``build_plan`` turns a seed and the seeded ids into waves of messages: collectability jobs,
-escalation jobs (each enqueues its own notification), direct notifications (some slow, some
-refused once), re-enqueued copies of some keys, jobs for the chaos workers of
-``scripts/chaos_worker.py`` (a transactional one, a few of whose jobs end its process, and
-an external one), hung jobs for both (handlers that never return), and poison messages
-(malformed, undecodable, oversized). ``build_schedule`` turns the seed into kill
-times, signals (SIGTERM, SIGKILL, and SIGSTOP freezes longer than the visibility timeout)
-and victims, and the database restart. ``ChaosReplies`` is how the webhook and Slack
-endpoint the outbox delivers to (a ``scripts.harness.receivers.HttpRecorder``) answers;
-``Call`` is what the checks read of each request it recorded.
-"""
+"""The chaos run's workload, seeded: ``build_plan`` turns a seed and the seeded ids into
+waves of messages: collectability jobs, escalation jobs (each enqueues its own
+notification), direct notifications (some slow, some refused once), re-enqueued copies of
+some keys, jobs for the chaos workers of ``scripts/chaos/worker.py`` (a transactional one, a
+few of whose jobs end its process, and an external one), hung jobs for both (handlers that
+never return), and poison messages (malformed, undecodable, oversized)."""
 
 from __future__ import annotations
 
 import json
 import random
-from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from backend.enqueue import build_envelope
-from scripts.harness.receivers import HttpRequest, HttpRequestRecord, Reply
 
 ORG_ID = "org-chaos"
-SIGNALS = ("SIGTERM", "SIGKILL")
 COPY_SHARE, SLOW_SHARE, FLAKY_SHARE = 0.03, 0.02, 0.02
-HANDLER_KILL_SHARE = 0.25
-FREEZE_SHARE = 0.2
-# The chaos worker (scripts/chaos_worker.py) and its queue: a transactional worker some of
+# The chaos worker (scripts/chaos/worker.py) and its queue: a transactional worker some of
 # whose jobs end its process, as a crashing extension or the OOM killer would.
 CHAOS_WORKER, CHAOS_QUEUE = "chaos_worker", "q_chaos_worker"
 # Its external twin, which sends each job to the receiver with its key, as the outbox does.
@@ -43,11 +31,6 @@ HANGS = ("recv", "loop")  # the longer-lived first
 HUNG_SPREAD = 0.6
 HUNG_QUEUES = (CHAOS_QUEUE, CHAOS_EXTERNAL_QUEUE)
 SLOW_MAX_S = 2.5
-# Freezes last longer than the visibility timeout, so the frozen worker's work must move.
-FREEZE_BEYOND_S = (1.0, 4.0)
-
-
-# --- the workload ---------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -242,144 +225,3 @@ def _poison(missing_judgment: int, missing_case: int) -> tuple[Item, ...]:
         _job("q_escalation", "enforcement_case", missing_case, "poison:missing-case"),
         _note("poison:discord", channel="discord"),  # no Discord webhook configured
     )
-
-
-# --- the kill schedule ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True, kw_only=True)
-class Kill:
-    """Send ``signal`` at ``at_s`` to the replica in ``slot`` (or the next one that can take it);
-    aimed at a handler, to an outbox replica waiting for a slow reply, if one does soon."""
-
-    at_s: float
-    signal: str
-    slot: int
-    aim: str = "any"  # or "handler"
-    freeze_s: float = 0.0  # SIGSTOP: how long until SIGCONT
-
-
-@dataclass(frozen=True, kw_only=True)
-class DbRestart:
-    """Stop PostgreSQL at ``at_s`` in ``mode``, start it again ``down_s`` later."""
-
-    at_s: float
-    mode: str
-    down_s: float
-
-
-@dataclass(frozen=True, kw_only=True)
-class Schedule:
-    kills: tuple[Kill, ...]
-    db_restart: DbRestart | None
-
-
-def build_schedule(
-    *,
-    seed: int,
-    duration_s: float,
-    kill_interval_s: float,
-    slots: int,
-    db_restart: bool,
-    visibility_s: float = 5.0,
-) -> Schedule:
-    """Kill times, signals and victims, freezes, and the database restart, all from the seed."""
-    rng = random.Random(f"{seed}:chaos")
-    kills: list[Kill] = []
-    at = rng.uniform(0.5, 1.5) * kill_interval_s
-    while at < duration_s:
-        if rng.random() < FREEZE_SHARE:
-            kills.append(
-                Kill(
-                    at_s=round(at, 3),
-                    signal="SIGSTOP",
-                    slot=rng.randrange(slots),
-                    freeze_s=round(visibility_s + rng.uniform(*FREEZE_BEYOND_S), 2),
-                )
-            )
-        else:
-            kills.append(
-                Kill(
-                    at_s=round(at, 3),
-                    signal=rng.choice(SIGNALS),
-                    slot=rng.randrange(slots),
-                    aim="handler" if rng.random() < HANDLER_KILL_SHARE else "any",
-                )
-            )
-        at += rng.uniform(0.5, 1.5) * kill_interval_s
-    if len(kills) >= 3 and not any(k.signal == "SIGSTOP" for k in kills):  # every run freezes one
-        kills[1] = replace(
-            kills[1],
-            signal="SIGSTOP",
-            aim="any",
-            freeze_s=round(visibility_s + rng.uniform(*FREEZE_BEYOND_S), 2),
-        )
-    ending = [i for i, k in enumerate(kills) if k.signal in SIGNALS]
-    if len(ending) >= 2 and len({kills[i].signal for i in ending}) == 1:
-        last = ending[-1]
-        other = SIGNALS[1 - SIGNALS.index(kills[last].signal)]
-        kills[last] = replace(kills[last], signal=other)  # every run tries both kinds
-    restart = (
-        DbRestart(
-            at_s=round(rng.uniform(0.3, 0.55) * duration_s, 3),
-            mode=rng.choice(("fast", "immediate")),
-            down_s=round(rng.uniform(2.0, 4.0), 2),
-        )
-        if db_restart
-        else None
-    )
-    return Schedule(kills=tuple(kills), db_restart=restart)
-
-
-# --- the outbox's receiver ------------------------------------------------------------------
-
-
-@dataclass(frozen=True, kw_only=True)
-class Call:
-    """One request the receiver got: its Idempotency-Key, the status it chose, when it arrived."""
-
-    key: str | None
-    path: str
-    status: int
-    at: float  # epoch seconds
-    caller_gone: bool = False  # the worker died while waiting for the (slow) reply
-
-    @property
-    def accepted(self) -> bool:
-        return 200 <= self.status < 300
-
-    @classmethod
-    def of(cls, record: HttpRequestRecord) -> Call:
-        return cls(
-            key=record.idempotency_key,
-            path=record.path,
-            status=record.status,
-            at=record.received_at,
-            caller_gone=record.caller_gone,
-        )
-
-
-class ChaosReplies:
-    """How the outbox's webhook and Slack endpoint answers (the responder of the run's
-    ``HttpRecorder``): 200, after the delay a notification's ``data.chaos.delay_s`` asks
-    for, or 503 to the first ``data.chaos.fail_first`` calls of a key."""
-
-    def __init__(self) -> None:
-        self._seen: Counter[str] = Counter()
-
-    def __call__(self, request: HttpRequest) -> Reply:
-        hints = _hints(request.body)
-        key = request.idempotency_key or ""
-        self._seen[key] += 1
-        if self._seen[key] <= int(hints.get("fail_first", 0)):
-            return Reply(status=503)
-        return Reply(status=200, delay_s=float(hints.get("delay_s", 0)))
-
-
-def _hints(body: bytes) -> Mapping[str, Any]:
-    try:
-        document = json.loads(body)
-        hints = (document.get("data") or {}).get("chaos") or {}
-    except (ValueError, AttributeError):
-        return {}
-    return hints if isinstance(hints, dict) else {}
