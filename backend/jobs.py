@@ -1,4 +1,4 @@
-"""The job envelope (SPEC 6), its validation, and the handler protocols."""
+"""The job envelope (docs/ARCHITECTURE.md, "A job"), its validation, and the handler protocols."""
 
 from __future__ import annotations
 

@@ -12,7 +12,8 @@ from typing import Any
 import psycopg
 from psycopg.rows import tuple_row
 
-from backend.db.queries import delete_messages, int_array, queue_table, set_visibility
+from backend.db import locks
+from backend.db.queries import delete_messages, for_queue, int_array, set_visibility
 
 Conn = psycopg.Connection[Any]
 
@@ -59,9 +60,7 @@ class Failure:
 
 # Keys are claimed under a transaction-scoped advisory lock taken with ``try``: a key that
 # another worker's open transaction is claiming or running is skipped, never waited for.
-# The lock is per (queue, key), like the ledger's key.
-_KEY_LOCK = "pg_try_advisory_xact_lock(hashtextextended({queue} || chr(31) || {key}, 7310412001))"
-
+# The lock is per (queue, key), like the ledger's key (``locks.CLAIM_SEED``).
 _CLAIM = f"""
 INSERT INTO workers.processed_jobs AS p
     (job_key, queue_name, msg_id, status, attempts, worker_id, lease_expires_at,
@@ -77,7 +76,9 @@ FROM unnest(%(keys)b::text[], %(ids)s::bigint[]) AS t(k, m)
 WHERE CASE WHEN t.k = ANY (ARRAY(SELECT l.job_key FROM workers.processed_jobs AS l
                                  WHERE l.status = {_PROCESSING} AND l.queue_name = %(queue)s
                                    AND l.lease_expires_at > clock_timestamp()))
-           THEN false ELSE {_KEY_LOCK.format(queue="%(queue)s", key="t.k")} END
+           THEN false
+           ELSE pg_try_advisory_xact_lock(
+                    hashtextextended(%(queue)s || chr(31) || t.k, {locks.CLAIM_SEED})) END
 ORDER BY k  -- one row lock order for every worker: no deadlocks between batches
 ON CONFLICT (queue_name, job_key) DO UPDATE
 SET status = EXCLUDED.status, attempts = p.attempts + 1, msg_id = EXCLUDED.msg_id,
@@ -91,16 +92,19 @@ RETURNING p.job_key, p.attempts, p.msg_id
 """
 
 
+_CLAIM_AND_DELETE = (
+    f"WITH c AS ({_CLAIM}), d AS (DELETE FROM {{table}}"
+    " WHERE msg_id = ANY (ARRAY(SELECT c.msg_id FROM c))) SELECT job_key, attempts FROM c"
+)
+
+
 @functools.cache
 def _claim_sql(delete_from: str | None) -> str:
     """The claim; with ``delete_from``, the claimed keys' messages of that queue deleted in
     the same statement."""
     if delete_from is None:
         return _CLAIM
-    return (
-        f"WITH c AS ({_CLAIM}), d AS (DELETE FROM {queue_table(delete_from)}"
-        " WHERE msg_id = ANY (ARRAY(SELECT c.msg_id FROM c))) SELECT job_key, attempts FROM c"
-    )
+    return for_queue(_CLAIM_AND_DELETE, delete_from)
 
 
 def claim(
@@ -176,15 +180,19 @@ def ledger_status(conn: Conn, queue: str, keys: Sequence[str]) -> dict[str, tupl
     return {r["job_key"]: (LedgerStatus(r["status"]), r["lease_left"] or 0.0) for r in rows}
 
 
+# The claim's own lock (as ``_CLAIM`` takes it), waited for: a claim in progress ends first.
+_OWNS_CLAIM = f"""
+SELECT 1 AS ok
+FROM workers.processed_jobs,
+     pg_advisory_xact_lock(hashtextextended(%(q)s || chr(31) || %(k)s, {locks.CLAIM_SEED}))
+WHERE queue_name = %(q)s AND job_key = %(k)s AND worker_id = %(w)s AND status = {_PROCESSING}
+FOR UPDATE OF processed_jobs"""
+
+
 def owns_claim(conn: Conn, queue: str, key: str, worker_id: str) -> bool:
     """Lock this worker's live claim of ``key`` for this transaction; False when another
     worker took it over. Waits (within the transaction's bound) for a claim in progress."""
-    row = conn.execute(
-        "SELECT 1 AS ok FROM workers.processed_jobs, pg_advisory_xact_lock(hashtextextended(%(q)s"
-        " || chr(31) || %(k)s, 7310412001)) WHERE queue_name = %(q)s AND job_key = %(k)s"
-        f" AND worker_id = %(w)s AND status = {_PROCESSING} FOR UPDATE OF processed_jobs",
-        {"q": queue, "k": key, "w": worker_id},
-    ).fetchone()
+    row = conn.execute(_OWNS_CLAIM, {"q": queue, "k": key, "w": worker_id}).fetchone()
     return row is not None
 
 
@@ -271,8 +279,8 @@ class Rescued:
 # What is left is a live worker whose own sessions were all ended (pg_terminate_backend, a
 # reset of its own network): its job may be sent twice, which its key deduplicates, and it
 # finds its claim taken over (JOB_CLAIM_LOST). Rows another transaction holds are skipped.
-_ORPHANS = f"""
-orphans AS (
+_RESCUE = f"""
+WITH orphans AS (
     SELECT p.job_key FROM workers.processed_jobs AS p
     JOIN workers.heartbeats AS h ON h.worker_id = p.worker_id
     WHERE p.status = {_PROCESSING} AND p.queue_name = %(queue)s AND p.worker_id <> %(worker)s
@@ -292,27 +300,20 @@ orphans AS (
     UPDATE {{table}} AS m SET vt = clock_timestamp()
     WHERE m.msg_id = ANY (ARRAY(SELECT e.msg_id FROM expired AS e)) AND m.vt > clock_timestamp()
 )"""
-
-
-@functools.cache
-def _rescue_sql(queue: str, *, with_visible: bool) -> str:
-    table = queue_table(queue)
-    orphans = _ORPHANS.format(table=table)
-    if not with_visible:
-        return f"WITH {orphans} SELECT job_key, msg_id, worker_id FROM expired"
-    return (
-        f"WITH {orphans} SELECT e.job_key, e.msg_id, e.worker_id, v.ok"
-        f" FROM (SELECT EXISTS (SELECT 1 FROM {table} WHERE vt <= clock_timestamp()) AS ok) AS v"
-        " LEFT JOIN expired AS e ON true"
-    )
+_RESCUE_ORPHANS = _RESCUE + "\nSELECT job_key, msg_id, worker_id FROM expired"
+_VISIBLE_OR_RESCUED = (
+    _RESCUE + "\nSELECT e.job_key, e.msg_id, e.worker_id, v.ok"
+    " FROM (SELECT EXISTS (SELECT 1 FROM {table} WHERE vt <= clock_timestamp()) AS ok) AS v"
+    " LEFT JOIN expired AS e ON true"
+)
 
 
 def rescue_orphans(conn: Conn, *, queue: str, worker_id: str) -> list[Rescued]:
-    """Give back the queue's live claims whose worker's process is gone (``_ORPHANS``); the
+    """Give back the queue's live claims whose worker's process is gone (``_RESCUE``); the
     next delivery takes each over as a new attempt, counted."""
     with conn.cursor(row_factory=tuple_row) as cur:
         rows = cur.execute(
-            _rescue_sql(queue, with_visible=False), {"queue": queue, "worker": worker_id}
+            for_queue(_RESCUE_ORPHANS, queue), {"queue": queue, "worker": worker_id}
         ).fetchall()
     return [Rescued(job_key=k, msg_id=m, owner=w) for k, m, w in rows]
 
@@ -322,13 +323,29 @@ def visible_or_rescued(conn: Conn, *, queue: str, worker_id: str) -> tuple[bool,
     (the idle worker's check: one statement per poll either way)."""
     with conn.cursor(row_factory=tuple_row) as cur:
         rows = cur.execute(
-            _rescue_sql(queue, with_visible=True), {"queue": queue, "worker": worker_id}
+            for_queue(_VISIBLE_OR_RESCUED, queue), {"queue": queue, "worker": worker_id}
         ).fetchall()
     rescued = [Rescued(job_key=k, msg_id=m, owner=w) for k, m, w, _ in rows if k is not None]
     return bool(rescued) or any(ok for *_, ok in rows), rescued
 
 
 # --- dead letters ------------------------------------------------------------------------
+
+
+_DEAD_LETTER = f"""
+WITH moved AS (
+    INSERT INTO workers.dead_letters
+        (queue_name, msg_id, job_key, message, error, error_type, attempts, worker_id, headers)
+    SELECT %(queue)s, d.m, d.k, q.message, d.e, d.t, d.a, %(worker)s, nullif(to_jsonb(q) -> 'headers', 'null')
+    FROM unnest(%(ids)s::bigint[], %(keys)s::text[], %(errors)s::text[], %(types)s::text[],
+                %(attempts)s::int[]) AS d(m, k, e, t, a)
+    JOIN {{table}} AS q ON q.msg_id = d.m
+    RETURNING job_key, error
+)
+UPDATE workers.processed_jobs p
+SET status = {_DEAD}, last_error = moved.error, lease_expires_at = NULL, completed_at = NULL,
+    updated_at = clock_timestamp()
+FROM moved WHERE p.queue_name = %(queue)s AND p.job_key = moved.job_key AND p.status <> {_DEAD}"""
 
 
 def dead_letter(conn: Conn, *, queue: str, worker_id: str, letters: Iterable[DeadLetter]) -> None:
@@ -339,15 +356,7 @@ def dead_letter(conn: Conn, *, queue: str, worker_id: str, letters: Iterable[Dea
     if not letters:
         return
     conn.execute(
-        f"WITH moved AS (INSERT INTO workers.dead_letters (queue_name, msg_id, job_key, message,"
-        " error, error_type, attempts, worker_id, headers) SELECT %(queue)s, d.m, d.k, q.message,"
-        " d.e, d.t, d.a, %(worker)s, nullif(to_jsonb(q) -> 'headers', 'null')"
-        " FROM unnest(%(ids)s::bigint[], %(keys)s::text[], %(errors)s::text[], %(types)s::text[],"
-        f" %(attempts)s::int[]) AS d(m, k, e, t, a) JOIN {queue_table(queue)} AS q ON q.msg_id = d.m"
-        " RETURNING job_key, error)"
-        f" UPDATE workers.processed_jobs p SET status = {_DEAD}, last_error = moved.error,"
-        " lease_expires_at = NULL, completed_at = NULL, updated_at = clock_timestamp()"
-        f" FROM moved WHERE p.queue_name = %(queue)s AND p.job_key = moved.job_key AND p.status <> {_DEAD}",
+        for_queue(_DEAD_LETTER, queue),
         {
             "queue": queue,
             "worker": worker_id,

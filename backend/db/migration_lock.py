@@ -18,11 +18,12 @@ import psycopg
 from psycopg.rows import dict_row, tuple_row
 
 from backend.config import DEFAULTS
+from backend.db import locks
 from backend.errors import BootError
 from backend.events import Event
 from backend.logs import log_event
 
-LOCK_KEY = 7_310_412_001  # pg_advisory_lock key of migrations
+LOCK_KEY = locks.MIGRATIONS
 TIMEOUT_VARIABLE = "WORKER_MIGRATION_LOCK_TIMEOUT_S"
 
 _HOLDER = """

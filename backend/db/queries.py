@@ -16,7 +16,15 @@ from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import psycopg
+from psycopg import sql
 from psycopg.rows import tuple_row
+
+# What boot asks of the server lives in its own module; its callers still find it here.
+from backend.db.probes import notifications_available as notifications_available
+from backend.db.probes import notify_channel as notify_channel
+from backend.db.probes import queue_exists as queue_exists
+from backend.db.probes import read_only as read_only
+from backend.db.probes import session_named as session_named
 
 Conn = psycopg.Connection[Any]
 
@@ -42,9 +50,21 @@ class Message(NamedTuple):
 # --- pgmq -------------------------------------------------------------------------------
 
 
+def queue_identifier(queue: str) -> sql.Identifier:
+    """``queue``'s pgmq table (pgmq lowercases queue names)."""
+    return sql.Identifier("pgmq", "q_" + queue.lower())
+
+
 def queue_table(queue: str) -> str:
-    """The quoted name of ``queue``'s pgmq table (pgmq lowercases queue names)."""
-    return 'pgmq."q_' + queue.lower().replace('"', '""') + '"'
+    """The quoted name of ``queue``'s pgmq table as text (a ``regclass`` parameter, DDL)."""
+    return queue_identifier(queue).as_string()
+
+
+@functools.cache
+def for_queue(statement: str, queue: str) -> str:
+    """``statement`` with its ``{table}`` the queue's table (``sql.Identifier``), composed
+    once per queue: the hot path sends a ready string."""
+    return sql.SQL(statement).format(table=queue_identifier(queue)).as_string()
 
 
 _BOUND = (
@@ -55,17 +75,19 @@ _BOUND = (
 PREFIX_CHARS = 200
 # The body as text, once, and its size: the size is checked on the server, so an oversized
 # body never reaches the worker. OFFSET 0 keeps the planner from inlining the subquery.
-_BODY = """CASE WHEN b.size <= %(max)s THEN b.text ELSE left(b.text, {prefix}) END, coalesce(b.size, 0)"""
-_BODY_OF = """LATERAL (SELECT x.text, octet_length(x.text) AS size
-                 FROM (SELECT {body}::text AS text OFFSET 0) AS x) AS b"""
+_BODY = f"CASE WHEN b.size <= %(max)s THEN b.text ELSE left(b.text, {PREFIX_CHARS}) END, coalesce(b.size, 0)"
+_BODY_OF = sql.SQL("""LATERAL (SELECT x.text, octet_length(x.text) AS size
+                 FROM (SELECT {body}::text AS text OFFSET 0) AS x) AS b""")
 # pgmq 1.5+ keeps headers: a W3C ``traceparent`` (its trace-id field), else ``x-trace-id``, fills
 # an envelope's missing trace_id. Only where the table has them; no headers costs a null test.
 _TRACE = r"""coalesce(nullif(substring({row}.headers ->> 'traceparent'
                                   FROM '^[0-9a-f]{{2}}-([0-9a-f]{{32}})-[0-9a-f]{{16}}-[0-9a-f]{{2}}'),
                         '00000000000000000000000000000000'), {row}.headers ->> 'x-trace-id')"""
-_TRACED = f"""CASE WHEN {{row}}.headers IS NULL OR jsonb_typeof({{row}}.message) <> 'object'
+_TRACED = sql.SQL(
+    f"""CASE WHEN {{row}}.headers IS NULL OR jsonb_typeof({{row}}.message) <> 'object'
                 OR {{row}}.message ->> 'trace_id' IS NOT NULL OR {_TRACE} IS NULL THEN {{row}}.message
            ELSE {{row}}.message || jsonb_build_object('trace_id', {_TRACE}) END"""
+)
 _WITH_HEADERS: set[str] = set()  # the queues whose table has headers, as boot found them
 
 
@@ -80,22 +102,30 @@ def detect_headers(conn: Conn, queue: str) -> bool:
     return queue in _WITH_HEADERS
 
 
-def _body_of(row: str, headers: bool) -> str:
-    return _BODY_OF.format(body=_TRACED.format(row=row) if headers else f"{row}.message")
+def _body_of(row: str, headers: bool) -> sql.Composed:
+    """The lateral ``b``: the body of alias ``row`` as text and its size, with its trace id
+    filled from the headers when the table has them."""
+    alias = sql.Identifier(row)
+    body = _TRACED.format(row=alias) if headers else sql.SQL("{row}.message").format(row=alias)
+    return _BODY_OF.format(body=body)
+
+
+_LOCK_MESSAGES = sql.SQL(f"""
+SELECT m.msg_id, {_BODY},
+       -- a hashed subplan: the records' ids are read into one hash table per statement
+       m.msg_id IN (SELECT unnest(msg_ids) FROM workers.deliveries WHERE queue_name = %(queue)s)
+FROM ({_BOUND}) AS bound,
+     (SELECT {{columns}} FROM {{table}} WHERE vt <= clock_timestamp()
+      ORDER BY msg_id LIMIT %(qty)s FOR UPDATE SKIP LOCKED) AS m
+CROSS JOIN {{body}}""")
 
 
 @functools.cache
 def _lock_sql(queue: str, headers: bool) -> str:
-    table = queue_table(queue)
     columns = "msg_id, message, headers" if headers else "msg_id, message"
-    return f"""
-SELECT m.msg_id, {_BODY.format(prefix=PREFIX_CHARS)},
-       -- a hashed subplan: the records' ids are read into one hash table per statement
-       m.msg_id IN (SELECT unnest(msg_ids) FROM workers.deliveries WHERE queue_name = %(queue)s)
-FROM ({_BOUND}) AS bound,
-     (SELECT {columns} FROM {table} WHERE vt <= clock_timestamp()
-      ORDER BY msg_id LIMIT %(qty)s FOR UPDATE SKIP LOCKED) AS m
-CROSS JOIN {_body_of("m", headers)}"""
+    return _LOCK_MESSAGES.format(
+        columns=sql.SQL(columns), table=queue_identifier(queue), body=_body_of("m", headers)
+    ).as_string()
 
 
 def lock_messages(conn: Conn, queue: str, *, qty: int, max_bytes: int, limit_ms: int) -> list[Message]:
@@ -144,35 +174,44 @@ def int_array(values: Sequence[int]) -> str:
 MAINTENANCE_LIMIT_MS = 10_000
 
 
+_PRUNE_DELIVERIES = (
+    "DELETE FROM workers.deliveries AS d WHERE queue_name = %(q)s AND NOT EXISTS"
+    " (SELECT 1 FROM {table} AS m WHERE m.msg_id = ANY(d.msg_ids))"
+)
+
+
 def prune_deliveries(conn: Conn, queue: str, *, limit_ms: int = MAINTENANCE_LIMIT_MS) -> int:
     """Delete the delivery records of ``queue`` none of whose messages is left, in a
     transaction bounded by ``limit_ms`` (``execute_bounded``)."""
     return execute_bounded(
-        conn,
-        "DELETE FROM workers.deliveries AS d WHERE queue_name = %(q)s AND NOT EXISTS"
-        f" (SELECT 1 FROM {queue_table(queue)} AS m WHERE m.msg_id = ANY(d.msg_ids))",
-        {"q": queue},
-        limit_ms=limit_ms,
+        conn, for_queue(_PRUNE_DELIVERIES, queue), {"q": queue}, limit_ms=limit_ms
     ).rowcount
+
+
+_FETCH_MESSAGES = sql.SQL(f"""
+WITH picked AS (
+    SELECT msg_id FROM {{table}} WHERE {{which}}
+    ORDER BY msg_id LIMIT %(qty)s FOR UPDATE SKIP LOCKED
+), taken AS (
+    UPDATE {{table}} AS q SET vt = clock_timestamp() + make_interval(secs => %(vt)s),
+           read_ct = q.read_ct + 1
+    FROM picked WHERE q.msg_id = picked.msg_id
+    RETURNING q.msg_id, q.read_ct, q.message{{headers}}
+)
+SELECT t.msg_id, {_BODY}, t.read_ct
+FROM taken AS t CROSS JOIN {{body}}
+ORDER BY t.msg_id""")
 
 
 @functools.cache
 def _fetch_sql(queue: str, by_id: bool, headers: bool) -> str:
-    table = queue_table(queue)
     which = "msg_id = %(id)s AND vt <= clock_timestamp()" if by_id else "vt <= clock_timestamp()"
-    return f"""
-WITH picked AS (
-    SELECT msg_id FROM {table} WHERE {which}
-    ORDER BY msg_id LIMIT %(qty)s FOR UPDATE SKIP LOCKED
-), taken AS (
-    UPDATE {table} AS q SET vt = clock_timestamp() + make_interval(secs => %(vt)s),
-           read_ct = q.read_ct + 1
-    FROM picked WHERE q.msg_id = picked.msg_id
-    RETURNING q.msg_id, q.read_ct, q.message{", q.headers" if headers else ""}
-)
-SELECT t.msg_id, {_BODY.format(prefix=PREFIX_CHARS)}, t.read_ct
-FROM taken AS t CROSS JOIN {_body_of("t", headers)}
-ORDER BY t.msg_id"""
+    return _FETCH_MESSAGES.format(
+        table=queue_identifier(queue),
+        which=sql.SQL(which),
+        headers=sql.SQL(", q.headers" if headers else ""),
+        body=_body_of("t", headers),
+    ).as_string()
 
 
 def fetch_messages(conn: Conn, queue: str, *, qty: int, vt_s: int, max_bytes: int) -> list[Message]:
@@ -200,17 +239,15 @@ def take_message(conn: Conn, queue: str, msg_id: int, *, vt_s: int) -> bool:
     return bool(rows)
 
 
-@functools.cache
-def _delete_sql(queue: str) -> str:
-    return f"DELETE FROM {queue_table(queue)} WHERE msg_id = ANY(%s::bigint[])"
+_DELETE_MESSAGES = "DELETE FROM {table} WHERE msg_id = ANY(%s::bigint[])"
 
 
 def delete_messages(conn: Conn, queue: str, msg_ids: Sequence[int]) -> None:
     if msg_ids:
-        conn.execute(_delete_sql(queue), (int_array(msg_ids),))
+        conn.execute(for_queue(_DELETE_MESSAGES, queue), (int_array(msg_ids),))
 
 
-_VISIBILITY_SQL = (
+_SET_VISIBILITY = (
     "UPDATE {table} AS q SET vt = clock_timestamp() + make_interval(secs => t.d)"
     " FROM unnest(%b::bigint[], %b::int[]) AS t(m, d) WHERE q.msg_id = t.m"
 )
@@ -219,18 +256,20 @@ _VISIBILITY_SQL = (
 def set_visibility(conn: Conn, queue: str, msg_ids: Sequence[int], delays_s: Sequence[int]) -> None:
     """Make each message visible again after its delay (0: at once)."""
     if msg_ids:
-        conn.execute(_VISIBILITY_SQL.format(table=queue_table(queue)), (list(msg_ids), list(delays_s)))
+        conn.execute(for_queue(_SET_VISIBILITY, queue), (list(msg_ids), list(delays_s)))
+
+
+_RELEASE_MESSAGES = (
+    "UPDATE {table} SET vt = clock_timestamp(), read_ct = greatest(read_ct - 1, 0)"
+    " WHERE msg_id = ANY(%b::bigint[])"
+)
 
 
 def release_messages(conn: Conn, queue: str, msg_ids: Sequence[int]) -> None:
     """Give back messages taken but never started (a drain): visible at once, and this
     delivery uncounted, so they are not mistaken for jobs that took their worker down."""
     if msg_ids:
-        conn.execute(
-            f"UPDATE {queue_table(queue)} SET vt = clock_timestamp(),"
-            " read_ct = greatest(read_ct - 1, 0) WHERE msg_id = ANY(%b::bigint[])",
-            (list(msg_ids),),
-        )
+        conn.execute(for_queue(_RELEASE_MESSAGES, queue), (list(msg_ids),))
 
 
 def bound_transaction(conn: Conn, limit_ms: int) -> None:
@@ -277,6 +316,8 @@ WHERE NOT EXISTS (SELECT 1 FROM workers.queue_samples WHERE queue_name = %(q)s A
 ON CONFLICT DO NOTHING
 RETURNING 1 AS wrote
 """
+_QUEUE_DEPTH = f"SELECT {_DEPTH} AS n"
+_HAS_VISIBLE = "SELECT EXISTS (SELECT 1 FROM {table} WHERE vt <= clock_timestamp()) AS ok"
 
 
 def sample_queue(conn: Conn, queue: str, interval_s: float, *, limit_ms: int = MAINTENANCE_LIMIT_MS) -> bool:
@@ -286,7 +327,7 @@ def sample_queue(conn: Conn, queue: str, interval_s: float, *, limit_ms: int = M
     bounded by ``limit_ms`` (``execute_bounded``)."""
     table = queue_table(queue)
     params = {"q": queue, "i": interval_s, "t": table, "cap": _COUNT_CAP}
-    row = execute_bounded(conn, _SAMPLE.format(table=table), params, limit_ms=limit_ms).fetchone()
+    row = execute_bounded(conn, for_queue(_SAMPLE, queue), params, limit_ms=limit_ms).fetchone()
     return row is not None
 
 
@@ -294,56 +335,11 @@ def queue_depth(conn: Conn, queue: str) -> int:
     """Messages in the queue, visible or not: exact up to ``_COUNT_CAP``, the planner's
     estimate above it (for progress lines, every few seconds while jobs flow)."""
     table = queue_table(queue)
-    row = conn.execute(
-        "SELECT " + _DEPTH.format(table=table) + " AS n", {"t": table, "cap": _COUNT_CAP}
-    ).fetchone()
+    row = conn.execute(for_queue(_QUEUE_DEPTH, queue), {"t": table, "cap": _COUNT_CAP}).fetchone()
     return int(row["n"]) if row else 0
 
 
 def has_visible(conn: Conn, queue: str) -> bool:
     """Whether a message of ``queue`` is visible now (one indexed lookup on ``vt``)."""
-    row = conn.execute(
-        f"SELECT EXISTS (SELECT 1 FROM {queue_table(queue)} WHERE vt <= clock_timestamp()) AS ok"
-    ).fetchone()
+    row = conn.execute(for_queue(_HAS_VISIBLE, queue)).fetchone()
     return bool(row and row["ok"])
-
-
-def session_named(conn: Conn, name: str) -> bool:
-    """Whether pg_stat_activity shows this session under ``name`` (its application_name, as
-    PostgreSQL truncates it): not so when a pooler names the server's sessions itself."""
-    with conn.cursor(row_factory=tuple_row) as cur:
-        row = cur.execute(
-            "SELECT application_name = left(%s, 63) FROM pg_stat_activity WHERE pid = pg_backend_pid()",
-            (name,),
-        ).fetchone()
-    return bool(row and row[0])
-
-
-def read_only(conn: Conn) -> bool:
-    """Whether this session cannot write (a standby, or ``default_transaction_read_only``)."""
-    row = conn.execute("SELECT current_setting('transaction_read_only') = 'on' AS ro").fetchone()
-    return bool(row and row["ro"])
-
-
-def queue_exists(conn: Conn, queue: str) -> bool:
-    """Whether ``queue``'s table exists (a catalog lookup: no lock on the table)."""
-    with conn.cursor(row_factory=tuple_row) as cur:
-        row = cur.execute(
-            "SELECT to_regclass(format('pgmq.%%I', 'q_' || %s)) IS NOT NULL", (queue,)
-        ).fetchone()
-    return bool(row and row[0])
-
-
-def notifications_available(conn: Conn, queue: str) -> bool:
-    """Whether inserts into ``queue`` notify: the migrations' statement-level trigger."""
-    row = conn.execute(
-        "SELECT EXISTS (SELECT 1 FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
-        " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'pgmq'"
-        " AND c.relname = 'q_' || %s AND t.tgname = 'workers_notify_insert') AS ok",
-        (queue,),
-    ).fetchone()
-    return bool(row and row["ok"])
-
-
-def notify_channel(queue: str) -> str:
-    return f"pgmq.q_{queue}.INSERT"

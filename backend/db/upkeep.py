@@ -10,6 +10,7 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
+from backend.db import locks
 from backend.db import queries as q
 from backend.db.ledger import LedgerStatus
 
@@ -44,7 +45,6 @@ def upsert_heartbeat(conn: Conn, row: dict[str, Any]) -> None:
 
 # --- retention ---------------------------------------------------------------------------
 
-_PRUNE_LOCK = 7_310_412_002
 PRUNE_CHUNK = 5000  # ledger rows per transaction: a few milliseconds of locks each
 
 # One chunk of a pass is one statement, sent with its bound in one message
@@ -113,7 +113,7 @@ def prune(
     a time, under a transaction's advisory lock). ``conn`` must be in autocommit mode."""
     out = Pruned()
     started = clock()
-    params = {"lock": _PRUNE_LOCK, "ledger_s": ledger_days * 86400, "heartbeat_s": heartbeat_days * 86400}
+    params = {"lock": locks.RETENTION, "ledger_s": ledger_days * 86400, "heartbeat_s": heartbeat_days * 86400}
     first = True
     while True:
         row = q.execute_bounded(

@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from backend.db import upkeep
+from backend.db import locks, upkeep
 
 Conn = psycopg.Connection[Any]
 
@@ -47,7 +47,7 @@ def test_prune_deletes_only_old_completed_rows_and_old_stopped_heartbeats(db: Co
 
 def test_prune_is_skipped_while_another_replica_prunes(db: Conn, clean_db: str) -> None:
     with psycopg.connect(clean_db, row_factory=psycopg.rows.dict_row) as other:
-        other.execute("SELECT pg_advisory_xact_lock(7310412002)")
+        other.execute("SELECT pg_advisory_xact_lock(%s)", (locks.RETENTION,))
         assert upkeep.prune(db, ledger_days=7, heartbeat_days=7) is None
 
 
