@@ -131,6 +131,7 @@ class Expect:
     exit: int
     names: tuple[str, ...]
     subject: str | None = QUEUE
+    also: tuple[int, ...] = ()  # other exit codes that may stand while it is named
 
 
 @dataclass
@@ -270,6 +271,8 @@ def kill_while_draining(s: Stage) -> tuple[Restarter, Expect]:
     return holder[0], Expect(
         code="drain_cut_short",
         exit=0,
+        # Until its replacement runs, the killed instance is also a dead worker (exit 1).
+        also=(1,),
         subject=None,
         names=("killed while DRAINING", "RAILWAY_DEPLOYMENT_DRAINING_SECONDS", "WORKER_DRAIN_TIMEOUT_S"),
     )
@@ -341,7 +344,7 @@ def _judge(drill: Drill, r: Restarter, expect: Expect, pace: Pace, result: Resul
         code, doc, err = drill.inspector()
         finding = _finding(doc or {}, expect)
         now = time.monotonic()
-        if finding is not None and code == expect.exit:
+        if finding is not None and (code == expect.exit or code in expect.also):
             named_at = named_at or now
             result.after_s = result.after_s or round(named_at - r.failed_at, 1)
             result.exit, result.message = code, f"{expect.code}: {finding['message']}"
@@ -350,7 +353,8 @@ def _judge(drill: Drill, r: Restarter, expect: Expect, pace: Pace, result: Resul
                 result.passed = result.after_s <= pace.within_s
                 return
         elif named_at is not None:
-            result.notes.append(f"no longer named after {round(now - named_at, 1)} s: exit {code}")
+            said = ", ".join(f"{f['code']} ({f['subject']})" for f in (doc or {}).get("reasons", []))
+            result.notes.append(f"no longer named after {round(now - named_at, 1)} s: exit {code}; {said}")
             return
         else:
             result.exit = code
