@@ -22,7 +22,7 @@ class Event(StrEnum):
     WORKER_SHUTDOWN = "WORKER_SHUTDOWN"
     WORKER_CRASH = "WORKER_CRASH"
     WORKER_MEMORY_SOFT_LIMIT = "WORKER_MEMORY_SOFT_LIMIT"
-    # jobs (backend.workers.strategy, transactional)
+    # jobs (backend.workers.processor, outcomes, transactional)
     JOB_FAILED = "JOB_FAILED"
     BATCH_RETRIED_ONE_BY_ONE = "BATCH_RETRIED_ONE_BY_ONE"
     JOB_DEAD_LETTERED = "JOB_DEAD_LETTERED"

@@ -14,7 +14,7 @@ medians of the per-batch times are compared. ``--against REV`` exports ``backend
 ``--handler collectability`` runs each runtime's own collectability handler instead of the
 no-op one, each on judgments of its own (seeded first, one job per judgment).
 
-The figures are per batch of the strategy alone, in process: no worker process, heartbeat
+The figures are per batch of the processor alone, in process: no worker process, heartbeat
 or housekeeping thread, so the ratio to the loop is higher here than in
 ``python -m scripts.bench``, which is the measure of the targets.
 """
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import io
 import re
 import statistics
@@ -93,25 +94,35 @@ def handler_of(package: str, handler: str) -> Any:
     return object.__new__(worker)
 
 
-def strategy(package: str, url: str, queue: str, name: str, handler: Any = None) -> tuple[Any, Any]:
-    """A ``TransactionalStrategy`` of ``package`` on ``queue`` (no-op unless ``handler``),
-    and its connection."""
-    modules: dict[str, ModuleType] = {
-        m: importlib.import_module(f"{package}.{m}")
-        for m in ("workers.transactional", "workers.deliveries", "workers.delivery", "db.connect")
-    }
-    connect: Callable[..., Any] = modules["db.connect"].connect
-    deliveries = modules["workers.deliveries"].DeliveryLog(
+def _first_module(package: str, *names: str) -> ModuleType:
+    """The first of ``names`` that ``package`` has: a module renamed since an older commit
+    is still found there under its old name."""
+    for name in names:
+        if importlib.util.find_spec(f"{package}.{name}") is not None:
+            return importlib.import_module(f"{package}.{name}")
+    raise ModuleNotFoundError(f"{package} has none of {names}")
+
+
+def processor(package: str, url: str, queue: str, name: str, handler: Any = None) -> tuple[Any, Any, Any]:
+    """A ``TransactionalProcessor`` of ``package`` on ``queue`` (no-op unless ``handler``),
+    its connection and its crash record (older commits: ``TransactionalStrategy``, and the
+    modules ``deliveries`` and ``delivery``)."""
+    transactional = importlib.import_module(f"{package}.workers.transactional")
+    crash_record = _first_module(package, "workers.crash_record", "workers.deliveries")
+    records = _first_module(package, "workers.records", "workers.delivery")
+    connect: Callable[..., Any] = importlib.import_module(f"{package}.db.connect").connect
+    deliveries = crash_record.DeliveryLog(
         queue_name=queue, worker_id=name, open_conn=lambda: connect(url, f"{name}:deliveries")
     )
-    made = modules["workers.transactional"].TransactionalStrategy(
+    kind = getattr(transactional, "TransactionalProcessor", None) or transactional.TransactionalStrategy
+    made = kind(
         handler=handler or _NoOp(),
         deliveries=deliveries,
         queue=queue,
         worker_id=name,
-        options=modules["workers.delivery"].ProcessingOptions(),
+        options=records.ProcessingOptions(),
     )
-    return made, connect(url, name)
+    return made, connect(url, name), deliveries
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,7 +149,7 @@ def run(tmp: Path, against: str | None, rounds: int, handler: str = "noop") -> d
         export_reference(against, tmp)
         runtimes[against] = (REF_PACKAGE, REF_QUEUE)
     server, url = start_embedded(tmp / "pg")
-    made: dict[str, tuple[Any, Any]] = {}
+    made: dict[str, tuple[Any, Any, Any]] = {}
     db: BenchDatabase | None = None
     try:
         db = BenchDatabase(url)
@@ -154,7 +165,7 @@ def run(tmp: Path, against: str | None, rounds: int, handler: str = "noop") -> d
                 db.fill_bench(queue, jobs, queue)
         db.fill_bench(BASE_QUEUE, jobs, "base")
         for i, (label, (package, queue)) in enumerate(runtimes.items()):
-            made[label] = strategy(package, url, queue, f"cost-{i}", handler_of(package, handler))
+            made[label] = processor(package, url, queue, f"cost-{i}", handler_of(package, handler))
         times = measure(url, made, rounds, BATCH)
         if judgments:  # every job scored, or the times measured something else
             row = db.conn.execute("SELECT count(*) AS n FROM dragonfly.collectability_scores").fetchone()
@@ -162,15 +173,17 @@ def run(tmp: Path, against: str | None, rounds: int, handler: str = "noop") -> d
                 raise RuntimeError(f"{row and row['n']} scores stored for {len(judgments)} jobs")
         return times
     finally:
-        for runtime, conn in made.values():
-            runtime.deliveries.close()
+        for _, conn, deliveries in made.values():
+            deliveries.close()
             conn.close()
         if db is not None:
             db.conn.close()
         server.stop()
 
 
-def measure(url: str, made: dict[str, tuple[Any, Any]], rounds: int, batch: int) -> dict[str, list[float]]:
+def measure(
+    url: str, made: dict[str, tuple[Any, Any, Any]], rounds: int, batch: int
+) -> dict[str, list[float]]:
     """Seconds per batch: the loop's, then each runtime's, round after round."""
     times: dict[str, list[float]] = {"pgmq loop": [], **{label: [] for label in made}}
     order = list(made)
@@ -183,7 +196,7 @@ def measure(url: str, made: dict[str, tuple[Any, Any]], rounds: int, batch: int)
             loop.execute("SELECT pgmq.delete(%s, %s::bigint[])", (BASE_QUEUE, [r[0] for r in rows]))
             times["pgmq loop"].append(time.perf_counter() - started)
             for label in order if i % 2 == 0 else reversed(order):
-                runtime, conn = made[label]
+                runtime, conn, _ = made[label]
                 started = time.perf_counter()
                 taken = runtime.process(conn)
                 times[label].append(time.perf_counter() - started)

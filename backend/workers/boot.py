@@ -1,15 +1,22 @@
-"""What the runtime decides once, at boot: the worker's identity, its strategy, the schema
-check, the housekeeping plan."""
+"""What the runtime decides once, at boot: the worker's identity, the schema check, the
+facts the database gives (``BootFacts``), the processor built from them, the housekeeping
+plan."""
 
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg_pool import ConnectionPool
 
 from backend.config import QUEUES, Settings
+from backend.db import ledger
 from backend.db import queries as q
+from backend.db.connect import boot_retrying, connect, permanent_reason
 from backend.db.install import rls_hidden
 from backend.db.migrate import (
     apply_migrations,
@@ -20,19 +27,38 @@ from backend.db.migrate import (
 )
 from backend.db.migration_lock import TIMEOUT_VARIABLE, LockWait
 from backend.db.rollbacks import refuse_predating
+from backend.db.upkeep import previous_instance
 from backend.errors import BootError
 from backend.workers.base import BaseWorker, ExternalWorker, TransactionalWorker
+from backend.workers.crash_record import DeliveryLog
 from backend.workers.deadline import Deadline
-from backend.workers.deliveries import DeliveryLog
-from backend.workers.delivery import ProcessingOptions
-from backend.workers.external import ExternalStrategy
+from backend.workers.external import ExternalProcessor
+from backend.workers.held import Counters, HeldJobs
 from backend.workers.housekeeping import HousekeepingPlan
-from backend.workers.strategy import Strategy
-from backend.workers.transactional import TransactionalStrategy
+from backend.workers.processor import Processor
+from backend.workers.records import ProcessingOptions
+from backend.workers.transactional import TransactionalProcessor
+
+# The pool's first connection at boot, per boot attempt.
+_BOOT_POOL_WAIT_S = 5.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class BootFacts:
+    """What boot learnt of the database, once: the processor is built from it."""
+
+    notifications: bool  # LISTEN for inserts, or poll
+    shared_keys: bool  # the ledger's key is the key alone (a schema before migration 0007)
+    # Whether pg_stat_activity names this process's sessions by its worker id (not behind
+    # the transaction pooler, and names passed through): what rescuing dead workers'
+    # claims relies on, on both sides (``ledger.rescue_orphans``).
+    sessions_named: bool
+    previous: dict[str, Any] | None  # the last instance of this worker on this replica
+    options: ProcessingOptions
 
 
 def identity(worker: BaseWorker) -> dict[str, Any]:
-    """The fields every lifecycle event carries (SPEC 3)."""
+    """The fields every lifecycle event carries (the guide's "Log events")."""
     s = worker.settings
     return {
         "worker_name": worker.queue,
@@ -46,7 +72,7 @@ def identity(worker: BaseWorker) -> dict[str, Any]:
     }
 
 
-def processing_options(settings: Settings) -> ProcessingOptions:
+def processing_options(settings: Settings, *, rescue_orphans: bool = True) -> ProcessingOptions:
     """The processing tunables out of the settings."""
     return ProcessingOptions(
         batch_size=settings.batch_size,
@@ -55,23 +81,102 @@ def processing_options(settings: Settings) -> ProcessingOptions:
         retry_base_s=settings.retry_base_s,
         retry_max_s=settings.retry_max_s,
         max_payload_bytes=settings.max_payload_bytes,
+        rescue_orphans=rescue_orphans,
     )
 
 
-def make_strategy(worker: BaseWorker, deliveries: DeliveryLog | None, deadline: Deadline) -> Strategy:
-    """The worker kind's strategy, with the worker as its handler."""
+def boot_database(
+    url: str,
+    worker: BaseWorker,
+    *,
+    replica: str,
+    stopping: threading.Event,
+    pool: Callable[[str], ConnectionPool[Any]],
+) -> BootFacts:
+    """Check the database on a connection of its own, then open the pool (``pool``) and
+    learn the rest of the boot facts on its first connection; retried within
+    ``WORKER_BOOT_TIMEOUT_S`` (the pool's first connection too: a database that goes away
+    between the check and the pool, a restart, is waited for like one never there)."""
+    settings, queue, worker_id = worker.settings, worker.queue, worker.worker_id
+    try:
+        for attempt in boot_retrying(settings.boot_timeout_s, stopping):
+            with attempt:
+                with connect(url, f"boot:{worker_id}") as conn:
+                    notifications = check_schema(conn, settings, queue)
+                    shared_keys = not ledger.keys_are_per_queue(conn)
+                return boot_facts(
+                    pool(url),
+                    settings,
+                    queue=queue,
+                    worker_id=worker_id,
+                    replica=replica,
+                    notifications=notifications,
+                    shared_keys=shared_keys,
+                )
+    except psycopg.OperationalError as exc:
+        if reason := permanent_reason(exc):
+            raise BootError(reason) from None
+        raise
+    raise AssertionError("boot_retrying either returns or raises")
+
+
+def boot_facts(
+    pool: ConnectionPool[Any],
+    settings: Settings,
+    *,
+    queue: str,
+    worker_id: str,
+    replica: str,
+    notifications: bool,
+    shared_keys: bool,
+) -> BootFacts:
+    """The boot facts, completed on the pool's first connection: the previous instance of
+    this worker, and whether this process's sessions show under its worker id."""
+    with pool.connection(timeout=_BOOT_POOL_WAIT_S) as conn:
+        previous = previous_instance(conn, queue, worker_id, replica)
+        named = not settings.uses_transaction_pooler and q.session_named(conn, worker_id)
+    return BootFacts(
+        notifications=notifications,
+        shared_keys=shared_keys,
+        sessions_named=named,
+        previous=previous,
+        options=processing_options(settings, rescue_orphans=named),
+    )
+
+
+def make_processor(
+    worker: BaseWorker,
+    facts: BootFacts,
+    *,
+    deliveries: DeliveryLog | None,
+    deadline: Deadline,
+    counters: Counters,
+    held: HeldJobs,
+) -> Processor:
+    """The worker kind's processor, with the worker as its handler, built once from the
+    boot facts; the counters and held jobs are the runtime's, which the processor fills."""
     common: dict[str, Any] = {
         "queue": worker.queue,
         "worker_id": worker.worker_id,
-        "options": processing_options(worker.settings),
+        "options": facts.options,
+        "shared_keys": facts.shared_keys,
         "deadline": deadline,
+        "counters": counters,
+        "held": held,
     }
     if isinstance(worker, TransactionalWorker):
         assert deliveries is not None, "a transactional worker records its deliveries"
-        return TransactionalStrategy(handler=worker, deliveries=deliveries, **common)
+        return TransactionalProcessor(handler=worker, deliveries=deliveries, **common)
     if isinstance(worker, ExternalWorker):
-        return ExternalStrategy(handler=worker, **common)
-    raise TypeError(f"{type(worker).__name__} must inherit from TransactionalWorker or ExternalWorker")
+        return ExternalProcessor(handler=worker, **common)
+    check_kind(worker)  # raises
+    raise AssertionError(type(worker))
+
+
+def check_kind(worker: BaseWorker) -> None:
+    """Refuse, before anything starts, a worker of neither kind."""
+    if not isinstance(worker, TransactionalWorker | ExternalWorker):
+        raise TypeError(f"{type(worker).__name__} must inherit from TransactionalWorker or ExternalWorker")
 
 
 def check_schema(conn: psycopg.Connection[Any], settings: Settings, queue: str) -> bool:

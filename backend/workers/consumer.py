@@ -28,7 +28,7 @@ from backend.errors import describe
 from backend.events import Event
 from backend.logs import log_event
 from backend.workers.deadline import Call
-from backend.workers.strategy import Strategy
+from backend.workers.processor import Processor
 
 Conn = psycopg.Connection[Any]
 _ACQUIRE_TIMEOUT_S = 2.0  # short: during an outage every wait delays a SIGTERM's exit
@@ -39,14 +39,14 @@ _DB_ERROR_TYPES: tuple[type[BaseException], ...] = (RetryError, *DB_ERRORS)
 
 
 class Consumer:
-    """Runs ``strategy.process`` until ``stopping`` is set."""
+    """Runs ``processor.process`` until ``stopping`` is set."""
 
-    def __init__(self, *, strategy: Strategy, settings: Settings, stopping: threading.Event) -> None:
-        self.strategy = strategy
+    def __init__(self, *, processor: Processor, settings: Settings, stopping: threading.Event) -> None:
+        self.processor = processor
         self.settings = settings
         self.stopping = stopping
-        self.queue = strategy.queue
-        self.worker_id = strategy.worker_id
+        self.queue = processor.queue
+        self.worker_id = processor.worker_id
         self.pool: ConnectionPool[Any] | None = None
         self.notifications = False
         self._wake_r, self._wake_w = socket.socketpair()
@@ -73,7 +73,7 @@ class Consumer:
             try:
                 if conn is None:
                     conn = self._acquire()
-                read = self.strategy.process(conn, self.stopping.is_set)
+                read = self.processor.process(conn, self.stopping.is_set)
                 if outage_since is not None:
                     log_event(
                         Event.DB_RECOVERED,
@@ -85,7 +85,7 @@ class Consumer:
                 elif self.notifications:
                     _forget_notifications(conn)
             except BaseException as exc:
-                if (call := self.strategy.deadline.take_expired()) is not None:
+                if (call := self.processor.deadline.take_expired()) is not None:
                     self._after_deadline(conn, call)
                     conn = None
                     continue
@@ -127,7 +127,7 @@ class Consumer:
             self._give_back(conn)  # the pool drops a closed connection
         assert self.pool is not None
         pool = self.pool
-        self.strategy.record_timeout(
+        self.processor.record_timeout(
             lambda: pool.connection(timeout=_ACQUIRE_TIMEOUT_S), call, interrupted=True
         )
 
@@ -208,10 +208,10 @@ class Consumer:
         The check costs one statement per poll (or per ``notify_wait_s`` with notifications)
         instead of the three of an empty batch transaction; it also catches retries whose
         delay ends, which no insert notification announces, and gives back the claims of
-        workers whose process is gone (``Strategy.has_work``).
+        workers whose process is gone (``Processor.has_work``).
         """
         while not self.stopping.is_set():
-            if self._idle(conn) or self.strategy.has_work(conn):
+            if self._idle(conn) or self.processor.has_work(conn):
                 return
 
     def _idle(self, conn: Conn) -> bool:

@@ -15,8 +15,8 @@ from typing import Any, Protocol
 from backend.db import ledger
 from backend.db import queries as q
 from backend.jobs import Job
-from backend.workers.delivery import Outcome
-from backend.workers.strategy import Conn, ShouldStop, Strategy
+from backend.workers.processor import Conn, Processor, ShouldStop
+from backend.workers.records import Outcome
 
 
 class ExternalHandler(Protocol):
@@ -26,7 +26,7 @@ class ExternalHandler(Protocol):
     def handle(self, job: Job) -> None: ...
 
 
-class ExternalStrategy(Strategy):
+class ExternalProcessor(Processor):
     """One message at a time, its claim committed before the handler runs."""
 
     def __init__(self, *, handler: ExternalHandler, **common: Any) -> None:
@@ -47,12 +47,18 @@ class ExternalStrategy(Strategy):
             out = Outcome(letters=delivery.letters)
             with conn.transaction():
                 q.bound_transaction(conn, o.transaction_limit_ms)
-                self.settle(conn, out)
-            self.after_commit(out)
+                self.outcomes.settle(conn, out)
+            self.outcomes.report(out)
         unstarted = self.run_alone(conn, delivery, should_stop)
         # Not started (draining): visible again now, this delivery uncounted.
         q.release_messages(conn, self.queue, unstarted)
         return len(messages)
+
+    def _runs_together(self, msg: q.Message) -> bool:
+        return False  # every job runs alone: its claim commits before its handler runs
+
+    def _lease(self, conn: Conn, msg_id: int) -> bool:
+        return True  # leased already: taken with ``fetch_messages``, invisible for the lease
 
     def _run_claimed(self, conn: Conn, job: Job, out: Outcome) -> bool:
         """Run the handler with its leases extended, then settle; False when another worker
@@ -75,5 +81,5 @@ class ExternalStrategy(Strategy):
             q.bound_transaction(conn, self.options.transaction_limit_ms)
             if not ledger.owns_claim(conn, self.queue, job.idempotency_key, self.worker_id):
                 return False
-            self.settle(conn, out)
+            self.outcomes.settle(conn, out)
         return True

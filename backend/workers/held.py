@@ -1,4 +1,4 @@
-"""What a worker holds while it works: shared by the strategy that takes messages, the
+"""What a worker holds while it works: shared by the processor that takes messages, the
 housekeeping thread that extends leases, and the runtime that gives them back on abandon."""
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""``Runtime``: runs one worker (SPEC 3, 6, 7): boot, the lifecycle, draining, crashes and
-exit codes. The fetch loop is the ``Consumer``'s; the processing of a delivery is the
-worker kind's ``Strategy``.
+"""``Runtime``: runs one worker: boot, the lifecycle, draining, crashes and exit codes
+(docs/ARCHITECTURE.md, "The lifecycle state machine"). The fetch loop is the
+``Consumer``'s; the processing of a delivery is the worker kind's ``Processor``, built
+once boot has learnt what it needs (``BootFacts``).
 
 The runtime installs no signal handler: the entry point (``backend.workers.entry``) does,
 and forwards signals to ``on_signal``; in a test, ``stop()`` drains it the same way.
@@ -13,47 +14,52 @@ import os
 import signal
 import threading
 import time
-import traceback
-from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from backend.db import ledger
-from backend.db import queries as q
-from backend.db.connect import (
-    DB_ERRORS,
-    boot_retrying,
-    connect,
-    make_pool,
-    permanent_reason,
-    resolve_db_url,
-)
-from backend.db.migrate import latest_version
-from backend.db.upkeep import previous_instance
+from backend.db.connect import DB_ERRORS, connect, make_pool, resolve_db_url
 from backend.dburl import secrets_of
-from backend.errors import BootError, JobTimedOut, WorkerError, describe
+from backend.errors import JobTimedOut
 from backend.events import Event
 from backend.logs import add_secret, log_event
 from backend.workers.base import BaseWorker, TransactionalWorker
-from backend.workers.boot import check_schema, housekeeping_plan, identity, make_strategy
+from backend.workers.boot import (
+    BootFacts,
+    boot_database,
+    check_kind,
+    housekeeping_plan,
+    identity,
+    make_processor,
+)
 from backend.workers.consumer import Consumer
+from backend.workers.crash_record import DeliveryLog
 from backend.workers.deadline import Call, Deadline
-from backend.workers.deliveries import DeliveryLog
-from backend.workers.held import give_back
+from backend.workers.held import Counters, HeldJobs, give_back
 from backend.workers.housekeeping import Housekeeper
 from backend.workers.last_resort import failure_url
 from backend.workers.lifecycle import Lifecycle, State
 from backend.workers.memory import MemoryVerdict, rss_bytes
+from backend.workers.processor import Processor
+from backend.workers.reports import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_SIGNAL,
+    crash_data,
+    heartbeat_row,
+    kept_failure,
+    memory_error,
+    shutdown_data,
+)
 from backend.workers.status import HeartbeatWriter, record_once
 
-EXIT_OK, EXIT_FAILURE, EXIT_SIGNAL = 0, 1, 143
+__all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_SIGNAL", "Runtime"]
+
 SIGNAL_REASONS = {signal.SIGTERM: "SIGTERM (Deployment/Scale-down)", signal.SIGINT: "SIGINT (Interrupt)"}
 MEMORY_REASON = "memory soft limit"
 _STATUS_WRITE_TIMEOUT_S = 1.0  # short: on a dead network it delays a SIGTERM's exit
-_BOOT_POOL_WAIT_S = 5.0  # the pool's first connection at boot, per boot attempt
 # An abandon (second signal, drain timeout) gives back what it held and writes its state
 # within these, so that it ends the process within a second on any network.
 _ABANDON_RELEASE_S, _ABANDON_STATUS_S = 0.5, 0.3
@@ -63,6 +69,7 @@ class Runtime:
     """Runs ``worker`` until it is stopped; ``run`` returns the exit code."""
 
     def __init__(self, worker: BaseWorker) -> None:
+        check_kind(worker)
         self.worker = worker
         self.settings = settings = worker.settings
         self.queue, self.worker_id = worker.queue, worker.worker_id
@@ -70,7 +77,11 @@ class Runtime:
         self._started = time.monotonic()
         self.pool: ConnectionPool[Any] | None = None
         self.housekeeper: Housekeeper | None = None
-        self.notifications = False
+        # Learnt at boot; the processor and the loop that runs it are built from them.
+        self.facts: BootFacts | None = None
+        self.processor: Processor | None = None
+        self.consumer: Consumer | None = None
+        self.counters, self.held = Counters(), HeldJobs()
         self.stop_requested = threading.Event()
         self.loop_done = threading.Event()
         self.stop_reason = ""
@@ -79,11 +90,6 @@ class Runtime:
         self.failure: dict[str, Any] = {}  # why it crashed: kept in the row's metadata
         # The last instance of this queue's worker on this replica, said in WORKER_BOOT.
         self.replica = settings.railway.get("RAILWAY_REPLICA_ID") or settings.hostname
-        self.previous: dict[str, Any] | None = None
-        # Whether pg_stat_activity names this process's sessions by its worker id (not behind
-        # the transaction pooler, and names passed through): what rescuing dead workers'
-        # claims relies on, on both sides (``ledger.rescue_orphans``).
-        self.sessions_named = False
         self.heartbeat = HeartbeatWriter(
             worker_id=self.worker_id, pool=lambda: self.pool, build_row=self.heartbeat_row
         )
@@ -101,9 +107,6 @@ class Runtime:
             # The heartbeat row shows the stack of a call running for a few heartbeats.
             stack_after_s=min(3 * settings.heartbeat_interval_s, deadline_s / 4),
         )
-        self.strategy = make_strategy(worker, self.deliveries, self.deadline)
-        self.counters, self.held = self.strategy.counters, self.strategy.held
-        self.consumer = Consumer(strategy=self.strategy, settings=settings, stopping=self.stop_requested)
 
     def _deliveries_conn(self) -> psycopg.Connection[Any]:
         assert self._db_url is not None, "deliveries are recorded only after boot"
@@ -115,58 +118,39 @@ class Runtime:
         log_event(event, {**identity(self.worker), **data}, level)
 
     def heartbeat_row(self) -> dict[str, Any]:
-        s = self.settings
         rss = self.housekeeper.last_rss if self.housekeeper and self.housekeeper.last_rss else rss_bytes()
-        peak = max(rss, self.housekeeper.peak_rss if self.housekeeper else 0)
-        return {
-            "worker_id": self.worker_id,
-            "worker_name": self.queue,
-            "queue_name": self.queue,
-            "status": self.lifecycle.state.value,
-            "hostname": s.hostname,
-            "pid": os.getpid(),
-            "version": s.version,
-            "git_sha": s.git_sha,
-            "started_at": self.started_at,
-            "jobs_processed": self.counters.processed,
-            "jobs_failed": self.counters.failed,
-            "rss_bytes": rss,
-            "metadata": {
-                **s.railway,
-                "peak_rss_bytes": peak,
-                "schema": latest_version(),
-                # How the inspector judges this row: the heartbeat's pace, the lease, and
-                # whether pg_stat_activity shows this process's own sessions.
-                "heartbeat_interval_s": s.heartbeat_interval_s,
-                "visibility_timeout_s": s.visibility_timeout_s,
-                "pooled": s.uses_transaction_pooler,
-                "named_sessions": self.sessions_named,
-                "job_timeout_s": self.deadline.deadline_s,
-                # How an instance ended and what bounded it, for judging a replica's history.
-                "stop_reason": self.stop_reason or None,
-                "drain_timeout_s": s.drain_timeout_s,
-                "memory_limit_bytes": self.memory_limit_bytes,
-                "job": self.deadline.in_hand(),
-                **self.failure,
-            },
-        }
+        return heartbeat_row(
+            self.worker,
+            status=self.lifecycle.state,
+            started_at=self.started_at,
+            counters=self.counters,
+            rss=rss,
+            peak_rss=max(rss, self.housekeeper.peak_rss if self.housekeeper else 0),
+            named_sessions=self.facts.sessions_named if self.facts else False,
+            deadline=self.deadline,
+            stop_reason=self.stop_reason,
+            memory_limit_bytes=self.memory_limit_bytes,
+            failure=self.failure,
+        )
 
     def _write_status(self, state: State) -> None:
         """Every transition writes the heartbeat row, on the status writer's thread."""
         self.heartbeat.request()
 
+    def _in_flight(self) -> int:
+        return self.processor.in_flight if self.processor else 0
+
     def _uptime(self) -> float:
         return round(time.monotonic() - self._started, 3)
 
     def _shutdown_data(self, *, drained: bool, exit_code: int) -> dict[str, Any]:
-        return {
-            "reason": self.stop_reason,
-            "drained": drained,
-            "uptime_s": self._uptime(),
-            "jobs_processed": self.counters.processed,
-            "jobs_failed": self.counters.failed,
-            "exit_code": exit_code,
-        }
+        return shutdown_data(
+            reason=self.stop_reason,
+            drained=drained,
+            uptime_s=self._uptime(),
+            counters=self.counters,
+            exit_code=exit_code,
+        )
 
     # --- stopping ------------------------------------------------------------------------
 
@@ -183,11 +167,12 @@ class Runtime:
         if self.stop_requested.is_set():
             return
         self.stop_reason = reason
-        in_flight = self.strategy.in_flight
+        in_flight = self._in_flight()
         # Stop and arm the deadline first: the transition writes the heartbeat, which can
         # hang on a dead network, and a second signal must still be able to abandon.
         self.stop_requested.set()
-        self.consumer.wake()
+        if self.consumer is not None:  # none yet while booting, which sees the stop itself
+            self.consumer.wake()
         threading.Thread(target=self._drain_deadline, name="drain-deadline", daemon=True).start()
         self._enter_draining(in_flight)
 
@@ -198,7 +183,7 @@ class Runtime:
         if self.lifecycle.state in (State.BOOTING, State.RUNNING):
             self.lifecycle.drain(
                 reason=self.stop_reason,
-                in_flight=self.strategy.in_flight if in_flight is None else in_flight,
+                in_flight=self._in_flight() if in_flight is None else in_flight,
                 drain_timeout_s=self.settings.drain_timeout_s,
             )
 
@@ -219,7 +204,7 @@ class Runtime:
             changed = self.lifecycle.abandon(
                 **self._shutdown_data(drained=False, exit_code=EXIT_SIGNAL),
                 abandoned=why,
-                in_flight=self.strategy.in_flight,
+                in_flight=self._in_flight(),
             )
             code = EXIT_SIGNAL
         if not changed:
@@ -249,36 +234,24 @@ class Runtime:
 
     # --- boot ----------------------------------------------------------------------------
 
-    def _boot(self) -> None:
+    def _boot(self) -> BootFacts:
+        """Set up the worker, reach the database (retried within the boot budget), check it,
+        and return what it said."""
         self.worker.setup()
         url = resolve_db_url(self.settings)
         for secret in secrets_of(url):
             add_secret(secret)
         self._db_url = url
-        try:
-            # The pool's first connection too: a database that goes away between the check
-            # and the pool (a restart) is waited for like one that was never there.
-            for attempt in boot_retrying(self.settings.boot_timeout_s, self.stop_requested):
-                with attempt:
-                    self._boot_on(url)
-        except psycopg.OperationalError as exc:
-            if reason := permanent_reason(exc):
-                raise BootError(reason) from None
-            raise
+        return boot_database(
+            url, self.worker, replica=self.replica, stopping=self.stop_requested, pool=self._pool_of
+        )
 
-    def _boot_on(self, url: str) -> None:
-        with connect(url, f"boot:{self.worker_id}") as conn:
-            self.notifications = check_schema(conn, self.settings, self.queue)
-            self.strategy.shared_keys = not ledger.keys_are_per_queue(conn)
+    def _pool_of(self, url: str) -> ConnectionPool[Any]:
+        """The pool, opened once the schema check passed (a failed boot before has none)."""
         if self.pool is None:
             self.pool = make_pool(url, self.worker_id)
             self.pool.open(wait=False)
-        with self.pool.connection(timeout=_BOOT_POOL_WAIT_S) as conn:
-            self.previous = previous_instance(conn, self.queue, self.worker_id, self.replica)
-            self.sessions_named = not self.settings.uses_transaction_pooler and q.session_named(
-                conn, self.worker_id
-            )
-        self.strategy.options = replace(self.strategy.options, rescue_orphans=self.sessions_named)
+        return self.pool
 
     def boot_failed(self, exc: BaseException) -> int:
         data = {"db_status": "error", **self._crash_data(exc)}
@@ -314,28 +287,37 @@ class Runtime:
         return EXIT_OK
 
     def _record_failure(self, data: dict[str, Any]) -> None:
-        """What the row's metadata keeps of a crash: the inspector shows the last error."""
-        keep = ("error", "error_type", "exit_code", "variable", "state_before", "job_keys")
-        self.failure = {k: data[k] for k in keep if data.get(k) is not None}
+        self.failure = kept_failure(data)
 
     # --- run -----------------------------------------------------------------------------
 
     def run(self) -> int:
         """Boot, process until stopped, and return the exit code."""
         try:
-            self._boot()
+            self.facts = facts = self._boot()
         except Exception as exc:  # ConfigError, BootError, a database error, or any other
             if self.stop_requested.is_set() and isinstance(exc, DB_ERRORS):
                 return self._stopped_while_booting()
             return self.boot_failed(exc)
+        self.processor = make_processor(
+            self.worker,
+            facts,
+            deliveries=self.deliveries,
+            deadline=self.deadline,
+            counters=self.counters,
+            held=self.held,
+        )
+        self.consumer = Consumer(
+            processor=self.processor, settings=self.settings, stopping=self.stop_requested
+        )
         booted = self.lifecycle.booted(
             db_status="ok",
-            notifications=self.notifications,
+            notifications=facts.notifications,
             railway=dict(self.settings.railway),
             boot_s=self._uptime(),
             queue=self.queue,
             db_url=self.settings.safe_db_url or "embedded",
-            previous=self.previous,
+            previous=facts.previous,
         )
         if not booted and self.lifecycle.state is not State.DRAINING:
             return EXIT_FAILURE
@@ -351,7 +333,7 @@ class Runtime:
         self.housekeeper.start()
         self.deadline.start()
         try:
-            self.consumer.run(self.pool, notifications=self.notifications)
+            self.consumer.run(self.pool, notifications=facts.notifications)
         except (Exception, MemoryError) as exc:
             return self._crash(exc)
         finally:
@@ -373,28 +355,17 @@ class Runtime:
         return EXIT_OK
 
     def _crash_data(self, exc: BaseException, **extra: Any) -> dict[str, Any]:
-        return {
-            "error": describe(exc),
-            "error_type": type(exc).__name__,
-            # An operator's error (configuration, a refused login) is not a bug: no traceback.
-            "traceback": ""
-            if isinstance(exc, WorkerError)
-            else "".join(traceback.format_exception(exc))[-8000:],
-            "state_before": self.lifecycle.state.value,
-            "exit_code": EXIT_FAILURE,
-            "jobs_processed": self.counters.processed,
-            "jobs_failed": self.counters.failed,
-            **({"job_keys": keys} if (keys := self.deadline.keys_in_hand()) else {}),
+        return crash_data(
+            exc,
+            state_before=self.lifecycle.state,
+            counters=self.counters,
+            job_keys=self.deadline.keys_in_hand(),
             **extra,
-        }
+        )
 
     def _memory_crash_data(self, **extra: Any) -> dict[str, Any]:
         assert self.memory is not None
-        figures = self.memory.figures()
-        error = MemoryError(
-            f"RSS {figures['rss_mb']} MB above the soft limit of {figures['soft_limit_mb']} MB"
-        )
-        data = {**self._crash_data(error), **figures, **extra}
+        data = {**self._crash_data(memory_error(self.memory)), **self.memory.figures(), **extra}
         self._record_failure(data)
         return data
 
@@ -404,8 +375,8 @@ class Runtime:
         of its own, then end the process, exit 1, for the platform to start a fresh one."""
         self.held.clear()  # its leases are no longer extended
         url = self._db_url
-        if url is not None:
-            self.strategy.record_timeout(
+        if url is not None and self.processor is not None:
+            self.processor.record_timeout(
                 lambda: connect(url, f"{self.worker_id}:deadline"), call, interrupted=False
             )
         error = JobTimedOut(
@@ -432,4 +403,5 @@ class Runtime:
             self.deliveries.close()
         if self.pool is not None:
             self.pool.close(timeout=1.0)
-        self.consumer.close()
+        if self.consumer is not None:
+            self.consumer.close()

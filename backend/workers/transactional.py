@@ -4,10 +4,10 @@ One transaction per batch locks the messages (the row locks are the lease: every
 skips locked rows, and they end with the transaction, so with the worker), claims their
 keys in the ledger as completed and deletes the claimed messages in one statement, and runs
 the handler on the same connection. Before the handlers run, the batch's message ids are
-committed to ``workers.deliveries`` on another connection (``DeliveryLog``, overlapping the
-claim): a batch whose worker dies (a job that kills the process, a freeze, a cut) leaves
-that record, and the next worker to lock one of its messages runs it alone
-(``Strategy.run_alone``).
+committed to ``workers.deliveries`` on another connection (the crash record,
+``DeliveryLog``, overlapping the claim): a batch whose worker dies (a job that kills the
+process, a freeze, a cut) leaves that record, and the next worker to lock one of its
+messages runs it alone (``Processor.run_alone``).
 When a handler raises inside a batch, the batch rolls back and the next one runs its jobs
 one by one, each in a savepoint.
 """
@@ -28,9 +28,9 @@ from backend.errors import describe
 from backend.events import Event
 from backend.jobs import Job
 from backend.logs import log_event
-from backend.workers.deliveries import DeliveryLog
-from backend.workers.delivery import Delivery, Outcome, Pending
-from backend.workers.strategy import HANDLER_ERRORS, Conn, ShouldStop, Strategy, reraise_if_connection_lost
+from backend.workers.crash_record import DeliveryLog
+from backend.workers.processor import HANDLER_ERRORS, Conn, Processor, ShouldStop, reraise_if_connection_lost
+from backend.workers.records import Delivery, Outcome, Pending
 
 # Claims of transactional jobs are written as completed; a batch whose handlers ran longer
 # than this rewrites completed_at, so the ledger's time stays within it of the truth.
@@ -53,7 +53,7 @@ class _BatchFailed(Exception):
     """A handler raised inside an optimistic batch: roll it back, redo it one by one."""
 
 
-class TransactionalStrategy(Strategy):
+class TransactionalProcessor(Processor):
     """Batches in one transaction each; jobs delivered before run alone after it."""
 
     def __init__(self, *, handler: TransactionalHandler, deliveries: DeliveryLog, **common: Any) -> None:
@@ -88,10 +88,10 @@ class TransactionalStrategy(Strategy):
             self.deliveries.forget(o.visibility_timeout_s)
             return len(messages)
         self._one_by_one = False
-        self.after_commit(out)
+        self.outcomes.report(out)
         if delivery.copies:
-            for envelope, _ in delivery.together:  # their copies were deleted or delayed with them
-                delivery.copies.pop(envelope["idempotency_key"], None)
+            for p in delivery.together:  # their copies were deleted or delayed with them
+                delivery.copies.pop(p.key, None)
         self.run_alone(conn, delivery, should_stop)
         return len(messages)
 
@@ -107,7 +107,7 @@ class TransactionalStrategy(Strategy):
         if recorded:
             # The jobs to run alone after it stay recorded too: this record replaces the
             # last, and a batch that never commits must not erase their mark.
-            self.deliveries.record([msg_id for _, msg_id in (*delivery.together, *delivery.alone)])
+            self.deliveries.record([p.msg_id for p in (*delivery.together, *delivery.alone)])
         expired: list[Pending] = []
         # Optimistic: the claimed jobs' messages go with their claim (a handler that raises
         # rolls both back); one by one, a job that fails keeps its message for its retry.
@@ -135,16 +135,13 @@ class TransactionalStrategy(Strategy):
             ledger.complete(conn, self.queue, [j.idempotency_key for j in out.done])  # fresh completed_at
         copies_done: list[int] = []
         if delivery.copies:  # later messages of the batch's keys: done with them, or wait
-            already = set(claims.completed)
-            done_keys = {j.idempotency_key for j in out.done} | {
-                env["idempotency_key"] for env, msg_id in delivery.together if msg_id in already
-            }
+            done_keys = {j.idempotency_key for j in out.done} | {p.key for p in claims.completed}
             copies_done = [m for k, ids in delivery.copies.items() if k in done_keys for m in ids]
             claims.waits.update(_copies_wait(delivery.together, delivery.copies, out, claims.waits))
-        self.settle(
+        self.outcomes.settle(
             conn,
             out,
-            delete=[*claims.completed, *copies_done],
+            delete=[*(p.msg_id for p in claims.completed), *copies_done],
             waits=claims.waits,
             complete=False,
             done_deleted=together,
@@ -206,7 +203,7 @@ class TransactionalStrategy(Strategy):
                 self._run_one(conn, job, out)
             finally:
                 self.held.put_down()
-            self.settle(conn, out)
+            self.outcomes.settle(conn, out)
         return True
 
 
@@ -217,5 +214,5 @@ def _copies_wait(
     a failed attempt's backoff, or another worker's lease. Without it a copy would be
     delivered again at once and run the key's next attempt without its backoff."""
     wait = {f.job_key: f.delay_s for f in out.failures}
-    wait.update({env["idempotency_key"]: waits[msg_id] for env, msg_id in pending if msg_id in waits})
+    wait.update({p.key: waits[p.msg_id] for p in pending if p.msg_id in waits})
     return {m: wait[key] for key, ids in copies.items() if key in wait for m in ids}

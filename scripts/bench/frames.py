@@ -17,7 +17,7 @@ RUNTIME_ENTRY_FRAMES = ("run_worker", "Runtime.run")
 RUN_LOOP_FRAME = "Consumer.run"
 # The methods that run one batch: the call the innermost of them makes is the step of the
 # batch a sample is in.
-BATCH_FRAMES = ("Strategy.process", "TransactionalStrategy._deliver", "TransactionalStrategy._batch")
+BATCH_FRAMES = ("Processor.process", "TransactionalProcessor._deliver", "TransactionalProcessor._batch")
 
 RUNTIME_FRAMES = (*RUNTIME_ENTRY_FRAMES, RUN_LOOP_FRAME, *BATCH_FRAMES)
 

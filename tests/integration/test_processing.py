@@ -19,11 +19,11 @@ from backend.enqueue import build_envelope, enqueue
 from backend.errors import PermanentJobError
 from backend.jobs import Job
 from backend.workers.base import HandlerKind
-from backend.workers.deliveries import DeliveryLog
-from backend.workers.delivery import ProcessingOptions
-from backend.workers.external import ExternalStrategy
-from backend.workers.strategy import Strategy
-from backend.workers.transactional import TransactionalStrategy
+from backend.workers.crash_record import DeliveryLog
+from backend.workers.external import ExternalProcessor
+from backend.workers.processor import Processor
+from backend.workers.records import ProcessingOptions
+from backend.workers.transactional import TransactionalProcessor
 
 Conn = psycopg.Connection[Any]
 QUEUE = "q_probe"
@@ -64,7 +64,14 @@ def _close_delivery_logs() -> Any:
         _LOGS.pop().close()
 
 
-def processor(conn_url: str, handler: Any, kind: HandlerKind = "transactional", **opts: Any) -> Strategy:
+def processor(
+    conn_url: str,
+    handler: Any,
+    kind: HandlerKind = "transactional",
+    *,
+    shared_keys: bool = False,
+    **opts: Any,
+) -> Processor:
     options = ProcessingOptions(**{"visibility_timeout_s": 5, "retry_base_s": 1.0, **opts})
     deliveries = DeliveryLog(
         queue_name=QUEUE,
@@ -77,10 +84,11 @@ def processor(conn_url: str, handler: Any, kind: HandlerKind = "transactional", 
         "worker_id": "test-worker",
         "options": options,
         "rng": random.Random(7),
+        "shared_keys": shared_keys,
     }
     if kind == "transactional":
-        return TransactionalStrategy(handler=handler, deliveries=deliveries, **common)
-    return ExternalStrategy(handler=handler, **common)
+        return TransactionalProcessor(handler=handler, deliveries=deliveries, **common)
+    return ExternalProcessor(handler=handler, **common)
 
 
 def send(db: Conn, key: str, **payload: Any) -> int:
@@ -110,7 +118,7 @@ def queue_depth(db: Conn) -> int:
     return int(db.execute("SELECT count(*) AS n FROM pgmq.q_q_probe").fetchone()["n"])
 
 
-def run_until(proc: Strategy, conn: Conn, done: Any, timeout: float = 20.0) -> None:
+def run_until(proc: Processor, conn: Conn, done: Any, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while not done():
         assert time.monotonic() < deadline, "processing did not finish in time"
@@ -580,8 +588,7 @@ def test_before_0007_a_key_another_queue_holds_is_dead_lettered_and_the_batch_go
             claim(db, queue="q_escalation", worker_id="x", keys=["shared"], msg_ids=[1], lease_s=5)
         send(db, "shared")
         send(db, "own")
-        proc = processor(clean_db, Recorder())
-        proc.shared_keys = True
+        proc = processor(clean_db, Recorder(), shared_keys=True)
         run_until(proc, work_conn, lambda: queue_depth(db) == 0)
         letter = db.execute("SELECT job_key, error_type, error FROM workers.dead_letters").fetchone()
         assert (letter["job_key"], letter["error_type"]) == ("shared", "KeyInUseOnAnotherQueue")

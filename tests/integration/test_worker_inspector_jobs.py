@@ -20,7 +20,7 @@ from tools.worker_inspector.watch import screen_lines
 Conn = psycopg.Connection[Any]
 
 STACK = [
-    "backend/workers/strategy.py:242 in attempt",
+    "backend/workers/processor.py:176 in attempt",
     "backend/workers/outbox_processor.py:57 in handle",
     "backend/domain/outbox.py:131 in deliver",
     "tests/workers/probe.py:88 in _hang",

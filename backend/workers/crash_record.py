@@ -1,4 +1,5 @@
-"""Recording a transactional batch's delivery before its handlers run, off the main path.
+"""The crash record of a transactional batch: its delivery, committed before its handlers
+run, off the main path.
 
 A batch holds its messages by row lock, which ends with its worker; the record in
 ``workers.deliveries`` outlives it, so a batch whose worker died (a job that kills the
@@ -24,7 +25,7 @@ Conn = psycopg.Connection[Any]
 
 
 class DeliveryLog:
-    """This worker's delivery records, on a connection of its own."""
+    """This worker's delivery records (``workers.deliveries``), on a connection of its own."""
 
     def __init__(self, *, queue_name: str, worker_id: str, open_conn: Callable[[], Conn]) -> None:
         self.queue_name = queue_name

@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from backend.db.queries import Message
-from backend.workers.delivery import sort_delivery
+from backend.workers.sorting import sort_delivery
 
 MAX_BYTES = 262_144
 
@@ -39,7 +39,7 @@ def test_bodies_decoded_together_are_the_bodies_decoded_one_by_one() -> None:
     ]
     delivery = sort_delivery(messages_of(*bodies), MAX_BYTES, lambda m: True)
     assert delivery.letters == []
-    assert delivery.together == [(body, i) for i, body in enumerate(bodies, start=1)]
+    assert delivery.together == [(body["idempotency_key"], i, body) for i, body in enumerate(bodies, start=1)]
 
 
 def test_an_undecodable_body_is_dead_lettered_and_the_others_are_decoded() -> None:
@@ -54,7 +54,7 @@ def test_an_undecodable_body_is_dead_lettered_and_the_others_are_decoded() -> No
         message(6, json.dumps(envelope("c"))),
     ]
     delivery = sort_delivery(msgs, MAX_BYTES, lambda m: True)
-    assert [msg_id for _, msg_id in delivery.together] == [1, 3, 6]
+    assert [p.msg_id for p in delivery.together] == [1, 3, 6]
     letters = {letter.msg_id: letter for letter in delivery.letters}
     assert sorted(letters) == [2, 4, 5]
     assert letters[2].error_type == letters[4].error_type == "UndecodableMessage"
@@ -71,8 +71,8 @@ def test_an_oversized_body_is_dead_lettered_by_its_size_and_the_others_are_decod
         message(3, json.dumps(envelope("b")), delivered_before=True),
     ]
     delivery = sort_delivery(msgs, MAX_BYTES, lambda m: not m.delivered_before)
-    assert [msg_id for _, msg_id in delivery.together] == [1]
-    assert [msg_id for _, msg_id in delivery.alone] == [3]
+    assert [p.msg_id for p in delivery.together] == [1]
+    assert [p.msg_id for p in delivery.alone] == [3]
     [letter] = delivery.letters
     assert (letter.msg_id, letter.error_type) == (2, "PayloadTooLarge")
     assert f"body is {MAX_BYTES + 1} bytes" in letter.error
@@ -81,5 +81,5 @@ def test_an_oversized_body_is_dead_lettered_by_its_size_and_the_others_are_decod
 def test_copies_of_a_key_after_its_first_message_are_set_aside() -> None:
     msgs = messages_of(envelope("a"), envelope("b"), envelope("a"))
     delivery = sort_delivery(msgs, MAX_BYTES, lambda m: True)
-    assert [msg_id for _, msg_id in delivery.together] == [1, 2]
+    assert [p.msg_id for p in delivery.together] == [1, 2]
     assert delivery.copies == {"a": [3]}

@@ -1,72 +1,24 @@
-"""A delivery's messages, sorted before anything runs: decoded within the size limit,
-validated, copies of one key set aside; and the records the strategies pass around."""
+"""Sorting a delivery before anything runs: each body decoded within the size limit and
+validated (an invalid one becomes a dead letter, never retried), the first message of each
+key run together with the delivery or alone, later messages of a key set aside as its
+copies."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
-from backend.config import DEFAULTS
 from backend.db import queries as q
-from backend.db.ledger import DeadLetter, Failure
+from backend.db.ledger import DeadLetter
 from backend.errors import InvalidEnvelope, PayloadTooLarge, UndecodableMessage, describe
-from backend.jobs import Job, validate_envelope
+from backend.jobs import validate_envelope
+from backend.workers.records import Delivery, Pending
 
-Pending = tuple[dict[str, Any], int]  # a valid envelope and its message id
 _PREVIEW_CHARS = 120
 # Bodies decoded together (``_decode_together``) only while their texts add up to at most
 # this: beyond it the joined copy would cost more memory than the calls it saves.
 _TOGETHER_MAX_CHARS = 1 << 20
-
-
-@dataclass(frozen=True, kw_only=True)
-class ProcessingOptions:
-    """The tunables of processing, with the contract's defaults (``backend.config.TUNABLES``)."""
-
-    batch_size: int = DEFAULTS["WORKER_BATCH_SIZE"]
-    visibility_timeout_s: int = DEFAULTS["WORKER_VISIBILITY_TIMEOUT_S"]
-    max_attempts: int = DEFAULTS["WORKER_MAX_ATTEMPTS"]
-    retry_base_s: float = DEFAULTS["WORKER_RETRY_BASE_S"]
-    retry_max_s: float = DEFAULTS["WORKER_RETRY_MAX_S"]
-    max_payload_bytes: int = DEFAULTS["WORKER_MAX_PAYLOAD_BYTES"]
-    # Give back at once the claims of workers whose process is gone (``ledger.rescue_orphans``);
-    # the runtime turns it off when its sessions are not named by its worker id (a pooler).
-    rescue_orphans: bool = True
-
-    @property
-    def transaction_limit_ms(self) -> int:
-        return self.visibility_timeout_s * 1000
-
-
-@dataclass
-class Delivery:
-    """The messages of one delivery, sorted."""
-
-    together: list[Pending] = field(default_factory=list)  # run in one transaction
-    alone: list[Pending] = field(default_factory=list)  # delivered before, or external
-    letters: list[DeadLetter] = field(default_factory=list)
-    copies: dict[str, list[int]] = field(default_factory=dict)  # later messages of a key: key -> ids
-
-
-@dataclass
-class Outcome:
-    """What a delivery's handlers did, to be written in one go (``Strategy.settle``)."""
-
-    done: list[Job] = field(default_factory=list)
-    failures: list[Failure] = field(default_factory=list)
-    letters: list[DeadLetter] = field(default_factory=list)
-
-
-@dataclass
-class Claims:
-    """A claim's answer: jobs claimed (with their attempt), message ids whose key is already
-    completed, and msg id -> seconds to wait for keys someone else holds."""
-
-    jobs: list[Job] = field(default_factory=list)
-    completed: list[int] = field(default_factory=list)
-    waits: dict[int, int] = field(default_factory=dict)
 
 
 def sort_delivery(
@@ -93,7 +45,7 @@ def sort_delivery(
             out.copies.setdefault(key, []).append(msg.msg_id)
             continue
         seen.add(key)
-        (out.together if runs_together(msg) else out.alone).append((envelope, msg.msg_id))
+        (out.together if runs_together(msg) else out.alone).append(Pending(key, msg.msg_id, envelope))
     return out
 
 
