@@ -51,7 +51,7 @@ class BootFacts:
     shared_keys: bool  # the ledger's key is the key alone (a schema before migration 0007)
     # Whether pg_stat_activity names this process's sessions by its worker id (not behind
     # the transaction pooler, and names passed through): what rescuing dead workers'
-    # claims relies on, on both sides (``ledger.rescue_orphans``).
+    # claims relies on, on both sides (``rescue.rescue_orphans``).
     sessions_named: bool
     previous: dict[str, Any] | None  # the last instance of this worker on this replica
     options: ProcessingOptions

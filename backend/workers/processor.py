@@ -28,7 +28,7 @@ from typing import Any
 
 import psycopg
 
-from backend.db import ledger
+from backend.db import ledger, rescue
 from backend.db import queries as q
 from backend.db.ledger import LedgerStatus
 from backend.events import Event
@@ -93,7 +93,7 @@ class Processor(abc.ABC):
         """Take and process up to one delivery; return how many messages were taken."""
         try:
             if self.options.rescue_orphans and time.monotonic() >= self._next_rescue:
-                self._log_rescued(ledger.rescue_orphans(conn, queue=self.queue, worker_id=self.worker_id))
+                self._log_rescued(rescue.rescue_orphans(conn, queue=self.queue, worker_id=self.worker_id))
             return self._deliver(conn, should_stop)
         finally:
             self.in_flight = 0
@@ -104,7 +104,7 @@ class Processor(abc.ABC):
         workers whose process is gone. One statement either way."""
         if not self.options.rescue_orphans:
             return q.has_visible(conn, self.queue)
-        visible, rescued = ledger.visible_or_rescued(conn, queue=self.queue, worker_id=self.worker_id)
+        visible, rescued = rescue.visible_or_rescued(conn, queue=self.queue, worker_id=self.worker_id)
         self._log_rescued(rescued)
         return visible
 
@@ -114,7 +114,7 @@ class Processor(abc.ABC):
         """Record a handler call past its deadline (``Outcomes.record_timeout``)."""
         self.outcomes.record_timeout(open_conn, call, interrupted=interrupted)
 
-    def _log_rescued(self, rescued: Sequence[ledger.Rescued]) -> None:
+    def _log_rescued(self, rescued: Sequence[rescue.Rescued]) -> None:
         self._next_rescue = time.monotonic() + RESCUE_INTERVAL_S
         for r in rescued:
             log_event(

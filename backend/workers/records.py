@@ -22,7 +22,7 @@ class ProcessingOptions:
     retry_base_s: float = DEFAULTS["WORKER_RETRY_BASE_S"]
     retry_max_s: float = DEFAULTS["WORKER_RETRY_MAX_S"]
     max_payload_bytes: int = DEFAULTS["WORKER_MAX_PAYLOAD_BYTES"]
-    # Give back at once the claims of workers whose process is gone (``ledger.rescue_orphans``);
+    # Give back at once the claims of workers whose process is gone (``rescue.rescue_orphans``);
     # off when this worker's sessions are not named by its worker id (a pooler): decided at boot.
     rescue_orphans: bool = True
 

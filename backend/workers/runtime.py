@@ -4,7 +4,8 @@
 once boot has learnt what it needs (``BootFacts``).
 
 The runtime installs no signal handler: the entry point (``backend.workers.entry``) does,
-and forwards signals to ``on_signal``; in a test, ``stop()`` drains it the same way.
+and forwards signals to ``on_signal``; in a test, ``stop()`` drains it the same way. Both
+are ``Stopping``'s, which the runtime builds.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import threading
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -37,11 +37,11 @@ from backend.workers.boot import (
 from backend.workers.consumer import Consumer
 from backend.workers.crash_record import DeliveryLog
 from backend.workers.deadline import Call, Deadline
-from backend.workers.held import Counters, HeldJobs, give_back
+from backend.workers.held import Counters, HeldJobs
 from backend.workers.housekeeping import Housekeeper
 from backend.workers.last_resort import failure_url
 from backend.workers.lifecycle import Lifecycle, State
-from backend.workers.memory import MemoryVerdict, rss_bytes
+from backend.workers.memory import rss_bytes
 from backend.workers.processor import Processor
 from backend.workers.reports import (
     EXIT_FAILURE,
@@ -51,18 +51,13 @@ from backend.workers.reports import (
     heartbeat_row,
     kept_failure,
     memory_error,
-    shutdown_data,
 )
 from backend.workers.status import HeartbeatWriter, record_once
+from backend.workers.stopping import Stopping
 
 __all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_SIGNAL", "Runtime"]
 
-SIGNAL_REASONS = {signal.SIGTERM: "SIGTERM (Deployment/Scale-down)", signal.SIGINT: "SIGINT (Interrupt)"}
-MEMORY_REASON = "memory soft limit"
 _STATUS_WRITE_TIMEOUT_S = 1.0  # short: on a dead network it delays a SIGTERM's exit
-# An abandon (second signal, drain timeout) gives back what it held and writes its state
-# within these, so that it ends the process within a second on any network.
-_ABANDON_RELEASE_S, _ABANDON_STATUS_S = 0.5, 0.3
 
 
 class Runtime:
@@ -82,10 +77,6 @@ class Runtime:
         self.processor: Processor | None = None
         self.consumer: Consumer | None = None
         self.counters, self.held = Counters(), HeldJobs()
-        self.stop_requested = threading.Event()
-        self.loop_done = threading.Event()
-        self.stop_reason = ""
-        self.memory: MemoryVerdict | None = None
         self.memory_limit_bytes = settings.memory_limit_bytes  # the cgroup's, read once
         self.failure: dict[str, Any] = {}  # why it crashed: kept in the row's metadata
         # The last instance of this queue's worker on this replica, said in WORKER_BOOT.
@@ -94,6 +85,21 @@ class Runtime:
             worker_id=self.worker_id, pool=lambda: self.pool, build_row=self.heartbeat_row
         )
         self.lifecycle = Lifecycle(emit=self._emit, write_status=self._write_status)
+        self.stopping = Stopping(
+            lifecycle=self.lifecycle,
+            heartbeat=self.heartbeat,
+            held=self.held,
+            pool=lambda: self.pool,
+            queue=self.queue,
+            worker_id=self.worker_id,
+            drain_timeout_s=settings.drain_timeout_s,
+            in_flight=lambda: self.processor.in_flight if self.processor else 0,
+            wake=self._wake_consumer,
+            counters=self.counters,
+            uptime=self._uptime,
+            memory_crash_data=self._memory_crash_data,
+        )
+        self.stop_requested, self.loop_done = self.stopping.requested, self.stopping.loop_done
         self._db_url: str | None = None
         self.deliveries = (
             DeliveryLog(queue_name=self.queue, worker_id=self.worker_id, open_conn=self._deliveries_conn)
@@ -137,100 +143,26 @@ class Runtime:
         """Every transition writes the heartbeat row, on the status writer's thread."""
         self.heartbeat.request()
 
-    def _in_flight(self) -> int:
-        return self.processor.in_flight if self.processor else 0
-
-    def _uptime(self) -> float:
-        return round(time.monotonic() - self._started, 3)
-
-    def _shutdown_data(self, *, drained: bool, exit_code: int) -> dict[str, Any]:
-        return shutdown_data(
-            reason=self.stop_reason,
-            drained=drained,
-            uptime_s=self._uptime(),
-            counters=self.counters,
-            exit_code=exit_code,
-        )
-
-    # --- stopping ------------------------------------------------------------------------
+    # --- stopping: the entry points; the work is Stopping's ------------------------------
 
     def on_signal(self, sig: signal.Signals, count: int) -> None:
         """The first SIGTERM/SIGINT drains; a second one abandons in-flight work (exit 143)."""
-        if count == 1:
-            # Already draining (the memory soft limit): the first signal changes nothing.
-            self.stop(SIGNAL_REASONS.get(sig, sig.name))
-        else:
-            self.abandon(f"second signal ({sig.name}) while draining")
+        self.stopping.on_signal(sig, count)
 
     def stop(self, reason: str = "stop requested") -> None:
         """Drain: finish the in-flight batch, then stop; abandon past the drain timeout."""
-        if self.stop_requested.is_set():
-            return
-        self.stop_reason = reason
-        in_flight = self._in_flight()
-        # Stop and arm the deadline first: the transition writes the heartbeat, which can
-        # hang on a dead network, and a second signal must still be able to abandon.
-        self.stop_requested.set()
+        self.stopping.stop(reason)
+
+    @property
+    def stop_reason(self) -> str:
+        return self.stopping.reason
+
+    def _wake_consumer(self) -> None:
         if self.consumer is not None:  # none yet while booting, which sees the stop itself
             self.consumer.wake()
-        threading.Thread(target=self._drain_deadline, name="drain-deadline", daemon=True).start()
-        self._enter_draining(in_flight)
 
-    def _enter_draining(self, in_flight: int | None = None) -> None:
-        """Move to DRAINING if not there yet. Called by the stopping thread and, in case it
-        has not got that far, by the main thread before it finishes: whichever is first
-        emits WORKER_DRAINING, the other's trigger is refused."""
-        if self.lifecycle.state in (State.BOOTING, State.RUNNING):
-            self.lifecycle.drain(
-                reason=self.stop_reason,
-                in_flight=self._in_flight() if in_flight is None else in_flight,
-                drain_timeout_s=self.settings.drain_timeout_s,
-            )
-
-    def _drain_deadline(self) -> None:
-        if not self.loop_done.wait(self.settings.drain_timeout_s):
-            self.abandon(f"drain timeout ({self.settings.drain_timeout_s:g} s)")
-
-    def abandon(self, why: str) -> None:
-        """Stop now: the open transaction dies with the process and rolls back.
-
-        A memory drain that cannot finish still ends as the memory crash it is (exit 1)."""
-        self.stop_reason = self.stop_reason or why
-        self._enter_draining()
-        if self.memory is not None:
-            changed = self.lifecycle.crash(**self._memory_crash_data(drained=False, abandoned=why))
-            code = EXIT_FAILURE
-        else:
-            changed = self.lifecycle.abandon(
-                **self._shutdown_data(drained=False, exit_code=EXIT_SIGNAL),
-                abandoned=why,
-                in_flight=self._in_flight(),
-            )
-            code = EXIT_SIGNAL
-        if not changed:
-            return
-        # Bounded, whatever the network does: a second signal ends the process within a second.
-        releasing = threading.Thread(target=self._release_held, name="release", daemon=True)
-        releasing.start()
-        releasing.join(_ABANDON_RELEASE_S)
-        self.heartbeat.flush(_ABANDON_STATUS_S)
-        logging.shutdown()
-        os._exit(code)
-
-    def _release_held(self) -> None:
-        if self.pool is not None:
-            give_back(self.held, self.pool, queue=self.queue, worker_id=self.worker_id)
-
-    def _on_memory_exceeded(self, verdict: MemoryVerdict) -> None:
-        # Already stopping for a signal: that drain ends the process anyway (exit 0).
-        if self.memory is None and not self.stop_requested.is_set():
-            self.memory = verdict
-            log_event(
-                Event.WORKER_MEMORY_SOFT_LIMIT,
-                {"worker_id": self.worker_id, **verdict.figures()},
-                logging.WARNING,
-            )
-            self.stop(MEMORY_REASON)
+    def _uptime(self) -> float:
+        return round(time.monotonic() - self._started, 3)
 
     # --- boot ----------------------------------------------------------------------------
 
@@ -279,8 +211,8 @@ class Runtime:
         """A stop requested while boot retried the database (a redeploy during an outage):
         nothing was taken, so it is a clean stop, exit 0, not a failed boot."""
         self.loop_done.set()
-        self._enter_draining()
-        self.lifecycle.finish(**self._shutdown_data(drained=True, exit_code=EXIT_OK))
+        self.stopping.enter_draining()
+        self.lifecycle.finish(**self.stopping.shutdown_data(drained=True, exit_code=EXIT_OK))
         if self.pool is None and self.settings.db_url:
             record_once(self.settings.db_url, self.heartbeat_row())  # best effort: it may be down
         self._close()
@@ -327,7 +259,7 @@ class Runtime:
             self.pool,
             beat=self.heartbeat.write,
             held=self.held,
-            on_memory_exceeded=self._on_memory_exceeded,
+            on_memory_exceeded=self.stopping.on_memory_exceeded,
             counters=self.counters,
         )
         self.housekeeper.start()
@@ -343,14 +275,14 @@ class Runtime:
 
     def finish(self) -> int:
         """The loop ended: STOPPED (exit 0), or CRASHED when it was the memory limit's drain."""
-        self._enter_draining()
-        if self.memory is not None:
+        self.stopping.enter_draining()
+        if self.stopping.memory is not None:
             self.lifecycle.crash(**self._memory_crash_data(drained=True))
             self._close()
             return EXIT_FAILURE
         if self.deliveries is not None and self._db_url is not None:
             self.deliveries.forget_quietly(_STATUS_WRITE_TIMEOUT_S)
-        self.lifecycle.finish(**self._shutdown_data(drained=True, exit_code=EXIT_OK))
+        self.lifecycle.finish(**self.stopping.shutdown_data(drained=True, exit_code=EXIT_OK))
         self._close()
         return EXIT_OK
 
@@ -364,8 +296,9 @@ class Runtime:
         )
 
     def _memory_crash_data(self, **extra: Any) -> dict[str, Any]:
-        assert self.memory is not None
-        data = {**self._crash_data(memory_error(self.memory)), **self.memory.figures(), **extra}
+        memory = self.stopping.memory
+        assert memory is not None
+        data = {**self._crash_data(memory_error(memory)), **memory.figures(), **extra}
         self._record_failure(data)
         return data
 

@@ -14,6 +14,7 @@ from psycopg.types.json import Jsonb
 
 from backend.db import ledger as ledger_mod
 from backend.db import queries as q
+from backend.db import rescue as rescue_mod
 from backend.db.ledger import claim
 from backend.enqueue import build_envelope, enqueue
 from backend.errors import PermanentJobError
@@ -640,11 +641,11 @@ def test_the_claims_of_a_worker_whose_process_is_gone_are_given_back_at_once(
     )
     with psycopg.connect(clean_db, application_name="frozen-worker"):
         work_conn.execute("SET idle_session_timeout = '1min'")  # sessions may end while alive
-        assert ledger_mod.rescue_orphans(work_conn, queue=QUEUE, worker_id="me") == []
+        assert rescue_mod.rescue_orphans(work_conn, queue=QUEUE, worker_id="me") == []
         work_conn.execute("RESET idle_session_timeout")
-        rescued = ledger_mod.rescue_orphans(work_conn, queue=QUEUE, worker_id="me")
-        assert rescued == [ledger_mod.Rescued(job_key="gone", msg_id=gone, owner="gone-worker")]
-        assert ledger_mod.rescue_orphans(work_conn, queue=QUEUE, worker_id="me") == []
+        rescued = rescue_mod.rescue_orphans(work_conn, queue=QUEUE, worker_id="me")
+        assert rescued == [rescue_mod.Rescued(job_key="gone", msg_id=gone, owner="gone-worker")]
+        assert rescue_mod.rescue_orphans(work_conn, queue=QUEUE, worker_id="me") == []
     visible = db.execute("SELECT msg_id FROM pgmq.q_q_probe WHERE vt <= clock_timestamp()").fetchall()
     assert [r["msg_id"] for r in visible] == [gone]
     live = db.execute(
@@ -662,10 +663,10 @@ def test_the_idle_check_gives_back_a_gone_workers_claim_and_says_there_is_work(
     db: Conn, work_conn: Conn, clean_db: str
 ) -> None:
     gone = _held_by(db, "gone-worker", "gone")
-    assert ledger_mod.visible_or_rescued(work_conn, queue=QUEUE, worker_id="me") == (
+    assert rescue_mod.visible_or_rescued(work_conn, queue=QUEUE, worker_id="me") == (
         True,
-        [ledger_mod.Rescued(job_key="gone", msg_id=gone, owner="gone-worker")],
+        [rescue_mod.Rescued(job_key="gone", msg_id=gone, owner="gone-worker")],
     )
-    assert ledger_mod.visible_or_rescued(work_conn, queue=QUEUE, worker_id="me") == (True, [])
+    assert rescue_mod.visible_or_rescued(work_conn, queue=QUEUE, worker_id="me") == (True, [])
     db.execute("DELETE FROM pgmq.q_q_probe")
-    assert ledger_mod.visible_or_rescued(work_conn, queue=QUEUE, worker_id="me") == (False, [])
+    assert rescue_mod.visible_or_rescued(work_conn, queue=QUEUE, worker_id="me") == (False, [])

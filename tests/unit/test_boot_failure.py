@@ -45,7 +45,7 @@ def test_a_stop_that_races_the_end_of_boot_still_drains_and_shuts_down(
     # when the main thread finishes booting and then stopping.
     settings = load_settings({"SUPABASE_MODE": "dev"})
     runtime = Runtime(ProbeTransactional(settings))
-    runtime.stop_reason = "SIGTERM (Deployment/Scale-down)"
+    runtime.stopping.reason = "SIGTERM (Deployment/Scale-down)"
     runtime.stop_requested.set()
     with caplog.at_level(logging.INFO, logger="dragonfly.events"):
         assert runtime.lifecycle.booted(db_status="ok")
