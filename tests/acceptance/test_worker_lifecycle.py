@@ -13,7 +13,8 @@ import pytest
 from backend.db.embedded import EmbeddedPostgres
 from backend.enqueue import build_envelope, enqueue
 from scripts.harness.process import WorkerProcess
-from tests.helpers import wait_until
+from tests.helpers import PASSWORD, wait_until
+from tests.netcut import CuttableProxy
 
 pytestmark = pytest.mark.slow
 Spawn = Callable[..., WorkerProcess]
@@ -138,6 +139,29 @@ def test_sigterm_while_boot_retries_is_a_clean_stop(spawn: Spawn) -> None:
     assert (shutdown["from"], shutdown["exit_code"]) == ("DRAINING", 0)
     assert not worker.named("WORKER_CRASH")
     assert [b.get("db_status") for b in worker.named("WORKER_BOOT")] == []
+
+
+def test_sigterm_while_its_pooler_is_briefly_down_leaves_a_stopped_row(
+    spawn: Spawn, db: psycopg.Connection[Any], clean_db: str
+) -> None:
+    """Boot retries a database that does not answer (a proxy passing no bytes); SIGTERM comes
+    as it answers again: a clean stop whose row says STOPPED."""
+    proxy = CuttableProxy(clean_db)
+    try:
+        proxy.cut()
+        worker = spawn(SUPABASE_DB_URL=proxy.url(PASSWORD), WORKER_BOOT_TIMEOUT_S=60)
+        worker.wait_for("DB_BOOT_RETRY", timeout=20)
+        proxy.heal()
+        worker.send(signal.SIGTERM)
+        assert worker.wait_exit(timeout=20) == 0
+        shutdown = worker.wait_for("WORKER_SHUTDOWN")
+        assert not worker.named("WORKER_CRASH")
+        row = db.execute(
+            "SELECT status FROM workers.heartbeats WHERE worker_id = %s", (shutdown["worker_id"],)
+        ).fetchone()
+        assert row is not None and row["status"] == "STOPPED"
+    finally:
+        proxy.close()
 
 
 @pytest.mark.parametrize(
