@@ -1,5 +1,6 @@
-"""Sorting a delivery before anything runs: each body decoded within the size limit and
-validated (an invalid one becomes a dead letter, never retried), the first message of each
+"""Sorting a delivery before anything runs: each body decoded within the size limit, its
+missing trace_id taken from its pgmq headers, and validated (an invalid one becomes a dead
+letter, never retried), the first message of each
 key run together with the delivery or alone, later messages of a key set aside as its
 copies."""
 
@@ -32,6 +33,8 @@ def sort_delivery(
     for msg in messages:
         try:
             body = bodies[msg.msg_id] if msg.msg_id in bodies else decode(msg, max_bytes)
+            if msg.trace is not None and type(body) is dict and body.get("trace_id") is None:
+                body["trace_id"] = msg.trace  # the producer's trace header; its own trace_id wins
             envelope = validate_envelope(body, max_bytes=max_bytes, size=msg.size)
         except InvalidEnvelope as exc:
             out.letters.append(

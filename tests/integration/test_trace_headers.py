@@ -10,6 +10,7 @@ import psycopg
 import pytest
 
 from backend.db import queries as q
+from backend.workers.sorting import sort_delivery
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 
@@ -47,7 +48,9 @@ def test_a_trace_header_fills_the_envelope_s_missing_trace_id(db: psycopg.Connec
             messages = q.lock_messages(db, "q_probe", qty=10, max_bytes=10_000, limit_ms=5_000)
         else:
             messages = q.fetch_messages(db, "q_probe", qty=10, vt_s=5, max_bytes=10_000)
-    traces = [json.loads(m.text or "null").get("trace_id") for m in messages]
+    assert [m.trace for m in messages] == [TRACE, "plain-id", TRACE, None, None]
+    delivery = sort_delivery(messages, 10_000, lambda m: True)
+    traces = [p.envelope.get("trace_id") for p in delivery.together]
     assert traces == [TRACE, "plain-id", "mine", None, None]
 
 

@@ -83,3 +83,15 @@ def test_copies_of_a_key_after_its_first_message_are_set_aside() -> None:
     delivery = sort_delivery(msgs, MAX_BYTES, lambda m: True)
     assert [p.msg_id for p in delivery.together] == [1, 2]
     assert delivery.copies == {"a": [3]}
+
+
+def test_a_trace_from_the_headers_fills_a_missing_trace_id_only() -> None:
+    own = {**envelope("own"), "trace_id": "mine"}
+    bodies = [envelope("missing"), own, [1, 2]]
+    msgs = [m._replace(trace="from-headers") for m in messages_of(*bodies)]
+    delivery = sort_delivery(msgs, MAX_BYTES, lambda m: True)
+    assert [(p.key, p.envelope["trace_id"]) for p in delivery.together] == [
+        ("missing", "from-headers"),
+        ("own", "mine"),
+    ]
+    assert [d.error_type for d in delivery.letters] == ["InvalidEnvelope"]
