@@ -71,6 +71,11 @@ def figures(plan: Plan) -> list[Figure]:
             target="2",
         ),
         Figure(
+            key="collectability_ratio",
+            label=f"  collectability / baseline loop, batch {DEFAULT_BATCH}",
+            unit="x",
+        ),
+        Figure(
             key="pickup_p50_notifications", label="pickup p50, notifications", unit="ms", limit=5, target="3"
         ),
         Figure(

@@ -29,7 +29,7 @@ MB = 1024 * 1024
 class Plan:
     """Volumes and repetitions of one bench run."""
 
-    repeat: int = 3
+    repeat: int = 5
     jobs: int = 40_000
     small_batch_jobs: int = 15_000  # batch 10 is slow; fewer jobs keep the run short
     batch_sizes: tuple[int, ...] = (10, 50, 100, 250)
@@ -71,6 +71,9 @@ class Collected:
     latencies: dict[str, list[float]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     profile: dict[str, Any] | None = None
+    # The baseline loop's rate at the default batch size, per repetition (the mean of the
+    # runs around the worker's): what that repetition's ratios divide by.
+    around: dict[int, float | None] = field(default_factory=dict)
 
     def add(self, key: str, value: float | None) -> None:
         if value is not None:

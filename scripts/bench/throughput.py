@@ -118,15 +118,15 @@ def worker_run(
 
 
 def throughput(db: BenchDatabase, plan: Plan, out: Collected, rep: int) -> None:
-    """At each batch size: the baseline loop, the locking loop and the no-op worker."""
+    """At each batch size: the baseline loop, the no-op worker and the locking loop. At the
+    default batch size (the target's) the baseline runs again right after the worker, and
+    the worker's ratio is to the mean of the two runs around it: the machine's speed drifts
+    within seconds, and a baseline on each side cancels the part of the drift that is steady."""
     for batch in plan.batch_sizes:
         jobs = plan.jobs_for(batch)
         base = baseline_run(db, batch, jobs, f"base-{rep}-{batch}")
         out.runs.append(base)
         out.add(f"baseline_rate_{batch}", base["rate"])
-        locked = baseline_run(db, batch, jobs, f"lock-{rep}-{batch}", locking=True)
-        out.runs.append(locked)
-        out.add(f"locking_rate_{batch}", locked["rate"])
         tag = f"w-{rep}-{batch}"
         run = worker_run(
             db,
@@ -137,17 +137,29 @@ def throughput(db: BenchDatabase, plan: Plan, out: Collected, rep: int) -> None:
             partial(db.fill_bench, BENCH_QUEUE, jobs, tag),
         )
         out.runs.append(run)
+        bases = [base["rate"]]
+        if batch == DEFAULT_BATCH:
+            after = baseline_run(db, batch, jobs, f"base-after-{rep}-{batch}")
+            out.runs.append(after)
+            out.add(f"baseline_rate_{batch}", after["rate"])
+            bases.append(after["rate"])
+        base_rate = statistics.fmean(bases) if all(bases) else None
+        if batch == DEFAULT_BATCH:
+            out.around[rep] = base_rate
+        locked = baseline_run(db, batch, jobs, f"lock-{rep}-{batch}", locking=True)
+        out.runs.append(locked)
+        out.add(f"locking_rate_{batch}", locked["rate"])
         out.add(f"worker_rate_{batch}", run["rate"])
         out.add(f"worker_cpu_us_{batch}", run["cpu_us_per_job"])
         out.add("boot_s", run["boot_s"])
         out.add("exit_s", run["exit_s"])
-        if base["rate"] and run["rate"]:
-            out.add(f"ratio_{batch}", run["rate"] / base["rate"])
+        if base_rate and run["rate"]:
+            out.add(f"ratio_{batch}", run["rate"] / base_rate)
         if locked["rate"] and run["rate"]:
             out.add(f"locking_ratio_{batch}", run["rate"] / locked["rate"])
         progress(
-            f"batch {batch:>3}: baseline {base['rate']:,.0f}/s, locking loop"
-            f" {locked['rate']:,.0f}/s, worker {run['rate']:,.0f}/s,"
+            f"batch {batch:>3}: baseline {' and '.join(f'{b:,.0f}' for b in bases if b)}/s,"
+            f" worker {run['rate']:,.0f}/s, locking loop {locked['rate']:,.0f}/s,"
             f" {run['cpu_us_per_job']:.0f} µs CPU/job"
         )
 
@@ -196,6 +208,9 @@ def collectability(db: BenchDatabase, plan: Plan, ids: list[int], out: Collected
     out.runs.append(run)
     out.add("collectability_rate", run["rate"])
     out.add("collectability_cpu_us", run["cpu_us_per_job"])
+    base_rate = out.around.get(rep)
+    if base_rate and run["rate"]:
+        out.add("collectability_ratio", run["rate"] / base_rate)
     progress(f"collectability: {run['rate']:,.0f} judgments/s")
 
 
