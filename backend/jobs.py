@@ -48,7 +48,34 @@ class Job:
 def validate_envelope(body: Any, *, max_bytes: int, size: int | None = None) -> dict[str, Any]:
     """Return the envelope as a dict, or raise ``InvalidEnvelope`` saying what is wrong.
 
-    ``size`` is the byte length of the body's JSON text when the caller has it."""
+    What producers naturally send is normalised in place where a type check would otherwise
+    fail (so an envelope of strings pays nothing for it): integer ids as their decimal text,
+    ``created_at`` in epoch seconds as ISO 8601 text. ``size`` is the byte length of the
+    body's JSON text when the caller has it."""
+    envelope = _check_shape(body, max_bytes, size)
+    for name in REQUIRED_TEXT_FIELDS:
+        value = envelope[name]
+        if not isinstance(value, str):
+            if name not in INTEGER_ID_FIELDS or type(value) is not int:  # not a bool, not 42.0
+                raise _not_text(name, value, "a non-empty string")
+            envelope[name] = value = str(value)  # the same key whoever sent it
+        if not value.strip():
+            raise _not_text(name, value, "a non-empty string")
+    if len(envelope["idempotency_key"]) > MAX_KEY_LENGTH:
+        raise InvalidEnvelope(f"idempotency_key is longer than {MAX_KEY_LENGTH} characters")
+    if not isinstance(envelope["payload"], dict):
+        raise InvalidEnvelope(f"payload must be a JSON object, got {_json_type(envelope['payload'])}")
+    for name in OPTIONAL_TEXT_FIELDS:
+        value = envelope.get(name)
+        if value is not None and not isinstance(value, str):
+            if name != "created_at" or not _is_epoch(value):
+                raise _not_text(name, value, "a string")
+            envelope[name] = _epoch_text(value)
+    return envelope
+
+
+def _check_shape(body: Any, max_bytes: int, size: int | None) -> dict[str, Any]:
+    """``body``, when it is a JSON object within the size limit with every required field."""
     if not isinstance(body, dict):
         raise InvalidEnvelope(f"envelope must be a JSON object, got {_json_type(body)}")
     if size is None:
@@ -58,23 +85,11 @@ def validate_envelope(body: Any, *, max_bytes: int, size: int | None = None) -> 
     if not body.keys() >= _REQUIRED_FIELDS:
         missing = [name for name in (*REQUIRED_TEXT_FIELDS, "payload") if name not in body]
         raise InvalidEnvelope(f"missing field(s): {', '.join(missing)}")
-    _normalise(body)
-    for name in REQUIRED_TEXT_FIELDS:
-        value = body[name]
-        if not isinstance(value, str) or not value.strip():
-            raise InvalidEnvelope(
-                f"{name} must be a non-empty string{_ALSO_ACCEPTED.get(name, '')}, got {_json_type(value)}"
-            )
-    if len(body["idempotency_key"]) > MAX_KEY_LENGTH:
-        raise InvalidEnvelope(f"idempotency_key is longer than {MAX_KEY_LENGTH} characters")
-    if not isinstance(body["payload"], dict):
-        raise InvalidEnvelope(f"payload must be a JSON object, got {_json_type(body['payload'])}")
-    for name in OPTIONAL_TEXT_FIELDS:
-        if body.get(name) is not None and not isinstance(body[name], str):
-            raise InvalidEnvelope(
-                f"{name} must be a string{_ALSO_ACCEPTED.get(name, '')}, got {_json_type(body[name])}"
-            )
     return body
+
+
+def _not_text(name: str, value: Any, wanted: str) -> InvalidEnvelope:
+    return InvalidEnvelope(f"{name} must be {wanted}{_ALSO_ACCEPTED.get(name, '')}, got {_json_type(value)}")
 
 
 _ALSO_ACCEPTED = {name: " or an integer" for name in INTEGER_ID_FIELDS} | {
@@ -84,15 +99,9 @@ _ALSO_ACCEPTED = {name: " or an integer" for name in INTEGER_ID_FIELDS} | {
 _EPOCH_RANGE = (-62_135_596_800, 253_402_300_799)
 
 
-def _normalise(body: dict[str, Any]) -> None:
-    """What producers naturally send, in place: integer ids as their decimal text (not a
-    bool, not a float: 42.0 is no id), ``created_at`` in epoch seconds as ISO 8601 text."""
-    for name in INTEGER_ID_FIELDS:
-        if type(body[name]) is int:
-            body[name] = str(body[name])
-    created = body.get("created_at")
-    if isinstance(created, int | float) and not isinstance(created, bool) and math.isfinite(created):
-        body["created_at"] = _epoch_text(created)
+def _is_epoch(value: Any) -> bool:
+    """A number that may be epoch seconds: not a bool, not NaN or infinite."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _epoch_text(seconds: float) -> str:
