@@ -101,10 +101,11 @@ def test_killed_workers_are_dead_at_once_at_the_default_heartbeat(spawn: Spawn, 
     workers = [spawn("backend.workers.collectability", WORKER_HEARTBEAT_INTERVAL_S=30) for _ in range(3)]
     ids = {w.wait_boot()["worker_id"] for w in workers}
     with psycopg.connect(clean_db, autocommit=True) as db:
-        enqueue_many(db, "q_collectability", [job(f"backlog-{i}") for i in range(5)])
         for worker in workers:
             worker.send(signal.SIGKILL)
             worker.wait_exit()
+        # After the kills: sent before them, the live workers could take the jobs first.
+        enqueue_many(db, "q_collectability", [job(f"backlog-{i}") for i in range(5)])
         time.sleep(2)
         code, doc = report(clean_db)
     verdicts = {w["worker_id"]: w["verdict"] for w in doc["workers"] if w["worker_id"] in ids}
