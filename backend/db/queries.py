@@ -86,18 +86,17 @@ _BODY_OF = sql.SQL("""LATERAL (SELECT x.text, octet_length(x.text) AS size
 _TRACE = sql.SQL(r"""coalesce(nullif(substring({row}.headers ->> 'traceparent'
                                   FROM '^[0-9a-f]{{2}}-([0-9a-f]{{32}})-[0-9a-f]{{16}}-[0-9a-f]{{2}}'),
                         '00000000000000000000000000000000'), {row}.headers ->> 'x-trace-id')""")
-_WITH_HEADERS: set[str] = set()  # the queues whose table has headers, as boot found them
 
 
 def detect_headers(conn: Conn, queue: str) -> bool:
-    """Whether ``queue``'s table has pgmq's headers (1.5+); this process reads them from now on."""
+    """Whether ``queue``'s table has pgmq's headers (1.5+): boot asks once, and the worker's
+    reads (``lock_messages``, ``fetch_messages``) take them from then on."""
     row = conn.execute(
         "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(%s)"
         " AND attname = 'headers' AND NOT attisdropped) AS ok",
         (queue_table(queue),),
     ).fetchone()
-    (_WITH_HEADERS.add if row and row["ok"] else _WITH_HEADERS.discard)(queue)
-    return queue in _WITH_HEADERS
+    return bool(row and row["ok"])
 
 
 def _body_and_trace(row: str, headers: bool) -> dict[str, sql.Composable]:
@@ -127,18 +126,21 @@ def _lock_sql(queue: str, headers: bool) -> str:
     ).as_string()
 
 
-def lock_messages(conn: Conn, queue: str, *, qty: int, max_bytes: int, limit_ms: int) -> list[Message]:
+def lock_messages(
+    conn: Conn, queue: str, *, qty: int, max_bytes: int, limit_ms: int, headers: bool = False
+) -> list[Message]:
     """Bound this transaction (``bound_transaction``, in the same statement: it is the first
     of a batch's transaction) and lock up to ``qty`` visible messages, oldest first.
 
     The same selection as ``pgmq.read`` without its update: the row locks are the lease
     (every reader skips locked rows), and they end with the transaction, at once when its
     worker dies, or when the server ends the transaction of a frozen one. A message found in
-    ``workers.deliveries`` was in a batch whose worker never finished it.
+    ``workers.deliveries`` was in a batch whose worker never finished it. ``headers``: the
+    table has pgmq's headers (``detect_headers``), and each message's trace id is read.
     """
     with conn.cursor(row_factory=tuple_row) as cur:
         rows = cur.execute(
-            _lock_sql(queue, queue in _WITH_HEADERS),
+            _lock_sql(queue, headers),
             {"qty": qty, "max": max_bytes, "queue": queue, "ms": str(limit_ms)},
         ).fetchall()
     rows.sort()  # oldest first, as locked; sorting here costs less than on the server
@@ -213,16 +215,19 @@ def _fetch_sql(queue: str, by_id: bool, headers: bool) -> str:
     ).as_string()
 
 
-def fetch_messages(conn: Conn, queue: str, *, qty: int, vt_s: int, max_bytes: int) -> list[Message]:
+def fetch_messages(
+    conn: Conn, queue: str, *, qty: int, vt_s: int, max_bytes: int, headers: bool = False
+) -> list[Message]:
     """Take up to ``qty`` visible messages, oldest first, leased for ``vt_s`` and counted.
 
     One autocommit statement, pgmq's ``read`` written against the queue table: each message
     becomes invisible for ``vt_s`` (a lease that outlives the transaction and ends on its
-    own) and its ``read_ct`` is incremented before any handler runs.
+    own) and its ``read_ct`` is incremented before any handler runs. ``headers`` as for
+    ``lock_messages``.
     """
     with conn.cursor(row_factory=tuple_row) as cur:
         rows = cur.execute(
-            _fetch_sql(queue, False, queue in _WITH_HEADERS),
+            _fetch_sql(queue, False, headers),
             {"qty": qty, "vt": vt_s, "max": max_bytes, "id": None},
         ).fetchall()
     return [Message(m, t, n, d > 1, trace) for m, t, n, d, trace in rows]

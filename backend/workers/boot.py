@@ -49,6 +49,7 @@ class BootFacts:
 
     notifications: bool  # LISTEN for inserts, or poll
     shared_keys: bool  # the ledger's key is the key alone (a schema before migration 0007)
+    headers: bool  # the queue's table has pgmq's headers (1.5+): trace ids are read from them
     # Whether pg_stat_activity names this process's sessions by its worker id (not behind
     # the transaction pooler, and names passed through): what rescuing dead workers'
     # claims relies on, on both sides (``rescue.rescue_orphans``).
@@ -104,6 +105,7 @@ def boot_database(
                 with connect(url, f"boot:{worker_id}") as conn:
                     notifications = check_schema(conn, settings, queue)
                     shared_keys = not ledger.keys_are_per_queue(conn)
+                    headers = q.detect_headers(conn, queue)
                 return boot_facts(
                     pool(url),
                     settings,
@@ -112,6 +114,7 @@ def boot_database(
                     replica=replica,
                     notifications=notifications,
                     shared_keys=shared_keys,
+                    headers=headers,
                 )
     except psycopg.OperationalError as exc:
         if reason := permanent_reason(exc):
@@ -129,6 +132,7 @@ def boot_facts(
     replica: str,
     notifications: bool,
     shared_keys: bool,
+    headers: bool,
 ) -> BootFacts:
     """The boot facts, completed on the pool's first connection: the previous instance of
     this worker, and whether this process's sessions show under its worker id."""
@@ -138,6 +142,7 @@ def boot_facts(
     return BootFacts(
         notifications=notifications,
         shared_keys=shared_keys,
+        headers=headers,
         sessions_named=named,
         previous=previous,
         options=processing_options(settings, rescue_orphans=named),
@@ -160,6 +165,7 @@ def make_processor(
         "worker_id": worker.worker_id,
         "options": facts.options,
         "shared_keys": facts.shared_keys,
+        "headers": facts.headers,
         "deadline": deadline,
         "counters": counters,
         "held": held,
@@ -184,7 +190,7 @@ def check_schema(conn: psycopg.Connection[Any], settings: Settings, queue: str) 
     notifications can be used. Either way, first refuse (``ReleaseTooOld``) a schema with a
     contract step this code predates, before anything is migrated or any message read.
     Refuse a queue whose rows row-level security hides from this role: it would read an
-    empty queue forever. Whether the queue's messages carry pgmq headers is decided here too."""
+    empty queue forever."""
     refuse_predating(conn, latest_version())
     if settings.mode == "dev":
         queues = (*QUEUES, queue) if queue not in QUEUES else QUEUES
@@ -202,7 +208,6 @@ def check_schema(conn: psycopg.Connection[Any], settings: Settings, queue: str) 
     hidden = rls_hidden(conn, queue)
     if hidden:
         raise BootError(hidden)
-    q.detect_headers(conn, queue)
     return (
         settings.notifications == "auto"
         and not settings.uses_transaction_pooler

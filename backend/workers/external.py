@@ -36,7 +36,12 @@ class ExternalProcessor(Processor):
     def _deliver(self, conn: Conn, should_stop: ShouldStop) -> int:
         o = self.options
         messages = q.fetch_messages(
-            conn, self.queue, qty=1, vt_s=o.visibility_timeout_s, max_bytes=o.max_payload_bytes
+            conn,
+            self.queue,
+            qty=1,
+            vt_s=o.visibility_timeout_s,
+            max_bytes=o.max_payload_bytes,
+            headers=self.headers,
         )
         if not messages:
             return 0

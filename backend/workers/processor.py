@@ -55,7 +55,8 @@ RESCUE_INTERVAL_S = 1.0
 
 class Processor(abc.ABC):
     """What both kinds share; the run loop calls ``process``. Built once, at boot:
-    ``shared_keys`` (a schema before migration 0007) picks the ``SharedKeysClaimer``."""
+    ``shared_keys`` (a schema before migration 0007) picks the ``SharedKeysClaimer``;
+    ``headers`` (a queue table with pgmq's headers) reads each message's trace id."""
 
     def __init__(
         self,
@@ -64,6 +65,7 @@ class Processor(abc.ABC):
         worker_id: str,
         options: ProcessingOptions,
         shared_keys: bool = False,
+        headers: bool = False,
         counters: Counters | None = None,
         held: HeldJobs | None = None,
         rng: random.Random | None = None,
@@ -72,6 +74,7 @@ class Processor(abc.ABC):
         self.queue = queue
         self.worker_id = worker_id
         self.options = options
+        self.headers = headers
         self.counters = counters or Counters()
         self.held = held or HeldJobs()
         # Every handler call runs under it; without one (a test), none is ever interrupted.

@@ -75,6 +75,7 @@ class TransactionalProcessor(Processor):
                     qty=o.batch_size,
                     max_bytes=o.max_payload_bytes,
                     limit_ms=o.transaction_limit_ms,
+                    headers=self.headers,
                 )
                 if not messages:
                     return 0

@@ -45,9 +45,9 @@ def test_a_trace_header_fills_the_envelope_s_missing_trace_id(db: psycopg.Connec
     assert q.detect_headers(db, "q_probe")
     with db.transaction():
         if read == "lock":
-            messages = q.lock_messages(db, "q_probe", qty=10, max_bytes=10_000, limit_ms=5_000)
+            messages = q.lock_messages(db, "q_probe", qty=10, max_bytes=10_000, limit_ms=5_000, headers=True)
         else:
-            messages = q.fetch_messages(db, "q_probe", qty=10, vt_s=5, max_bytes=10_000)
+            messages = q.fetch_messages(db, "q_probe", qty=10, vt_s=5, max_bytes=10_000, headers=True)
     assert [m.trace for m in messages] == [TRACE, "plain-id", TRACE, None, None]
     delivery = sort_delivery(messages, 10_000, lambda m: True)
     traces = [p.envelope.get("trace_id") for p in delivery.together]
@@ -60,8 +60,7 @@ def test_a_queue_without_headers_is_read_without_them(db: psycopg.Connection[Any
     try:
         assert not q.detect_headers(db, "q_probe")
         with db.transaction():
-            messages = q.lock_messages(db, "q_probe", qty=10, max_bytes=10_000, limit_ms=5_000)
+            messages = q.lock_messages(db, "q_probe", qty=10, max_bytes=10_000, limit_ms=5_000, headers=False)
         assert [json.loads(m.text or "null")["idempotency_key"] for m in messages] == ["a"]
     finally:
         db.execute("ALTER TABLE pgmq.q_q_probe RENAME COLUMN headers_hidden TO headers")
-        q.detect_headers(db, "q_probe")
