@@ -173,6 +173,17 @@ def test_a_dead_letter_keeps_its_headers_and_a_replay_re_sends_them(
     ]
     worker.send(signal.SIGTERM)
     assert worker.wait_exit() == 0
+    listed = subprocess.run(
+        [sys.executable, "-m", "tools.worker_inspector", "dead-letters", "list", "--json"],
+        cwd=ROOT,
+        env=worker_env(clean_db),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    shown = {d["job_key"]: d["headers"] for d in json.loads(listed.stdout)["items"]}
+    assert shown == {"dead-bare": None, "dead-with-headers": headers}
 
     for letter in letters:
         replay = subprocess.run(

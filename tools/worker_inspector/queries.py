@@ -220,17 +220,20 @@ def dead_letter_counts(conn: Conn) -> list[Row]:
 def list_dead_letters(
     conn: Conn, *, queue: str | None, limit: int, include_replayed: bool
 ) -> tuple[int, list[Row]]:
-    """The newest dead letters (unreplayed unless asked), and how many match in all."""
+    """The newest dead letters (unreplayed unless asked), with their bodies and pgmq headers,
+    and how many match in all."""
     where = f" WHERE (%(queue)s::text IS NULL OR queue_name = %(queue)s) AND (%(replayed)s OR ({_OPEN}))"
     params = {"queue": queue, "replayed": include_replayed, "limit": limit}
     total = conn.execute("SELECT count(*) AS total FROM workers.dead_letters" + where, params).fetchone()
     rows = conn.execute(
         "SELECT id, queue_name, msg_id, job_key, error, error_type, attempts, worker_id,"
-        " dead_at, replayed_at, discarded_at, discard_reason, message::text AS message"
-        " FROM workers.dead_letters" + where + " ORDER BY id DESC LIMIT %(limit)s",
+        " dead_at, replayed_at, discarded_at, discard_reason, message::text AS message,"
+        " (SELECT nullif(to_jsonb(d) -> 'headers', 'null')::text) AS headers"  # as ``_REPLAY`` reads them
+        " FROM workers.dead_letters AS d" + where + " ORDER BY id DESC LIMIT %(limit)s",
         params,
     ).fetchall()
-    return int(total["total"]) if total else 0, [{**r, "message": _decoded(r["message"])} for r in rows]
+    letters = [{**r, "message": _decoded(r["message"]), "headers": _decoded(r["headers"])} for r in rows]
+    return int(total["total"]) if total else 0, letters
 
 
 def _decoded(text: str | None) -> Any:
