@@ -13,7 +13,7 @@ import psycopg
 from psycopg.rows import tuple_row
 
 from backend.db import locks
-from backend.db.queries import delete_messages, for_queue, int_array, set_visibility
+from backend.db.queries import delete_messages, execute_bounded, for_queue, int_array
 
 Conn = psycopg.Connection[Any]
 
@@ -233,22 +233,44 @@ def release_claims(conn: Conn, queue: str, worker_id: str, keys: Sequence[str]) 
         )
 
 
+_EXTEND_LEASES = f"""
+WITH messages AS (
+    UPDATE {{table}} SET vt = clock_timestamp() + make_interval(secs => %(lease)s)
+    WHERE msg_id = ANY(%(ids)s::bigint[]) RETURNING 1
+), claims AS (
+    UPDATE workers.processed_jobs
+    SET lease_expires_at = clock_timestamp() + make_interval(secs => %(lease)s),
+        updated_at = clock_timestamp()
+    WHERE queue_name = %(q)s AND job_key = ANY (ARRAY(
+        SELECT job_key FROM workers.processed_jobs
+        WHERE queue_name = %(q)s AND job_key = ANY(%(keys)s::text[]) AND worker_id = %(w)s
+          AND status = {_PROCESSING}
+        FOR UPDATE SKIP LOCKED))
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM messages), (SELECT count(*) FROM claims)"""
+
+
 def extend_leases(
-    conn: Conn, *, queue: str, worker_id: str, msg_ids: Sequence[int], keys: Sequence[str], lease_s: int
+    conn: Conn,
+    *,
+    queue: str,
+    worker_id: str,
+    msg_ids: Sequence[int],
+    keys: Sequence[str],
+    lease_s: int,
+    limit_ms: int,
 ) -> None:
-    """Keep running jobs invisible and their claims live for another ``lease_s``. A claim
-    row locked by the job's own open transaction (a transactional job run alone) is
-    skipped, not waited for: while that lock stands nobody can take the claim over."""
-    set_visibility(conn, queue, msg_ids, [lease_s] * len(msg_ids))
-    if keys:
-        conn.execute(
-            "UPDATE workers.processed_jobs SET lease_expires_at = clock_timestamp()"
-            " + make_interval(secs => %s), updated_at = clock_timestamp()"
-            " WHERE queue_name = %s AND job_key = ANY (ARRAY(SELECT job_key FROM workers.processed_jobs"
-            f" WHERE queue_name = %s AND job_key = ANY(%s) AND worker_id = %s AND status = {_PROCESSING}"
-            " FOR UPDATE SKIP LOCKED))",
-            (lease_s, queue, queue, list(keys), worker_id),
-        )
+    """Keep running jobs invisible and their claims live for another ``lease_s``, in one
+    statement bounded by ``limit_ms`` (``execute_bounded``). A claim row locked by the job's
+    own open transaction (a transactional job run alone) is skipped, not waited for: while
+    that lock stands nobody can take the claim over."""
+    execute_bounded(
+        conn,
+        for_queue(_EXTEND_LEASES, queue),
+        {"lease": lease_s, "ids": list(msg_ids), "keys": list(keys), "q": queue, "w": worker_id},
+        limit_ms=limit_ms,
+    )
 
 
 # --- dead letters ------------------------------------------------------------------------

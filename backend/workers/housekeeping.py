@@ -235,6 +235,7 @@ class Housekeeper:
                 msg_ids=msg_ids,
                 keys=keys,
                 lease_s=self.plan.lease_s,
+                limit_ms=self.plan.maintenance_limit_ms,
             )
 
     def _prune(self) -> None:
