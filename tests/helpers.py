@@ -3,12 +3,14 @@ the environment of a test's worker (the process wrapper is ``scripts.harness.pro
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 from backend.enqueue import build_envelope
-from scripts.harness.process import inherited_env, with_password
+from scripts.harness.process import ROOT, inherited_env, with_password
 
 # Every test worker logs in with this password (the embedded server trusts local sockets
 # anyway); no line a worker prints may carry it.
@@ -27,6 +29,21 @@ def worker_env(db_url: str | None, **extra: str) -> dict[str, str]:
         env["SUPABASE_DB_URL"] = with_password(db_url, PASSWORD)
     env.update(extra)
     return env
+
+
+def run_inspector(
+    url: str, *args: str, timeout: float = 60, **settings: str
+) -> subprocess.CompletedProcess[str]:
+    """``python -m tools.worker_inspector ARGS`` against ``url`` (``settings``: more of its
+    environment), its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "tools.worker_inspector", *args],
+        cwd=ROOT,
+        env=worker_env(url, **settings),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def job(key: str, **payload: Any) -> dict[str, Any]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -14,8 +13,8 @@ import pytest
 
 from backend.domain.seed import seed_demo
 from backend.enqueue import build_envelope, enqueue
-from scripts.harness.process import ROOT, WorkerProcess
-from tests.helpers import wait_until, worker_env
+from scripts.harness.process import WorkerProcess
+from tests.helpers import run_inspector, wait_until
 
 pytestmark = pytest.mark.slow
 Spawn = Callable[..., WorkerProcess]
@@ -23,14 +22,7 @@ Conn = psycopg.Connection[Any]
 
 
 def inspector(url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tools.worker_inspector", *args],
-        cwd=ROOT,
-        env=worker_env(url),
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    return run_inspector(url, *args, timeout=30)
 
 
 def test_a_dead_letter_replayed_from_the_inspector_completes_once(

@@ -9,7 +9,6 @@ import json
 import shutil
 import signal
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -18,8 +17,8 @@ import psycopg
 import pytest
 
 from backend.db.embedded import PROJECT_ROOT
-from scripts.harness.process import ROOT, WorkerProcess
-from tests.helpers import one, wait_until, worker_env
+from scripts.harness.process import WorkerProcess
+from tests.helpers import one, run_inspector, wait_until
 
 pytestmark = pytest.mark.slow
 Spawn = Callable[..., WorkerProcess]
@@ -173,35 +172,13 @@ def test_a_dead_letter_keeps_its_headers_and_a_replay_re_sends_them(
     ]
     worker.send(signal.SIGTERM)
     assert worker.wait_exit() == 0
-    listed = subprocess.run(
-        [sys.executable, "-m", "tools.worker_inspector", "dead-letters", "list", "--json"],
-        cwd=ROOT,
-        env=worker_env(clean_db),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    listed = run_inspector(clean_db, "dead-letters", "list", "--json")
     assert listed.returncode == 0, listed.stdout + listed.stderr
     shown = {d["job_key"]: d["headers"] for d in json.loads(listed.stdout)["items"]}
     assert shown == {"dead-bare": None, "dead-with-headers": headers}
 
     for letter in letters:
-        replay = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "tools.worker_inspector",
-                "dead-letters",
-                "replay",
-                "--id",
-                str(letter["id"]),
-            ],
-            cwd=ROOT,
-            env=worker_env(clean_db),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        replay = run_inspector(clean_db, "dead-letters", "replay", "--id", str(letter["id"]))
         assert replay.returncode == 0, replay.stdout + replay.stderr
     sent = db.execute(
         "SELECT message ->> 'idempotency_key' AS k, message::text AS body, headers::text AS headers"

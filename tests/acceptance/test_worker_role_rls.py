@@ -8,7 +8,6 @@ import json
 import re
 import shlex
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from backend.db.install import WORKER_POLICY, WORKER_ROLE, grant_worker_role
 from backend.domain.seed import seed_demo
 from backend.enqueue import build_envelope, enqueue
 from scripts.harness.process import ROOT, WorkerProcess, with_password
-from tests.helpers import PASSWORD, one, wait_until, worker_env
+from tests.helpers import PASSWORD, one, run_inspector, wait_until
 
 pytestmark = pytest.mark.slow
 Spawn = Callable[..., WorkerProcess]
@@ -45,14 +44,7 @@ def login_url(db: Conn, clean_db: str) -> Iterator[str]:
 
 
 def inspector(url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tools.worker_inspector", *args],
-        cwd=ROOT,
-        env=worker_env(url, SUPABASE_MODE="prod"),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_inspector(url, *args, timeout=60, SUPABASE_MODE="prod")
 
 
 def three_jobs(db: Conn) -> None:
