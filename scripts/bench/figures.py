@@ -22,6 +22,14 @@ class Figure:
     target: str = ""
 
 
+# Target 2, 15,000 judgments/s, judged as a ratio to the baseline loop of the same run: on
+# this shared machine the loop's own speed moves between about 20,000 and 47,000 msg/s,
+# and the collectability rate with it, while their ratio holds (docs/BENCHMARKS.md,
+# "Results"). 15,000 / 40,000: the loop at batch 100 ran at 36,900-44,200 msg/s (median
+# 41,200) in the six runs of 2026-11-30, when every collectability run passed 15,000.
+COLLECTABILITY_RATIO = 0.375
+
+
 def _target(batch: int, limit: float) -> dict[str, Any]:
     """The target of a worker figure: at the default batch size only, at least ``limit``."""
     return {"limit": limit, "at_least": True, "target": "1"} if batch == DEFAULT_BATCH else {}
@@ -62,18 +70,14 @@ def figures(plan: Plan) -> list[Figure]:
     soak = f"{plan.soak_jobs:,}"
     return [
         *rows,
-        Figure(
-            key="collectability_rate",
-            label="collectability worker",
-            unit="judgments/s",
-            limit=15_000,
-            at_least=True,
-            target="2",
-        ),
+        Figure(key="collectability_rate", label="collectability worker", unit="judgments/s"),
         Figure(
             key="collectability_ratio",
-            label=f"  collectability / baseline loop, batch {DEFAULT_BATCH}",
+            label=f"collectability / baseline loop, batch {DEFAULT_BATCH}",
             unit="x",
+            limit=COLLECTABILITY_RATIO,
+            at_least=True,
+            target="2",
         ),
         Figure(
             key="pickup_p50_notifications", label="pickup p50, notifications", unit="ms", limit=5, target="3"
@@ -142,7 +146,7 @@ def summarise(out: Collected, plan: Plan) -> list[dict[str, Any]]:
         }
         if fig.limit is not None:
             row["limit"] = fig.limit
-            row["rule"] = f"{'>=' if fig.at_least else '<='} {num(fig.limit)}"
+            row["rule"] = f"{'>=' if fig.at_least else '<='} {fig.limit:,g}"  # as written: 0.375, 15,000
             if row["median"] is None:
                 row["status"] = "NOT MEASURED"
             else:
