@@ -65,6 +65,8 @@ def test_a_ci_sized_chaos_run_loses_nothing_and_doubles_nothing(
         "2",
         "--report",
         str(report_path),
+        "--logs",
+        str(tmp_path / "logs"),
     ]
     started = time.monotonic()
     try:
@@ -75,6 +77,8 @@ def test_a_ci_sized_chaos_run_loses_nothing_and_doubles_nothing(
     output = f"seed {seed} (replay: CHAOS_SEED={seed}), {took:.0f} s\n{run.stdout}{run.stderr}"
     assert report_path.exists(), output
     report = json.loads(report_path.read_text())
+    if run.returncode != 0:  # what the replicas logged of the longest-waiting job, to read why
+        output += _lines_naming(tmp_path / "logs", report["stalls"].get("longest_key"))
     assert run.returncode == 0, output
     assert report["passed"] and not report["violations"], output
     assert report["duplicates"]["count"] == 0 and report["lost"]["count"] == 0, output
@@ -230,6 +234,21 @@ def play_correct_run(db: Conn, plan: Plan) -> list[Call]:
 
 def keys(section: dict[str, Any]) -> set[str]:
     return {example["key"] for example in section["examples"]}
+
+
+def _lines_naming(logs: Path, key: str | None, most: int = 60) -> str:
+    """The replicas' log lines that name ``key`` (the job waiting longest), oldest replica
+    first, each after its file's name; at most ``most`` of them."""
+    if not key:
+        return ""
+    needle = json.dumps(key)
+    found = [
+        f"{path.name}: {line}"
+        for path in sorted(logs.glob("*.log"), key=lambda p: p.stat().st_mtime)
+        for line in path.read_text(errors="replace").splitlines()
+        if needle in line
+    ]
+    return f"\nlog lines naming {key} ({len(found)}, at most {most} shown):\n" + "\n".join(found[:most])
 
 
 def test_the_checks_pass_a_correct_run(audited: Conn) -> None:
